@@ -1,0 +1,91 @@
+//! The seam between the policy API and whatever stores the keys.
+//!
+//! [`Backend`] is the restricted Redis API with the grants already checked:
+//! the fake host ([`crate::fake::FakeRedis`]) implements it in memory for
+//! tests and `cachepol test`, the daemon implements it over a real Redis
+//! connection. Everything above this trait (grants, budgets, audit) is shared,
+//! so a policy behaves the same under test as in production.
+
+use async_trait::async_trait;
+
+use crate::wit::{ExpireCondition, KeyTtl, SetOptions, ValueKind};
+
+/// A failure of the store itself (not of the policy's arguments).
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum BackendError {
+    /// The store cannot be reached right now.
+    #[error("redis unavailable: {0}")]
+    Unavailable(String),
+    /// The store refused or failed the command.
+    #[error("redis error: {0}")]
+    Command(String),
+}
+
+/// Limits and filters for the host-side bulk operations.
+pub struct BulkPlan<'a> {
+    /// Every key found by the scan is passed through this (the grants
+    /// check); only keys it accepts are touched.
+    pub allow: &'a (dyn Fn(&[u8]) -> bool + Send + Sync),
+    /// Touch at most this many keys; the result says whether more remained.
+    pub limit: u64,
+}
+
+/// What a bulk operation did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct BulkResult {
+    /// Keys deleted, or whose TTL was set.
+    pub affected: u64,
+    /// Keys that matched the pattern but were refused by the plan's filter.
+    pub refused: u64,
+    /// The limit stopped the operation before the scan was complete.
+    pub truncated: bool,
+    /// A few of the affected keys, for the audit log.
+    pub sample: Vec<String>,
+}
+
+impl BulkResult {
+    /// How many affected keys are kept by name for the audit log.
+    pub const SAMPLE: usize = 5;
+
+    /// Count one affected key, keeping its name if the sample has room.
+    pub fn record(&mut self, key: &[u8]) {
+        self.affected += 1;
+        if self.sample.len() < Self::SAMPLE {
+            self.sample.push(String::from_utf8_lossy(key).into_owned());
+        }
+    }
+}
+
+/// One page of `SCAN`: the next cursor (0 at the end) and raw key names.
+pub type ScanResult = (u64, Vec<Vec<u8>>);
+
+/// The restricted Redis API, without grants (callers check those first).
+///
+/// Times are milliseconds. `del` is `UNLINK`. Keys are passed as the policy
+/// gave them; scan results are raw bytes because Redis keys are.
+#[async_trait]
+pub trait Backend: Send + Sync + 'static {
+    async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, BackendError>;
+    async fn exists(&self, key: &str) -> Result<bool, BackendError>;
+    async fn ttl(&self, key: &str) -> Result<KeyTtl, BackendError>;
+    async fn key_type(&self, key: &str) -> Result<Option<ValueKind>, BackendError>;
+    async fn scan(&self, cursor: u64, pattern: &str, count: u32) -> Result<ScanResult, BackendError>;
+    async fn set(&self, key: &str, value: &[u8], options: &SetOptions) -> Result<bool, BackendError>;
+    async fn del(&self, keys: &[String]) -> Result<u64, BackendError>;
+    async fn expire(&self, key: &str, ttl_ms: u64, condition: ExpireCondition) -> Result<bool, BackendError>;
+    async fn persist(&self, key: &str) -> Result<bool, BackendError>;
+    async fn delete_matching(&self, pattern: &str, plan: &BulkPlan<'_>) -> Result<BulkResult, BackendError>;
+    async fn expire_matching(
+        &self,
+        pattern: &str,
+        ttl_ms: u64,
+        only_if_persistent: bool,
+        plan: &BulkPlan<'_>,
+    ) -> Result<BulkResult, BackendError>;
+    /// `SET name token NX PX ttl` with a fresh token; `None` if held.
+    async fn lock_acquire(&self, name: &str, ttl_ms: u64) -> Result<Option<String>, BackendError>;
+    /// Delete `name` only if it holds `token`, atomically.
+    async fn lock_release(&self, name: &str, token: &str) -> Result<bool, BackendError>;
+    /// Milliseconds since the Unix epoch, on the store's clock.
+    fn now_ms(&self) -> u64;
+}

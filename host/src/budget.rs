@@ -1,0 +1,63 @@
+//! Per-event limits on what one policy call may consume.
+//!
+//! A policy is somebody else's code running inside the daemon that guards
+//! the production cache. Each `handle` call gets a fresh allowance of CPU,
+//! memory, host calls, touched keys and time; running out fails that call
+//! only, with a reason that says which limit it hit.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Limits for one policy call. Operators may override each in config.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Budgets {
+    /// Wasm fuel (roughly instructions) per call.
+    pub fuel: u64,
+    /// Largest linear memory the guest may grow to, in bytes.
+    pub memory_bytes: usize,
+    /// Redis API calls per event.
+    pub host_calls: u32,
+    /// Keys deleted or expired per event, bulk operations included. 0 means
+    /// unlimited (only when set explicitly).
+    pub keys_touched: u64,
+    /// Largest value `set` may write, in bytes.
+    pub value_bytes: usize,
+    /// Log lines per event; more are counted and dropped.
+    pub log_lines: u32,
+    /// Wall-clock time per call, Redis round trips included.
+    #[serde(with = "millis")]
+    pub wall_time: Duration,
+}
+
+impl Default for Budgets {
+    fn default() -> Budgets {
+        Budgets {
+            fuel: 500_000_000,
+            memory_bytes: 64 << 20,
+            host_calls: 1_000,
+            keys_touched: 1_000_000,
+            value_bytes: 1 << 20,
+            log_lines: 200,
+            wall_time: Duration::from_secs(30),
+        }
+    }
+}
+
+impl Budgets {
+    /// The keys-touched limit as a count (`u64::MAX` when unlimited).
+    pub fn keys_limit(&self) -> u64 {
+        if self.keys_touched == 0 { u64::MAX } else { self.keys_touched }
+    }
+}
+
+mod millis {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        Ok(Duration::from_millis(u64::deserialize(d)?))
+    }
+}

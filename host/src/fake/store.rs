@@ -1,0 +1,564 @@
+//! An in-memory keyspace with Redis semantics, on a virtual clock.
+//!
+//! What it models, because policies depend on it:
+//! - String values, `SET` with `NX`/`XX`/`PX`/`KEEPTTL`, `UNLINK`, `PEXPIRE`
+//!   with `NX`/`XX`/`GT`/`LT` (a persistent key counts as an infinite TTL),
+//!   `PERSIST`, `PTTL`, `TYPE`.
+//! - Expiry on a virtual clock: [`FakeRedis::advance`] moves time, and every
+//!   operation first removes what is due, emitting `expired` like Redis's
+//!   active expiry does.
+//! - `SCAN` with cursors, `MATCH` (the same glob matcher Redis uses) and
+//!   `COUNT`: each key gets a slot number when created; the cursor walks
+//!   slots, so a key present for the whole iteration is returned exactly once
+//!   and `COUNT` bounds the slots looked at, not the keys returned.
+//! - Keyspace notifications for every write, with the event names Redis uses
+//!   (`set`, `expire`, `del`, `expired`, `persist`), each tagged with who
+//!   caused it, so echo suppression can be tested.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use async_trait::async_trait;
+use cachepol_guest_sdk::glob::Glob;
+
+use crate::backend::{Backend, BackendError, BulkPlan, BulkResult, ScanResult};
+use crate::wit::{ExpireCondition, KeyTtl, SetCondition, SetOptions, ValueKind};
+
+/// The fake clock starts here (2024-01-01T00:00:00Z), so `now-ms` looks real.
+pub const EPOCH_MS: u64 = 1_704_067_200_000;
+
+/// A keyspace notification the fake emitted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyspaceEvent {
+    pub db: u32,
+    pub op: String,
+    pub key: String,
+    /// The policy whose call caused it; `None` for the application (and for
+    /// expiry, which Redis performs itself).
+    pub origin: Option<Arc<str>>,
+}
+
+/// A key as seen by a test: value and remaining TTL.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeySnapshot {
+    pub value: Vec<u8>,
+    pub ttl_ms: Option<u64>,
+}
+
+#[derive(Debug)]
+struct Entry {
+    value: Vec<u8>,
+    expires_at: Option<u64>,
+    slot: u64,
+}
+
+#[derive(Debug)]
+struct State {
+    keys: HashMap<String, Entry>,
+    /// Slot number -> key, for `SCAN` cursors.
+    slots: BTreeMap<u64, String>,
+    next_slot: u64,
+    now_ms: u64,
+    events: Vec<KeyspaceEvent>,
+    next_token: u64,
+    unavailable: Option<String>,
+}
+
+/// The fake Redis keyspace. Cheap to clone; clones share the keyspace.
+#[derive(Clone, Debug)]
+pub struct FakeRedis {
+    state: Arc<Mutex<State>>,
+}
+
+impl Default for FakeRedis {
+    fn default() -> FakeRedis {
+        FakeRedis::new()
+    }
+}
+
+impl FakeRedis {
+    /// An empty keyspace at [`EPOCH_MS`].
+    pub fn new() -> FakeRedis {
+        FakeRedis {
+            state: Arc::new(Mutex::new(State {
+                keys: HashMap::new(),
+                slots: BTreeMap::new(),
+                next_slot: 1,
+                now_ms: EPOCH_MS,
+                events: Vec::new(),
+                next_token: 1,
+                unavailable: None,
+            })),
+        }
+    }
+
+    /// A [`Backend`] over this keyspace whose writes are tagged with
+    /// `origin` (a policy name).
+    pub fn client(&self, origin: &str) -> FakeClient {
+        FakeClient { redis: self.clone(), origin: Some(Arc::from(origin)) }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock can only come from a bug in this
+        // file; the keyspace is still consistent enough to inspect.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The virtual time, in ms since the Unix epoch.
+    pub fn now_ms(&self) -> u64 {
+        self.lock().now_ms
+    }
+
+    /// Move the clock forward; keys that expire meanwhile are removed with an
+    /// `expired` event.
+    pub fn advance(&self, ms: u64) {
+        let mut s = self.lock();
+        s.now_ms += ms;
+        s.expire_due();
+    }
+
+    /// Make every operation fail as if Redis were down (`Some(reason)`), or
+    /// bring it back (`None`).
+    pub fn set_unavailable(&self, reason: Option<&str>) {
+        self.lock().unavailable = reason.map(str::to_owned);
+    }
+
+    /// Take the keyspace notifications emitted since the last call.
+    pub fn take_events(&self) -> Vec<KeyspaceEvent> {
+        std::mem::take(&mut self.lock().events)
+    }
+
+    /// Every live key with its value and remaining TTL, sorted by name.
+    pub fn snapshot(&self) -> BTreeMap<String, KeySnapshot> {
+        let mut s = self.lock();
+        s.expire_due();
+        let now = s.now_ms;
+        s.keys
+            .iter()
+            .map(|(k, e)| {
+                let snap = KeySnapshot { value: e.value.clone(), ttl_ms: e.expires_at.map(|at| at - now) };
+                (k.clone(), snap)
+            })
+            .collect()
+    }
+
+    /// The application writes `key` (not a policy): `SET key value [PX ttl]`.
+    pub fn app_set(&self, key: &str, value: &[u8], ttl_ms: Option<u64>) {
+        let options = SetOptions { ttl_ms, condition: SetCondition::Always, keep_ttl: false };
+        self.lock().set(key, value, &options, None);
+    }
+
+    /// The application deletes keys; returns how many existed.
+    pub fn app_del(&self, keys: &[String]) -> u64 {
+        self.lock().del(keys, None)
+    }
+
+    /// The application sets a TTL.
+    pub fn app_expire(&self, key: &str, ttl_ms: u64) -> bool {
+        self.lock().expire(key, ttl_ms, ExpireCondition::Always, None)
+    }
+
+    /// The application removes a TTL.
+    pub fn app_persist(&self, key: &str) -> bool {
+        self.lock().persist(key, None)
+    }
+}
+
+impl State {
+    fn emit(&mut self, op: &str, key: &str, origin: Option<&Arc<str>>) {
+        self.events.push(KeyspaceEvent { db: 0, op: op.to_owned(), key: key.to_owned(), origin: origin.cloned() });
+    }
+
+    /// Remove every key whose time has come, in slot order (deterministic).
+    fn expire_due(&mut self) {
+        let now = self.now_ms;
+        let mut due: Vec<(u64, String)> = self
+            .keys
+            .iter()
+            .filter(|(_, e)| e.expires_at.is_some_and(|at| at <= now))
+            .map(|(k, e)| (e.slot, k.clone()))
+            .collect();
+        due.sort();
+        for (_, key) in due {
+            self.remove(&key);
+            self.emit("expired", &key, None);
+        }
+    }
+
+    fn remove(&mut self, key: &str) -> bool {
+        match self.keys.remove(key) {
+            Some(entry) => {
+                self.slots.remove(&entry.slot);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn set(&mut self, key: &str, value: &[u8], options: &SetOptions, origin: Option<&Arc<str>>) -> bool {
+        let exists = self.keys.contains_key(key);
+        let allowed = match options.condition {
+            SetCondition::Always => true,
+            SetCondition::IfAbsent => !exists,
+            SetCondition::IfPresent => exists,
+        };
+        if !allowed {
+            return false;
+        }
+        let expires_at = match (options.ttl_ms, options.keep_ttl) {
+            (Some(ttl), _) => Some(self.now_ms + ttl),
+            (None, true) => self.keys.get(key).and_then(|e| e.expires_at),
+            (None, false) => None,
+        };
+        match self.keys.get_mut(key) {
+            Some(entry) => {
+                entry.value = value.to_vec();
+                entry.expires_at = expires_at;
+            }
+            None => {
+                let slot = self.next_slot;
+                self.next_slot += 1;
+                self.slots.insert(slot, key.to_owned());
+                self.keys.insert(key.to_owned(), Entry { value: value.to_vec(), expires_at, slot });
+            }
+        }
+        self.emit("set", key, origin);
+        if options.ttl_ms.is_some() {
+            self.emit("expire", key, origin);
+        }
+        true
+    }
+
+    fn del(&mut self, keys: &[String], origin: Option<&Arc<str>>) -> u64 {
+        let mut n = 0;
+        for key in keys {
+            if self.remove(key) {
+                self.emit("del", key, origin);
+                n += 1;
+            }
+        }
+        n
+    }
+
+    fn expire(&mut self, key: &str, ttl_ms: u64, condition: ExpireCondition, origin: Option<&Arc<str>>) -> bool {
+        let now = self.now_ms;
+        let Some(entry) = self.keys.get_mut(key) else {
+            return false;
+        };
+        let at = now + ttl_ms;
+        let allowed = match (condition, entry.expires_at) {
+            (ExpireCondition::Always, _) => true,
+            (ExpireCondition::IfPersistent, current) => current.is_none(),
+            (ExpireCondition::IfVolatile, current) => current.is_some(),
+            // A persistent key's TTL is infinite: never shorter than it...
+            (ExpireCondition::IfLonger, None) => false,
+            (ExpireCondition::IfLonger, Some(current)) => at > current,
+            // ...and always longer than the new one.
+            (ExpireCondition::IfShorter, None) => true,
+            (ExpireCondition::IfShorter, Some(current)) => at < current,
+        };
+        if allowed {
+            entry.expires_at = Some(at);
+            self.emit("expire", key, origin);
+        }
+        allowed
+    }
+
+    fn persist(&mut self, key: &str, origin: Option<&Arc<str>>) -> bool {
+        match self.keys.get_mut(key) {
+            Some(entry) if entry.expires_at.is_some() => {
+                entry.expires_at = None;
+                self.emit("persist", key, origin);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Keys matching `pattern`, in slot order (`SCAN` to completion).
+    fn matching(&self, pattern: &str) -> Vec<String> {
+        let glob = Glob::new(pattern);
+        self.slots.values().filter(|k| glob.is_match_all() || glob.matches(k)).cloned().collect()
+    }
+}
+
+/// A [`Backend`] over a [`FakeRedis`], tagging its writes with an origin.
+#[derive(Clone, Debug)]
+pub struct FakeClient {
+    redis: FakeRedis,
+    origin: Option<Arc<str>>,
+}
+
+impl FakeClient {
+    /// Lock the state, run due expiry, and fail if the fake is "down".
+    fn begin(&self) -> Result<MutexGuard<'_, State>, BackendError> {
+        let mut s = self.redis.lock();
+        if let Some(reason) = &s.unavailable {
+            return Err(BackendError::Unavailable(reason.clone()));
+        }
+        s.expire_due();
+        Ok(s)
+    }
+
+    fn bulk(
+        &self,
+        pattern: &str,
+        plan: &BulkPlan<'_>,
+        mut apply: impl FnMut(&mut State, &str, Option<&Arc<str>>) -> bool,
+    ) -> Result<BulkResult, BackendError> {
+        let mut s = self.begin()?;
+        let mut result = BulkResult::default();
+        for key in s.matching(pattern) {
+            if !(plan.allow)(key.as_bytes()) {
+                result.refused += 1;
+                continue;
+            }
+            if result.affected >= plan.limit {
+                result.truncated = true;
+                break;
+            }
+            if apply(&mut s, &key, self.origin.as_ref()) {
+                result.record(key.as_bytes());
+            }
+        }
+        Ok(result)
+    }
+}
+
+#[async_trait]
+impl Backend for FakeClient {
+    async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, BackendError> {
+        Ok(self.begin()?.keys.get(key).map(|e| e.value.clone()))
+    }
+
+    async fn exists(&self, key: &str) -> Result<bool, BackendError> {
+        Ok(self.begin()?.keys.contains_key(key))
+    }
+
+    async fn ttl(&self, key: &str) -> Result<KeyTtl, BackendError> {
+        let s = self.begin()?;
+        Ok(match s.keys.get(key) {
+            None => KeyTtl::Missing,
+            Some(Entry { expires_at: None, .. }) => KeyTtl::Persistent,
+            Some(Entry { expires_at: Some(at), .. }) => KeyTtl::ExpiresInMs(at - s.now_ms),
+        })
+    }
+
+    async fn key_type(&self, key: &str) -> Result<Option<ValueKind>, BackendError> {
+        Ok(self.begin()?.keys.get(key).map(|_| ValueKind::String))
+    }
+
+    async fn scan(&self, cursor: u64, pattern: &str, count: u32) -> Result<ScanResult, BackendError> {
+        let s = self.begin()?;
+        let glob = Glob::new(pattern);
+        let mut slots = s.slots.range(cursor..);
+        let mut keys = Vec::new();
+        for (_, key) in slots.by_ref().take(count.max(1) as usize) {
+            if glob.is_match_all() || glob.matches(key) {
+                keys.push(key.as_bytes().to_vec());
+            }
+        }
+        let next = slots.next().map_or(0, |(slot, _)| *slot);
+        Ok((next, keys))
+    }
+
+    async fn set(&self, key: &str, value: &[u8], options: &SetOptions) -> Result<bool, BackendError> {
+        Ok(self.begin()?.set(key, value, options, self.origin.as_ref()))
+    }
+
+    async fn del(&self, keys: &[String]) -> Result<u64, BackendError> {
+        Ok(self.begin()?.del(keys, self.origin.as_ref()))
+    }
+
+    async fn expire(&self, key: &str, ttl_ms: u64, condition: ExpireCondition) -> Result<bool, BackendError> {
+        Ok(self.begin()?.expire(key, ttl_ms, condition, self.origin.as_ref()))
+    }
+
+    async fn persist(&self, key: &str) -> Result<bool, BackendError> {
+        Ok(self.begin()?.persist(key, self.origin.as_ref()))
+    }
+
+    async fn delete_matching(&self, pattern: &str, plan: &BulkPlan<'_>) -> Result<BulkResult, BackendError> {
+        self.bulk(pattern, plan, |s, key, origin| s.del(&[key.to_owned()], origin) > 0)
+    }
+
+    async fn expire_matching(
+        &self,
+        pattern: &str,
+        ttl_ms: u64,
+        only_if_persistent: bool,
+        plan: &BulkPlan<'_>,
+    ) -> Result<BulkResult, BackendError> {
+        let condition = if only_if_persistent { ExpireCondition::IfPersistent } else { ExpireCondition::Always };
+        self.bulk(pattern, plan, |s, key, origin| s.expire(key, ttl_ms, condition, origin))
+    }
+
+    async fn lock_acquire(&self, name: &str, ttl_ms: u64) -> Result<Option<String>, BackendError> {
+        let mut s = self.begin()?;
+        let token = format!("fake-token-{}", s.next_token);
+        let options = SetOptions { ttl_ms: Some(ttl_ms), condition: SetCondition::IfAbsent, keep_ttl: false };
+        if s.set(name, token.as_bytes(), &options, self.origin.as_ref()) {
+            s.next_token += 1;
+            Ok(Some(token))
+        } else {
+            Ok(None)
+        }
+    }
+
+    async fn lock_release(&self, name: &str, token: &str) -> Result<bool, BackendError> {
+        let mut s = self.begin()?;
+        let holds = s.keys.get(name).is_some_and(|e| e.value == token.as_bytes());
+        Ok(holds && s.del(&[name.to_owned()], self.origin.as_ref()) > 0)
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.redis.now_ms()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn allow_all() -> impl Fn(&[u8]) -> bool + Send + Sync {
+        |_: &[u8]| true
+    }
+
+    fn ops(events: &[KeyspaceEvent]) -> Vec<(&str, &str)> {
+        events.iter().map(|e| (e.op.as_str(), e.key.as_str())).collect()
+    }
+
+    #[tokio::test]
+    async fn set_with_ttl_emits_set_then_expire_and_expires_on_the_clock() {
+        let redis = FakeRedis::new();
+        let c = redis.client("p");
+        let opts = SetOptions { ttl_ms: Some(1000), condition: SetCondition::Always, keep_ttl: false };
+        assert!(c.set("k", b"v", &opts).await.unwrap());
+        assert_eq!(c.ttl("k").await.unwrap(), KeyTtl::ExpiresInMs(1000));
+        let events = redis.take_events();
+        assert_eq!(ops(&events), [("set", "k"), ("expire", "k")]);
+        assert_eq!(events[0].origin.as_deref(), Some("p"));
+        redis.advance(999);
+        assert!(c.exists("k").await.unwrap());
+        redis.advance(1);
+        assert!(!c.exists("k").await.unwrap());
+        let events = redis.take_events();
+        assert_eq!(ops(&events), [("expired", "k")]);
+        assert_eq!(events[0].origin, None, "expiry is Redis's own doing");
+    }
+
+    #[tokio::test]
+    async fn set_conditions_and_keepttl() {
+        let redis = FakeRedis::new();
+        let c = redis.client("p");
+        redis.app_set("k", b"1", Some(5000));
+        let nx = SetOptions { ttl_ms: None, condition: SetCondition::IfAbsent, keep_ttl: false };
+        assert!(!c.set("k", b"2", &nx).await.unwrap());
+        let xx_keep = SetOptions { ttl_ms: None, condition: SetCondition::IfPresent, keep_ttl: true };
+        assert!(c.set("k", b"3", &xx_keep).await.unwrap());
+        assert_eq!(c.ttl("k").await.unwrap(), KeyTtl::ExpiresInMs(5000));
+        assert!(!c.set("missing", b"x", &xx_keep).await.unwrap());
+        redis.app_set("k", b"4", None);
+        assert_eq!(c.ttl("k").await.unwrap(), KeyTtl::Persistent, "plain SET clears the TTL");
+    }
+
+    #[tokio::test]
+    async fn expire_conditions_treat_persistent_as_infinite() {
+        let redis = FakeRedis::new();
+        let c = redis.client("p");
+        redis.app_set("p", b"", None);
+        redis.app_set("v", b"", Some(10_000));
+        assert!(!c.expire("p", 100, ExpireCondition::IfLonger).await.unwrap());
+        assert!(!c.expire("p", 100, ExpireCondition::IfVolatile).await.unwrap());
+        assert!(c.expire("p", 100_000, ExpireCondition::IfShorter).await.unwrap());
+        assert!(!c.expire("v", 100, ExpireCondition::IfPersistent).await.unwrap());
+        assert!(!c.expire("v", 20_000, ExpireCondition::IfShorter).await.unwrap());
+        assert!(c.expire("v", 5_000, ExpireCondition::IfShorter).await.unwrap());
+        assert!(c.expire("v", 50_000, ExpireCondition::IfLonger).await.unwrap());
+        assert_eq!(c.ttl("v").await.unwrap(), KeyTtl::ExpiresInMs(50_000));
+        assert!(!c.expire("missing", 1, ExpireCondition::Always).await.unwrap());
+        assert!(c.persist("v").await.unwrap());
+        assert!(!c.persist("v").await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn scan_returns_each_stable_key_once_across_pages() {
+        let redis = FakeRedis::new();
+        let c = redis.client("p");
+        for i in 0..25 {
+            redis.app_set(&format!("quiz:{i}"), b"", None);
+            redis.app_set(&format!("other:{i}"), b"", None);
+        }
+        let mut seen = Vec::new();
+        let mut cursor = 0;
+        let mut pages = 0;
+        loop {
+            let (next, keys) = c.scan(cursor, "quiz:*", 7).await.unwrap();
+            assert!(keys.len() <= 7);
+            // Keys created mid-iteration may or may not be seen; keys present
+            // throughout must be seen exactly once.
+            redis.app_set(&format!("quiz:new{pages}"), b"", None);
+            seen.extend(keys.into_iter().map(|k| String::from_utf8(k).unwrap()));
+            pages += 1;
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+        for i in 0..25 {
+            assert_eq!(seen.iter().filter(|k| **k == format!("quiz:{i}")).count(), 1);
+        }
+        assert!(seen.iter().all(|k| k.starts_with("quiz:")));
+    }
+
+    #[tokio::test]
+    async fn bulk_operations_respect_filter_and_limit() {
+        let redis = FakeRedis::new();
+        let c = redis.client("p");
+        for i in 0..10 {
+            redis.app_set(&format!("quiz:{i}"), b"", None);
+        }
+        redis.app_set("quiz:secret", b"", None);
+        let allow = |k: &[u8]| k != b"quiz:secret";
+        let plan = BulkPlan { allow: &allow, limit: 4 };
+        let r = c.delete_matching("quiz:*", &plan).await.unwrap();
+        assert_eq!((r.affected, r.truncated), (4, true));
+        assert_eq!(r.sample.len(), 4);
+        let everything = allow_all();
+        let plan = BulkPlan { allow: &allow, limit: u64::MAX };
+        let r = c.delete_matching("quiz:*", &plan).await.unwrap();
+        assert_eq!((r.affected, r.refused, r.truncated), (6, 1, false));
+        assert!(redis.snapshot().contains_key("quiz:secret"));
+        redis.app_set("job:1", b"", None);
+        redis.app_set("job:2", b"", Some(10));
+        let plan = BulkPlan { allow: &everything, limit: u64::MAX };
+        let r = c.expire_matching("job:*", 86_400_000, true, &plan).await.unwrap();
+        assert_eq!(r.affected, 1, "only the persistent key gets a TTL");
+        assert_eq!(redis.snapshot()["job:2"].ttl_ms, Some(10));
+    }
+
+    #[tokio::test]
+    async fn locks_are_compare_and_delete() {
+        let redis = FakeRedis::new();
+        let c = redis.client("p");
+        let token = c.lock_acquire("lock:a", 1000).await.unwrap().unwrap();
+        assert_eq!(c.lock_acquire("lock:a", 1000).await.unwrap(), None);
+        assert!(!c.lock_release("lock:a", "wrong").await.unwrap());
+        assert!(c.lock_release("lock:a", &token).await.unwrap());
+        assert!(!c.lock_release("lock:a", &token).await.unwrap());
+        let again = c.lock_acquire("lock:a", 1000).await.unwrap().unwrap();
+        assert_ne!(again, token, "tokens are never reused");
+        redis.advance(1000);
+        assert!(c.lock_acquire("lock:a", 1000).await.unwrap().is_some(), "an expired lock is free");
+    }
+
+    #[tokio::test]
+    async fn an_unavailable_fake_fails_every_call() {
+        let redis = FakeRedis::new();
+        let c = redis.client("p");
+        redis.set_unavailable(Some("connection refused"));
+        assert_eq!(c.get("k").await.unwrap_err(), BackendError::Unavailable("connection refused".into()));
+        redis.set_unavailable(None);
+        assert_eq!(c.get("k").await.unwrap(), None);
+    }
+}

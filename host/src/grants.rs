@@ -1,0 +1,200 @@
+//! What a policy may touch: key globs with the operations allowed on them.
+//!
+//! Every key argument a policy passes is matched against its grants, and
+//! every glob argument (`scan`, `delete-matching`, `expire-matching`) must be
+//! *covered*: each key the glob could match must be matched by a grant that
+//! allows the operation. Coverage is decided exactly on the globs' automata
+//! ([`cachepol_guest_sdk::glob::covers`]), so `quiz:[a-z]*` passes under
+//! `quiz:*` while `quiz*`, `q*`, `*` and `[a-z]*` are refused, and the
+//! refusal names a key that shows why. The bulk operations also re-check
+//! each key Redis returns, so a grant check and a scan can never disagree.
+
+use cachepol_guest_sdk::glob::{self, Coverage, Glob};
+
+use crate::wit::KeyOps;
+
+/// Longest key or pattern a policy may pass (Redis allows 512 MB; nothing
+/// sane in a cache key comes close to this).
+pub const MAX_KEY_LEN: usize = 16 * 1024;
+
+/// The name of each operation flag, for messages and config files.
+pub const OP_NAMES: [(KeyOps, &str); 5] = [
+    (KeyOps::READ, "read"),
+    (KeyOps::WRITE, "write"),
+    (KeyOps::DELETE, "delete"),
+    (KeyOps::EXPIRE, "expire"),
+    (KeyOps::LOCK, "lock"),
+];
+
+/// `read+delete` style rendering of a set of operations.
+pub fn ops_to_string(ops: KeyOps) -> String {
+    let names: Vec<&str> = OP_NAMES.iter().filter(|(f, _)| ops.contains(*f)).map(|(_, n)| *n).collect();
+    if names.is_empty() { "none".to_owned() } else { names.join("+") }
+}
+
+/// Parse an operation name (`read`, `write`, `delete`, `expire`, `lock`).
+pub fn op_from_name(name: &str) -> Option<KeyOps> {
+    OP_NAMES.iter().find(|(_, n)| *n == name).map(|(f, _)| *f)
+}
+
+/// One grant: a glob and what it allows.
+#[derive(Clone, Debug)]
+pub struct GrantRule {
+    pub pattern: Glob,
+    pub ops: KeyOps,
+}
+
+impl std::fmt::Display for GrantRule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({})", self.pattern, ops_to_string(self.ops))
+    }
+}
+
+/// A policy's grants, ready to check calls against.
+#[derive(Clone, Debug, Default)]
+pub struct Grants {
+    rules: Vec<GrantRule>,
+}
+
+impl Grants {
+    pub fn new(rules: Vec<GrantRule>) -> Grants {
+        Grants { rules }
+    }
+
+    pub fn rules(&self) -> &[GrantRule] {
+        &self.rules
+    }
+
+    fn allowing(&self, op: KeyOps) -> Vec<&Glob> {
+        self.rules.iter().filter(|r| r.ops.contains(op)).map(|r| &r.pattern).collect()
+    }
+
+    /// Whether `op` on `key` is allowed.
+    pub fn allows_key(&self, op: KeyOps, key: &[u8]) -> bool {
+        self.rules.iter().any(|r| r.ops.contains(op) && r.pattern.matches_bytes(key))
+    }
+
+    /// `Ok` if `op` on `key` is allowed, else the reason for the denial.
+    pub fn check_key(&self, op: KeyOps, key: &str) -> Result<(), String> {
+        if self.allows_key(op, key.as_bytes()) {
+            Ok(())
+        } else {
+            Err(format!("no grant allows {} on this key", ops_to_string(op)))
+        }
+    }
+
+    /// `Ok` if every key `pattern` can match is allowed for `op`.
+    pub fn check_pattern(&self, op: KeyOps, pattern: &str) -> Result<(), String> {
+        let pattern = Glob::new(pattern);
+        match glob::covers(&self.allowing(op), &pattern) {
+            Coverage::Covered => Ok(()),
+            Coverage::Uncovered { example } => Err(format!(
+                "the pattern can match `{}`, which no grant allows {} on",
+                String::from_utf8_lossy(&example).escape_debug(),
+                ops_to_string(op)
+            )),
+            Coverage::TooComplex => Err("the pattern is too complex to check against the grants".to_owned()),
+        }
+    }
+
+    /// Whether `other`'s every rule lies inside these grants (same or fewer
+    /// operations on the same or fewer keys). `Err` names the first rule
+    /// that does not.
+    pub fn check_within(&self, other: &Grants) -> Result<(), String> {
+        for rule in &other.rules {
+            for (flag, name) in OP_NAMES {
+                if rule.ops.contains(flag)
+                    && let Err(why) = self.check_pattern(flag, rule.pattern.as_str())
+                {
+                    return Err(format!("`{}` for {name}: {why}", rule.pattern));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn grants(rules: &[(&str, KeyOps)]) -> Grants {
+        Grants::new(rules.iter().map(|(p, ops)| GrantRule { pattern: Glob::new(p), ops: *ops }).collect())
+    }
+
+    #[test]
+    fn keys_need_a_grant_with_the_operation() {
+        let g = grants(&[("quiz:*", KeyOps::DELETE), ("last_updated:*", KeyOps::READ)]);
+        assert!(g.check_key(KeyOps::DELETE, "quiz:1").is_ok());
+        assert!(g.check_key(KeyOps::READ, "quiz:1").is_err(), "delete does not imply read");
+        assert!(g.check_key(KeyOps::DELETE, "quiz").is_err());
+        assert!(g.check_key(KeyOps::DELETE, "quizz:1").is_err());
+        assert!(g.check_key(KeyOps::READ, "last_updated:dance").is_ok());
+        assert!(g.check_key(KeyOps::DELETE, "last_updated:dance").is_err());
+    }
+
+    #[test]
+    fn patterns_must_lie_inside_the_grants() {
+        let g = grants(&[("quiz:*", KeyOps::DELETE | KeyOps::READ)]);
+        for ok in ["quiz:*", "quiz:2024:*", "quiz:[a-z]*", "quiz\\:*", "quiz:?"] {
+            assert!(g.check_pattern(KeyOps::DELETE, ok).is_ok(), "{ok}");
+        }
+        for bad in ["*", "q*", "quiz*", "[a-z]*", "quiz\\*", "?uiz:*", "quiz[:]*x[", "[^a]*"] {
+            assert!(g.check_pattern(KeyOps::DELETE, bad).is_err(), "{bad}");
+        }
+        assert!(g.check_pattern(KeyOps::EXPIRE, "quiz:*").is_err());
+    }
+
+    #[test]
+    fn denials_explain_with_an_example_key() {
+        let g = grants(&[("quiz:*", KeyOps::DELETE)]);
+        let why = g.check_pattern(KeyOps::DELETE, "quiz*").unwrap_err();
+        assert_eq!(why, "the pattern can match `quiz`, which no grant allows delete on");
+        let why = g.check_pattern(KeyOps::DELETE, "*").unwrap_err();
+        assert!(why.contains("`a`"), "{why}");
+    }
+
+    #[test]
+    fn escaped_metacharacters_are_literal_on_both_sides() {
+        // A grant on the literal key `quiz*` does not open `quiz:*`.
+        let g = grants(&[("quiz\\*", KeyOps::DELETE)]);
+        assert!(g.check_key(KeyOps::DELETE, "quiz*").is_ok());
+        assert!(g.check_key(KeyOps::DELETE, "quiz:1").is_err());
+        assert!(g.check_pattern(KeyOps::DELETE, "quiz*").is_err());
+        assert!(g.check_pattern(KeyOps::DELETE, "quiz\\*").is_ok());
+        assert!(g.check_pattern(KeyOps::DELETE, "quiz[*]").is_ok());
+    }
+
+    #[test]
+    fn union_of_grants_covers_a_pattern() {
+        let g = grants(&[("a:*", KeyOps::DELETE), ("b:*", KeyOps::DELETE), ("c:*", KeyOps::READ)]);
+        assert!(g.check_pattern(KeyOps::DELETE, "[ab]:*").is_ok());
+        assert!(g.check_pattern(KeyOps::DELETE, "[abc]:*").is_err(), "c: is read-only");
+    }
+
+    #[test]
+    fn no_grants_allow_nothing() {
+        let g = Grants::default();
+        assert!(g.check_key(KeyOps::READ, "x").is_err());
+        assert!(g.check_pattern(KeyOps::READ, "x").is_err());
+    }
+
+    #[test]
+    fn within_compares_whole_grant_sets() {
+        let wide = grants(&[("quiz:*", KeyOps::DELETE | KeyOps::READ)]);
+        let narrow = grants(&[("quiz:2024:*", KeyOps::DELETE)]);
+        assert!(wide.check_within(&narrow).is_ok());
+        let err = narrow.check_within(&wide).unwrap_err();
+        assert!(err.starts_with("`quiz:*` for read"), "{err}");
+    }
+
+    #[test]
+    fn op_names_round_trip() {
+        for (flag, name) in OP_NAMES {
+            assert_eq!(op_from_name(name), Some(flag));
+        }
+        assert_eq!(ops_to_string(KeyOps::READ | KeyOps::LOCK), "read+lock");
+        assert_eq!(ops_to_string(KeyOps::empty()), "none");
+        assert_eq!(op_from_name("flush"), None);
+    }
+}

@@ -1,0 +1,411 @@
+//! The WIT imports a policy calls: the restricted Redis API, logging, clock.
+//!
+//! Every Redis call goes through the same gate, in this order: count it
+//! against the host-call budget, validate the arguments, check the grants.
+//! Only then does it reach the [`Backend`]. A refusal is an error value the
+//! guest sees (`denied`, `budget-exceeded`, `invalid-argument`), a warning in
+//! the log, and an entry in the call's report; nothing is sent to Redis.
+//!
+//! Budget overruns are also remembered for the whole call: a policy that
+//! swallows the `budget-exceeded` error still has its call reported as
+//! failed, because it did not finish its work.
+
+use std::sync::Arc;
+
+use crate::backend::{Backend, BackendError, BulkPlan, BulkResult};
+use crate::budget::Budgets;
+use crate::grants::{Grants, MAX_KEY_LEN};
+use crate::wit::{self, Denial, Error, ExpireCondition, KeyOps, KeyTtl, ScanPage, SetOptions, ValueKind};
+
+/// What a host function returns: a trap (`Err`) or a result for the guest.
+type HostResult<T> = wasmtime::Result<Result<T, Error>>;
+
+/// Longest TTL a policy may set: 100 years.
+const MAX_TTL_MS: u64 = 100 * 365 * 24 * 3600 * 1000;
+/// Largest `COUNT` a scan page may ask for.
+const MAX_SCAN_COUNT: u32 = 10_000;
+/// Denials kept by name per call; more are only counted.
+const MAX_DENIALS_KEPT: usize = 100;
+
+/// What a policy's calls did during one event, for the audit trail.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Effects {
+    pub deleted: u64,
+    pub expired: u64,
+    pub written: u64,
+    pub locks: u64,
+    /// A few affected key names.
+    pub sample: Vec<String>,
+}
+
+impl Effects {
+    fn note_keys<'a>(&mut self, keys: impl IntoIterator<Item = &'a str>) {
+        for key in keys {
+            if self.sample.len() >= BulkResult::SAMPLE {
+                break;
+            }
+            self.sample.push(key.to_owned());
+        }
+    }
+}
+
+/// Everything recorded during one call into the policy.
+#[derive(Clone, Debug, Default)]
+pub struct CallState {
+    pub host_calls: u32,
+    pub keys_touched: u64,
+    pub log_lines: u32,
+    pub logs_dropped: u32,
+    pub denials: Vec<Denial>,
+    pub denials_total: u32,
+    pub effects: Effects,
+    /// The first budget the call ran out of.
+    pub budget_exceeded: Option<String>,
+}
+
+/// The host side of one policy instance's imports.
+pub struct HostApi {
+    policy: Arc<str>,
+    grants: Arc<Grants>,
+    backend: Arc<dyn Backend>,
+    budgets: Budgets,
+    call: CallState,
+}
+
+/// What a gated call is about.
+enum Target<'a> {
+    Key(&'a str),
+    Keys(&'a [String]),
+    Pattern(&'a str),
+}
+
+impl HostApi {
+    pub fn new(policy: Arc<str>, grants: Arc<Grants>, backend: Arc<dyn Backend>, budgets: Budgets) -> HostApi {
+        HostApi { policy, grants, backend, budgets, call: CallState::default() }
+    }
+
+    /// Start a new call: fresh budgets and an empty report.
+    pub fn begin_call(&mut self) {
+        self.call = CallState::default();
+    }
+
+    /// The report of the call that just ended.
+    pub fn take_call(&mut self) -> CallState {
+        std::mem::take(&mut self.call)
+    }
+
+    /// Grants take effect once the manifest is validated.
+    pub fn set_grants(&mut self, policy: Arc<str>, grants: Arc<Grants>) {
+        self.policy = policy;
+        self.grants = grants;
+    }
+
+    /// Switch the store the calls go to.
+    pub fn set_backend(&mut self, backend: Arc<dyn Backend>) {
+        self.backend = backend;
+    }
+
+    fn exceeded(&mut self, what: String) -> Error {
+        tracing::warn!(policy = %self.policy, budget = %what, "budget exceeded");
+        self.call.budget_exceeded.get_or_insert_with(|| what.clone());
+        Error::BudgetExceeded(what)
+    }
+
+    fn deny(&mut self, op: &str, target: &str, reason: String) -> Error {
+        tracing::warn!(policy = %self.policy, op, target, %reason, "denied");
+        let denial = Denial { op: op.to_owned(), target: target.to_owned(), reason };
+        self.call.denials_total += 1;
+        if self.call.denials.len() < MAX_DENIALS_KEPT {
+            self.call.denials.push(denial.clone());
+        }
+        Error::Denied(denial)
+    }
+
+    /// The gate every Redis call passes: budget, arguments, grants.
+    fn admit(&mut self, op: &'static str, need: KeyOps, target: Target<'_>) -> Result<(), Error> {
+        self.call.host_calls += 1;
+        if self.call.host_calls > self.budgets.host_calls {
+            return Err(self.exceeded(format!("more than {} host calls in one event", self.budgets.host_calls)));
+        }
+        match target {
+            Target::Key(key) => self.admit_key(op, need, key),
+            Target::Keys(keys) => {
+                if keys.is_empty() {
+                    return Err(Error::InvalidArgument(format!("{op}: no keys given")));
+                }
+                keys.iter().try_for_each(|k| self.admit_key(op, need, k))
+            }
+            Target::Pattern(pattern) => {
+                check_length(op, pattern)?;
+                self.grants.check_pattern(need, pattern).map_err(|reason| self.deny(op, pattern, reason))
+            }
+        }
+    }
+
+    fn admit_key(&mut self, op: &'static str, need: KeyOps, key: &str) -> Result<(), Error> {
+        check_length(op, key)?;
+        self.grants.check_key(need, key).map_err(|reason| self.deny(op, key, reason))
+    }
+
+    fn redis_failed(&self, op: &str, e: BackendError) -> Error {
+        tracing::warn!(policy = %self.policy, op, error = %e, "redis call failed");
+        Error::Redis(e.to_string())
+    }
+
+    /// Keys-touched budget left for this call.
+    fn keys_left(&self) -> u64 {
+        self.budgets.keys_limit().saturating_sub(self.call.keys_touched)
+    }
+
+    /// Count keys touched by a single-key operation against the budget.
+    fn touch(&mut self, op: &str, n: u64) -> Result<(), Error> {
+        if n > self.keys_left() {
+            return Err(
+                self.exceeded(format!("{op} would touch more than {} keys in one event", self.budgets.keys_limit()))
+            );
+        }
+        self.call.keys_touched += n;
+        Ok(())
+    }
+
+    async fn bulk(
+        &mut self,
+        op: &'static str,
+        need: KeyOps,
+        pattern: &str,
+        ttl: Option<(u64, bool)>,
+    ) -> Result<u64, Error> {
+        self.admit(op, need, Target::Pattern(pattern))?;
+        let grants = self.grants.clone();
+        let allow = move |key: &[u8]| grants.allows_key(need, key);
+        let plan = BulkPlan { allow: &allow, limit: self.keys_left() };
+        let result = match ttl {
+            None => self.backend.delete_matching(pattern, &plan).await,
+            Some((ttl_ms, only_if_persistent)) => {
+                self.backend.expire_matching(pattern, ttl_ms, only_if_persistent, &plan).await
+            }
+        }
+        .map_err(|e| self.redis_failed(op, e))?;
+        self.call.keys_touched += result.affected;
+        match ttl {
+            None => self.call.effects.deleted += result.affected,
+            Some(_) => self.call.effects.expired += result.affected,
+        }
+        self.call.effects.note_keys(result.sample.iter().map(String::as_str));
+        if result.refused > 0 {
+            tracing::warn!(policy = %self.policy, op, pattern, refused = result.refused, "keys outside the grants were skipped");
+        }
+        if result.truncated {
+            return Err(self.exceeded(format!(
+                "{op}({pattern}) stopped after {} keys: keys-touched budget of {} per event",
+                result.affected,
+                self.budgets.keys_limit()
+            )));
+        }
+        Ok(result.affected)
+    }
+}
+
+fn check_length(op: &str, key: &str) -> Result<(), Error> {
+    if key.is_empty() {
+        return Err(Error::InvalidArgument(format!("{op}: empty key or pattern")));
+    }
+    if key.len() > MAX_KEY_LEN {
+        return Err(Error::InvalidArgument(format!("{op}: key or pattern longer than {MAX_KEY_LEN} bytes")));
+    }
+    Ok(())
+}
+
+fn check_ttl(op: &str, ttl_ms: u64) -> Result<(), Error> {
+    if ttl_ms == 0 || ttl_ms > MAX_TTL_MS {
+        return Err(Error::InvalidArgument(format!("{op}: ttl-ms must be between 1 and {MAX_TTL_MS}")));
+    }
+    Ok(())
+}
+
+impl wit::types::Host for HostApi {}
+
+impl wit::redis::Host for HostApi {
+    async fn get(&mut self, key: String) -> HostResult<Option<Vec<u8>>> {
+        Ok(async {
+            self.admit("get", KeyOps::READ, Target::Key(&key))?;
+            self.backend.get(&key).await.map_err(|e| self.redis_failed("get", e))
+        }
+        .await)
+    }
+
+    async fn exists(&mut self, key: String) -> HostResult<bool> {
+        Ok(async {
+            self.admit("exists", KeyOps::READ, Target::Key(&key))?;
+            self.backend.exists(&key).await.map_err(|e| self.redis_failed("exists", e))
+        }
+        .await)
+    }
+
+    async fn ttl(&mut self, key: String) -> HostResult<KeyTtl> {
+        Ok(async {
+            self.admit("ttl", KeyOps::READ, Target::Key(&key))?;
+            self.backend.ttl(&key).await.map_err(|e| self.redis_failed("ttl", e))
+        }
+        .await)
+    }
+
+    async fn key_type(&mut self, key: String) -> HostResult<Option<ValueKind>> {
+        Ok(async {
+            self.admit("key-type", KeyOps::READ, Target::Key(&key))?;
+            self.backend.key_type(&key).await.map_err(|e| self.redis_failed("key-type", e))
+        }
+        .await)
+    }
+
+    async fn scan(&mut self, cursor: u64, pattern: String, count: u32) -> HostResult<ScanPage> {
+        Ok(async {
+            self.admit("scan", KeyOps::READ, Target::Pattern(&pattern))?;
+            let count = count.clamp(1, MAX_SCAN_COUNT);
+            let (cursor, raw) =
+                self.backend.scan(cursor, &pattern, count).await.map_err(|e| self.redis_failed("scan", e))?;
+            // Re-check what Redis returned: the pattern check and Redis must
+            // agree, and a key the policy may not read is never shown to it.
+            let keys = raw
+                .into_iter()
+                .filter(|k| self.grants.allows_key(KeyOps::READ, k))
+                .filter_map(|k| String::from_utf8(k).ok())
+                .collect();
+            Ok(ScanPage { cursor, keys })
+        }
+        .await)
+    }
+
+    async fn set(&mut self, key: String, value: Vec<u8>, options: SetOptions) -> HostResult<bool> {
+        Ok(async {
+            self.admit("set", KeyOps::WRITE, Target::Key(&key))?;
+            if let Some(ttl) = options.ttl_ms {
+                check_ttl("set", ttl)?;
+            }
+            if value.len() > self.budgets.value_bytes {
+                return Err(self.exceeded(format!(
+                    "set of {} bytes: values are limited to {} bytes",
+                    value.len(),
+                    self.budgets.value_bytes
+                )));
+            }
+            let written = self.backend.set(&key, &value, &options).await.map_err(|e| self.redis_failed("set", e))?;
+            if written {
+                self.call.effects.written += 1;
+                self.call.effects.note_keys([key.as_str()]);
+            }
+            Ok(written)
+        }
+        .await)
+    }
+
+    async fn del(&mut self, keys: Vec<String>) -> HostResult<u64> {
+        Ok(async {
+            self.admit("del", KeyOps::DELETE, Target::Keys(&keys))?;
+            self.touch("del", keys.len() as u64)?;
+            let n = self.backend.del(&keys).await.map_err(|e| self.redis_failed("del", e))?;
+            self.call.effects.deleted += n;
+            self.call.effects.note_keys(keys.iter().map(String::as_str));
+            Ok(n)
+        }
+        .await)
+    }
+
+    async fn expire(&mut self, key: String, ttl_ms: u64, condition: ExpireCondition) -> HostResult<bool> {
+        Ok(async {
+            self.admit("expire", KeyOps::EXPIRE, Target::Key(&key))?;
+            check_ttl("expire", ttl_ms)?;
+            self.touch("expire", 1)?;
+            let set = self.backend.expire(&key, ttl_ms, condition).await.map_err(|e| self.redis_failed("expire", e))?;
+            if set {
+                self.call.effects.expired += 1;
+                self.call.effects.note_keys([key.as_str()]);
+            }
+            Ok(set)
+        }
+        .await)
+    }
+
+    async fn persist(&mut self, key: String) -> HostResult<bool> {
+        Ok(async {
+            self.admit("persist", KeyOps::EXPIRE, Target::Key(&key))?;
+            self.backend.persist(&key).await.map_err(|e| self.redis_failed("persist", e))
+        }
+        .await)
+    }
+
+    async fn delete_matching(&mut self, pattern: String) -> HostResult<u64> {
+        Ok(self.bulk("delete-matching", KeyOps::DELETE, &pattern, None).await)
+    }
+
+    async fn expire_matching(&mut self, pattern: String, ttl_ms: u64, only_if_persistent: bool) -> HostResult<u64> {
+        Ok(async {
+            check_ttl("expire-matching", ttl_ms)?;
+            self.bulk("expire-matching", KeyOps::EXPIRE, &pattern, Some((ttl_ms, only_if_persistent))).await
+        }
+        .await)
+    }
+
+    async fn lock_acquire(&mut self, name: String, ttl_ms: u64) -> HostResult<Option<String>> {
+        Ok(async {
+            self.admit("lock-acquire", KeyOps::LOCK, Target::Key(&name))?;
+            check_ttl("lock-acquire", ttl_ms)?;
+            let token =
+                self.backend.lock_acquire(&name, ttl_ms).await.map_err(|e| self.redis_failed("lock-acquire", e))?;
+            if token.is_some() {
+                self.call.effects.locks += 1;
+            }
+            Ok(token)
+        }
+        .await)
+    }
+
+    async fn lock_release(&mut self, name: String, token: String) -> HostResult<bool> {
+        Ok(async {
+            self.admit("lock-release", KeyOps::LOCK, Target::Key(&name))?;
+            if token.is_empty() {
+                return Err(Error::InvalidArgument("lock-release: empty token".into()));
+            }
+            self.backend.lock_release(&name, &token).await.map_err(|e| self.redis_failed("lock-release", e))
+        }
+        .await)
+    }
+}
+
+impl wit::log::Host for HostApi {
+    async fn write(&mut self, level: wit::log::Level, message: String) -> wasmtime::Result<()> {
+        use wit::log::Level;
+        self.call.log_lines += 1;
+        if self.call.log_lines > self.budgets.log_lines {
+            self.call.logs_dropped += 1;
+            return Ok(());
+        }
+        let policy = &*self.policy;
+        let message = truncate(&message, 4096);
+        match level {
+            Level::Trace => tracing::trace!(target: "cachepol::guest", policy, "{message}"),
+            Level::Debug => tracing::debug!(target: "cachepol::guest", policy, "{message}"),
+            Level::Info => tracing::info!(target: "cachepol::guest", policy, "{message}"),
+            Level::Warn => tracing::warn!(target: "cachepol::guest", policy, "{message}"),
+            Level::Error => tracing::error!(target: "cachepol::guest", policy, "{message}"),
+        }
+        Ok(())
+    }
+}
+
+impl wit::clock::Host for HostApi {
+    async fn now_ms(&mut self) -> wasmtime::Result<u64> {
+        Ok(self.backend.now_ms())
+    }
+}
+
+fn truncate(text: &str, max: usize) -> &str {
+    if text.len() <= max {
+        return text;
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}

@@ -1,0 +1,492 @@
+//! Loading policy components and calling them under budgets.
+//!
+//! One [`Runtime`] holds the wasmtime `Engine` (pooling allocator, fuel) and
+//! a `Linker` with the cachepol imports plus WASI p2 over an empty context:
+//! Rust's `wasm32-wasip2` guests always import `wasi:io`/`wasi:cli`, but get
+//! no environment, arguments, files or sockets, and their stdout/stderr go
+//! to the log ([`crate::guest_io`]).
+//!
+//! Loading is split so that each failure has a name:
+//! [`Runtime::compile`] checks the bytes (not empty, WebAssembly, a
+//! component rather than a core module), compiles, and checks that the
+//! component's imports are ones we provide and its exports are the `policy`
+//! world's; [`Runtime::load`] instantiates it, calls `configure`, then
+//! `describe`, and validates the manifest.
+//!
+//! A [`LoadedPolicy`] keeps one instance alive between events (a reused
+//! instance costs microseconds per call). Every call gets fresh fuel, the
+//! memory cap, the host-call budgets and a wall-clock limit. A trap kills
+//! only that instance: the next event gets a new one, configured again, and
+//! the daemon and the other policies never notice.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tracing::Instrument;
+use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, ResourceLimiter, Store, Trap};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use crate::backend::Backend;
+use crate::budget::Budgets;
+use crate::grants::Grants;
+use crate::guest_io::{GuestOutput, panic_message};
+use crate::hostapi::{CallState, HostApi};
+use crate::manifest::{Manifest, ManifestError};
+use crate::wit::{self, Policy, PolicyPre};
+
+/// Why a component could not be loaded. Each message is one line and says
+/// which step failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("the file is empty")]
+    Empty,
+    #[error("not a WebAssembly file (it does not start with \\0asm)")]
+    NotWasm,
+    #[error(
+        "this is a core WebAssembly module, not a component: build the policy with `cargo build --target wasm32-wasip2`"
+    )]
+    CoreModule,
+    #[error("unsupported WebAssembly binary version {0:02x?}")]
+    UnknownVersion([u8; 4]),
+    #[error("cannot compile the component: {0}")]
+    Compile(String),
+    #[error("the component needs imports cachepol does not provide: {0}")]
+    Imports(String),
+    #[error("the component does not implement the cachepol:policy/policy@0.1.0 world: {0}")]
+    Exports(String),
+    #[error("cannot instantiate the component: {0}")]
+    Instantiate(String),
+    #[error("configure failed: {0}")]
+    Configure(String),
+    #[error("describe failed: {0}")]
+    Describe(String),
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+}
+
+/// Why one call into a policy failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CallFailure {
+    /// The policy returned an error value (it did not trap).
+    #[error("policy returned an error: {0}")]
+    Returned(wit::Error),
+    /// A per-event budget ran out (the policy may have swallowed the error).
+    #[error("budget exceeded: {0}")]
+    Budget(String),
+    #[error("CPU budget exhausted: out of fuel after {0} units")]
+    OutOfFuel(u64),
+    #[error("memory budget exceeded: tried to grow to {wanted} bytes, the limit is {limit}")]
+    Memory { wanted: usize, limit: usize },
+    #[error("guest {0}")]
+    Panic(String),
+    #[error("took longer than the {0:?} wall-clock budget")]
+    Timeout(Duration),
+    #[error("trapped: {0}")]
+    Trap(String),
+    /// The instance died earlier and could not be re-created.
+    #[error("could not re-create the instance: {0}")]
+    Restart(String),
+}
+
+impl CallFailure {
+    /// Whether the instance is unusable after this failure.
+    fn kills_instance(&self) -> bool {
+        !matches!(self, CallFailure::Returned(_) | CallFailure::Budget(_))
+    }
+}
+
+/// Engine-wide settings.
+#[derive(Clone, Debug)]
+pub struct RuntimeConfig {
+    /// Policy instances alive at once (pooling allocator slots).
+    pub max_instances: u32,
+    /// Upper bound for any policy's memory budget.
+    pub max_memory_bytes: usize,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> RuntimeConfig {
+        RuntimeConfig { max_instances: 128, max_memory_bytes: 256 << 20 }
+    }
+}
+
+/// The wasmtime engine and linker shared by every policy.
+#[derive(Clone)]
+pub struct Runtime {
+    engine: Engine,
+    linker: Arc<Linker<StoreState>>,
+    max_memory_bytes: usize,
+}
+
+/// A compiled, import-checked component, ready to instantiate.
+#[derive(Clone)]
+pub struct Compiled {
+    pre: PolicyPre<StoreState>,
+}
+
+/// How fuel is handed out: the guest yields to the async executor after
+/// this much, so a spinning policy cannot hog a worker thread.
+const FUEL_YIELD_INTERVAL: u64 = 1_000_000;
+
+impl Runtime {
+    pub fn new(config: RuntimeConfig) -> Result<Runtime, wasmtime::Error> {
+        let mut pool = PoolingAllocationConfig::default();
+        pool.total_component_instances(config.max_instances)
+            .total_core_instances(config.max_instances * 8)
+            .total_memories(config.max_instances * 2)
+            .total_tables(config.max_instances * 8)
+            .total_stacks(config.max_instances)
+            .max_memory_size(config.max_memory_bytes);
+        let mut wasm = Config::new();
+        wasm.wasm_component_model(true)
+            .consume_fuel(true)
+            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        let engine = Engine::new(&wasm)?;
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+        Policy::add_to_linker::<_, HasSelf<HostApi>>(&mut linker, |state: &mut StoreState| &mut state.api)?;
+        Ok(Runtime { engine, linker: Arc::new(linker), max_memory_bytes: config.max_memory_bytes })
+    }
+
+    /// Check and compile a component from bytes.
+    pub fn compile(&self, bytes: &[u8]) -> Result<Compiled, LoadError> {
+        sniff(bytes)?;
+        let component = Component::new(&self.engine, bytes).map_err(|e| LoadError::Compile(format!("{e:#}")))?;
+        let pre = self.linker.instantiate_pre(&component).map_err(|e| LoadError::Imports(format!("{e:#}")))?;
+        let pre = PolicyPre::new(pre).map_err(|e| LoadError::Exports(format!("{e:#}")))?;
+        Ok(Compiled { pre })
+    }
+
+    /// Read and compile a component file.
+    pub fn compile_file(&self, path: &Path) -> Result<Compiled, LoadError> {
+        let bytes =
+            std::fs::read(path).map_err(|source| LoadError::Read { path: path.display().to_string(), source })?;
+        self.compile(&bytes)
+    }
+
+    /// Instantiate, configure with `config` (JSON), describe and validate.
+    /// `label` names the policy in logs until its manifest gives its name.
+    pub async fn load(
+        &self,
+        compiled: &Compiled,
+        label: &str,
+        config: &str,
+        backend: Arc<dyn Backend>,
+        budgets: Budgets,
+    ) -> Result<LoadedPolicy, LoadError> {
+        let mut budgets = budgets;
+        budgets.memory_bytes = budgets.memory_bytes.min(self.max_memory_bytes);
+        let setup = Setup {
+            pre: compiled.pre.clone(),
+            label: Arc::from(label),
+            config: config.to_owned(),
+            backend,
+            budgets,
+            grants: Arc::new(Grants::default()),
+        };
+        let mut instance = setup.instantiate().await.map_err(LoadError::Instantiate)?;
+        instance.configure(&setup.config).await.map_err(LoadError::Configure)?;
+        let raw = instance
+            .call(|bindings, store| Box::pin(bindings.call_describe(store)))
+            .await
+            .0
+            .map_err(|f| LoadError::Describe(f.to_string()))?;
+        let manifest = Manifest::validate(raw)?;
+        let name: Arc<str> = Arc::from(manifest.name.as_str());
+        let grants = Arc::new(manifest.grants.clone());
+        instance.adopt(name.clone(), grants.clone());
+        Ok(LoadedPolicy {
+            setup: Setup { label: name, grants, ..setup },
+            manifest,
+            instance: Some(instance),
+            stats: PolicyStats::default(),
+        })
+    }
+}
+
+/// Tell the kinds of bad input apart before handing bytes to the compiler,
+/// whose messages for them are less direct.
+fn sniff(bytes: &[u8]) -> Result<(), LoadError> {
+    const CORE: [u8; 4] = [1, 0, 0, 0];
+    const COMPONENT: [u8; 4] = [0x0d, 0, 1, 0];
+    if bytes.is_empty() {
+        return Err(LoadError::Empty);
+    }
+    if bytes.len() < 8 || &bytes[..4] != b"\0asm" {
+        return Err(LoadError::NotWasm);
+    }
+    match [bytes[4], bytes[5], bytes[6], bytes[7]] {
+        CORE => Err(LoadError::CoreModule),
+        COMPONENT => Ok(()),
+        other => Err(LoadError::UnknownVersion(other)),
+    }
+}
+
+/// What a policy's store holds: WASI's empty context, the memory limiter,
+/// and the cachepol imports.
+pub struct StoreState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    limiter: MemoryLimiter,
+    api: HostApi,
+    stdout: GuestOutput,
+    stderr: GuestOutput,
+}
+
+impl WasiView for StoreState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+    }
+}
+
+/// Caps a guest's linear memory and remembers when it tried to exceed it,
+/// so the failure can be reported as "memory" rather than a generic trap.
+struct MemoryLimiter {
+    limit: usize,
+    exceeded: Option<usize>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("memory limit of {limit} bytes exceeded (wanted {wanted})")]
+struct MemoryExceeded {
+    limit: usize,
+    wanted: usize,
+}
+
+impl ResourceLimiter for MemoryLimiter {
+    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        if desired > self.limit {
+            self.exceeded = Some(desired);
+            return Err(MemoryExceeded { limit: self.limit, wanted: desired }.into());
+        }
+        Ok(true)
+    }
+
+    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        Ok(desired <= 100_000)
+    }
+}
+
+/// Everything needed to (re-)create a policy's instance.
+struct Setup {
+    pre: PolicyPre<StoreState>,
+    label: Arc<str>,
+    config: String,
+    backend: Arc<dyn Backend>,
+    budgets: Budgets,
+    grants: Arc<Grants>,
+}
+
+impl Setup {
+    async fn instantiate(&self) -> Result<Instance, String> {
+        let stdout = GuestOutput::new(self.label.clone(), "stdout");
+        let stderr = GuestOutput::new(self.label.clone(), "stderr");
+        let wasi = WasiCtx::builder()
+            .stdout(stdout.clone())
+            .stderr(stderr.clone())
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .build();
+        let state = StoreState {
+            wasi,
+            table: ResourceTable::new(),
+            limiter: MemoryLimiter { limit: self.budgets.memory_bytes, exceeded: None },
+            api: HostApi::new(self.label.clone(), self.grants.clone(), self.backend.clone(), self.budgets.clone()),
+            stdout,
+            stderr,
+        };
+        let mut store = Store::new(self.pre.engine(), state);
+        store.limiter(|s| &mut s.limiter);
+        store.fuel_async_yield_interval(Some(FUEL_YIELD_INTERVAL)).map_err(|e| format!("{e:#}"))?;
+        store.set_fuel(self.budgets.fuel).map_err(|e| format!("{e:#}"))?;
+        let bindings = self.pre.instantiate_async(&mut store).await.map_err(|e| {
+            if let Some(wanted) = store.data().limiter.exceeded {
+                format!("memory limit of {} bytes exceeded (wanted {wanted})", self.budgets.memory_bytes)
+            } else {
+                format!("{e:#}")
+            }
+        })?;
+        Ok(Instance { store, bindings, budgets: self.budgets.clone() })
+    }
+}
+
+/// One live instance of a policy.
+struct Instance {
+    store: Store<StoreState>,
+    bindings: Policy,
+    budgets: Budgets,
+}
+
+type CallFuture<'a, R> = std::pin::Pin<Box<dyn std::future::Future<Output = wasmtime::Result<R>> + Send + 'a>>;
+
+impl Instance {
+    /// Run one export under the budgets; returns its result and what the
+    /// call did through the host API (also when it failed: what a policy
+    /// deleted before it trapped was still deleted).
+    async fn call<R>(
+        &mut self,
+        f: impl for<'a> FnOnce(&'a Policy, &'a mut Store<StoreState>) -> CallFuture<'a, R>,
+    ) -> (Result<R, CallFailure>, CallState) {
+        if let Err(e) = self.store.set_fuel(self.budgets.fuel) {
+            return (Err(CallFailure::Trap(format!("{e:#}"))), CallState::default());
+        }
+        let state = self.store.data_mut();
+        state.api.begin_call();
+        state.limiter.exceeded = None;
+        state.stderr.take_recent();
+        let outcome = tokio::time::timeout(self.budgets.wall_time, f(&self.bindings, &mut self.store)).await;
+        let call = self.store.data_mut().api.take_call();
+        let result = match outcome {
+            Err(_) => Err(CallFailure::Timeout(self.budgets.wall_time)),
+            Ok(Err(e)) => Err(self.classify(e)),
+            Ok(Ok(value)) => match &call.budget_exceeded {
+                Some(what) => Err(CallFailure::Budget(what.clone())),
+                None => Ok(value),
+            },
+        };
+        (result, call)
+    }
+
+    fn classify(&mut self, error: wasmtime::Error) -> CallFailure {
+        tracing::debug!(error = ?error, "policy trap");
+        let state = self.store.data();
+        if let Some(wanted) = state.limiter.exceeded {
+            return CallFailure::Memory { wanted, limit: state.limiter.limit };
+        }
+        match error.downcast_ref::<Trap>() {
+            Some(Trap::OutOfFuel) => CallFailure::OutOfFuel(self.budgets.fuel),
+            Some(trap) => match panic_message(&state.stderr.take_recent()) {
+                Some(message) => CallFailure::Panic(message),
+                None => CallFailure::Trap(trap.to_string()),
+            },
+            None => CallFailure::Trap(format!("{error:#}")),
+        }
+    }
+
+    async fn configure(&mut self, config: &str) -> Result<(), String> {
+        let config = config.to_owned();
+        self.call(move |bindings, store| Box::pin(async move { bindings.call_configure(store, &config).await }))
+            .await
+            .0
+            .map_err(|f| f.to_string())?
+    }
+
+    /// The manifest is known: tag output and grant the policy its keys.
+    fn adopt(&mut self, name: Arc<str>, grants: Arc<Grants>) {
+        let state = self.store.data_mut();
+        state.stdout.rename(name.clone());
+        state.stderr.rename(name.clone());
+        state.api.set_grants(name, grants);
+    }
+}
+
+/// Counters kept per loaded policy.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyStats {
+    pub calls: u64,
+    pub failures: u64,
+    pub consecutive_failures: u64,
+    pub restarts: u64,
+    pub denials: u64,
+}
+
+/// The report of one `handle` call.
+#[derive(Debug, Clone)]
+pub struct CallReport {
+    pub result: Result<wit::Outcome, CallFailure>,
+    /// Effects, denials and budget use recorded by the host API (for a
+    /// trapped call: whatever happened before the trap).
+    pub call: CallState,
+    pub elapsed: Duration,
+}
+
+/// A configured policy with a validated manifest.
+pub struct LoadedPolicy {
+    setup: Setup,
+    manifest: Manifest,
+    instance: Option<Instance>,
+    stats: PolicyStats,
+}
+
+impl LoadedPolicy {
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    pub fn name(&self) -> &str {
+        &self.manifest.name
+    }
+
+    pub fn stats(&self) -> PolicyStats {
+        self.stats
+    }
+
+    /// Point the policy at another backend (the next instance uses it; the
+    /// live one is re-created).
+    pub fn rebind_backend(&mut self, backend: Arc<dyn Backend>) {
+        self.setup.backend = backend;
+        if let Some(instance) = &mut self.instance {
+            instance.store.data_mut().api.set_backend(self.setup.backend.clone());
+        }
+    }
+
+    /// Deliver one event. Never panics and never propagates a guest fault:
+    /// the report says what happened.
+    pub async fn handle(&mut self, event_id: &str, event: &wit::Event) -> CallReport {
+        let span = tracing::info_span!("policy_call", policy = %self.manifest.name, event = %event_id);
+        let started = Instant::now();
+        let (result, call) = self.handle_inner(event).instrument(span.clone()).await;
+        let report = CallReport { result, call, elapsed: started.elapsed() };
+        self.stats.calls += 1;
+        self.stats.denials += u64::from(report.call.denials_total);
+        let _entered = span.enter();
+        match &report.result {
+            Ok(_) => self.stats.consecutive_failures = 0,
+            Err(failure) => {
+                self.stats.failures += 1;
+                self.stats.consecutive_failures += 1;
+                tracing::warn!(error = %failure, "policy call failed");
+            }
+        }
+        report
+    }
+
+    async fn handle_inner(&mut self, event: &wit::Event) -> (Result<wit::Outcome, CallFailure>, CallState) {
+        let instance = match self.instance.take() {
+            Some(instance) => instance,
+            None => match self.restart().await {
+                Ok(instance) => instance,
+                Err(failure) => return (Err(failure), CallState::default()),
+            },
+        };
+        let mut instance = instance;
+        let event = event.clone();
+        let (result, call) = instance
+            .call(move |bindings, store| Box::pin(async move { bindings.call_handle(store, &event).await }))
+            .await;
+        let result = match result {
+            Ok(Ok(outcome)) => Ok(outcome),
+            Ok(Err(returned)) => Err(CallFailure::Returned(returned)),
+            Err(failure) => Err(failure),
+        };
+        if !result.as_ref().is_err_and(CallFailure::kills_instance) {
+            self.instance = Some(instance);
+        }
+        (result, call)
+    }
+
+    /// A fresh instance after a trap, configured as the first one was.
+    async fn restart(&mut self) -> Result<Instance, CallFailure> {
+        self.stats.restarts += 1;
+        tracing::info!(policy = %self.manifest.name, "re-creating the policy instance after a failure");
+        let mut instance = self.setup.instantiate().await.map_err(CallFailure::Restart)?;
+        instance.configure(&self.setup.config).await.map_err(CallFailure::Restart)?;
+        instance.adopt(self.setup.label.clone(), self.setup.grants.clone());
+        Ok(instance)
+    }
+}

@@ -1,0 +1,140 @@
+//! genre-invalidation: when a genre's data changes, drop every cache entry
+//! derived from it.
+//!
+//! The runbook it replaces: "when genre `dance` updates, delete
+//! `graph_data:dance`, `playlist_data:dance`, `header_art:dance` and
+//! `service_playlist:dance:*`". A genre changes either through a deploy hook
+//! tagged `genre=dance` (several tags, several genres) or through the app
+//! writing `last_updated:dance`.
+//!
+//! Key names come from config as templates with a `{genre}` placeholder; a
+//! template with its own wildcard is cleared with `delete-matching`, the
+//! others are deleted in one `del`. Genre names are glob-escaped, so a genre
+//! called `*` deletes `service_playlist:\*:*`, not every playlist. The grants
+//! it asks for are exactly the templates' wildcards.
+
+use cachepol_guest_sdk::prelude::*;
+use cachepol_guest_sdk::{info, warn};
+
+/// Operator settings; every field has the runbook's default.
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Keys to drop for a genre: templates with `{genre}`.
+    pub keys: Vec<String>,
+    /// A write to this key means "the genre changed".
+    pub trigger: String,
+    /// The keyspace events on `trigger` that count as a write.
+    pub trigger_ops: Vec<String>,
+    /// The deploy-hook tag that names a genre.
+    pub tag: String,
+    /// Services whose deploy hooks are read (`*`: all).
+    pub services: Vec<String>,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            keys: vec![
+                "graph_data:{genre}".into(),
+                "playlist_data:{genre}".into(),
+                "header_art:{genre}".into(),
+                "service_playlist:{genre}:*".into(),
+            ],
+            trigger: "last_updated:{genre}".into(),
+            trigger_ops: vec!["set".into()],
+            tag: "genre".into(),
+            services: vec!["*".into()],
+        }
+    }
+}
+
+pub struct GenreInvalidation {
+    keys: Vec<Template>,
+    trigger: Template,
+    config: Config,
+}
+
+fn genre_template(source: &str) -> Result<Template, String> {
+    let template = Template::parse(source).map_err(|e| e.to_string())?;
+    template.check_placeholders(&["genre"]).map_err(|e| e.to_string())?;
+    if template.placeholders().count() != 1 {
+        return Err(format!("template `{source}` must contain `{{genre}}` exactly once"));
+    }
+    Ok(template)
+}
+
+impl GenreInvalidation {
+    /// Delete every key of `genre`; returns how many existed.
+    fn invalidate(&self, genre: &str) -> Result<u64, Error> {
+        let values = [("genre", genre)];
+        let mut exact = Vec::new();
+        let mut deleted = 0;
+        for template in &self.keys {
+            if template.is_pattern() {
+                let pattern = template.render_glob(&values).map_err(|e| Error::policy(e.to_string()))?;
+                deleted += redis::delete_matching(&pattern)?;
+            } else {
+                exact.push(template.render_key(&values).map_err(|e| Error::policy(e.to_string()))?);
+            }
+        }
+        if !exact.is_empty() {
+            deleted += redis::del(&exact)?;
+        }
+        info!("genre `{genre}` changed: {deleted} cache keys deleted");
+        Ok(deleted)
+    }
+
+    fn invalidate_all<'a>(&self, genres: impl Iterator<Item = &'a str>) -> Result<Outcome, Error> {
+        let mut notes = Vec::new();
+        for genre in genres {
+            if genre.is_empty() {
+                warn!("ignoring an empty genre name");
+                continue;
+            }
+            notes.push(format!("{genre}: {} deleted", self.invalidate(genre)?));
+        }
+        Ok(Outcome::done().with_note(notes.join(", ")))
+    }
+}
+
+impl Policy for GenreInvalidation {
+    type Config = Config;
+
+    fn new(config: Config) -> Result<Self, String> {
+        if config.keys.is_empty() {
+            return Err("`keys` is empty: nothing to invalidate".into());
+        }
+        let keys = config.keys.iter().map(|k| genre_template(k)).collect::<Result<_, _>>()?;
+        let trigger = genre_template(&config.trigger)?;
+        Ok(GenreInvalidation { keys, trigger, config })
+    }
+
+    fn manifest(&self) -> Manifest {
+        let trigger = self.trigger.wildcard();
+        let ops: Vec<&str> = self.config.trigger_ops.iter().map(String::as_str).collect();
+        let services: Vec<&str> = self.config.services.iter().map(String::as_str).collect();
+        let mut manifest = Manifest::new("genre-invalidation", env!("CARGO_PKG_VERSION"))
+            .description("drop a genre's cached graph, playlists and art when the genre changes")
+            .on_deploys(&services)
+            .on_keys(&ops, &[&trigger])
+            .grant(&trigger, KeyOps::READ);
+        for template in &self.keys {
+            manifest = manifest.grant(&template.wildcard(), KeyOps::DELETE);
+        }
+        manifest
+    }
+
+    fn on_deploy(&mut self, event: DeployEvent) -> Result<Outcome, Error> {
+        self.invalidate_all(event.tags_named(&self.config.tag))
+    }
+
+    fn on_key(&mut self, event: KeyEvent) -> Result<Outcome, Error> {
+        match self.trigger.capture(&event.key) {
+            Some(values) => self.invalidate_all(values.iter().map(|(_, genre)| genre.as_str())),
+            None => Ok(Outcome::done()),
+        }
+    }
+}
+
+export_policy!(GenreInvalidation);
