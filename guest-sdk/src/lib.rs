@@ -90,7 +90,7 @@ pub mod redis {
         del, delete_matching, exists, expire, expire_matching, get, key_type, lock_acquire, lock_release, persist,
         scan, set, ttl,
     };
-    use crate::{Error, ExpireCondition, SetCondition, SetOptions};
+    use crate::{Error, ExpireCondition, SetOptions};
     use std::time::Duration;
 
     /// Delete one key; returns whether it existed.
@@ -105,7 +105,7 @@ pub mod redis {
 
     /// Plain `SET key value [PX ttl]`.
     pub fn set_string(key: &str, value: &str, ttl: Option<Duration>) -> Result<(), Error> {
-        let options = SetOptions { ttl_ms: ttl.map(duration_ms), condition: SetCondition::Always, keep_ttl: false };
+        let options = SetOptions { ttl_ms: ttl.map(duration_ms), ..SetOptions::default() };
         set(key, value.as_bytes(), options).map(|_| ())
     }
 
@@ -154,8 +154,8 @@ pub mod prelude {
     pub use crate::glob::{self, Glob};
     pub use crate::keys::{self, Template};
     pub use crate::{
-        DeployEvent, Error, Event, ExpireCondition, KeyEvent, KeyOps, Manifest, NoConfig, Outcome, Policy, SweepReason,
-        export_policy, redis,
+        DeployEvent, Error, Event, ExpireCondition, KeyEvent, KeyOps, Manifest, NoConfig, Outcome, Policy,
+        SetCondition, SetOptions, SweepReason, export_policy, redis,
     };
     pub use serde::Deserialize;
 }

@@ -95,3 +95,10 @@ impl Error {
         Error::Policy(message.into())
     }
 }
+
+impl Default for SetOptions {
+    /// A plain `SET`: always write, no TTL.
+    fn default() -> SetOptions {
+        SetOptions { ttl_ms: None, condition: SetCondition::Always, keep_ttl: false }
+    }
+}

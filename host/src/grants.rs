@@ -37,6 +37,15 @@ pub fn op_from_name(name: &str) -> Option<KeyOps> {
     OP_NAMES.iter().find(|(_, n)| *n == name).map(|(f, _)| *f)
 }
 
+/// A grant as an operator writes it in config:
+/// `{ pattern = "graph_data:*", ops = ["delete"] }`.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrantConfig {
+    pub pattern: String,
+    pub ops: Vec<String>,
+}
+
 /// One grant: a glob and what it allows.
 #[derive(Clone, Debug)]
 pub struct GrantRule {
@@ -59,6 +68,24 @@ pub struct Grants {
 impl Grants {
     pub fn new(rules: Vec<GrantRule>) -> Grants {
         Grants { rules }
+    }
+
+    /// Grants from operator config; errors name the offending entry.
+    pub fn from_config(entries: &[GrantConfig]) -> Result<Grants, String> {
+        let mut rules = Vec::new();
+        for entry in entries {
+            let mut ops = KeyOps::empty();
+            for name in &entry.ops {
+                ops |= op_from_name(name).ok_or_else(|| {
+                    format!("grant `{}`: unknown operation {name:?} (read, write, delete, expire, lock)", entry.pattern)
+                })?;
+            }
+            if ops == KeyOps::empty() || entry.pattern.is_empty() {
+                return Err(format!("grant `{}` needs a pattern and at least one operation", entry.pattern));
+            }
+            rules.push(GrantRule { pattern: Glob::new(&entry.pattern), ops });
+        }
+        Ok(Grants::new(rules))
     }
 
     pub fn rules(&self) -> &[GrantRule] {
@@ -186,6 +213,17 @@ mod tests {
         assert!(wide.check_within(&narrow).is_ok());
         let err = narrow.check_within(&wide).unwrap_err();
         assert!(err.starts_with("`quiz:*` for read"), "{err}");
+    }
+
+    #[test]
+    fn operator_config_parses_and_names_mistakes() {
+        let ok =
+            Grants::from_config(&[GrantConfig { pattern: "a:*".into(), ops: vec!["read".into(), "delete".into()] }])
+                .unwrap();
+        assert_eq!(ok.rules()[0].ops, KeyOps::READ | KeyOps::DELETE);
+        let err = Grants::from_config(&[GrantConfig { pattern: "a:*".into(), ops: vec!["flush".into()] }]).unwrap_err();
+        assert!(err.contains("unknown operation \"flush\""), "{err}");
+        assert!(Grants::from_config(&[GrantConfig { pattern: "a:*".into(), ops: vec![] }]).is_err());
     }
 
     #[test]

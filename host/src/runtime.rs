@@ -40,8 +40,8 @@ use crate::wit::{self, Policy, PolicyPre};
 /// which step failed.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    #[error("cannot read {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    #[error("cannot read {path}: {error}")]
+    Read { path: String, error: std::io::Error },
     #[error("the file is empty")]
     Empty,
     #[error("not a WebAssembly file (it does not start with \\0asm)")]
@@ -66,6 +66,8 @@ pub enum LoadError {
     Describe(String),
     #[error(transparent)]
     Manifest(#[from] ManifestError),
+    #[error("the operator's grants for `{policy}` are wider than what it asks for: {detail}")]
+    Widening { policy: String, detail: String },
 }
 
 /// Why one call into a policy failed.
@@ -98,6 +100,12 @@ impl CallFailure {
         !matches!(self, CallFailure::Returned(_) | CallFailure::Budget(_))
     }
 }
+
+/// The engine could not be set up (for example, the pooling allocator could
+/// not reserve its address space).
+#[derive(Debug, thiserror::Error)]
+#[error("cannot start the WebAssembly runtime: {0}")]
+pub struct RuntimeError(String);
 
 /// Engine-wide settings.
 #[derive(Clone, Debug)]
@@ -133,7 +141,11 @@ pub struct Compiled {
 const FUEL_YIELD_INTERVAL: u64 = 1_000_000;
 
 impl Runtime {
-    pub fn new(config: RuntimeConfig) -> Result<Runtime, wasmtime::Error> {
+    pub fn new(config: RuntimeConfig) -> Result<Runtime, RuntimeError> {
+        Self::build(config).map_err(|e| RuntimeError(format!("{e:#}")))
+    }
+
+    fn build(config: RuntimeConfig) -> wasmtime::Result<Runtime> {
         let mut pool = PoolingAllocationConfig::default();
         pool.total_component_instances(config.max_instances)
             .total_core_instances(config.max_instances * 8)
@@ -164,26 +176,24 @@ impl Runtime {
     /// Read and compile a component file.
     pub fn compile_file(&self, path: &Path) -> Result<Compiled, LoadError> {
         let bytes =
-            std::fs::read(path).map_err(|source| LoadError::Read { path: path.display().to_string(), source })?;
+            std::fs::read(path).map_err(|error| LoadError::Read { path: path.display().to_string(), error })?;
         self.compile(&bytes)
     }
 
-    /// Instantiate, configure with `config` (JSON), describe and validate.
-    /// `label` names the policy in logs until its manifest gives its name.
+    /// Instantiate, configure, describe and validate the manifest; then
+    /// apply the operator's grant narrowing, if any.
     pub async fn load(
         &self,
         compiled: &Compiled,
-        label: &str,
-        config: &str,
         backend: Arc<dyn Backend>,
-        budgets: Budgets,
+        options: &LoadOptions,
     ) -> Result<LoadedPolicy, LoadError> {
-        let mut budgets = budgets;
+        let mut budgets = options.budgets.clone();
         budgets.memory_bytes = budgets.memory_bytes.min(self.max_memory_bytes);
         let setup = Setup {
             pre: compiled.pre.clone(),
-            label: Arc::from(label),
-            config: config.to_owned(),
+            label: Arc::from(options.label.as_str()),
+            config: options.config.clone(),
             backend,
             budgets,
             grants: Arc::new(Grants::default()),
@@ -196,8 +206,18 @@ impl Runtime {
             .0
             .map_err(|f| LoadError::Describe(f.to_string()))?;
         let manifest = Manifest::validate(raw)?;
+        let grants = match &options.grants {
+            None => manifest.grants.clone(),
+            Some(narrowed) => {
+                manifest
+                    .grants
+                    .check_within(narrowed)
+                    .map_err(|detail| LoadError::Widening { policy: manifest.name.clone(), detail })?;
+                narrowed.clone()
+            }
+        };
         let name: Arc<str> = Arc::from(manifest.name.as_str());
-        let grants = Arc::new(manifest.grants.clone());
+        let grants = Arc::new(grants);
         instance.adopt(name.clone(), grants.clone());
         Ok(LoadedPolicy {
             setup: Setup { label: name, grants, ..setup },
@@ -205,6 +225,26 @@ impl Runtime {
             instance: Some(instance),
             stats: PolicyStats::default(),
         })
+    }
+}
+
+/// How to load one policy.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    /// Names the policy in logs until its manifest gives its name (the
+    /// file name, say).
+    pub label: String,
+    /// The policy's config, as JSON text.
+    pub config: String,
+    pub budgets: Budgets,
+    /// The operator's narrowing of the policy's grants: if set, the policy
+    /// gets exactly these, and each must lie inside what it asks for.
+    pub grants: Option<Grants>,
+}
+
+impl Default for LoadOptions {
+    fn default() -> LoadOptions {
+        LoadOptions { label: "policy".into(), config: "{}".into(), budgets: Budgets::default(), grants: None }
     }
 }
 
@@ -416,6 +456,11 @@ pub struct LoadedPolicy {
 impl LoadedPolicy {
     pub fn manifest(&self) -> &Manifest {
         &self.manifest
+    }
+
+    /// The grants in force: the manifest's, or the operator's narrowing.
+    pub fn grants(&self) -> &Grants {
+        &self.setup.grants
     }
 
     pub fn name(&self) -> &str {

@@ -1,1 +1,194 @@
-fn main() {}
+//! Project automation, in plain Rust so it needs nothing but cargo.
+//!
+//! - `cargo xtask build-policies`: build every policy crate (`policies/*`)
+//!   and test fixture (`tests/fixtures/*`) for `wasm32-wasip2`, and put each
+//!   component beside its crate: `policies/<name>.wasm`,
+//!   `tests/fixtures/<name>.wasm`.
+//! - `cargo xtask test`: what CI runs. Installs what is missing (the wasm
+//!   target, a `redis-server`), builds the policies, then `cargo fmt --check`,
+//!   `cargo clippy -D warnings` and every test. Fails on the first failure.
+//! - `cargo xtask run [ARGS...]`: build the policies and start the daemon
+//!   with them (extra arguments go to `cachepol`).
+
+use std::env;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+const WASM_TARGET: &str = "wasm32-wasip2";
+const WASM_PROFILE: &str = "wasm";
+
+type Result<T = ()> = std::result::Result<T, String>;
+
+fn main() -> ExitCode {
+    let args: Vec<String> = env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("build-policies") => build_policies().map(|_| ()),
+        Some("test") => test(),
+        Some("run") => run(&args[1..]),
+        _ => Err("usage: cargo xtask <build-policies | test | run [cachepol run args...]>".to_owned()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_owned()
+}
+
+fn target_dir() -> PathBuf {
+    env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("target"))
+}
+
+fn cargo() -> Command {
+    let mut cmd = Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.current_dir(workspace_root());
+    cmd
+}
+
+/// Run a command, failing with its description if it does not succeed.
+fn run_checked(cmd: &mut Command, what: &str) -> Result {
+    eprintln!("xtask: {what}");
+    let status = cmd.status().map_err(|e| format!("{what}: cannot start: {e}"))?;
+    if status.success() { Ok(()) } else { Err(format!("{what}: failed ({status})")) }
+}
+
+fn have(program: &str) -> bool {
+    Command::new(program).arg("--version").output().is_ok_and(|o| o.status.success())
+}
+
+fn ensure_wasm_target() -> Result {
+    let installed = Command::new("rustup")
+        .args(["target", "list", "--installed"])
+        .output()
+        .map_err(|e| format!("rustup is needed to install the {WASM_TARGET} target: {e}"))?;
+    if String::from_utf8_lossy(&installed.stdout).lines().any(|l| l.trim() == WASM_TARGET) {
+        return Ok(());
+    }
+    run_checked(Command::new("rustup").args(["target", "add", WASM_TARGET]), "installing the wasm32-wasip2 target")
+}
+
+/// Install `redis-server` from the system package manager if it is missing.
+fn ensure_redis_server() -> Result {
+    if have("redis-server") {
+        return Ok(());
+    }
+    let steps: &[&[&str]] = if have("apt-get") {
+        &[&["apt-get", "update"], &["apt-get", "install", "-y", "redis-server"]]
+    } else if have("dnf") {
+        &[&["dnf", "install", "-y", "redis"]]
+    } else if have("brew") {
+        &[&["brew", "install", "redis"]]
+    } else {
+        return Err("redis-server is not on PATH and no known package manager was found; install Redis 7".into());
+    };
+    let root = Command::new("id").arg("-u").output().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+    for step in steps {
+        // Package managers other than brew need root.
+        let mut cmd = if root || step[0] == "brew" { Command::new(step[0]) } else { Command::new("sudo") };
+        cmd.args(if root || step[0] == "brew" { &step[1..] } else { step });
+        cmd.env("DEBIAN_FRONTEND", "noninteractive");
+        run_checked(&mut cmd, &format!("installing redis-server: {}", step.join(" ")))?;
+    }
+    if have("redis-server") { Ok(()) } else { Err("redis-server is still not on PATH after installing it".into()) }
+}
+
+/// A crate to build for wasm: its package name and where its output goes.
+struct WasmCrate {
+    package: String,
+    artifact: String,
+    dest: PathBuf,
+}
+
+/// Every crate directory under `dir`, by package name.
+fn crates_in(dir: &Path) -> Result<Vec<(String, PathBuf, bool)>> {
+    let mut found = Vec::new();
+    let entries = fs::read_dir(dir).map_err(|e| format!("cannot list {}: {e}", dir.display()))?;
+    for entry in entries.flatten() {
+        let manifest = entry.path().join("Cargo.toml");
+        let Ok(text) = fs::read_to_string(&manifest) else { continue };
+        let name = text
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("name = ").map(|v| v.trim_matches('"').to_owned()))
+            .ok_or_else(|| format!("{}: no package name", manifest.display()))?;
+        let is_bin = entry.path().join("src/main.rs").exists();
+        found.push((name, entry.path(), is_bin));
+    }
+    found.sort();
+    Ok(found)
+}
+
+fn wasm_crates() -> Result<Vec<WasmCrate>> {
+    let root = workspace_root();
+    let mut crates = Vec::new();
+    for dir in ["policies", "tests/fixtures"] {
+        for (package, path, is_bin) in crates_in(&root.join(dir))? {
+            // Cargo names a library's artifact with underscores, a binary's as is.
+            let artifact = if is_bin { package.clone() } else { package.replace('-', "_") };
+            let dest = path.parent().expect("crate dir has a parent").join(format!("{package}.wasm"));
+            crates.push(WasmCrate { package, artifact, dest });
+        }
+    }
+    Ok(crates)
+}
+
+fn build_policies() -> Result<Vec<PathBuf>> {
+    ensure_wasm_target()?;
+    let crates = wasm_crates()?;
+    let mut cmd = cargo();
+    cmd.args(["build", "--target", WASM_TARGET, "--profile", WASM_PROFILE]);
+    for c in &crates {
+        cmd.args(["-p", &c.package]);
+    }
+    run_checked(&mut cmd, "building policies and fixtures for wasm32-wasip2")?;
+    let out_dir = target_dir().join(WASM_TARGET).join(WASM_PROFILE);
+    let mut written = Vec::new();
+    for c in &crates {
+        let built = out_dir.join(format!("{}.wasm", c.artifact));
+        // Write beside, then rename: a running daemon watching policies/
+        // must never see a half-written file.
+        let tmp = c.dest.with_extension("wasm.tmp");
+        fs::copy(&built, &tmp).map_err(|e| format!("cannot copy {}: {e}", built.display()))?;
+        fs::rename(&tmp, &c.dest).map_err(|e| format!("cannot write {}: {e}", c.dest.display()))?;
+        eprintln!("xtask: {} ({} KiB)", c.dest.strip_prefix(workspace_root()).unwrap_or(&c.dest).display(), {
+            fs::metadata(&c.dest).map(|m| m.len() / 1024).unwrap_or(0)
+        });
+        written.push(c.dest.clone());
+    }
+    Ok(written)
+}
+
+fn test() -> Result {
+    ensure_redis_server()?;
+    build_policies()?;
+    run_checked(cargo().args(["fmt", "--all", "--check"]), "cargo fmt --check")?;
+    run_checked(
+        cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]),
+        "cargo clippy --workspace --all-targets -- -D warnings",
+    )?;
+    run_checked(cargo().args(["test", "--workspace"]), "cargo test --workspace")
+}
+
+fn run(args: &[String]) -> Result {
+    build_policies()?;
+    // Until the daemon lands (`cachepol run`), the main job runs every bundled
+    // policy's scenarios on the fake host.
+    let _ = args;
+    let root = workspace_root();
+    for (package, path, _) in crates_in(&root.join("policies"))? {
+        let scenarios = path.join("scenarios");
+        if !scenarios.is_dir() {
+            continue;
+        }
+        let wasm = root.join("policies").join(format!("{package}.wasm"));
+        let mut cmd = cargo();
+        cmd.args(["run", "--quiet", "-p", "cachepol", "--", "test"]).arg(&wasm).arg(&scenarios);
+        run_checked(&mut cmd, &format!("cachepol test {package}"))?;
+    }
+    Ok(())
+}

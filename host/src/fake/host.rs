@@ -4,9 +4,8 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::budget::Budgets;
 use crate::fake::store::{FakeRedis, KeyspaceEvent};
-use crate::runtime::{CallFailure, CallReport, Compiled, LoadError, LoadedPolicy, Runtime};
+use crate::runtime::{CallFailure, CallReport, Compiled, LoadError, LoadOptions, LoadedPolicy, Runtime};
 use crate::wit::{self, Denial, DeployEvent, KeyEvent, SweepEvent, SweepReason};
 
 /// Events delivered in response to one step at most; a policy whose writes
@@ -37,29 +36,22 @@ pub struct FakeHost {
 
 impl FakeHost {
     /// Load a compiled policy with its JSON config.
-    pub async fn load(
-        runtime: &Runtime,
-        compiled: &Compiled,
-        config: &str,
-        budgets: Budgets,
-    ) -> Result<FakeHost, LoadError> {
-        let redis = FakeRedis::new();
-        Self::load_on(runtime, compiled, config, budgets, redis).await
+    pub async fn load(runtime: &Runtime, compiled: &Compiled, config: &str) -> Result<FakeHost, LoadError> {
+        let options = LoadOptions { config: config.to_owned(), ..LoadOptions::default() };
+        Self::load_on(runtime, compiled, &options, FakeRedis::new()).await
     }
 
     /// Load over an existing keyspace (for example one with keys already set).
     pub async fn load_on(
         runtime: &Runtime,
         compiled: &Compiled,
-        config: &str,
-        budgets: Budgets,
+        options: &LoadOptions,
         redis: FakeRedis,
     ) -> Result<FakeHost, LoadError> {
-        // The label is replaced by the manifest's name once it is known;
-        // until then the client tags writes with it (there are none: the
-        // policy has no grants while loading).
-        let backend = Arc::new(redis.client("loading"));
-        let policy = runtime.load(compiled, "loading", config, backend, budgets).await?;
+        // The policy has no grants while loading, so nothing is written
+        // under this provisional origin.
+        let backend = Arc::new(redis.client(&options.label));
+        let policy = runtime.load(compiled, backend, options).await?;
         let mut host = FakeHost { redis, policy, deliveries: Vec::new(), next_id: 1 };
         // Rebind the backend so the policy's writes carry its real name.
         host.policy.rebind_backend(Arc::new(host.redis.client(&host.policy.name().to_owned())));
