@@ -402,8 +402,8 @@ impl Nfa {
     }
 
     fn close(&mut self, tokens: &[Token]) {
-        for t in 0..tokens.len() {
-            if self.0[t] && tokens[t] == Token::Star {
+        for (t, token) in tokens.iter().enumerate() {
+            if self.0[t] && *token == Token::Star {
                 self.0[t + 1] = true;
             }
         }

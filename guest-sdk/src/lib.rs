@@ -62,6 +62,7 @@ pub use types::*;
 /// The generated WIT bindings. Not a stable API: use the re-exports.
 #[cfg(feature = "bindings")]
 #[doc(hidden)]
+#[allow(clippy::all)]
 pub mod bindings {
     wit_bindgen::generate!({
         world: "policy",

@@ -175,8 +175,7 @@ impl Runtime {
 
     /// Read and compile a component file.
     pub fn compile_file(&self, path: &Path) -> Result<Compiled, LoadError> {
-        let bytes =
-            std::fs::read(path).map_err(|error| LoadError::Read { path: path.display().to_string(), error })?;
+        let bytes = std::fs::read(path).map_err(|error| LoadError::Read { path: path.display().to_string(), error })?;
         self.compile(&bytes)
     }
 

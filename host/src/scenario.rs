@@ -493,8 +493,7 @@ pub fn collect_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>, ScenarioError> {
     let mut files = Vec::new();
     for path in paths {
         if path.is_dir() {
-            let entries =
-                std::fs::read_dir(path).map_err(|error| ScenarioError::Read { path: path.clone(), error })?;
+            let entries = std::fs::read_dir(path).map_err(|error| ScenarioError::Read { path: path.clone(), error })?;
             let mut found: Vec<PathBuf> = entries
                 .filter_map(|e| e.ok().map(|e| e.path()))
                 .filter(|p| p.extension().is_some_and(|e| e == "toml" || e == "json"))

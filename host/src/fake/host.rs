@@ -54,7 +54,7 @@ impl FakeHost {
         let policy = runtime.load(compiled, backend, options).await?;
         let mut host = FakeHost { redis, policy, deliveries: Vec::new(), next_id: 1 };
         // Rebind the backend so the policy's writes carry its real name.
-        host.policy.rebind_backend(Arc::new(host.redis.client(&host.policy.name().to_owned())));
+        host.policy.rebind_backend(Arc::new(host.redis.client(host.policy.name())));
         Ok(host)
     }
 
