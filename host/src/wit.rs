@@ -11,8 +11,8 @@ wasmtime::component::bindgen!({
     additional_derives: [PartialEq, Eq],
 });
 
-pub use cachepol::policy::types::{
+pub use self::cachepol::policy::types::{
     Denial, DeployEvent, ExpireCondition, Grant, KeyEvent, KeyOps, KeySubscription, KeyTtl, ScanPage, SetCondition,
     SetOptions, Subscriptions, SweepEvent, SweepReason, ValueKind,
 };
-pub use cachepol::policy::{clock, log, redis, types};
+pub use self::cachepol::policy::{clock, log, redis, types};
