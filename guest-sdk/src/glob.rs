@@ -198,19 +198,22 @@ impl Glob {
 
     /// The exact key this pattern matches, if it contains no wildcard.
     pub fn literal(&self) -> Option<Vec<u8>> {
-        self.tokens
-            .iter()
-            .map(|tok| match tok {
-                Token::One(set) => {
-                    let mut members = (0..=255u8).filter(|&b| set.contains(b));
-                    match (members.next(), members.next()) {
-                        (Some(b), None) => Some(b),
-                        _ => None,
-                    }
-                }
-                Token::Star => None,
-            })
-            .collect()
+        self.tokens.iter().map(single_byte).collect()
+    }
+
+    /// The bytes every match starts with: the pattern up to its first
+    /// wildcard or class (escapes resolved). Lets a matcher index patterns
+    /// by prefix instead of trying each one.
+    pub fn literal_prefix(&self) -> Vec<u8> {
+        self.tokens.iter().map_while(single_byte).collect()
+    }
+
+    /// `true` for `prefix*` patterns: a literal prefix and one trailing star,
+    /// which match exactly the keys starting with the prefix (except the
+    /// empty key, as with every non-empty pattern).
+    pub fn is_prefix_pattern(&self) -> bool {
+        let prefix = self.tokens.iter().take_while(|t| single_byte(t).is_some()).count();
+        self.tokens.len() == prefix + 1 && self.tokens[prefix] == Token::Star
     }
 
     /// Legal-but-suspicious constructs, worded for a person. Empty when the
@@ -230,6 +233,20 @@ impl Glob {
             problems.push(format!("`{}` ends with a lone `\\`", self.source));
         }
         problems
+    }
+}
+
+/// The byte a token matches, if it matches exactly one.
+fn single_byte(token: &Token) -> Option<u8> {
+    match token {
+        Token::One(set) => {
+            let mut members = (0..=255u8).filter(|&b| set.contains(b));
+            match (members.next(), members.next()) {
+                (Some(b), None) => Some(b),
+                _ => None,
+            }
+        }
+        Token::Star => None,
     }
 }
 
@@ -528,6 +545,19 @@ mod tests {
         assert_eq!(Glob::new("a:[b]").literal(), Some(b"a:b".to_vec()));
         assert_eq!(Glob::new("a:*").literal(), None);
         assert_eq!(Glob::new("a:[bc]").literal(), None);
+    }
+
+    #[test]
+    fn literal_prefixes_for_indexing() {
+        assert_eq!(Glob::new("quiz:*").literal_prefix(), b"quiz:");
+        assert_eq!(Glob::new("a\\*b*").literal_prefix(), b"a*b");
+        assert_eq!(Glob::new("[x]y?z").literal_prefix(), b"xy");
+        assert_eq!(Glob::new("*").literal_prefix(), b"");
+        assert!(Glob::new("quiz:*").is_prefix_pattern());
+        assert!(Glob::new("*").is_prefix_pattern());
+        assert!(!Glob::new("quiz:*:x").is_prefix_pattern());
+        assert!(!Glob::new("quiz:").is_prefix_pattern());
+        assert!(!Glob::new("q?iz:*").is_prefix_pattern());
     }
 
     fn cov(by: &[&str], pattern: &str) -> Coverage {

@@ -6,6 +6,8 @@
 //! connection. Everything above this trait (grants, budgets, audit) is shared,
 //! so a policy behaves the same under test as in production.
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 
 use crate::wit::{ExpireCondition, KeyTtl, SetOptions, ValueKind};
@@ -88,4 +90,146 @@ pub trait Backend: Send + Sync + 'static {
     async fn lock_release(&self, name: &str, token: &str) -> Result<bool, BackendError>;
     /// Milliseconds since the Unix epoch, on the store's clock.
     fn now_ms(&self) -> u64;
+}
+
+/// The write half of [`Backend`], for wrappers that change what writes do
+/// (record them for echo suppression, or only log them in dry-run) while
+/// reads go straight through. Wrap with [`Layered`].
+#[async_trait]
+pub trait WriteLayer: Send + Sync + 'static {
+    async fn set(
+        &self,
+        inner: &dyn Backend,
+        key: &str,
+        value: &[u8],
+        options: &SetOptions,
+    ) -> Result<bool, BackendError>;
+    async fn del(&self, inner: &dyn Backend, keys: &[String]) -> Result<u64, BackendError>;
+    async fn expire(
+        &self,
+        inner: &dyn Backend,
+        key: &str,
+        ttl_ms: u64,
+        condition: ExpireCondition,
+    ) -> Result<bool, BackendError>;
+    async fn persist(&self, inner: &dyn Backend, key: &str) -> Result<bool, BackendError>;
+    async fn delete_matching(
+        &self,
+        inner: &dyn Backend,
+        pattern: &str,
+        plan: &BulkPlan<'_>,
+    ) -> Result<BulkResult, BackendError>;
+    async fn expire_matching(
+        &self,
+        inner: &dyn Backend,
+        pattern: &str,
+        ttl_ms: u64,
+        only_if_persistent: bool,
+        plan: &BulkPlan<'_>,
+    ) -> Result<BulkResult, BackendError>;
+    async fn lock_acquire(&self, inner: &dyn Backend, name: &str, ttl_ms: u64) -> Result<Option<String>, BackendError>;
+    async fn lock_release(&self, inner: &dyn Backend, name: &str, token: &str) -> Result<bool, BackendError>;
+}
+
+/// A backend whose reads go to `inner` and whose writes go through `layer`.
+pub struct Layered<L> {
+    pub inner: Arc<dyn Backend>,
+    pub layer: L,
+}
+
+#[async_trait]
+impl<L: WriteLayer> Backend for Layered<L> {
+    async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, BackendError> {
+        self.inner.get(key).await
+    }
+    async fn exists(&self, key: &str) -> Result<bool, BackendError> {
+        self.inner.exists(key).await
+    }
+    async fn ttl(&self, key: &str) -> Result<KeyTtl, BackendError> {
+        self.inner.ttl(key).await
+    }
+    async fn key_type(&self, key: &str) -> Result<Option<ValueKind>, BackendError> {
+        self.inner.key_type(key).await
+    }
+    async fn scan(&self, cursor: u64, pattern: &str, count: u32) -> Result<ScanResult, BackendError> {
+        self.inner.scan(cursor, pattern, count).await
+    }
+    async fn set(&self, key: &str, value: &[u8], options: &SetOptions) -> Result<bool, BackendError> {
+        self.layer.set(&*self.inner, key, value, options).await
+    }
+    async fn del(&self, keys: &[String]) -> Result<u64, BackendError> {
+        self.layer.del(&*self.inner, keys).await
+    }
+    async fn expire(&self, key: &str, ttl_ms: u64, condition: ExpireCondition) -> Result<bool, BackendError> {
+        self.layer.expire(&*self.inner, key, ttl_ms, condition).await
+    }
+    async fn persist(&self, key: &str) -> Result<bool, BackendError> {
+        self.layer.persist(&*self.inner, key).await
+    }
+    async fn delete_matching(&self, pattern: &str, plan: &BulkPlan<'_>) -> Result<BulkResult, BackendError> {
+        self.layer.delete_matching(&*self.inner, pattern, plan).await
+    }
+    async fn expire_matching(
+        &self,
+        pattern: &str,
+        ttl_ms: u64,
+        only_if_persistent: bool,
+        plan: &BulkPlan<'_>,
+    ) -> Result<BulkResult, BackendError> {
+        self.layer.expire_matching(&*self.inner, pattern, ttl_ms, only_if_persistent, plan).await
+    }
+    async fn lock_acquire(&self, name: &str, ttl_ms: u64) -> Result<Option<String>, BackendError> {
+        self.layer.lock_acquire(&*self.inner, name, ttl_ms).await
+    }
+    async fn lock_release(&self, name: &str, token: &str) -> Result<bool, BackendError> {
+        self.layer.lock_release(&*self.inner, name, token).await
+    }
+    fn now_ms(&self) -> u64 {
+        self.inner.now_ms()
+    }
+}
+
+/// Whether `PEXPIRE key ttl <condition>` sets a TTL, given the key's current
+/// remaining TTL (`None`: persistent) and the new one. Redis 7's rules: a
+/// persistent key counts as an infinite TTL for `GT`/`LT`.
+pub fn expire_applies(condition: ExpireCondition, current_ms: Option<u64>, new_ms: u64) -> bool {
+    match (condition, current_ms) {
+        (ExpireCondition::Always, _) => true,
+        (ExpireCondition::IfPersistent, current) => current.is_none(),
+        (ExpireCondition::IfVolatile, current) => current.is_some(),
+        (ExpireCondition::IfLonger, None) => false,
+        (ExpireCondition::IfLonger, Some(current)) => new_ms > current,
+        (ExpireCondition::IfShorter, None) => true,
+        (ExpireCondition::IfShorter, Some(current)) => new_ms < current,
+    }
+}
+
+/// Walk `SCAN MATCH pattern` to the end through `backend`, passing each key
+/// the plan allows to `visit` until it returns `false` or the plan's limit
+/// is reached. For callers that must look before acting (dry-run).
+pub async fn scan_each(
+    backend: &dyn Backend,
+    pattern: &str,
+    plan: &BulkPlan<'_>,
+    mut visit: impl FnMut(&[u8]) -> bool + Send,
+) -> Result<BulkResult, BackendError> {
+    let mut result = BulkResult::default();
+    let mut cursor = 0;
+    loop {
+        let (next, keys) = backend.scan(cursor, pattern, 1000).await?;
+        for key in keys {
+            if !(plan.allow)(&key) {
+                result.refused += 1;
+            } else if result.affected >= plan.limit {
+                result.truncated = true;
+                return Ok(result);
+            } else if visit(&key) {
+                result.record(&key);
+            }
+        }
+        if next == 0 {
+            return Ok(result);
+        }
+        cursor = next;
+    }
 }

@@ -2,26 +2,45 @@
 //! Redis.
 //!
 //! Module map, in the order an event meets them:
-//! - [`wit`]: the host bindings of the WIT contract in `wit/`.
+//! - [`daemon`]: `cachepol run`, wiring the rest together; [`config`] its
+//!   settings.
+//! - [`events`]: keyspace notifications in; [`deploy`]: deploy hooks in
+//!   (a Redis Stream); [`notify`]: the `notify-keyspace-events` flags.
+//! - [`routes`] and [`matcher`]: which policies want an event; [`queue`]:
+//!   each policy's bounded, coalescing inbox; [`worker`]: one task per policy.
 //! - [`runtime`]: wasmtime engine, loading components, calling them under
-//!   budgets ([`budget`]), containing traps.
-//! - [`manifest`]: validating what a policy says it needs.
-//! - [`grants`]: what a policy may touch, checked on every call.
-//! - `hostapi`: the imports a policy calls, gated by grants and budgets.
-//! - [`backend`]: the seam to the key store: the fake host in [`fake`], real
-//!   Redis in the daemon.
+//!   budgets ([`budget`]), containing traps; [`manifest`]: validating what a
+//!   policy says it needs; [`wit`]: the bindings of the contract in `wit/`.
+//! - `hostapi`: the imports a policy calls, gated by [`grants`] and budgets.
+//! - [`backend`]: the seam to the key store: real Redis in
+//!   [`redis_backend`], in memory in [`fake`]; write layers for [`echo`]
+//!   suppression and [`dryrun`].
+//! - [`audit`]: what each call did, one log line.
 //! - [`scenario`]: scenario files for `cachepol test`, run on the fake host.
 //! - `guest_io`: a guest's stdout/stderr into the log.
 
+pub mod audit;
 pub mod backend;
 pub mod budget;
+pub mod config;
+pub mod daemon;
+pub mod deploy;
+pub mod dryrun;
+pub mod echo;
+pub mod events;
 pub mod fake;
 pub mod grants;
 mod guest_io;
 mod hostapi;
 pub mod manifest;
+pub mod matcher;
+pub mod notify;
+pub mod queue;
+pub mod redis_backend;
+pub mod routes;
 pub mod runtime;
 pub mod scenario;
 pub mod wit;
+pub mod worker;
 
 pub use hostapi::{CallState, Effects};

@@ -5,10 +5,13 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
+use cachepol::config::Config;
+use cachepol::daemon;
 use cachepol::fake::FakeRedis;
 use cachepol::runtime::{LoadOptions, Runtime, RuntimeConfig};
 use cachepol::scenario::{self, Scenario};
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
@@ -23,6 +26,21 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the daemon: load the policies and feed them Redis events and deploy hooks.
+    #[command(after_help = "Examples:
+  cachepol run                                   # redis://127.0.0.1:6379, ./policies
+  REDIS_URL=redis://:secret@cache:6379/2 cachepol run --config /etc/cachepol.toml
+  cachepol run --configure-notifications --policies /srv/cachepol/policies
+
+Settings come from the config file (see README), then flags and REDIS_URL override them.
+Stop with SIGINT or SIGTERM: in-flight calls finish, handled deploy hooks are acknowledged.")]
+    Run(RunArgs),
+    /// Publish a deploy hook to the deploy stream and print its id.
+    #[command(after_help = "Examples:
+  cachepol deploy --service quiz --file quiz_generator.py
+  cachepol deploy --service catalog --tag genre=dance --tag genre=rock
+  REDIS_URL=redis://cache:6379 cachepol deploy --service web --file app.py --id release-2024-05-01")]
+    Deploy(DeployArgs),
     /// Validate a policy component and print its manifest.
     #[command(after_help = "Examples:
   cachepol check policies/genre-invalidation.wasm
@@ -63,9 +81,82 @@ Exit status: 0 if every scenario passed, 1 otherwise.")]
     },
 }
 
+#[derive(Args)]
+struct RunArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// Directory of policy .wasm files.
+    #[arg(long)]
+    policies: Option<PathBuf>,
+    /// Set notify-keyspace-events to what the policies need, instead of refusing to start.
+    #[arg(long)]
+    configure_notifications: bool,
+    /// Events queued per policy before coalescing and dropping (then a gap sweep).
+    #[arg(long)]
+    queue_capacity: Option<usize>,
+    /// Longest chain of policies waking each other through their writes.
+    #[arg(long)]
+    hop_limit: Option<u8>,
+}
+
+#[derive(Args)]
+struct DeployArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// The service that was deployed.
+    #[arg(long)]
+    service: String,
+    /// A changed file (repeatable).
+    #[arg(long = "file")]
+    files: Vec<String>,
+    /// A tag, name=value (repeatable).
+    #[arg(long = "tag", value_parser = parse_tag)]
+    tags: Vec<(String, String)>,
+    /// The hook's id (default: the stream entry id).
+    #[arg(long)]
+    id: Option<String>,
+}
+
+/// Settings shared by the commands that talk to Redis.
+#[derive(Args)]
+struct CommonArgs {
+    /// Config file (cachepol.toml).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Redis to use (overrides the config file).
+    #[arg(long, env = "REDIS_URL")]
+    redis_url: Option<String>,
+    /// The deploy-hook stream (overrides the config file).
+    #[arg(long)]
+    deploy_stream: Option<String>,
+}
+
+impl CommonArgs {
+    fn load(&self) -> Result<Config> {
+        let mut config = match &self.config {
+            Some(path) => Config::from_file(path)?,
+            None => Config::default(),
+        };
+        if let Some(url) = &self.redis_url {
+            config.redis_url = url.clone();
+        }
+        if let Some(stream) = &self.deploy_stream {
+            config.deploy.stream = stream.clone();
+        }
+        Ok(config)
+    }
+}
+
+fn parse_tag(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!("{text:?} is not name=value")),
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.verbose);
+    init_logging(cli.verbose, matches!(cli.command, Command::Run(_)));
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     match runtime.block_on(run(cli.command)) {
         Ok(code) => code,
@@ -76,18 +167,21 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(verbose: u8) {
-    let default = match verbose {
-        0 => "error",
-        1 => "info",
+fn init_logging(verbose: u8, daemon: bool) {
+    let default = match (verbose, daemon) {
+        (0, false) => "error",
+        (0, true) | (1, _) => "info",
         _ => "debug",
     };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).init();
 }
 
 async fn run(command: Command) -> Result<ExitCode> {
     match command {
+        Command::Run(args) => run_daemon(args).await,
+        Command::Deploy(args) => deploy(args).await,
         Command::Check { policy, config } => check(&policy, &config).await,
         Command::Test { policy, scenarios } => test(&policy, &scenarios).await,
     }
@@ -146,4 +240,58 @@ async fn test(policy: &Path, paths: &[PathBuf]) -> Result<ExitCode> {
     }
     println!("{passed} passed, {failed} failed");
     Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+async fn run_daemon(args: RunArgs) -> Result<ExitCode> {
+    let mut config = args.common.load()?;
+    if let Some(dir) = args.policies {
+        config.policies_dir = dir;
+    }
+    config.configure_notifications |= args.configure_notifications;
+    if let Some(n) = args.queue_capacity {
+        config.queue_capacity = n.max(1);
+    }
+    if let Some(n) = args.hop_limit {
+        config.hop_limit = n;
+    }
+    let shutdown = CancellationToken::new();
+    tokio::spawn(stop_on_signal(shutdown.clone()));
+    daemon::run(config, shutdown).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Cancel `shutdown` on SIGINT or SIGTERM.
+async fn stop_on_signal(shutdown: CancellationToken) {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGTERM");
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+    }
+    shutdown.cancel();
+}
+
+async fn deploy(args: DeployArgs) -> Result<ExitCode> {
+    let config = args.common.load()?;
+    let client = redis::Client::open(config.redis_url.as_str()).context("invalid Redis URL")?;
+    let mut conn = redis::aio::ConnectionManager::new(client)
+        .await
+        .with_context(|| format!("cannot connect to {}", config.redis_url))?;
+    let id = cachepol::deploy::publish(
+        &mut conn,
+        &config.deploy.stream,
+        &args.service,
+        &args.files,
+        &args.tags,
+        args.id.as_deref(),
+    )
+    .await
+    .context("cannot publish the deploy hook")?;
+    println!("{id}");
+    Ok(ExitCode::SUCCESS)
 }

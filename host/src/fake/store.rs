@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use async_trait::async_trait;
 use cachepol_guest_sdk::glob::Glob;
 
-use crate::backend::{Backend, BackendError, BulkPlan, BulkResult, ScanResult};
+use crate::backend::{Backend, BackendError, BulkPlan, BulkResult, ScanResult, expire_applies};
 use crate::wit::{ExpireCondition, KeyTtl, SetCondition, SetOptions, ValueKind};
 
 /// The fake clock starts here (2024-01-01T00:00:00Z), so `now-ms` looks real.
@@ -246,17 +246,7 @@ impl State {
             return false;
         };
         let at = now + ttl_ms;
-        let allowed = match (condition, entry.expires_at) {
-            (ExpireCondition::Always, _) => true,
-            (ExpireCondition::IfPersistent, current) => current.is_none(),
-            (ExpireCondition::IfVolatile, current) => current.is_some(),
-            // A persistent key's TTL is infinite: never shorter than it...
-            (ExpireCondition::IfLonger, None) => false,
-            (ExpireCondition::IfLonger, Some(current)) => at > current,
-            // ...and always longer than the new one.
-            (ExpireCondition::IfShorter, None) => true,
-            (ExpireCondition::IfShorter, Some(current)) => at < current,
-        };
+        let allowed = expire_applies(condition, entry.expires_at.map(|e| e - now), ttl_ms);
         if allowed {
             entry.expires_at = Some(at);
             self.emit("expire", key, origin);

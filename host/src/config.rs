@@ -1,0 +1,225 @@
+//! The daemon's settings: `cachepol.toml`, overridden by flags and `REDIS_URL`.
+//!
+//! ```toml
+//! redis_url = "redis://127.0.0.1:6379/0"
+//! policies_dir = "policies"
+//! configure_notifications = false
+//!
+//! [deploy]
+//! stream = "cachepol:deploys"
+//!
+//! [budgets]            # defaults for every policy
+//! wall_time = 30000
+//!
+//! [policies.genre-invalidation]     # keyed by the .wasm file's stem
+//! mode = "dry-run"
+//! config = { keys = ["graph_data:{genre}"] }
+//! grants = [{ pattern = "graph_data:*", ops = ["delete"] }, { pattern = "last_updated:*", ops = ["read"] }]
+//! ```
+//!
+//! Unknown keys are errors (with their line), so a typo never silently
+//! leaves a setting at its default.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::budget::Budgets;
+use crate::grants::{GrantConfig, Grants};
+
+/// Everything `cachepol run` needs.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// `redis://[user:password@]host:port[/db]`.
+    pub redis_url: String,
+    /// Where the `.wasm` policies are.
+    pub policies_dir: PathBuf,
+    /// Set `notify-keyspace-events` to what the policies need instead of
+    /// refusing to start when flags are missing.
+    pub configure_notifications: bool,
+    pub deploy: DeployConfig,
+    /// Events queued per policy before repeated ones coalesce and, past
+    /// that, are dropped (and a `sweep(gap)` follows).
+    pub queue_capacity: usize,
+    /// How many policy-to-policy steps a chain of writes may take.
+    pub hop_limit: u8,
+    /// How long shutdown waits for in-flight policy calls, in milliseconds.
+    pub shutdown_grace_ms: u64,
+    /// Default budgets for every policy.
+    pub budgets: Budgets,
+    /// Per-policy sections, keyed by the `.wasm` file's stem.
+    pub policies: BTreeMap<String, PolicySection>,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            redis_url: "redis://127.0.0.1:6379".into(),
+            policies_dir: "policies".into(),
+            configure_notifications: false,
+            deploy: DeployConfig::default(),
+            queue_capacity: 10_000,
+            hop_limit: 2,
+            shutdown_grace_ms: 10_000,
+            budgets: Budgets::default(),
+            policies: BTreeMap::new(),
+        }
+    }
+}
+
+/// The deploy-hook stream.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeployConfig {
+    pub stream: String,
+    pub group: String,
+    /// This daemon's consumer name in the group; keep it stable across
+    /// restarts so its unacknowledged hooks come back to it.
+    pub consumer: String,
+    /// Where hooks that cannot be handled go, with the reason.
+    pub dead_letter: String,
+    /// Attempts before a failing hook is dead-lettered.
+    pub max_attempts: u32,
+    /// Hooks another consumer left unacknowledged this long are claimed.
+    pub claim_idle_ms: u64,
+}
+
+impl Default for DeployConfig {
+    fn default() -> DeployConfig {
+        DeployConfig {
+            stream: "cachepol:deploys".into(),
+            group: "cachepol".into(),
+            consumer: default_consumer(),
+            dead_letter: "cachepol:deploys:dead".into(),
+            max_attempts: 3,
+            claim_idle_ms: 60_000,
+        }
+    }
+}
+
+fn default_consumer() -> String {
+    let host = std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_owned()).unwrap_or_default();
+    if host.is_empty() { "cachepol".into() } else { format!("cachepol-{host}") }
+}
+
+/// Enforce or only log what a policy would write.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    #[default]
+    Enforce,
+    DryRun,
+}
+
+/// One policy's operator settings.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicySection {
+    /// Passed to the policy's `configure` as JSON.
+    pub config: Option<toml::Value>,
+    /// Narrow the policy's grants to these (each must lie inside what it
+    /// asks for; wider is a startup error).
+    pub grants: Option<Vec<GrantConfig>>,
+    pub mode: Mode,
+    /// Per-policy budgets, replacing the defaults.
+    pub budgets: Option<Budgets>,
+}
+
+impl PolicySection {
+    /// The config as JSON text (`{}` if none).
+    pub fn config_json(&self) -> String {
+        self.config.as_ref().map_or_else(|| "{}".into(), |v| serde_json::to_string(v).unwrap_or_default())
+    }
+
+    pub fn grants(&self) -> Result<Option<Grants>, String> {
+        self.grants.as_deref().map(Grants::from_config).transpose()
+    }
+}
+
+/// A config file that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {}: {error}", path.display())]
+    Read { path: PathBuf, error: std::io::Error },
+    #[error("{}: {message}", path.display())]
+    Invalid { path: PathBuf, message: String },
+}
+
+impl Config {
+    /// Read a config file.
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read { path: path.into(), error })?;
+        Config::parse(&text).map_err(|message| ConfigError::Invalid { path: path.into(), message })
+    }
+
+    /// Parse config text and check what serde cannot.
+    pub fn parse(text: &str) -> Result<Config, String> {
+        let config: Config = toml::from_str(text).map_err(|e| e.to_string().trim_end().to_owned())?;
+        for (name, section) in &config.policies {
+            section.grants().map_err(|e| format!("[policies.{name}]: {e}"))?;
+        }
+        if config.queue_capacity == 0 {
+            return Err("queue_capacity must be at least 1".into());
+        }
+        Ok(config)
+    }
+
+    /// The section for the policy loaded from `stem.wasm`.
+    pub fn policy(&self, stem: &str) -> PolicySection {
+        self.policies.get(stem).cloned().unwrap_or_default()
+    }
+
+    /// Budgets for a policy: its own section's, or the defaults.
+    pub fn budgets_for(&self, section: &PolicySection) -> Budgets {
+        section.budgets.clone().unwrap_or_else(|| self.budgets.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_config_parses() {
+        let c = Config::parse(
+            r#"
+            redis_url = "redis://user:pw@10.0.0.1:6380/2"
+            policies_dir = "/srv/policies"
+            configure_notifications = true
+            hop_limit = 3
+            [deploy]
+            stream = "deploys"
+            max_attempts = 5
+            [budgets]
+            fuel = 1000
+            [policies.genre-invalidation]
+            mode = "dry-run"
+            config = { keys = ["graph_data:{genre}"], services = ["catalog"] }
+            grants = [{ pattern = "graph_data:*", ops = ["delete"] }]
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.deploy.stream, "deploys");
+        assert_eq!(c.deploy.group, "cachepol", "unset keys keep their defaults");
+        assert_eq!(c.budgets.fuel, 1000);
+        assert_eq!(c.budgets.host_calls, Budgets::default().host_calls);
+        let p = c.policy("genre-invalidation");
+        assert_eq!(p.mode, Mode::DryRun);
+        assert_eq!(p.config_json(), r#"{"keys":["graph_data:{genre}"],"services":["catalog"]}"#);
+        assert!(p.grants().unwrap().is_some());
+        assert_eq!(c.policy("other").config_json(), "{}");
+    }
+
+    #[test]
+    fn unknown_keys_are_errors_with_their_line() {
+        let err = Config::parse("redis_url = \"redis://x\"\n\nqueue_capacty = 5\n").unwrap_err();
+        assert!(err.contains("line 3"), "{err}");
+        assert!(err.contains("queue_capacty"), "{err}");
+        let err = Config::parse("[policies.a]\nmode = \"sometimes\"\n").unwrap_err();
+        assert!(err.contains("line 2"), "{err}");
+        let err = Config::parse("[policies.a]\ngrants = [{ pattern = \"x:*\", ops = [\"nuke\"] }]\n").unwrap_err();
+        assert!(err.contains("[policies.a]") && err.contains("nuke"), "{err}");
+    }
+}

@@ -1,0 +1,225 @@
+//! Keyspace notifications from Redis into the policies' queues.
+//!
+//! One dedicated subscription connection runs `PSUBSCRIBE __keyevent@<db>__:*`.
+//! Keyevent channels rather than keyspace channels: the event name is the
+//! (ASCII) channel suffix and the key is the payload, so keys are taken
+//! binary-safe as they are, with no parsing of key bytes out of a channel
+//! name; one pattern covers every event.
+//!
+//! The loop only parses, asks the echo ledger who caused the event, and
+//! pushes into bounded queues, which never waits: the socket is drained at
+//! full speed. Notifications are fire-and-forget, so every (re)connect is
+//! treated as a gap: after the subscription is back, every policy gets
+//! `sweep(reconnect)` (`sweep(start)` the first time) to reconcile what it
+//! missed. Reconnects back off exponentially with jitter and are logged once
+//! per change of state, not once per retry.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use futures_util::StreamExt;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::echo::EchoLedger;
+use crate::grants::MAX_KEY_LEN;
+use crate::notify;
+use crate::routes::Routes;
+use crate::wit::SweepReason;
+
+/// How often the subscription connection is pinged to notice a dead peer.
+const PING_EVERY: Duration = Duration::from_secs(5);
+
+/// Everything the subscriber needs.
+pub struct Subscriber {
+    pub client: redis::Client,
+    pub db: u32,
+    pub routes: Arc<ArcSwap<Routes>>,
+    pub ledger: Arc<EchoLedger>,
+    pub hop_limit: u8,
+    /// Flags the policies need, re-checked after every reconnect (a
+    /// restarted Redis forgets a `CONFIG SET`).
+    pub needed_flags: BTreeSet<char>,
+    pub configure_notifications: bool,
+}
+
+/// Exponential backoff with jitter: 100 ms doubling to 10 s, each wait
+/// randomised by ±25% so that many daemons do not reconnect in lockstep.
+#[derive(Debug)]
+pub struct Backoff {
+    next: Duration,
+}
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(100);
+    const MAX: Duration = Duration::from_secs(10);
+
+    pub fn new() -> Backoff {
+        Backoff { next: Self::FIRST }
+    }
+
+    pub fn reset(&mut self) {
+        self.next = Self::FIRST;
+    }
+
+    /// The next wait.
+    pub fn next_delay(&mut self) -> Duration {
+        let base = self.next;
+        self.next = (self.next * 2).min(Self::MAX);
+        base.mul_f64(rand::random_range(0.75..1.25))
+    }
+}
+
+impl Default for Backoff {
+    fn default() -> Backoff {
+        Backoff::new()
+    }
+}
+
+/// Parse a keyevent channel name: `__keyevent@<db>__:<op>` -> (db, op).
+pub fn parse_channel(channel: &str) -> Option<(u32, &str)> {
+    let rest = channel.strip_prefix("__keyevent@")?;
+    let (db, op) = rest.split_once("__:")?;
+    let db = db.parse().ok()?;
+    (!op.is_empty()).then_some((db, op))
+}
+
+impl Subscriber {
+    /// Run until `shutdown`. `ready` fires after the first subscription.
+    pub async fn run(self, shutdown: CancellationToken, ready: tokio::sync::oneshot::Sender<()>) {
+        let mut ready = Some(ready);
+        let mut backoff = Backoff::new();
+        let mut down_since_logged = false;
+        let channel = format!("__keyevent@{}__:*", self.db);
+        loop {
+            let subscribed = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                s = self.subscribe(&channel) => s,
+            };
+            let (sink, stream) = match subscribed {
+                Ok(pair) => pair,
+                Err(e) => {
+                    if !down_since_logged {
+                        warn!(error = %e, "keyspace subscription unavailable; retrying with backoff");
+                        down_since_logged = true;
+                    }
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(backoff.next_delay()) => continue,
+                    }
+                }
+            };
+            backoff.reset();
+            let reason = if ready.is_some() { SweepReason::Start } else { SweepReason::Reconnect };
+            if reason == SweepReason::Reconnect {
+                info!(%channel, "keyspace subscription restored; sweeping every policy to reconcile");
+            } else {
+                info!(%channel, "subscribed to keyspace notifications");
+            }
+            down_since_logged = false;
+            self.routes.load().sweep_all(reason);
+            if let Some(tx) = ready.take() {
+                let _ = tx.send(());
+            }
+            if self.drain(sink, stream, &shutdown).await {
+                return;
+            }
+            warn!("keyspace subscription lost; reconnecting (notifications meanwhile are reconciled by a sweep)");
+        }
+    }
+
+    /// Connect, make sure notifications are on, subscribe.
+    async fn subscribe(&self, channel: &str) -> Result<(redis::aio::PubSubSink, redis::aio::PubSubStream), String> {
+        let mut conn = self.client.get_multiplexed_async_connection().await.map_err(|e| e.to_string())?;
+        match notify::ensure(&mut conn, &self.needed_flags, self.configure_notifications).await {
+            Ok(added) if !added.is_empty() => {
+                info!(added = %notify::text(&added), "enabled keyspace notification flags")
+            }
+            Ok(_) => {}
+            // Subscribed anyway: whatever does arrive is handled, and the
+            // operator sees why the rest does not.
+            Err(e) => tracing::error!(error = %e, "keyspace notifications are incomplete"),
+        }
+        let pubsub = self.client.get_async_pubsub().await.map_err(|e| e.to_string())?;
+        let (mut sink, stream) = pubsub.split();
+        sink.psubscribe(channel).await.map_err(|e| e.to_string())?;
+        Ok((sink, stream))
+    }
+
+    /// Route messages until the connection dies (`false`) or shutdown (`true`).
+    async fn drain(
+        &self,
+        mut sink: redis::aio::PubSubSink,
+        mut stream: redis::aio::PubSubStream,
+        shutdown: &CancellationToken,
+    ) -> bool {
+        let mut ping = tokio::time::interval(PING_EVERY);
+        ping.tick().await;
+        let mut skipped = 0u64;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return true,
+                msg = stream.next() => {
+                    let Some(msg) = msg else { return false };
+                    if !self.route(msg.get_channel_name(), msg.get_payload_bytes()) {
+                        skipped += 1;
+                        if skipped.is_power_of_two() {
+                            tracing::debug!(skipped, "skipped keyspace events (non-UTF-8 or oversized keys)");
+                        }
+                    }
+                }
+                _ = ping.tick() => {
+                    let alive = tokio::time::timeout(PING_EVERY, sink.ping::<redis::Value>()).await;
+                    if !matches!(alive, Ok(Ok(_))) {
+                        return false;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Route one notification; `false` if it was not routable.
+    fn route(&self, channel: &str, payload: &[u8]) -> bool {
+        let Some((db, op)) = parse_channel(channel) else { return false };
+        if payload.len() > MAX_KEY_LEN {
+            return false;
+        }
+        let Ok(key) = std::str::from_utf8(payload) else { return false };
+        let origin = self.ledger.claim(op, payload);
+        let routed = self.routes.load().key_event(db, op, key, origin.as_ref(), self.hop_limit);
+        if routed.hop_limited {
+            warn!(op, key, via = ?origin.as_ref().map(|o| &o.policy), "hop limit reached: not delivered further");
+        }
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn channels_parse() {
+        assert_eq!(parse_channel("__keyevent@0__:set"), Some((0, "set")));
+        assert_eq!(parse_channel("__keyevent@15__:expired"), Some((15, "expired")));
+        assert_eq!(parse_channel("__keyspace@0__:foo"), None);
+        assert_eq!(parse_channel("__keyevent@x__:set"), None);
+        assert_eq!(parse_channel("__keyevent@0__:"), None);
+    }
+
+    #[test]
+    fn backoff_grows_to_a_cap_with_jitter() {
+        let mut b = Backoff::new();
+        let first = b.next_delay();
+        assert!(first >= Duration::from_millis(75) && first <= Duration::from_millis(125));
+        for _ in 0..20 {
+            b.next_delay();
+        }
+        let capped = b.next_delay();
+        assert!(capped <= Duration::from_millis(12_500) && capped >= Duration::from_millis(7_500));
+        b.reset();
+        assert!(b.next_delay() <= Duration::from_millis(125));
+    }
+}

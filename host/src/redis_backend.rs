@@ -1,0 +1,272 @@
+//! [`Backend`] over a real Redis: the restricted API, done efficiently.
+//!
+//! One multiplexed, self-reconnecting connection (`ConnectionManager`) is
+//! shared by every policy; it is separate from the keyspace subscription,
+//! which Redis puts in a mode where it can run no other command.
+//!
+//! The bulk operations are the reason this exists: a runbook's
+//! `for key in scan_iter(...): delete(key)` costs one round trip per key.
+//! Here `SCAN MATCH p COUNT 1000` pages are deleted with one multi-key
+//! `UNLINK` per page, sent in the same pipeline as the request for the next
+//! page, so a page costs one round trip. Every key Redis returns is checked
+//! against the policy's grants before it is touched, and `KEYS` is never used.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use cachepol_guest_sdk::glob::Glob;
+use redis::aio::ConnectionManager;
+use redis::{Client, RedisError, Script, Value};
+
+use crate::backend::{Backend, BackendError, BulkPlan, BulkResult, ScanResult};
+use crate::wit::{ExpireCondition, KeyTtl, SetCondition, SetOptions, ValueKind};
+
+/// Keys asked for per `SCAN` page in bulk operations.
+pub const SCAN_BATCH: usize = 1000;
+
+/// Compare-and-delete: release a lock only if it still holds our token.
+const RELEASE: &str =
+    r#"if redis.call("GET", KEYS[1]) == ARGV[1] then return redis.call("DEL", KEYS[1]) else return 0 end"#;
+
+/// The restricted Redis API over one multiplexed connection.
+#[derive(Clone)]
+pub struct RedisBackend {
+    conn: ConnectionManager,
+    release: Script,
+}
+
+impl RedisBackend {
+    /// Connect (the connection manager reconnects by itself afterwards).
+    pub async fn connect(client: &Client) -> Result<RedisBackend, BackendError> {
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(std::time::Duration::from_secs(5)))
+            .set_response_timeout(Some(std::time::Duration::from_secs(30)))
+            .set_max_delay(std::time::Duration::from_secs(5));
+        let conn = ConnectionManager::new_with_config(client.clone(), config).await.map_err(failed)?;
+        Ok(RedisBackend { conn, release: Script::new(RELEASE) })
+    }
+
+    /// A clone of the connection, for host-side commands outside the
+    /// policy API (streams, `CONFIG`).
+    pub fn connection(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+
+    async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, BackendError> {
+        cmd.query_async(&mut self.conn.clone()).await.map_err(failed)
+    }
+
+    /// Walk `SCAN MATCH pattern`, handing each page's allowed keys (at most
+    /// the plan's remaining limit) to `act`, which adds its commands for them
+    /// to the pipeline that also asks for the next page.
+    async fn bulk(
+        &self,
+        pattern: &str,
+        plan: &BulkPlan<'_>,
+        act: impl Fn(&mut redis::Pipeline, &[Vec<u8>]),
+    ) -> Result<(BulkResult, Vec<Value>), BackendError> {
+        let mut result = BulkResult::default();
+        let mut outcomes = Vec::new();
+        let mut conn = self.conn.clone();
+        // An exact key needs no scan.
+        if let Some(literal) = Glob::new(pattern).literal() {
+            let exists: bool = redis::cmd("EXISTS").arg(&literal).query_async(&mut conn).await.map_err(failed)?;
+            if exists && (plan.allow)(&literal) && plan.limit > 0 {
+                let mut pipe = redis::pipe();
+                act(&mut pipe, std::slice::from_ref(&literal));
+                outcomes.extend(pipe.query_async::<Vec<Value>>(&mut conn).await.map_err(failed)?);
+                result.record(&literal);
+            }
+            return Ok((result, outcomes));
+        }
+        let mut pending: Vec<Vec<u8>> = Vec::new();
+        let mut cursor: Option<u64> = Some(0);
+        loop {
+            let mut pipe = redis::pipe();
+            if !pending.is_empty() {
+                act(&mut pipe, &pending);
+            }
+            if let Some(c) = cursor {
+                pipe.cmd("SCAN").arg(c).arg("MATCH").arg(pattern).arg("COUNT").arg(SCAN_BATCH);
+            }
+            if pending.is_empty() && cursor.is_none() {
+                break;
+            }
+            let mut replies: Vec<Value> = pipe.query_async(&mut conn).await.map_err(failed)?;
+            let scan = if cursor.is_some() { replies.pop() } else { None };
+            outcomes.extend(replies);
+            for key in pending.drain(..) {
+                result.record(&key);
+            }
+            let Some(scan) = scan else { break };
+            let (next, keys): (u64, Vec<Vec<u8>>) =
+                redis::from_redis_value(scan).map_err(|e| BackendError::Command(e.to_string()))?;
+            for key in keys {
+                if !(plan.allow)(&key) {
+                    result.refused += 1;
+                } else if result.affected + (pending.len() as u64) < plan.limit {
+                    pending.push(key);
+                } else {
+                    result.truncated = true;
+                }
+            }
+            cursor = if next == 0 || result.truncated { None } else { Some(next) };
+        }
+        Ok((result, outcomes))
+    }
+}
+
+/// Map a redis-rs error: connection trouble is "unavailable", anything else
+/// a command failure.
+pub fn failed(e: RedisError) -> BackendError {
+    if e.is_connection_dropped() || e.is_io_error() || e.is_timeout() || e.is_connection_refusal() {
+        BackendError::Unavailable(e.to_string())
+    } else {
+        BackendError::Command(e.to_string())
+    }
+}
+
+fn is_one(v: &Value) -> bool {
+    matches!(v, Value::Int(1))
+}
+
+#[async_trait]
+impl Backend for RedisBackend {
+    async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, BackendError> {
+        self.query(redis::cmd("GET").arg(key)).await
+    }
+
+    async fn exists(&self, key: &str) -> Result<bool, BackendError> {
+        self.query(redis::cmd("EXISTS").arg(key)).await
+    }
+
+    async fn ttl(&self, key: &str) -> Result<KeyTtl, BackendError> {
+        let ms: i64 = self.query(redis::cmd("PTTL").arg(key)).await?;
+        Ok(match ms {
+            -2 => KeyTtl::Missing,
+            -1 => KeyTtl::Persistent,
+            ms => KeyTtl::ExpiresInMs(ms.max(0) as u64),
+        })
+    }
+
+    async fn key_type(&self, key: &str) -> Result<Option<ValueKind>, BackendError> {
+        let kind: String = self.query(redis::cmd("TYPE").arg(key)).await?;
+        Ok(match kind.as_str() {
+            "none" => None,
+            "string" => Some(ValueKind::String),
+            "list" => Some(ValueKind::List),
+            "set" => Some(ValueKind::Set),
+            "zset" => Some(ValueKind::Zset),
+            "hash" => Some(ValueKind::Hash),
+            "stream" => Some(ValueKind::Stream),
+            _ => Some(ValueKind::Other),
+        })
+    }
+
+    async fn scan(&self, cursor: u64, pattern: &str, count: u32) -> Result<ScanResult, BackendError> {
+        self.query(redis::cmd("SCAN").arg(cursor).arg("MATCH").arg(pattern).arg("COUNT").arg(count)).await
+    }
+
+    async fn set(&self, key: &str, value: &[u8], options: &SetOptions) -> Result<bool, BackendError> {
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(key).arg(value);
+        match (options.ttl_ms, options.keep_ttl) {
+            (Some(ms), _) => {
+                cmd.arg("PX").arg(ms);
+            }
+            (None, true) => {
+                cmd.arg("KEEPTTL");
+            }
+            (None, false) => {}
+        }
+        match options.condition {
+            SetCondition::Always => {}
+            SetCondition::IfAbsent => {
+                cmd.arg("NX");
+            }
+            SetCondition::IfPresent => {
+                cmd.arg("XX");
+            }
+        }
+        let reply: Value = self.query(&cmd).await?;
+        Ok(!matches!(reply, Value::Nil))
+    }
+
+    async fn del(&self, keys: &[String]) -> Result<u64, BackendError> {
+        self.query(redis::cmd("UNLINK").arg(keys)).await
+    }
+
+    async fn expire(&self, key: &str, ttl_ms: u64, condition: ExpireCondition) -> Result<bool, BackendError> {
+        let mut cmd = redis::cmd("PEXPIRE");
+        cmd.arg(key).arg(ttl_ms);
+        if let Some(flag) = expire_flag(condition) {
+            cmd.arg(flag);
+        }
+        let n: i64 = self.query(&cmd).await?;
+        Ok(n == 1)
+    }
+
+    async fn persist(&self, key: &str) -> Result<bool, BackendError> {
+        let n: i64 = self.query(redis::cmd("PERSIST").arg(key)).await?;
+        Ok(n == 1)
+    }
+
+    async fn delete_matching(&self, pattern: &str, plan: &BulkPlan<'_>) -> Result<BulkResult, BackendError> {
+        let (mut result, replies) = self
+            .bulk(pattern, plan, |pipe, keys| {
+                pipe.cmd("UNLINK").arg(keys);
+            })
+            .await?;
+        // `UNLINK` says how many of the scanned keys still existed.
+        let unlinked: u64 = replies.iter().map(|v| if let Value::Int(n) = v { *n as u64 } else { 0 }).sum();
+        result.affected = unlinked;
+        Ok(result)
+    }
+
+    async fn expire_matching(
+        &self,
+        pattern: &str,
+        ttl_ms: u64,
+        only_if_persistent: bool,
+        plan: &BulkPlan<'_>,
+    ) -> Result<BulkResult, BackendError> {
+        let (mut result, replies) = self
+            .bulk(pattern, plan, |pipe, keys| {
+                for key in keys {
+                    let cmd = pipe.cmd("PEXPIRE").arg(key).arg(ttl_ms);
+                    if only_if_persistent {
+                        cmd.arg("NX");
+                    }
+                }
+            })
+            .await?;
+        result.affected = replies.iter().filter(|v| is_one(v)).count() as u64;
+        Ok(result)
+    }
+
+    async fn lock_acquire(&self, name: &str, ttl_ms: u64) -> Result<Option<String>, BackendError> {
+        let token = format!("{:032x}", rand::random::<u128>());
+        let reply: Value = self.query(redis::cmd("SET").arg(name).arg(&token).arg("NX").arg("PX").arg(ttl_ms)).await?;
+        Ok(if matches!(reply, Value::Nil) { None } else { Some(token) })
+    }
+
+    async fn lock_release(&self, name: &str, token: &str) -> Result<bool, BackendError> {
+        let n: i64 = self.release.key(name).arg(token).invoke_async(&mut self.conn.clone()).await.map_err(failed)?;
+        Ok(n == 1)
+    }
+
+    fn now_ms(&self) -> u64 {
+        SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    }
+}
+
+/// The `PEXPIRE` option for a condition.
+pub fn expire_flag(condition: ExpireCondition) -> Option<&'static str> {
+    match condition {
+        ExpireCondition::Always => None,
+        ExpireCondition::IfPersistent => Some("NX"),
+        ExpireCondition::IfVolatile => Some("XX"),
+        ExpireCondition::IfLonger => Some("GT"),
+        ExpireCondition::IfShorter => Some("LT"),
+    }
+}

@@ -1,0 +1,100 @@
+//! The live set of policies as the event sources see it: who gets what.
+//!
+//! A [`Routes`] is an immutable snapshot (queues, manifests, the compiled
+//! [`Matcher`]); the daemon publishes a new one whenever the set changes,
+//! and sources load the current one per event, so a swap is atomic.
+
+use std::sync::Arc;
+
+use crate::echo::Origin;
+use crate::manifest::Manifest;
+use crate::matcher::Matcher;
+use crate::queue::{Item, KeyNotification, PolicyQueue, Pushed};
+use crate::wit::{DeployEvent, SweepReason};
+
+/// One policy as routed to.
+pub struct Route {
+    pub name: Arc<str>,
+    pub manifest: Arc<Manifest>,
+    pub queue: Arc<PolicyQueue>,
+}
+
+/// What became of one keyspace event.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Routed {
+    pub queued: u32,
+    pub coalesced: u32,
+    pub dropped: u32,
+    /// Not delivered to the policy that caused it.
+    pub echoes: u32,
+    /// Not delivered because the chain of policies was too long.
+    pub hop_limited: bool,
+}
+
+/// A snapshot of the policies and their subscriptions.
+#[derive(Default)]
+pub struct Routes {
+    routes: Vec<Route>,
+    matcher: Matcher,
+}
+
+impl Routes {
+    pub fn new(routes: Vec<Route>) -> Routes {
+        let matcher = Matcher::new(routes.iter().map(|r| &*r.manifest));
+        Routes { routes, matcher }
+    }
+
+    pub fn routes(&self) -> &[Route] {
+        &self.routes
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Route> {
+        self.routes.iter().find(|r| &*r.name == name)
+    }
+
+    /// Queue a keyspace event for every subscribed policy except the one
+    /// that caused it, unless the chain it belongs to is over `hop_limit`.
+    pub fn key_event(&self, db: u32, op: &str, key: &str, origin: Option<&Origin>, hop_limit: u8) -> Routed {
+        let mut routed = Routed::default();
+        let hops = origin.map_or(0, |o| o.hops);
+        for index in self.matcher.matching(op, key.as_bytes()) {
+            let route = &self.routes[index];
+            if origin.is_some_and(|o| o.policy == route.name) {
+                routed.echoes += 1;
+                continue;
+            }
+            if hops > hop_limit {
+                routed.hop_limited = true;
+                continue;
+            }
+            let event = KeyNotification { db, op: op.to_owned(), key: key.to_owned(), hops };
+            match route.queue.push_key(event) {
+                Pushed::Queued => routed.queued += 1,
+                Pushed::Coalesced => routed.coalesced += 1,
+                Pushed::Dropped => routed.dropped += 1,
+            }
+        }
+        routed
+    }
+
+    /// The policies that want deploy hooks from `service`.
+    pub fn deploy_targets(&self, service: &str) -> Vec<&Route> {
+        self.routes.iter().filter(|r| r.manifest.wants_deploy(service)).collect()
+    }
+
+    /// Queue a sweep for every policy.
+    pub fn sweep_all(&self, reason: SweepReason) {
+        for route in &self.routes {
+            let _ = route.queue.push(Item::Sweep(reason));
+        }
+    }
+
+    /// Queue a deploy hook for one policy; the receiver says how it went.
+    pub fn deploy_to(route: &Route, event: DeployEvent) -> tokio::sync::oneshot::Receiver<Result<(), String>> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        // A closed queue hands the item back; dropping it drops `tx`, which
+        // the receiver sees as "not handled".
+        let _ = route.queue.push(Item::Deploy(event, tx));
+        rx
+    }
+}
