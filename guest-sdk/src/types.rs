@@ -102,3 +102,18 @@ impl Default for SetOptions {
         SetOptions { ttl_ms: None, condition: SetCondition::Always, keep_ttl: false }
     }
 }
+
+impl SweepReason {
+    /// The reason as the WIT names it: `start`, `reconnect`, `gap`,
+    /// `periodic`, `manual` or `reload`.
+    pub fn name(self) -> &'static str {
+        match self {
+            SweepReason::Start => "start",
+            SweepReason::Reconnect => "reconnect",
+            SweepReason::Gap => "gap",
+            SweepReason::Periodic => "periodic",
+            SweepReason::Manual => "manual",
+            SweepReason::Reload => "reload",
+        }
+    }
+}

@@ -34,7 +34,7 @@ use crate::notify::{self, NotifyError};
 use crate::queue::{Item, PolicyQueue};
 use crate::redis_backend::RedisBackend;
 use crate::routes::{Route, Routes};
-use crate::runtime::{LoadOptions, LoadedPolicy, Runtime, RuntimeConfig, RuntimeError};
+use crate::runtime::{LoadError, LoadOptions, LoadedPolicy, Runtime, RuntimeConfig, RuntimeError};
 use crate::wit::SweepReason;
 use crate::worker::Worker;
 
@@ -49,6 +49,10 @@ pub enum DaemonError {
     Notifications(#[from] NotifyError),
     #[error("cannot read the policies directory {}: {error}", path.display())]
     PoliciesDir { path: PathBuf, error: std::io::Error },
+    /// The operator's config asks for more than a policy does: refusing to
+    /// start beats silently running with other rights than configured.
+    #[error("{}: {error}", path.display())]
+    Widening { path: PathBuf, error: LoadError },
 }
 
 /// A policy loaded from a file, ready to get a worker.
@@ -91,7 +95,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
             "policy loaded"
         );
         routes.push(Route { name, manifest, queue: queue.clone() });
-        workers.spawn(Worker { policy: l.policy, queue, hops: l.hops, mode: l.mode }.run());
+        workers.spawn(Worker { policy: l.policy, queue, hops: l.hops, mode: l.mode, sweep_failures: 0 }.run());
     }
     let routes = Arc::new(ArcSwap::from_pointee(Routes::new(routes)));
 
@@ -221,6 +225,7 @@ async fn load_policies(
                 by_name.insert(name, path);
                 loaded.push(l);
             }
+            Err(error @ LoadError::Widening { .. }) => return Err(DaemonError::Widening { path, error }),
             Err(e) => error!(file = %path.display(), error = %e, "policy rejected"),
         }
     }
@@ -237,18 +242,19 @@ async fn load_one(
     stem: &str,
     redis: Arc<RedisBackend>,
     ledger: &Arc<EchoLedger>,
-) -> Result<Loaded, String> {
+) -> Result<Loaded, LoadError> {
     let section = config.policy(stem);
-    let compiled = runtime.compile_file(path).map_err(|e| e.to_string())?;
+    let compiled = runtime.compile_file(path)?;
     let options = LoadOptions {
         label: stem.to_owned(),
         config: section.config_json(),
         budgets: config.budgets_for(&section),
-        grants: section.grants()?,
+        // Checked when the config was parsed.
+        grants: section.grants().unwrap_or_default(),
     };
     // Loading writes nothing (no grants yet); the write path is set once
     // the policy's name is known.
-    let mut policy = runtime.load(&compiled, redis.clone(), &options).await.map_err(|e| e.to_string())?;
+    let mut policy = runtime.load(&compiled, redis.clone(), &options).await?;
     let name: Arc<str> = Arc::from(policy.name());
     let (layer, hops) = EchoLayer::new(ledger.clone(), name.clone());
     let backend: Arc<dyn Backend> = match section.mode {

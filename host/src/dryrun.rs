@@ -108,7 +108,7 @@ impl WriteLayer for DryRunLayer {
         // Collect first: deciding per key needs a TTL lookup, which cannot
         // happen inside the scan's synchronous visitor.
         let mut keys = Vec::new();
-        let mut scanned = scan_each(inner, pattern, plan, |k| {
+        let scanned = scan_each(inner, pattern, plan, |k| {
             keys.push(String::from_utf8_lossy(k).into_owned());
             true
         })
@@ -123,7 +123,6 @@ impl WriteLayer for DryRunLayer {
                 result.record(key.as_bytes());
             }
         }
-        scanned.sample.clear();
         self.would(
             "expire-matching",
             pattern,
@@ -172,7 +171,7 @@ mod tests {
         assert!(dry.expire("job:1", 10, ExpireCondition::IfPersistent).await.unwrap());
         assert!(!dry.expire("job:2", 10_000, ExpireCondition::IfShorter).await.unwrap());
         assert!(
-            !dry.set("quiz:1", b"x", &SetOptions { condition: SetCondition::IfAbsent, ..SetOptions::default() })
+            !dry.set("quiz:1", b"x", &SetOptions { ttl_ms: None, condition: SetCondition::IfAbsent, keep_ttl: false })
                 .await
                 .unwrap()
         );

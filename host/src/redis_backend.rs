@@ -53,7 +53,7 @@ impl RedisBackend {
     }
 
     async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, BackendError> {
-        cmd.query_async(&mut self.conn.clone()).await.map_err(failed)
+        retrying(|| async { cmd.query_async(&mut self.conn.clone()).await }).await
     }
 
     /// Walk `SCAN MATCH pattern`, handing each page's allowed keys (at most
@@ -67,14 +67,14 @@ impl RedisBackend {
     ) -> Result<(BulkResult, Vec<Value>), BackendError> {
         let mut result = BulkResult::default();
         let mut outcomes = Vec::new();
-        let mut conn = self.conn.clone();
+        let conn = self.conn.clone();
         // An exact key needs no scan.
         if let Some(literal) = Glob::new(pattern).literal() {
-            let exists: bool = redis::cmd("EXISTS").arg(&literal).query_async(&mut conn).await.map_err(failed)?;
+            let exists: bool = self.query(redis::cmd("EXISTS").arg(&literal)).await?;
             if exists && (plan.allow)(&literal) && plan.limit > 0 {
                 let mut pipe = redis::pipe();
                 act(&mut pipe, std::slice::from_ref(&literal));
-                outcomes.extend(pipe.query_async::<Vec<Value>>(&mut conn).await.map_err(failed)?);
+                outcomes.extend(retrying(|| async { pipe.query_async::<Vec<Value>>(&mut conn.clone()).await }).await?);
                 result.record(&literal);
             }
             return Ok((result, outcomes));
@@ -92,7 +92,7 @@ impl RedisBackend {
             if pending.is_empty() && cursor.is_none() {
                 break;
             }
-            let mut replies: Vec<Value> = pipe.query_async(&mut conn).await.map_err(failed)?;
+            let mut replies: Vec<Value> = retrying(|| async { pipe.query_async(&mut conn.clone()).await }).await?;
             let scan = if cursor.is_some() { replies.pop() } else { None };
             outcomes.extend(replies);
             for key in pending.drain(..) {
@@ -113,6 +113,33 @@ impl RedisBackend {
             cursor = if next == 0 || result.truncated { None } else { Some(next) };
         }
         Ok((result, outcomes))
+    }
+}
+
+/// Retry delays when the connection was found broken. The connection manager
+/// reconnects in the background once a command fails on a dead connection
+/// (after a Redis restart, say); the first commands after that must not be
+/// lost to it. Every API call is safe to repeat: reads, idempotent writes,
+/// and `SET NX` (a lock whose reply was lost just looks held).
+const RETRY_DELAYS_MS: [u64; 4] = [20, 100, 300, 1000];
+
+async fn retrying<T, F, Fut>(mut attempt: F) -> Result<T, BackendError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = redis::RedisResult<T>>,
+{
+    let mut delays = RETRY_DELAYS_MS.iter();
+    loop {
+        match attempt().await.map_err(failed) {
+            Err(BackendError::Unavailable(e)) => match delays.next() {
+                Some(ms) => {
+                    tracing::debug!(error = %e, retry_in_ms = ms, "redis connection broken; retrying");
+                    tokio::time::sleep(std::time::Duration::from_millis(*ms)).await;
+                }
+                None => return Err(BackendError::Unavailable(e)),
+            },
+            other => return other,
+        }
     }
 }
 

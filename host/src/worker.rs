@@ -5,6 +5,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::Duration;
 
 use tracing::Instrument;
 
@@ -14,6 +15,9 @@ use crate::queue::{Item, PolicyQueue};
 use crate::runtime::LoadedPolicy;
 use crate::wit::{self, KeyEvent, SweepEvent};
 
+/// How often a failed sweep is tried again before waiting for the next one.
+const SWEEP_RETRIES: u32 = 3;
+
 /// A loaded policy and everything its worker needs.
 pub struct Worker {
     pub policy: LoadedPolicy,
@@ -21,6 +25,8 @@ pub struct Worker {
     /// Tells the echo layer the hop count of the event being handled.
     pub hops: Arc<AtomicU8>,
     pub mode: Mode,
+    /// Consecutive failed sweeps.
+    pub sweep_failures: u32,
 }
 
 impl Worker {
@@ -48,7 +54,23 @@ impl Worker {
             Item::Sweep(reason) => {
                 self.hops.store(0, Ordering::Relaxed);
                 let id = format!("sweep-{seq}");
-                let _ = self.deliver(&id, &wit::Event::Sweep(SweepEvent { reason })).await;
+                match self.deliver(&id, &wit::Event::Sweep(SweepEvent { reason })).await {
+                    Ok(()) => self.sweep_failures = 0,
+                    // A sweep is how missed events get reconciled: losing one
+                    // to a passing failure (Redis restarting) would leave the
+                    // cache wrong until the next, so it is tried again later.
+                    Err(_) if self.sweep_failures < SWEEP_RETRIES => {
+                        self.sweep_failures += 1;
+                        let delay = Duration::from_millis(500 << self.sweep_failures);
+                        tracing::info!(policy = %self.policy.name(), ?delay, "sweep failed; trying again later");
+                        let queue = self.queue.clone();
+                        tokio::spawn(async move {
+                            tokio::time::sleep(delay).await;
+                            let _ = queue.push(Item::Sweep(reason));
+                        });
+                    }
+                    Err(_) => {}
+                }
             }
             Item::Deploy(hook, done) => {
                 self.hops.store(0, Ordering::Relaxed);

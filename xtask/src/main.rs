@@ -8,10 +8,13 @@
 //!   target, a `redis-server`), builds the policies, then `cargo fmt --check`,
 //!   `cargo clippy -D warnings` and every test. Fails on the first failure.
 //! - `cargo xtask run [ARGS...]`: build the policies and start the daemon
-//!   with them (extra arguments go to `cachepol`).
+//!   with them against `REDIS_URL` (default `redis://127.0.0.1:6379`),
+//!   starting a private `redis-server` if nothing answers there; extra
+//!   arguments go to `cachepol run`.
 
 use std::env;
 use std::fs;
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
@@ -176,19 +179,51 @@ fn test() -> Result {
 
 fn run(args: &[String]) -> Result {
     build_policies()?;
-    // Until the daemon lands (`cachepol run`), the main job runs every bundled
-    // policy's scenarios on the fake host.
-    let _ = args;
-    let root = workspace_root();
-    for (package, path, _) in crates_in(&root.join("policies"))? {
-        let scenarios = path.join("scenarios");
-        if !scenarios.is_dir() {
-            continue;
+    let url = env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
+    let (host, port) = host_port(&url);
+    // A private server if nothing answers locally; stopped when we exit.
+    let mut private = None;
+    if TcpStream::connect((host.as_str(), port)).is_err() {
+        let local = matches!(host.as_str(), "127.0.0.1" | "localhost" | "::1");
+        if !(local && have("redis-server")) {
+            return Err(format!("nothing answers at {url}; start Redis or set REDIS_URL"));
         }
-        let wasm = root.join("policies").join(format!("{package}.wasm"));
-        let mut cmd = cargo();
-        cmd.args(["run", "--quiet", "-p", "cachepol", "--", "test"]).arg(&wasm).arg(&scenarios);
-        run_checked(&mut cmd, &format!("cachepol test {package}"))?;
+        eprintln!("xtask: nothing answers at {url}: starting a private redis-server on port {port} (no persistence)");
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .spawn()
+            .map_err(|e| format!("cannot start redis-server: {e}"))?;
+        private = Some(child);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while TcpStream::connect((host.as_str(), port)).is_err() {
+            if std::time::Instant::now() > deadline {
+                return Err("the private redis-server did not start".into());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
     }
-    Ok(())
+    let mut cmd = cargo();
+    cmd.args(["run", "--quiet", "--release", "-p", "cachepol", "--", "run", "--configure-notifications"])
+        .arg("--policies")
+        .arg(workspace_root().join("policies"))
+        .arg("--redis-url")
+        .arg(&url)
+        .args(args);
+    let result = run_checked(&mut cmd, &format!("cachepol run against {url}"));
+    if let Some(mut child) = private {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    result
+}
+
+/// Host and port of a `redis://` URL (user, password and db ignored).
+fn host_port(url: &str) -> (String, u16) {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let rest = rest.rsplit_once('@').map_or(rest, |(_, r)| r);
+    let authority = rest.split('/').next().unwrap_or(rest);
+    match authority.rsplit_once(':') {
+        Some((host, port)) => (host.to_owned(), port.parse().unwrap_or(6379)),
+        None => (authority.to_owned(), 6379),
+    }
 }

@@ -1,0 +1,10 @@
+//! End-to-end tests: the `cachepol` daemon against a real `redis-server`,
+//! with real policy components on disk.
+
+mod support;
+
+mod daemon;
+mod deploy_hooks;
+mod echo;
+mod grants;
+mod resync;

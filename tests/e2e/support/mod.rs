@@ -1,0 +1,317 @@
+//! Harness for end-to-end tests: a private `redis-server`, the real
+//! `cachepol` binary, and real files.
+//!
+//! Each test starts its own `redis-server` on a free loopback port with no
+//! persistence and stops it when done; the machine's shared instance is
+//! never touched. A test that cannot start Redis fails, it never skips.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn workspace() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
+}
+
+/// A built component: `policies/<name>.wasm` or `tests/fixtures/<name>.wasm`.
+pub fn wasm(name: &str) -> PathBuf {
+    for dir in ["policies", "tests/fixtures"] {
+        let path = workspace().join(dir).join(format!("{name}.wasm"));
+        if path.exists() {
+            return path;
+        }
+    }
+    panic!("{name}.wasm is missing: run `cargo xtask build-policies` first");
+}
+
+/// A fresh temporary directory, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        let n: u64 = rand::random();
+        let dir = std::env::temp_dir().join(format!("cachepol-e2e-{tag}-{n:x}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A private redis-server.
+pub struct RedisServer {
+    pub port: u16,
+    child: Option<Child>,
+    dir: TempDir,
+}
+
+impl RedisServer {
+    pub fn start() -> RedisServer {
+        let mut server = RedisServer { port: free_port(), child: None, dir: TempDir::new("redis") };
+        server.spawn();
+        server
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server is required for end-to-end tests (cargo xtask test installs it)");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(mut c) = self.client().get_connection()
+                && redis::cmd("PING").query::<String>(&mut c).is_ok()
+            {
+                return;
+            }
+            assert!(Instant::now() < deadline, "redis-server did not start on port {}", self.port);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub fn client(&self) -> redis::Client {
+        redis::Client::open(self.url()).unwrap()
+    }
+
+    pub fn conn(&self) -> redis::Connection {
+        self.client().get_connection().expect("connect to the test redis")
+    }
+
+    /// Stop the server (as a crash would: no chance to save).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Start again on the same port (empty: no persistence).
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    /// Run one command.
+    pub fn cmd<T: redis::FromRedisValue>(&self, args: &[&str]) -> T {
+        let mut c = redis::cmd(args[0]);
+        for a in &args[1..] {
+            c.arg(*a);
+        }
+        c.query(&mut self.conn()).unwrap_or_else(|e| panic!("{args:?}: {e}"))
+    }
+
+    pub fn keys(&self, pattern: &str) -> Vec<String> {
+        let mut keys: Vec<String> = self.cmd(&["KEYS", pattern]);
+        keys.sort();
+        keys
+    }
+
+    pub fn exists(&self, key: &str) -> bool {
+        self.cmd::<i64>(&["EXISTS", key]) == 1
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A running `cachepol run`, its log captured to a file.
+pub struct Daemon {
+    child: Child,
+    pub log: PathBuf,
+    _dir: Option<TempDir>,
+}
+
+/// What a daemon runs: a policies directory and a config file.
+pub struct Setup {
+    pub dir: TempDir,
+    pub config: String,
+}
+
+impl Setup {
+    /// A policies directory holding these components (by name), and an
+    /// empty config.
+    pub fn new(policies: &[&str]) -> Setup {
+        let dir = TempDir::new("policies");
+        std::fs::create_dir_all(dir.path().join("policies")).unwrap();
+        for p in policies {
+            std::fs::copy(wasm(p), dir.path().join("policies").join(format!("{p}.wasm"))).unwrap();
+        }
+        Setup { dir, config: String::new() }
+    }
+
+    /// Add a component under another file name (a second instance of a
+    /// fixture with its own config section).
+    pub fn with_copy(self, component: &str, as_name: &str) -> Setup {
+        std::fs::copy(wasm(component), self.policies().join(format!("{as_name}.wasm"))).unwrap();
+        self
+    }
+
+    pub fn config(mut self, toml: &str) -> Setup {
+        self.config.push_str(toml);
+        self.config.push('\n');
+        self
+    }
+
+    pub fn policies(&self) -> PathBuf {
+        self.dir.path().join("policies")
+    }
+
+    fn config_file(&self) -> PathBuf {
+        let path = self.dir.path().join("cachepol.toml");
+        std::fs::write(&path, &self.config).unwrap();
+        path
+    }
+}
+
+impl Daemon {
+    /// Start the daemon against `redis` and wait until it is ready.
+    pub fn start(redis: &RedisServer, setup: &Setup) -> Daemon {
+        let daemon = Daemon::spawn(redis, setup, &["--configure-notifications"]);
+        daemon.wait_for("cachepol ready", Duration::from_secs(60));
+        daemon
+    }
+
+    /// Start without waiting, with extra arguments.
+    pub fn spawn(redis: &RedisServer, setup: &Setup, extra: &[&str]) -> Daemon {
+        let log_dir = TempDir::new("log");
+        let log = log_dir.path().join("daemon.log");
+        let out = std::fs::File::create(&log).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_cachepol"))
+            .arg("run")
+            .arg("--redis-url")
+            .arg(redis.url())
+            .arg("--policies")
+            .arg(setup.policies())
+            .arg("--config")
+            .arg(setup.config_file())
+            .args(extra)
+            .env("RUST_LOG", "info,cachepol=debug")
+            .env_remove("REDIS_URL")
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .expect("start cachepol");
+        Daemon { child, log, _dir: Some(log_dir) }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Wait until the log has a line containing `needle`.
+    pub fn wait_for(&self, needle: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(f) = std::fs::File::open(&self.log)
+                && BufReader::new(f).lines().map_while(Result::ok).any(|l| l.contains(needle))
+            {
+                return;
+            }
+            assert!(Instant::now() < deadline, "no {needle:?} in the daemon log:\n{}", self.log_text());
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Resident memory in KiB, from /proc.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// SIGTERM, then wait; returns the exit code.
+    pub fn stop(mut self) -> Option<i32> {
+        let _ = Command::new("kill").arg("-TERM").arg(self.pid().to_string()).status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            assert!(Instant::now() < deadline, "cachepol did not stop on SIGTERM:\n{}", self.log_text());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL: a crash.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Wait for the process to exit by itself; returns the exit code and
+    /// the log.
+    pub fn wait_exit(mut self, timeout: Duration) -> (Option<i32>, String) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return (status.code(), self.log_text());
+            }
+            assert!(Instant::now() < deadline, "cachepol did not exit:\n{}", self.log_text());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Poll `check` until it holds, or fail with `what` and the daemon log.
+pub fn eventually(daemon: &Daemon, what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}\n--- daemon log ---\n{}", daemon.log_text());
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// `cachepol deploy` against `redis`; returns the entry id.
+pub fn deploy(redis: &RedisServer, args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_cachepol"))
+        .arg("deploy")
+        .arg("--redis-url")
+        .arg(redis.url())
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "cachepol deploy failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
