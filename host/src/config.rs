@@ -36,6 +36,11 @@ pub struct Config {
     pub redis_url: String,
     /// Where the `.wasm` policies are.
     pub policies_dir: PathBuf,
+    /// Watch `policies_dir` and reload changed files (`--no-watch` turns
+    /// it off; SIGHUP reloads either way).
+    pub watch: bool,
+    /// Compiled policies, by content hash, so restarts do not recompile.
+    pub cache_dir: PathBuf,
     /// Set `notify-keyspace-events` to what the policies need instead of
     /// refusing to start when flags are missing.
     pub configure_notifications: bool,
@@ -58,6 +63,8 @@ impl Default for Config {
         Config {
             redis_url: "redis://127.0.0.1:6379".into(),
             policies_dir: "policies".into(),
+            watch: true,
+            cache_dir: default_cache_dir(),
             configure_notifications: false,
             deploy: DeployConfig::default(),
             queue_capacity: 10_000,
@@ -97,6 +104,17 @@ impl Default for DeployConfig {
             claim_idle_ms: 60_000,
         }
     }
+}
+
+/// `$XDG_CACHE_HOME/cachepol`, `~/.cache/cachepol`, or a temp directory.
+fn default_cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("XDG_CACHE_HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir).join("cachepol");
+    }
+    if let Some(home) = std::env::var_os("HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(home).join(".cache").join("cachepol");
+    }
+    std::env::temp_dir().join("cachepol-cache")
 }
 
 fn default_consumer() -> String {

@@ -2,41 +2,40 @@
 //!
 //! Start-up, in order: connect to Redis (retrying until it answers), load
 //! every `*.wasm` in the policies directory (a file that fails is logged and
-//! skipped; the others run), check `notify-keyspace-events`, start one worker
-//! per policy, then the keyspace subscriber (whose first subscription sends
-//! every policy `sweep(start)`), the deploy-hook consumer, and the periodic
-//! sweeps.
+//! skipped; the others run; an operator grant wider than what a policy asks
+//! for stops start-up), check `notify-keyspace-events`, then start the
+//! keyspace subscriber (whose first subscription sends every policy
+//! `sweep(start)`), the deploy-hook consumer, the periodic sweeps and the
+//! reloader that watches the policies directory.
 //!
-//! Shutdown, on SIGINT/SIGTERM: stop intake (subscriber and deploy reader;
-//! a hook being handled is finished and acknowledged), close the queues so
-//! each worker finishes the event in hand, wait for them up to the grace
-//! period, and return. Unhandled keyspace events are reconciled by the
+//! Shutdown, on SIGINT/SIGTERM: stop intake (subscriber, deploy reader,
+//! reloader; a hook being handled is finished and acknowledged), close the
+//! queues so each worker finishes the event in hand, wait for them up to the
+//! grace period, and return. Unhandled keyspace events are reconciled by the
 //! `sweep(start)` of the next run; unacknowledged hooks are re-read by it.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
-use crate::backend::{Backend, Layered};
-use crate::config::{Config, Mode};
+use crate::config::Config;
 use crate::deploy::DeployConsumer;
-use crate::dryrun::DryRunLayer;
-use crate::echo::{EchoLayer, EchoLedger};
+use crate::echo::EchoLedger;
 use crate::events::{Backoff, Subscriber};
-use crate::manifest::Manifest;
 use crate::notify::{self, NotifyError};
-use crate::queue::{Item, PolicyQueue};
+use crate::queue::Item;
 use crate::redis_backend::RedisBackend;
-use crate::routes::{Route, Routes};
-use crate::runtime::{LoadError, LoadOptions, LoadedPolicy, Runtime, RuntimeConfig, RuntimeError};
+use crate::registry::{Registry, RejectError};
+use crate::reload::Reloader;
+use crate::routes::Routes;
+use crate::runtime::{Runtime, RuntimeConfig, RuntimeError};
 use crate::wit::SweepReason;
-use crate::worker::Worker;
 
 /// Why the daemon could not run.
 #[derive(Debug, thiserror::Error)]
@@ -47,20 +46,12 @@ pub enum DaemonError {
     Runtime(#[from] RuntimeError),
     #[error(transparent)]
     Notifications(#[from] NotifyError),
-    #[error("cannot read the policies directory {}: {error}", path.display())]
+    #[error("cannot use the policies directory {}: {error}", path.display())]
     PoliciesDir { path: PathBuf, error: std::io::Error },
     /// The operator's config asks for more than a policy does: refusing to
     /// start beats silently running with other rights than configured.
-    #[error("{}: {error}", path.display())]
-    Widening { path: PathBuf, error: LoadError },
-}
-
-/// A policy loaded from a file, ready to get a worker.
-struct Loaded {
-    path: PathBuf,
-    policy: LoadedPolicy,
-    mode: Mode,
-    hops: Arc<std::sync::atomic::AtomicU8>,
+    #[error(transparent)]
+    Widening(RejectError),
 }
 
 /// Run the daemon until `shutdown` is cancelled.
@@ -72,32 +63,29 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
     let runtime = Runtime::new(RuntimeConfig::default())?;
     let ledger = Arc::new(EchoLedger::new());
 
-    let loaded = load_policies(&runtime, &config, redis.clone(), &ledger).await?;
-    let manifests: Vec<&Manifest> = loaded.iter().map(|l| l.policy.manifest()).collect();
-    let needed = notify::required(&manifests);
-    let added = notify::ensure(&mut redis.connection(), &needed, config.configure_notifications).await?;
+    let registry = Registry::new(runtime, config.clone(), redis.clone(), ledger.clone());
+    let routes = registry.routes();
+    let mut reloader = Reloader::new(registry, &config.policies_dir)
+        .map_err(|error| DaemonError::PoliciesDir { path: config.policies_dir.clone(), error })?;
+    reloader.sync_all().await.map_err(DaemonError::Widening)?;
+    // From now on the subscription is (being) set up: a policy loaded later
+    // sweeps as it starts.
+    reloader.registry.sweep_new = true;
+    info!(
+        compiled = reloader.registry.compiled,
+        from_cache = reloader.registry.cache_hits,
+        "policies loaded ({} compiled, {} from the compile cache)",
+        reloader.registry.compiled,
+        reloader.registry.cache_hits
+    );
+    if routes.load().routes().is_empty() {
+        warn!(dir = %reloader.dir().display(), "no policy loaded yet");
+    }
+    let added =
+        notify::ensure(&mut redis.connection(), &routes.load().needed_flags(), config.configure_notifications).await?;
     if !added.is_empty() {
         info!(added = %notify::text(&added), "enabled keyspace notification flags");
     }
-
-    let mut workers = JoinSet::new();
-    let mut routes = Vec::new();
-    for l in loaded {
-        let queue = Arc::new(PolicyQueue::new(config.queue_capacity));
-        let manifest = Arc::new(l.policy.manifest().clone());
-        let name: Arc<str> = Arc::from(l.policy.name());
-        info!(
-            policy = %name,
-            version = %manifest.version,
-            mode = ?l.mode,
-            file = %l.path.display(),
-            grants = l.policy.grants().rules().len(),
-            "policy loaded"
-        );
-        routes.push(Route { name, manifest, queue: queue.clone() });
-        workers.spawn(Worker { policy: l.policy, queue, hops: l.hops, mode: l.mode, sweep_failures: 0 }.run());
-    }
-    let routes = Arc::new(ArcSwap::from_pointee(Routes::new(routes)));
 
     let intake = CancellationToken::new();
     let mut sources = JoinSet::new();
@@ -108,23 +96,20 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
         routes: routes.clone(),
         ledger: ledger.clone(),
         hop_limit: config.hop_limit,
-        needed_flags: needed,
         configure_notifications: config.configure_notifications,
     };
     sources.spawn(subscriber.run(intake.clone(), ready_tx));
-    let deploy_conn = match RedisBackend::connect(&client).await {
-        Ok(b) => Some(b.connection()),
-        Err(e) => {
-            warn!(error = %e, "no connection for deploy hooks yet; they are read once Redis is back");
-            None
+    match RedisBackend::connect(&client).await {
+        Ok(b) => {
+            let consumer =
+                DeployConsumer { conn: b.connection(), settings: config.deploy.clone(), routes: routes.clone() };
+            sources.spawn(consumer.run(intake.clone()));
         }
-    };
-    if let Some(conn) = deploy_conn {
-        let consumer = DeployConsumer { conn, settings: config.deploy.clone(), routes: routes.clone() };
-        sources.spawn(consumer.run(intake.clone()));
+        Err(e) => warn!(error = %e, "no connection for deploy hooks; restart once Redis is reachable"),
     }
     sources.spawn(periodic_sweeps(routes.clone(), intake.clone()));
     sources.spawn(prune_ledger(ledger.clone(), intake.clone()));
+    let reloading = tokio::spawn(reloader.run(config.watch, intake.clone()));
 
     tokio::select! {
         _ = shutdown.cancelled() => {}
@@ -139,20 +124,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
         warn!("intake did not stop within the grace period");
         sources.abort_all();
     }
-    for route in routes.load().routes() {
-        for item in route.queue.close() {
-            if let Item::Deploy(hook, _) = item {
-                info!(policy = %route.name, hook = %hook.id, "deploy hook left pending for the next run");
-            }
-        }
-    }
     info!("waiting for in-flight policy calls");
-    if tokio::time::timeout(grace, async { while workers.join_next().await.is_some() {} }).await.is_err() {
-        warn!(
-            grace_ms = config.shutdown_grace_ms,
-            "policy calls still running after the grace period; abandoning them"
-        );
-        workers.abort_all();
+    match reloading.await {
+        Ok(registry) => registry.shutdown(grace).await,
+        Err(e) => warn!(error = %e, "the reloader failed; policy calls were not waited for"),
     }
     info!("stopped");
     Ok(())
@@ -183,86 +158,6 @@ async fn connect(client: &redis::Client, shutdown: &CancellationToken) -> Option
             }
         }
     }
-}
-
-/// The `*.wasm` files directly in `dir`, sorted.
-pub fn policy_files(dir: &Path) -> Result<Vec<PathBuf>, DaemonError> {
-    let entries = std::fs::read_dir(dir).map_err(|error| DaemonError::PoliciesDir { path: dir.into(), error })?;
-    let mut files: Vec<PathBuf> = entries
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.is_file() && p.extension().is_some_and(|e| e == "wasm"))
-        .collect();
-    files.sort();
-    Ok(files)
-}
-
-/// Load every policy file; failures are logged and skipped.
-async fn load_policies(
-    runtime: &Runtime,
-    config: &Config,
-    redis: Arc<RedisBackend>,
-    ledger: &Arc<EchoLedger>,
-) -> Result<Vec<Loaded>, DaemonError> {
-    let mut loaded: Vec<Loaded> = Vec::new();
-    let mut by_name: BTreeMap<String, PathBuf> = BTreeMap::new();
-    for path in policy_files(&config.policies_dir)? {
-        let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-        match load_one(runtime, config, &path, &stem, redis.clone(), ledger).await {
-            Ok(l) => {
-                let name = l.policy.name().to_owned();
-                if let Some(first) = by_name.get(&name) {
-                    error!(
-                        policy = %name,
-                        file = %path.display(),
-                        loaded_from = %first.display(),
-                        "rejected: another file already declares this policy name"
-                    );
-                    continue;
-                }
-                if name != stem {
-                    warn!(policy = %name, file = %path.display(), "the file name differs from the policy name; its config section is [policies.{stem}]");
-                }
-                by_name.insert(name, path);
-                loaded.push(l);
-            }
-            Err(error @ LoadError::Widening { .. }) => return Err(DaemonError::Widening { path, error }),
-            Err(e) => error!(file = %path.display(), error = %e, "policy rejected"),
-        }
-    }
-    if loaded.is_empty() {
-        warn!(dir = %config.policies_dir.display(), "no policy loaded");
-    }
-    Ok(loaded)
-}
-
-async fn load_one(
-    runtime: &Runtime,
-    config: &Config,
-    path: &Path,
-    stem: &str,
-    redis: Arc<RedisBackend>,
-    ledger: &Arc<EchoLedger>,
-) -> Result<Loaded, LoadError> {
-    let section = config.policy(stem);
-    let compiled = runtime.compile_file(path)?;
-    let options = LoadOptions {
-        label: stem.to_owned(),
-        config: section.config_json(),
-        budgets: config.budgets_for(&section),
-        // Checked when the config was parsed.
-        grants: section.grants().unwrap_or_default(),
-    };
-    // Loading writes nothing (no grants yet); the write path is set once
-    // the policy's name is known.
-    let mut policy = runtime.load(&compiled, redis.clone(), &options).await?;
-    let name: Arc<str> = Arc::from(policy.name());
-    let (layer, hops) = EchoLayer::new(ledger.clone(), name.clone());
-    let backend: Arc<dyn Backend> = match section.mode {
-        Mode::Enforce => Arc::new(Layered { inner: redis, layer }),
-        Mode::DryRun => Arc::new(Layered { inner: redis, layer: DryRunLayer::new(&name) }),
-    };
-    policy.rebind_backend(backend);
-    Ok(Loaded { path: path.to_owned(), policy, mode: section.mode, hops })
 }
 
 /// Queue `sweep(periodic)` for each policy at its manifest's interval.

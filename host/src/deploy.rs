@@ -296,16 +296,19 @@ impl DeployConsumer {
             let reason = format!("gave up after {attempts_before} deliveries (the last ones were interrupted)");
             return self.dead_letter(&entry, &reason).await;
         }
-        let routes = self.routes.load_full();
-        let mut remaining: Vec<&str> = routes.deploy_targets(&event.service).iter().map(|r| &*r.name).collect();
+        let mut remaining: Vec<Arc<str>> =
+            self.routes.load().deploy_targets(&event.service).iter().map(|r| r.name.clone()).collect();
         info!(service = %event.service, files = event.files.len(), tags = ?event.tags, policies = ?remaining, "deploy hook");
         let mut errors = Vec::new();
         let mut backoff = Duration::from_millis(500);
         for attempt in attempts_before + 1..=max {
+            // The current routes: a policy swapped, unloaded or re-added
+            // since the last attempt is found (or not) as it is now.
+            let routes = self.routes.load_full();
             let waits: Vec<_> = remaining
                 .iter()
                 .filter_map(|name| routes.get(name))
-                .map(|route| (&*route.name, Routes::deploy_to(route, event.clone())))
+                .map(|route| (route.name.clone(), Routes::deploy_to(route, event.clone())))
                 .collect();
             errors.clear();
             for (name, rx) in waits {
@@ -314,10 +317,15 @@ impl DeployConsumer {
                     Ok(Err(e)) => errors.push((name, e)),
                     // The policy's queue closed before handling it.
                     Err(_) if shutdown.is_cancelled() => return Handled::Interrupted,
-                    Err(_) => errors.push((name, "the policy was unloaded before handling it".to_owned())),
+                    // Unloaded (its file was deleted): it no longer
+                    // subscribes, so the hook no longer waits for it.
+                    Err(_) if self.routes.load().get(&name).is_none() => {
+                        info!(policy = %name, "policy unloaded before handling the hook; not waiting for it");
+                    }
+                    Err(_) => errors.push((name, "the policy's queue closed before handling it".to_owned())),
                 }
             }
-            remaining = errors.iter().map(|(n, _)| *n).collect();
+            remaining = errors.iter().map(|(n, _)| n.clone()).collect();
             if remaining.is_empty() {
                 return self.ack(&entry).await;
             }

@@ -14,7 +14,6 @@
 //! missed. Reconnects back off exponentially with jitter and are logged once
 //! per change of state, not once per retry.
 
-use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -39,9 +38,8 @@ pub struct Subscriber {
     pub routes: Arc<ArcSwap<Routes>>,
     pub ledger: Arc<EchoLedger>,
     pub hop_limit: u8,
-    /// Flags the policies need, re-checked after every reconnect (a
-    /// restarted Redis forgets a `CONFIG SET`).
-    pub needed_flags: BTreeSet<char>,
+    /// Set missing `notify-keyspace-events` flags, which are re-checked
+    /// after every reconnect (a restarted Redis forgets a `CONFIG SET`).
     pub configure_notifications: bool,
 }
 
@@ -133,7 +131,8 @@ impl Subscriber {
     /// Connect, make sure notifications are on, subscribe.
     async fn subscribe(&self, channel: &str) -> Result<(redis::aio::PubSubSink, redis::aio::PubSubStream), String> {
         let mut conn = self.client.get_multiplexed_async_connection().await.map_err(|e| e.to_string())?;
-        match notify::ensure(&mut conn, &self.needed_flags, self.configure_notifications).await {
+        let needed = self.routes.load().needed_flags();
+        match notify::ensure(&mut conn, &needed, self.configure_notifications).await {
             Ok(added) if !added.is_empty() => {
                 info!(added = %notify::text(&added), "enabled keyspace notification flags")
             }

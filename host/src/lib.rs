@@ -3,7 +3,8 @@
 //!
 //! Module map, in the order an event meets them:
 //! - [`daemon`]: `cachepol run`, wiring the rest together; [`config`] its
-//!   settings.
+//!   settings; [`registry`] the loaded policies and [`reload`] the watcher
+//!   that swaps them.
 //! - [`events`]: keyspace notifications in; [`deploy`]: deploy hooks in
 //!   (a Redis Stream); [`notify`]: the `notify-keyspace-events` flags.
 //! - [`routes`] and [`matcher`]: which policies want an event; [`queue`]:
@@ -37,6 +38,8 @@ pub mod matcher;
 pub mod notify;
 pub mod queue;
 pub mod redis_backend;
+pub mod registry;
+pub mod reload;
 pub mod routes;
 pub mod runtime;
 pub mod scenario;

@@ -33,6 +33,8 @@ enum Command {
   cachepol run --configure-notifications --policies /srv/cachepol/policies
 
 Settings come from the config file (see README), then flags and REDIS_URL override them.
+Policies hot-reload: replace a file atomically (cp new.wasm policies/.x.tmp && mv policies/.x.tmp
+policies/x.wasm), delete one to unload it; SIGHUP re-scans the directory.
 Stop with SIGINT or SIGTERM: in-flight calls finish, handled deploy hooks are acknowledged.")]
     Run(RunArgs),
     /// Publish a deploy hook to the deploy stream and print its id.
@@ -91,6 +93,12 @@ struct RunArgs {
     /// Set notify-keyspace-events to what the policies need, instead of refusing to start.
     #[arg(long)]
     configure_notifications: bool,
+    /// Do not watch the policies directory (immutable deployments); SIGHUP still reloads.
+    #[arg(long)]
+    no_watch: bool,
+    /// Where compiled policies are cached.
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
     /// Events queued per policy before coalescing and dropping (then a gap sweep).
     #[arg(long)]
     queue_capacity: Option<usize>,
@@ -248,6 +256,10 @@ async fn run_daemon(args: RunArgs) -> Result<ExitCode> {
         config.policies_dir = dir;
     }
     config.configure_notifications |= args.configure_notifications;
+    config.watch &= !args.no_watch;
+    if let Some(dir) = args.cache_dir {
+        config.cache_dir = dir;
+    }
     if let Some(n) = args.queue_capacity {
         config.queue_capacity = n.max(1);
     }

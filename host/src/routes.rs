@@ -77,6 +77,12 @@ impl Routes {
         routed
     }
 
+    /// The `notify-keyspace-events` flags these policies need.
+    pub fn needed_flags(&self) -> std::collections::BTreeSet<char> {
+        let manifests: Vec<&Manifest> = self.routes.iter().map(|r| &*r.manifest).collect();
+        crate::notify::required(&manifests)
+    }
+
     /// The policies that want deploy hooks from `service`.
     pub fn deploy_targets(&self, service: &str) -> Vec<&Route> {
         self.routes.iter().filter(|r| r.manifest.wants_deploy(service)).collect()

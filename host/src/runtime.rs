@@ -19,10 +19,12 @@
 //! only that instance: the next event gets a new one, configured again, and
 //! the daemon and the other policies never notice.
 
+use std::hash::{Hash, Hasher};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use sha2::{Digest, Sha256};
 use tracing::Instrument;
 use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, ResourceLimiter, Store, Trap};
@@ -168,7 +170,43 @@ impl Runtime {
     pub fn compile(&self, bytes: &[u8]) -> Result<Compiled, LoadError> {
         sniff(bytes)?;
         let component = Component::new(&self.engine, bytes).map_err(|e| LoadError::Compile(format!("{e:#}")))?;
-        let pre = self.linker.instantiate_pre(&component).map_err(|e| LoadError::Imports(format!("{e:#}")))?;
+        self.link(&component)
+    }
+
+    /// [`Runtime::compile`] through an on-disk cache of compiled code keyed
+    /// by the component's content hash (and this engine's settings), so a
+    /// restart or a re-deployed identical file does not recompile. Returns
+    /// whether the cache had it.
+    pub fn compile_cached(&self, bytes: &[u8], cache_dir: &Path) -> Result<(Compiled, bool), LoadError> {
+        sniff(bytes)?;
+        let mut engine_hash = std::collections::hash_map::DefaultHasher::new();
+        self.engine.precompile_compatibility_hash().hash(&mut engine_hash);
+        let digest = Sha256::digest(bytes);
+        let name = format!("{}-{:016x}.cwasm", hex(&digest), engine_hash.finish());
+        let path = cache_dir.join(name);
+        if path.exists() {
+            // SAFETY: the cache directory is written only by this function,
+            // from code this engine compiled; deserialize also checks that
+            // the artifact matches this engine's version and settings.
+            match unsafe { Component::deserialize_file(&self.engine, &path) } {
+                Ok(component) => return Ok((self.link(&component)?, true)),
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %format!("{e:#}"), "unusable compile cache entry; recompiling");
+                    let _ = std::fs::remove_file(&path);
+                }
+            }
+        }
+        let component = Component::new(&self.engine, bytes).map_err(|e| LoadError::Compile(format!("{e:#}")))?;
+        let compiled = self.link(&component)?;
+        if let Err(e) = store_artifact(cache_dir, &path, &component) {
+            tracing::warn!(dir = %cache_dir.display(), error = %e, "cannot write the compile cache");
+        }
+        Ok((compiled, false))
+    }
+
+    /// Check imports and exports against the world.
+    fn link(&self, component: &Component) -> Result<Compiled, LoadError> {
+        let pre = self.linker.instantiate_pre(component).map_err(|e| LoadError::Imports(format!("{e:#}")))?;
         let pre = PolicyPre::new(pre).map_err(|e| LoadError::Exports(format!("{e:#}")))?;
         Ok(Compiled { pre })
     }
@@ -245,6 +283,19 @@ impl Default for LoadOptions {
     fn default() -> LoadOptions {
         LoadOptions { label: "policy".into(), config: "{}".into(), budgets: Budgets::default(), grants: None }
     }
+}
+
+/// Write a compiled artifact atomically (temporary file, then rename).
+fn store_artifact(dir: &Path, path: &Path, component: &Component) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let bytes = component.serialize().map_err(|e| std::io::Error::other(format!("{e:#}")))?;
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Tell the kinds of bad input apart before handing bytes to the compiler,

@@ -1,12 +1,17 @@
 //! One task per policy: takes its queue in order, calls the policy, reports.
 //!
 //! Policies run concurrently with each other (one worker each) and handle
-//! their own events strictly one at a time, in arrival order.
+//! their own events strictly one at a time, in arrival order. A new version
+//! of the policy arrives on the control channel and takes over between two
+//! events: the old version finishes the event in hand, every later event
+//! goes to the new one, and the old instance is dropped (its memory returns
+//! to the pool).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
+use tokio::sync::mpsc;
 use tracing::Instrument;
 
 use crate::audit;
@@ -18,41 +23,66 @@ use crate::wit::{self, KeyEvent, SweepEvent};
 /// How often a failed sweep is tried again before waiting for the next one.
 const SWEEP_RETRIES: u32 = 3;
 
-/// A loaded policy and everything its worker needs.
-pub struct Worker {
+/// A policy version and what its write path needs.
+pub struct Version {
     pub policy: LoadedPolicy,
-    pub queue: Arc<PolicyQueue>,
+    pub mode: Mode,
     /// Tells the echo layer the hop count of the event being handled.
     pub hops: Arc<AtomicU8>,
-    pub mode: Mode,
+}
+
+/// Messages to a running worker.
+pub enum Control {
+    /// Replace the policy after the event in hand.
+    Swap(Version),
+}
+
+/// A loaded policy and everything its worker needs.
+pub struct Worker {
+    version: Version,
+    queue: Arc<PolicyQueue>,
+    control: mpsc::UnboundedReceiver<Control>,
     /// Consecutive failed sweeps.
-    pub sweep_failures: u32,
+    sweep_failures: u32,
 }
 
 impl Worker {
-    /// Run until the queue is closed and empty; returns the policy.
-    pub async fn run(mut self) -> LoadedPolicy {
-        let name = self.policy.name().to_owned();
+    /// A worker and the sender that controls it.
+    pub fn new(version: Version, queue: Arc<PolicyQueue>) -> (Worker, mpsc::UnboundedSender<Control>) {
+        let (tx, control) = mpsc::unbounded_channel();
+        (Worker { version, queue, control, sweep_failures: 0 }, tx)
+    }
+
+    /// Run until the queue is closed and empty.
+    pub async fn run(mut self) {
         let mut seq: u64 = 0;
-        while let Some(item) = self.queue.pop().await {
+        loop {
+            let item = tokio::select! {
+                biased;
+                Some(Control::Swap(next)) = self.control.recv() => {
+                    self.version = next;
+                    continue;
+                }
+                item = self.queue.pop() => item,
+            };
+            let Some(item) = item else { return };
             seq += 1;
-            let span = tracing::debug_span!("event", policy = %name, seq);
+            let span = tracing::debug_span!("event", policy = %self.version.policy.name(), seq);
             self.handle(item, seq).instrument(span).await;
         }
-        self.policy
     }
 
     async fn handle(&mut self, item: Item, seq: u64) {
         match item {
             Item::Key(k) => {
-                self.hops.store(k.hops, Ordering::Relaxed);
+                self.version.hops.store(k.hops, Ordering::Relaxed);
                 let id = format!("key-{seq}");
                 let event = wit::Event::Key(KeyEvent { db: k.db, op: k.op, key: k.key });
                 // A failure is logged and counted by `handle`; nobody waits on it.
                 let _ = self.deliver(&id, &event).await;
             }
             Item::Sweep(reason) => {
-                self.hops.store(0, Ordering::Relaxed);
+                self.version.hops.store(0, Ordering::Relaxed);
                 let id = format!("sweep-{seq}");
                 match self.deliver(&id, &wit::Event::Sweep(SweepEvent { reason })).await {
                     Ok(()) => self.sweep_failures = 0,
@@ -62,7 +92,7 @@ impl Worker {
                     Err(_) if self.sweep_failures < SWEEP_RETRIES => {
                         self.sweep_failures += 1;
                         let delay = Duration::from_millis(500 << self.sweep_failures);
-                        tracing::info!(policy = %self.policy.name(), ?delay, "sweep failed; trying again later");
+                        tracing::info!(policy = %self.version.policy.name(), ?delay, "sweep failed; trying again later");
                         let queue = self.queue.clone();
                         tokio::spawn(async move {
                             tokio::time::sleep(delay).await;
@@ -73,7 +103,7 @@ impl Worker {
                 }
             }
             Item::Deploy(hook, done) => {
-                self.hops.store(0, Ordering::Relaxed);
+                self.version.hops.store(0, Ordering::Relaxed);
                 let id = hook.id.clone();
                 let ok = self.deliver(&id, &wit::Event::Deploy(hook)).await;
                 let _ = done.send(ok);
@@ -82,8 +112,8 @@ impl Worker {
     }
 
     async fn deliver(&mut self, id: &str, event: &wit::Event) -> Result<(), String> {
-        let report = self.policy.handle(id, event).await;
-        audit::record(self.policy.name(), id, self.mode, &report);
+        let report = self.version.policy.handle(id, event).await;
+        audit::record(self.version.policy.name(), id, self.version.mode, &report);
         report.result.map(|_| ()).map_err(|f| f.to_string())
     }
 }

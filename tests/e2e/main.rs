@@ -7,4 +7,5 @@ mod daemon;
 mod deploy_hooks;
 mod echo;
 mod grants;
+mod reload;
 mod resync;

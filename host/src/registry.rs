@@ -1,0 +1,323 @@
+//! The set of loaded policies, by file, and every change to it.
+//!
+//! Loading a file is split in two so that nothing slow or fallible happens
+//! on the event path: [`Registry::prepare`] reads, hashes, compiles (through
+//! the compile cache), instantiates, configures, describes and checks the
+//! manifest; only a fully prepared version reaches [`Registry::commit`],
+//! which swaps it in: the worker takes it between two events, and the routes
+//! the event sources use are republished at the same moment. A file that
+//! fails any step changes nothing: the running version keeps serving.
+//!
+//! Only the daemon's reload task owns the registry, so changes are applied
+//! one at a time, in order.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use crate::backend::{Backend, Layered};
+use crate::config::{Config, Mode};
+use crate::dryrun::DryRunLayer;
+use crate::echo::{EchoLayer, EchoLedger};
+use crate::grants::{Grants, ops_to_string};
+use crate::manifest::Manifest;
+use crate::queue::PolicyQueue;
+use crate::redis_backend::RedisBackend;
+use crate::routes::{Route, Routes};
+use crate::runtime::{LoadError, LoadOptions, Runtime};
+use crate::wit::SweepReason;
+use crate::worker::{Control, Version, Worker};
+
+/// Why a file was not (re)loaded. Each names the step.
+#[derive(Debug, thiserror::Error)]
+pub enum RejectError {
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error("declares policy `{declared}` but {} holds `{held}`; a policy is renamed by adding a new file and deleting the old", path.display())]
+    Renamed { path: PathBuf, held: String, declared: String },
+    #[error("declares policy `{name}`, which {} already provides", other.display())]
+    Duplicate { name: String, other: PathBuf },
+}
+
+impl RejectError {
+    /// The operator's config forbids what the policy asks for.
+    pub fn is_widening(&self) -> bool {
+        matches!(self, RejectError::Load(LoadError::Widening { .. }))
+    }
+}
+
+/// A version of a policy ready to be swapped in.
+pub struct Prepared {
+    path: PathBuf,
+    hash: [u8; 32],
+    version: Version,
+    manifest: Arc<Manifest>,
+    from_cache: bool,
+    started: Instant,
+}
+
+/// What a commit did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    Loaded { name: String },
+    Replaced { name: String },
+}
+
+struct Entry {
+    name: Arc<str>,
+    hash: [u8; 32],
+    manifest: Arc<Manifest>,
+    queue: Arc<PolicyQueue>,
+    control: mpsc::UnboundedSender<Control>,
+}
+
+/// The loaded policies and what they need to be (re)loaded.
+pub struct Registry {
+    runtime: Runtime,
+    config: Config,
+    redis: Arc<RedisBackend>,
+    ledger: Arc<EchoLedger>,
+    routes: Arc<ArcSwap<Routes>>,
+    entries: BTreeMap<PathBuf, Entry>,
+    workers: tokio::task::JoinSet<()>,
+    /// Give a newly loaded policy `sweep(start)` at once. Off while the
+    /// daemon starts: the keyspace subscriber sweeps every policy after its
+    /// first subscription, and a sweep before that could miss writes.
+    pub sweep_new: bool,
+    /// Components compiled from scratch, and reused from the cache.
+    pub compiled: u64,
+    pub cache_hits: u64,
+}
+
+impl Registry {
+    pub fn new(runtime: Runtime, config: Config, redis: Arc<RedisBackend>, ledger: Arc<EchoLedger>) -> Registry {
+        Registry {
+            runtime,
+            config,
+            redis,
+            ledger,
+            routes: Arc::new(ArcSwap::from_pointee(Routes::default())),
+            entries: BTreeMap::new(),
+            workers: tokio::task::JoinSet::new(),
+            sweep_new: false,
+            compiled: 0,
+            cache_hits: 0,
+        }
+    }
+
+    /// The routes the event sources read; republished on every change.
+    pub fn routes(&self) -> Arc<ArcSwap<Routes>> {
+        self.routes.clone()
+    }
+
+    pub fn manifests(&self) -> Vec<Arc<Manifest>> {
+        self.entries.values().map(|e| e.manifest.clone()).collect()
+    }
+
+    /// The file holding policy `name`.
+    pub fn file_of(&self, name: &str) -> Option<&Path> {
+        self.entries.iter().find(|(_, e)| &*e.name == name).map(|(p, _)| p.as_path())
+    }
+
+    /// Whether a policy from `path` is loaded.
+    pub fn is_loaded(&self, path: &Path) -> bool {
+        self.entries.contains_key(path)
+    }
+
+    /// Whether `path` is loaded with exactly these contents.
+    pub fn is_current(&self, path: &Path, bytes: &[u8]) -> bool {
+        self.entries.get(path).is_some_and(|e| e.hash == hash(bytes))
+    }
+
+    /// Every step of loading `path` except the swap.
+    pub async fn prepare(&mut self, path: &Path, bytes: &[u8]) -> Result<Prepared, RejectError> {
+        let started = Instant::now();
+        let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        let section = self.config.policy(&stem);
+        let (compiled, from_cache) = self.runtime.compile_cached(bytes, &self.config.cache_dir)?;
+        if from_cache {
+            self.cache_hits += 1;
+        } else {
+            self.compiled += 1;
+        }
+        let options = LoadOptions {
+            label: stem,
+            config: section.config_json(),
+            budgets: self.config.budgets_for(&section),
+            // Validated when the config was parsed.
+            grants: section.grants().unwrap_or_default(),
+        };
+        // Loading writes nothing (no grants yet); the write path is set
+        // once the policy's name is known.
+        let mut policy = self.runtime.load(&compiled, self.redis.clone(), &options).await?;
+        let name: Arc<str> = Arc::from(policy.name());
+        if let Some(held) = self.entries.get(path).map(|e| e.name.clone())
+            && held != name
+        {
+            return Err(RejectError::Renamed { path: path.into(), held: held.to_string(), declared: name.to_string() });
+        }
+        if let Some(other) = self.file_of(&name).filter(|other| *other != path) {
+            return Err(RejectError::Duplicate { name: name.to_string(), other: other.to_owned() });
+        }
+        let (layer, hops) = EchoLayer::new(self.ledger.clone(), name.clone());
+        let backend: Arc<dyn Backend> = match section.mode {
+            Mode::Enforce => Arc::new(Layered { inner: self.redis.clone(), layer }),
+            Mode::DryRun => Arc::new(Layered { inner: self.redis.clone(), layer: DryRunLayer::new(&name) }),
+        };
+        policy.rebind_backend(backend);
+        let manifest = Arc::new(policy.manifest().clone());
+        Ok(Prepared {
+            path: path.to_owned(),
+            hash: hash(bytes),
+            version: Version { policy, mode: section.mode, hops },
+            manifest,
+            from_cache,
+            started,
+        })
+    }
+
+    /// Swap a prepared version in (or start a new policy), republish the
+    /// routes, and sweep if it now subscribes to more than before.
+    pub fn commit(&mut self, prepared: Prepared) -> Change {
+        let Prepared { path, hash, version, manifest, from_cache, started } = prepared;
+        let name: Arc<str> = Arc::from(version.policy.name());
+        let grants = version.policy.grants().clone();
+        let mode = version.mode;
+        match self.entries.get_mut(&path) {
+            Some(entry) => {
+                let old = entry.manifest.clone();
+                let _ = entry.control.send(Control::Swap(version));
+                entry.hash = hash;
+                entry.manifest = manifest.clone();
+                let queue = entry.queue.clone();
+                self.publish();
+                if adds_subscriptions(&old, &manifest) {
+                    let _ = queue.push(crate::queue::Item::Sweep(SweepReason::Reload));
+                }
+                info!(
+                    policy = %name,
+                    from = %old.version,
+                    to = %manifest.version,
+                    grants_added = %describe_grants(&grants, &old.grants),
+                    grants_removed = %describe_grants(&old.grants, &grants),
+                    compile_cache = from_cache,
+                    ms = started.elapsed().as_millis() as u64,
+                    "policy reloaded: {} -> {}", old.version, manifest.version
+                );
+                Change::Replaced { name: name.to_string() }
+            }
+            None => {
+                let queue = Arc::new(PolicyQueue::new(self.config.queue_capacity));
+                let (worker, control) = Worker::new(version, queue.clone());
+                self.workers.spawn(worker.run());
+                self.entries.insert(
+                    path.clone(),
+                    Entry { name: name.clone(), hash, manifest: manifest.clone(), queue: queue.clone(), control },
+                );
+                self.publish();
+                if self.sweep_new {
+                    let _ = queue.push(crate::queue::Item::Sweep(SweepReason::Start));
+                }
+                info!(
+                    policy = %name,
+                    version = %manifest.version,
+                    mode = ?mode,
+                    file = %path.display(),
+                    grants = %describe_grants(&grants, &Grants::default()),
+                    compile_cache = from_cache,
+                    ms = started.elapsed().as_millis() as u64,
+                    "policy loaded"
+                );
+                Change::Loaded { name: name.to_string() }
+            }
+        }
+    }
+
+    /// Unload the policy of a deleted file. Its worker finishes the event in
+    /// hand; keyspace events still queued are discarded (the policy is gone,
+    /// and other policies have queues of their own), and deploy hooks still
+    /// queued stop waiting for it: the deploy reader acknowledges each once
+    /// the policies still loaded have handled it.
+    pub fn remove(&mut self, path: &Path) -> Option<String> {
+        let entry = self.entries.remove(path)?;
+        self.publish();
+        let dropped = entry.queue.len();
+        entry.queue.close();
+        info!(policy = %entry.name, file = %path.display(), discarded = dropped, "policy unloaded: its file was deleted");
+        Some(entry.name.to_string())
+    }
+
+    /// Files currently loaded.
+    pub fn files(&self) -> Vec<PathBuf> {
+        self.entries.keys().cloned().collect()
+    }
+
+    fn publish(&self) {
+        let routes = self
+            .entries
+            .values()
+            .map(|e| Route { name: e.name.clone(), manifest: e.manifest.clone(), queue: e.queue.clone() })
+            .collect();
+        self.routes.store(Arc::new(Routes::new(routes)));
+    }
+
+    /// Close every queue and wait for the workers to finish the events in
+    /// hand, up to `grace`.
+    pub async fn shutdown(mut self, grace: std::time::Duration) {
+        for (path, entry) in &self.entries {
+            let left = entry.queue.close();
+            if !left.is_empty() {
+                info!(policy = %entry.name, file = %path.display(), "deploy hooks left pending for the next run");
+            }
+        }
+        let workers = &mut self.workers;
+        if tokio::time::timeout(grace, async { while workers.join_next().await.is_some() {} }).await.is_err() {
+            warn!(
+                grace_ms = grace.as_millis() as u64,
+                "policy calls still running after the grace period; abandoning them"
+            );
+            self.workers.abort_all();
+        }
+    }
+}
+
+fn hash(bytes: &[u8]) -> [u8; 32] {
+    Sha256::digest(bytes).into()
+}
+
+/// `pattern(ops)` of the rules in `a` that `b` does not have, or `-`.
+fn describe_grants(a: &Grants, b: &Grants) -> String {
+    let theirs: BTreeSet<String> =
+        b.rules().iter().map(|r| format!("{}({})", r.pattern, ops_to_string(r.ops))).collect();
+    let ours: Vec<String> = a
+        .rules()
+        .iter()
+        .map(|r| format!("{}({})", r.pattern, ops_to_string(r.ops)))
+        .filter(|r| !theirs.contains(r))
+        .collect();
+    if ours.is_empty() { "-".into() } else { ours.join(" ") }
+}
+
+/// Whether `new` hears about anything `old` did not: new keyspace
+/// (op, pattern) pairs, deploy services, or a sweep interval.
+fn adds_subscriptions(old: &Manifest, new: &Manifest) -> bool {
+    let pairs = |m: &Manifest| -> BTreeSet<(String, String)> {
+        m.key_subscriptions
+            .iter()
+            .flat_map(|s| {
+                let ops = if s.ops.is_empty() { vec!["*".to_owned()] } else { s.ops.clone() };
+                s.patterns.iter().flat_map(move |p| ops.clone().into_iter().map(move |o| (o, p.as_str().to_owned())))
+            })
+            .collect()
+    };
+    let old_pairs = pairs(old);
+    pairs(new).iter().any(|p| !old_pairs.contains(p))
+        || new.deploys.iter().any(|s| !old.deploys.contains(s))
+        || (new.sweep_interval.is_some() && old.sweep_interval.is_none())
+}

@@ -1,0 +1,210 @@
+//! Hot reload: watch the policies directory and apply what changes.
+//!
+//! Ops change behaviour by dropping `.wasm` files into the directory. The
+//! watcher (`notify`) reports changes; they are debounced per file (an
+//! in-place copy produces a burst of writes) and then applied one at a time
+//! through the [`Registry`]: a new or changed file is prepared off the event
+//! path and swapped in atomically, a deleted file unloads its policy, and a
+//! file that fails any step is rejected with one line saying which step and
+//! why, while the running version keeps serving.
+//!
+//! A file caught mid-copy fails to compile; if it is still changing a moment
+//! later, the failure is not reported: the end of the write triggers another
+//! attempt. The recommended way to deploy is still atomic:
+//! `cp new.wasm policies/.name.tmp && mv policies/.name.tmp policies/name.wasm`
+//! (hidden files are ignored, and the rename is a single event).
+//!
+//! Only top-level `*.wasm` files count. SIGHUP re-scans the whole directory;
+//! `--no-watch` turns the watcher off for immutable deployments (SIGHUP
+//! still works).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime};
+
+use notify::event::{AccessKind, AccessMode};
+use notify::{EventKind, RecursiveMode, Watcher};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use crate::registry::{Registry, RejectError};
+use crate::runtime::LoadError;
+
+/// Quiet time after a file's last change before it is loaded.
+pub const DEBOUNCE: Duration = Duration::from_millis(40);
+/// How long to watch a file that failed to compile for further writes.
+const SETTLE: Duration = Duration::from_millis(200);
+
+/// Whether `path` is a policy file in `dir`: `dir/*.wasm`, not hidden.
+pub fn is_policy_file(dir: &Path, path: &Path) -> bool {
+    let name = path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
+    path.parent() == Some(dir) && name.ends_with(".wasm") && !name.starts_with('.')
+}
+
+/// The policy files in `dir`, sorted.
+pub fn policy_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| is_policy_file(dir, p) && p.is_file())
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+fn fingerprint(path: &Path) -> Option<(u64, SystemTime)> {
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.len(), meta.modified().ok()?))
+}
+
+/// Failures a half-written file produces.
+fn maybe_partial(e: &RejectError) -> bool {
+    matches!(
+        e,
+        RejectError::Load(
+            LoadError::Empty
+                | LoadError::NotWasm
+                | LoadError::UnknownVersion(_)
+                | LoadError::Compile(_)
+                | LoadError::Read { .. }
+        )
+    )
+}
+
+/// Owns the registry and applies changes to the policies directory.
+pub struct Reloader {
+    pub registry: Registry,
+    dir: PathBuf,
+}
+
+impl Reloader {
+    /// `dir` is made absolute so that watcher paths compare equal.
+    pub fn new(registry: Registry, dir: &Path) -> std::io::Result<Reloader> {
+        Ok(Reloader { registry, dir: std::fs::canonicalize(dir)? })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Bring the registry in line with the whole directory: load new and
+    /// changed files, unload deleted ones. Returns the first rejection that
+    /// the operator's config caused (a start-up error).
+    pub async fn sync_all(&mut self) -> Result<(), RejectError> {
+        let files = policy_files(&self.dir).unwrap_or_else(|e| {
+            error!(dir = %self.dir.display(), error = %e, "cannot list the policies directory");
+            Vec::new()
+        });
+        let mut widening = None;
+        for path in &files {
+            if let Err(e) = self.sync_file(path).await
+                && e.is_widening()
+                && widening.is_none()
+            {
+                widening = Some(e);
+            }
+        }
+        for gone in self.registry.files().into_iter().filter(|p| !files.contains(p)) {
+            self.registry.remove(&gone);
+        }
+        widening.map_or(Ok(()), Err)
+    }
+
+    /// Apply the current state of one file. Rejections are logged here;
+    /// the error is returned for callers that care about its kind.
+    pub async fn sync_file(&mut self, path: &Path) -> Result<(), RejectError> {
+        let before = fingerprint(path);
+        let bytes = match std::fs::read(path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                self.registry.remove(path);
+                return Ok(());
+            }
+            Err(e) => {
+                let e = RejectError::Load(LoadError::Read { path: path.display().to_string(), error: e });
+                error!(file = %path.display(), error = %e, "policy rejected");
+                return Err(e);
+            }
+        };
+        if self.registry.is_current(path, &bytes) {
+            debug!(file = %path.display(), "unchanged");
+            return Ok(());
+        }
+        match self.registry.prepare(path, &bytes).await {
+            Ok(prepared) => {
+                self.registry.commit(prepared);
+                Ok(())
+            }
+            Err(e) => {
+                if maybe_partial(&e) {
+                    tokio::time::sleep(SETTLE).await;
+                    if fingerprint(path) != before {
+                        debug!(file = %path.display(), "file still being written; will load it when the write completes");
+                        return Err(e);
+                    }
+                }
+                let keeps = if self.registry.is_loaded(path) { "; the running version keeps serving" } else { "" };
+                error!(file = %path.display(), error = %e, "policy rejected{keeps}");
+                Err(e)
+            }
+        }
+    }
+
+    /// Watch until `shutdown`, then hand the registry back.
+    pub async fn run(mut self, watch: bool, shutdown: CancellationToken) -> Registry {
+        let (tx, mut rx) = mpsc::unbounded_channel::<notify::Result<notify::Event>>();
+        let mut watcher = None;
+        if watch {
+            let w = notify::recommended_watcher(move |event| {
+                let _ = tx.send(event);
+            })
+            .and_then(|mut w| w.watch(&self.dir, RecursiveMode::NonRecursive).map(|_| w));
+            match w {
+                Ok(w) => {
+                    info!(dir = %self.dir.display(), "watching for policy changes");
+                    watcher = Some(w);
+                }
+                Err(e) => {
+                    error!(dir = %self.dir.display(), error = %e, "cannot watch the policies directory; use SIGHUP to reload")
+                }
+            }
+        }
+        let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+        let mut pending: HashMap<PathBuf, Instant> = HashMap::new();
+        loop {
+            let due = pending.values().min().map(|t| tokio::time::Instant::from_std(*t + DEBOUNCE));
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                Some(event) = rx.recv() => match event {
+                    // Opening and reading a file (our own reads too) is
+                    // no change; the end of a write is.
+                    Ok(event) if matches!(event.kind, EventKind::Access(kind) if kind != AccessKind::Close(AccessMode::Write)) => {}
+                    Ok(event) => {
+                        for path in event.paths.into_iter().filter(|p| is_policy_file(&self.dir, p)) {
+                            pending.insert(path, Instant::now());
+                        }
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "watcher error; re-scanning the policies directory");
+                        let _ = self.sync_all().await;
+                    }
+                },
+                _ = async { tokio::time::sleep_until(due.expect("guarded")).await }, if due.is_some() => {
+                    let now = Instant::now();
+                    let ready: Vec<PathBuf> =
+                        pending.iter().filter(|(_, t)| now >= **t + DEBOUNCE).map(|(p, _)| p.clone()).collect();
+                    for path in ready {
+                        pending.remove(&path);
+                        let _ = self.sync_file(&path).await;
+                    }
+                }
+                Some(()) = async { match hangup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
+                    info!("SIGHUP: re-scanning the policies directory");
+                    let _ = self.sync_all().await;
+                }
+            }
+        }
+        drop(watcher);
+        self.registry
+    }
+}

@@ -1,0 +1,207 @@
+//! Hot reload of real files in the policies directory: atomic swaps under
+//! load, rejected files that leave the running version serving, unloading,
+//! conflicts, the compile cache, SIGHUP.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use crate::support::{Daemon, RedisServer, Setup, TempDir, eventually, wasm};
+
+/// The recorder component with its build stamp set to `n` (a distinct
+/// version without rebuilding).
+fn stamped(n: u32) -> Vec<u8> {
+    let mut bytes = std::fs::read(wasm("recorder")).unwrap();
+    let marker = b"RECORDER-STAMP:";
+    let at = bytes.windows(marker.len()).position(|w| w == marker).expect("the recorder has a stamp") + marker.len();
+    bytes[at..at + 8].copy_from_slice(format!("{n:08}").as_bytes());
+    bytes
+}
+
+/// Install the recommended way: a hidden temporary file, then a rename.
+fn install(dir: &Path, name: &str, bytes: &[u8]) {
+    let tmp = dir.join(format!(".{name}.tmp"));
+    std::fs::write(&tmp, bytes).unwrap();
+    std::fs::rename(&tmp, dir.join(format!("{name}.wasm"))).unwrap();
+}
+
+const REC: &str = "[policies.rec]\nconfig = { name = \"rec\", patterns = [\"rec:*\"], mark_prefix = \"mark:\" }";
+
+fn setup_with(config: &str) -> (Setup, TempDir) {
+    let cache = TempDir::new("cache");
+    let setup = Setup::new(&[]).config(&format!("cache_dir = {:?}", cache.path())).config(config);
+    install(&setup.policies(), "rec", &stamped(1));
+    (setup, cache)
+}
+
+fn mark(redis: &RedisServer, key: &str) -> Option<String> {
+    redis.cmd(&["GET", &format!("mark:{key}")])
+}
+
+#[test]
+fn swapping_under_load_handles_every_event_exactly_once() {
+    const N: usize = 20_000;
+    const M: u32 = 10;
+    let redis = RedisServer::start();
+    let (setup, _cache) = setup_with(&format!("queue_capacity = 100000\n{REC}"));
+    let daemon = Daemon::start(&redis, &setup);
+
+    let url = redis.url();
+    let writer = std::thread::spawn(move || {
+        let mut conn = redis::Client::open(url).unwrap().get_connection().unwrap();
+        for batch in 0..N / 200 {
+            let mut pipe = redis::pipe();
+            for i in batch * 200..(batch + 1) * 200 {
+                pipe.cmd("SET").arg(format!("rec:{i:05}")).arg("v").ignore();
+            }
+            pipe.query::<()>(&mut conn).unwrap();
+            std::thread::sleep(Duration::from_millis(15));
+        }
+    });
+    for v in 2..=M + 1 {
+        install(&setup.policies(), "rec", &stamped(v));
+        daemon.wait_for(&format!("policy reloaded: 1.0.{} -> 1.0.{v}", v - 1), Duration::from_secs(20));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    writer.join().unwrap();
+
+    eventually(&daemon, "every write handled", || redis.keys("mark:rec:*").len() == N);
+    assert!(redis.keys("mark:dup:*").is_empty(), "no event was handled twice");
+    let keys: Vec<String> = (0..N).map(|i| format!("mark:rec:{i:05}")).collect();
+    let mut stamps: Vec<u32> = Vec::new();
+    for chunk in keys.chunks(1000) {
+        let mut cmd = redis::cmd("MGET");
+        cmd.arg(chunk);
+        let values: Vec<String> = cmd.query(&mut redis.conn()).unwrap();
+        stamps.extend(values.iter().map(|v| v.parse::<u32>().unwrap()));
+    }
+    assert!(stamps.windows(2).all(|w| w[0] <= w[1]), "events are handled in order, each by the version live then");
+    let versions: std::collections::BTreeSet<u32> = stamps.iter().copied().collect();
+    assert!(versions.len() >= 3, "the swaps overlapped the writes: versions {versions:?}");
+    assert!(versions.iter().all(|v| (1..=M + 1).contains(v)));
+    assert!(!daemon.log_text().contains("policy rejected"));
+    assert_eq!(daemon.stop(), Some(0));
+}
+
+#[test]
+fn rejected_files_leave_the_running_version_serving() {
+    let redis = RedisServer::start();
+    let operator_grants = "grants = [{ pattern = \"rec:*\", ops = [\"read\", \"write\", \"delete\", \"expire\"] }, \
+        { pattern = \"recorder:rec:*\", ops = [\"read\", \"write\", \"delete\", \"expire\"] }, \
+        { pattern = \"mark:*\", ops = [\"read\", \"write\", \"delete\", \"expire\"] }, \
+        { pattern = \"stamp:00000001:*\", ops = [\"read\"] }]";
+    let (setup, _cache) = setup_with(&format!(
+        "[policies.rec]\nconfig = {{ name = \"rec\", mark_prefix = \"mark:\", stamped_grant = true }}\n{operator_grants}"
+    ));
+    let daemon = Daemon::start(&redis, &setup);
+    let good = stamped(2);
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("corrupt", vec![0x42; 4096], "not a WebAssembly file"),
+        ("truncated", good[..good.len() / 2].to_vec(), "cannot compile the component"),
+        ("wrong world", std::fs::read(wasm("not-a-policy")).unwrap(), "does not implement the cachepol:policy/policy"),
+        ("configure rejects", std::fs::read(wasm("hostile")).unwrap(), "configure failed: invalid config"),
+        ("grants forbidden", stamped(3), "wider than what it asks for"),
+    ];
+    for (round, (what, bytes, why)) in cases.into_iter().enumerate() {
+        install(&setup.policies(), "rec", &bytes);
+        eventually(&daemon, what, || daemon.log_text().matches("policy rejected").count() > round);
+        let line = daemon.log_text().lines().filter(|l| l.contains("policy rejected")).nth(round).unwrap().to_owned();
+        assert!(line.contains(why) && line.contains("the running version keeps serving"), "{what}: {line}");
+        let key = format!("rec:after-{round}");
+        redis.cmd::<()>(&["SET", &key, "v"]);
+        eventually(&daemon, "the old version handles it", || mark(&redis, &key).as_deref() == Some("00000001"));
+    }
+    assert_eq!(daemon.stop(), Some(0));
+}
+
+#[test]
+fn deleting_unloads_readding_loads_and_duplicate_names_are_refused() {
+    let redis = RedisServer::start();
+    let (setup, _cache) = setup_with(&format!(
+        "{REC}\n[policies.impostor]\nconfig = {{ name = \"rec\", patterns = [\"rec:*\"], mark_prefix = \"other:\" }}"
+    ));
+    let daemon = Daemon::start(&redis, &setup);
+    let file = setup.policies().join("rec.wasm");
+
+    std::fs::remove_file(&file).unwrap();
+    daemon.wait_for("policy unloaded", Duration::from_secs(20));
+    redis.cmd::<()>(&["SET", "rec:while-gone", "v"]);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(mark(&redis, "rec:while-gone"), None, "nobody handles events for an unloaded policy");
+
+    install(&setup.policies(), "rec", &stamped(4));
+    daemon.wait_for("policy loaded policy=rec version=1.0.4", Duration::from_secs(20));
+    redis.cmd::<()>(&["SET", "rec:back", "v"]);
+    eventually(&daemon, "loaded again", || mark(&redis, "rec:back").as_deref() == Some("00000004"));
+
+    install(&setup.policies(), "impostor", &stamped(5));
+    eventually(&daemon, "the impostor is refused", || daemon.log_text().contains("declares policy `rec`, which"));
+    let log = daemon.log_text();
+    let line = log.lines().find(|l| l.contains("declares policy `rec`")).unwrap();
+    assert!(line.contains("impostor.wasm") && line.contains("rec.wasm"), "both paths named: {line}");
+    redis.cmd::<()>(&["SET", "rec:after", "v"]);
+    eventually(&daemon, "the original still serves", || mark(&redis, "rec:after").as_deref() == Some("00000004"));
+    assert!(redis.keys("other:*").is_empty());
+    assert_eq!(daemon.stop(), Some(0));
+}
+
+#[test]
+fn a_file_caught_mid_copy_is_loaded_once_complete_without_an_error() {
+    let redis = RedisServer::start();
+    let (setup, _cache) = setup_with(REC);
+    let daemon = Daemon::start(&redis, &setup);
+    let next = stamped(7);
+    let file = setup.policies().join("rec.wasm");
+    // An in-place copy, caught halfway.
+    std::fs::write(&file, &next[..next.len() / 2]).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    std::fs::write(&file, &next).unwrap();
+    daemon.wait_for("policy reloaded: 1.0.1 -> 1.0.7", Duration::from_secs(20));
+    assert!(!daemon.log_text().contains("policy rejected"), "a half-written file is not a failure");
+    assert_eq!(daemon.stop(), Some(0));
+}
+
+#[test]
+fn new_subscriptions_get_a_reload_sweep() {
+    let redis = RedisServer::start();
+    let (setup, _cache) =
+        setup_with("[policies.rec]\nconfig = { name = \"rec\", mark_prefix = \"mark:\", stamped_grant = true }");
+    let daemon = Daemon::start(&redis, &setup);
+    install(&setup.policies(), "rec", &stamped(2));
+    daemon.wait_for("policy reloaded: 1.0.1 -> 1.0.2", Duration::from_secs(20));
+    let line = daemon.log_text().lines().find(|l| l.contains("policy reloaded")).unwrap().to_owned();
+    assert!(
+        line.contains("stamp:00000002:*(read)") && line.contains("stamp:00000001:*(read)"),
+        "grant changes: {line}"
+    );
+    eventually(&daemon, "sweep(reload)", || {
+        redis.cmd::<Option<String>>(&["GET", "recorder:rec:sweep:reload"]).as_deref() == Some("1")
+    });
+    assert_eq!(daemon.stop(), Some(0));
+}
+
+#[test]
+fn a_restart_with_a_warm_cache_does_not_recompile() {
+    let redis = RedisServer::start();
+    let (setup, _cache) = setup_with(REC);
+    let daemon = Daemon::start(&redis, &setup);
+    assert!(daemon.log_text().contains("1 compiled, 0 from the compile cache"), "{}", daemon.log_text());
+    assert_eq!(daemon.stop(), Some(0));
+    let daemon = Daemon::start(&redis, &setup);
+    assert!(daemon.log_text().contains("0 compiled, 1 from the compile cache"), "{}", daemon.log_text());
+    assert_eq!(daemon.stop(), Some(0));
+}
+
+#[test]
+fn without_watching_sighup_reloads() {
+    let redis = RedisServer::start();
+    let (setup, _cache) = setup_with(REC);
+    let daemon = Daemon::spawn(&redis, &setup, &["--configure-notifications", "--no-watch"]);
+    daemon.wait_for("cachepol ready", Duration::from_secs(60));
+    install(&setup.policies(), "rec", &stamped(9));
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!daemon.log_text().contains("policy reloaded"), "not watching");
+    Command::new("kill").arg("-HUP").arg(daemon.pid().to_string()).status().unwrap();
+    daemon.wait_for("policy reloaded: 1.0.1 -> 1.0.9", Duration::from_secs(20));
+    assert_eq!(daemon.stop(), Some(0));
+}
