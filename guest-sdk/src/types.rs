@@ -52,6 +52,33 @@ impl Manifest {
     }
 }
 
+impl KeyEvent {
+    /// The keyspace events Redis emits when a command writes a value (as
+    /// opposed to deleting, expiring or renaming away): what a policy that
+    /// reacts to "a key was written" subscribes to.
+    pub const WRITE_OPS: &'static [&'static str] = &[
+        "set",
+        "setrange",
+        "append",
+        "incrby",
+        "incrbyfloat",
+        "hset",
+        "hincrby",
+        "hincrbyfloat",
+        "lpush",
+        "rpush",
+        "linsert",
+        "lset",
+        "sadd",
+        "zadd",
+        "zincr",
+        "xadd",
+        "rename_to",
+        "copy_to",
+        "restore",
+    ];
+}
+
 impl DeployEvent {
     /// The first value of tag `name`.
     pub fn tag<'a>(&'a self, name: &'a str) -> Option<&'a str> {

@@ -7,5 +7,6 @@ mod daemon;
 mod deploy_hooks;
 mod echo;
 mod grants;
+mod policies;
 mod reload;
 mod resync;

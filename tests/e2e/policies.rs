@@ -1,0 +1,102 @@
+//! The bundled ttl-table, file-cache-clear and key-naming policies in the
+//! daemon on real Redis: each runbook case, ending in the key state a team
+//! would check by hand. (genre-invalidation has its own, in `daemon.rs`.)
+
+use crate::support::{Daemon, RedisServer, Setup, deploy, eventually};
+
+fn pttl(redis: &RedisServer, key: &str) -> i64 {
+    redis.cmd(&["PTTL", key])
+}
+
+#[test]
+fn ttl_table_gives_table_ttls_clamps_locks_and_fixes_keys_from_before_start() {
+    let redis = RedisServer::start();
+    // Written while no daemon was running: only the start sweep sees them.
+    redis.cmd::<()>(&["SET", "graph_data:old", "g"]);
+    redis.cmd::<()>(&["SET", "lock:stuck", "worker-9"]);
+    redis.cmd::<()>(&["SET", "user:7", "not in the table"]);
+    let daemon = Daemon::start(&redis, &Setup::new(&["ttl-table"]));
+    eventually(&daemon, "the start sweep set TTLs", || {
+        (3_590_000..=3_600_000).contains(&pttl(&redis, "graph_data:old")) && pttl(&redis, "lock:stuck") > 0
+    });
+    assert!(pttl(&redis, "lock:stuck") <= 300_000);
+
+    redis.cmd::<()>(&["SET", "playlist_data:dance", "p"]);
+    redis.cmd::<()>(&["SET", "lock:import", "worker-1", "EX", "86400"]);
+    redis.cmd::<()>(&["SET", "job:42", "queued", "EX", "10"]);
+    eventually(&daemon, "writes got their row's TTL", || {
+        (1_790_000..=1_800_000).contains(&pttl(&redis, "playlist_data:dance"))
+            && (1..=300_000).contains(&pttl(&redis, "lock:import"))
+    });
+    assert!(pttl(&redis, "job:42") <= 10_000, "a TTL the app chose is kept");
+    assert_eq!(pttl(&redis, "user:7"), -1, "keys outside the table are left alone");
+    assert_eq!(daemon.stop(), Some(0));
+}
+
+#[test]
+fn file_cache_clear_waits_for_the_edit_lock_and_survives_a_restart() {
+    let redis = RedisServer::start();
+    for key in ["quiz:1", "quiz:2024:7", "api:users", "quizzes_legacy"] {
+        redis.cmd::<()>(&["SET", key, "v"]);
+    }
+    redis.cmd::<()>(&["SET", "lock:file:quiz_generator.py", "editor-7"]);
+    let setup = Setup::new(&["file-cache-clear"]);
+    let daemon = Daemon::start(&redis, &setup);
+    deploy(&redis, &["--service", "quiz", "--file", "src/quiz_generator.py", "--file", "app.py"]);
+    eventually(&daemon, "app.py's keys cleared", || !redis.exists("api:users"));
+    let deferral = "cachepol:file-cache-clear:deferred:lock:file:quiz_generator.py";
+    eventually(&daemon, "quiz's clear deferred", || redis.exists(deferral));
+    assert!(redis.exists("quiz:1"), "the clear waits while the file is being edited");
+
+    // The daemon goes away; the editor finishes meanwhile.
+    assert_eq!(daemon.stop(), Some(0));
+    redis.cmd::<()>(&["DEL", "lock:file:quiz_generator.py"]);
+    let daemon = Daemon::start(&redis, &setup);
+    eventually(&daemon, "the start sweep ran the deferred clear", || redis.keys("quiz:*").is_empty());
+    assert!(!redis.exists(deferral));
+    assert!(redis.exists("quizzes_legacy"), "quiz:* does not match quizzes_legacy");
+
+    // And while running: an expiring lock releases the clear too.
+    redis.cmd::<()>(&["SET", "quiz:3", "v"]);
+    redis.cmd::<()>(&["SET", "lock:file:quiz_generator.py", "editor-8", "PX", "3000"]);
+    deploy(&redis, &["--service", "quiz", "--file", "quiz_generator.py"]);
+    eventually(&daemon, "deferred again", || redis.exists(deferral));
+    eventually(&daemon, "cleared once the lock expired", || !redis.exists("quiz:3") && !redis.exists(deferral));
+    assert_eq!(daemon.stop(), Some(0));
+}
+
+#[test]
+fn key_naming_clears_old_versions_on_a_bump_and_deletes_stale_writes() {
+    let redis = RedisServer::start();
+    for key in ["bisk:1:user:7", "bisk:1:enforcer:rules", ":1:enforcer:rules", "bisk:2:user:7", "graph_data:dance"] {
+        redis.cmd::<()>(&["SET", key, "v"]);
+    }
+    let setup = Setup::new(&["key-naming"]).config(
+        "[policies.key-naming]\n\
+         config = { rules = [{ kind = \"versioned\", prefix = \"bisk\", version = 1, legacy = [\":1:*\"], mode = \"delete\" }] }",
+    );
+    let daemon = Daemon::start(&redis, &setup);
+    eventually(&daemon, "legacy keys cleared at start", || !redis.exists(":1:enforcer:rules"));
+    assert!(redis.exists("bisk:1:user:7"), "version 1 is still current");
+
+    deploy(&redis, &["--service", "web", "--tag", "version=2"]);
+    eventually(&daemon, "version 1 cleared", || redis.keys("bisk:1:*").is_empty());
+    redis.cmd::<()>(&["SET", "bisk:1:user:8", "stale writer"]);
+    redis.cmd::<()>(&["SET", "bisk:2:user:8", "current"]);
+    eventually(&daemon, "the stale write is deleted", || !redis.exists("bisk:1:user:8"));
+    let mut left = redis.keys("*");
+    left.retain(|k| !k.starts_with("cachepol:deploys"));
+    assert_eq!(
+        left,
+        [
+            "bisk:2:user:7",
+            "bisk:2:user:8",
+            "cachepol:key-naming:cleaned:bisk",
+            "cachepol:key-naming:version:bisk",
+            "graph_data:dance"
+        ]
+    );
+    let log = daemon.log_text();
+    assert!(log.contains("`bisk:1:user:8` breaks `bisk:<version>:<key>`: version 1 is older than 2"), "{log}");
+    assert_eq!(daemon.stop(), Some(0));
+}
