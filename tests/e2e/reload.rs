@@ -2,28 +2,10 @@
 //! load, rejected files that leave the running version serving, unloading,
 //! conflicts, the compile cache, SIGHUP.
 
-use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use crate::support::{Daemon, RedisServer, Setup, TempDir, eventually, wasm};
-
-/// The recorder component with its build stamp set to `n` (a distinct
-/// version without rebuilding).
-fn stamped(n: u32) -> Vec<u8> {
-    let mut bytes = std::fs::read(wasm("recorder")).unwrap();
-    let marker = b"RECORDER-STAMP:";
-    let at = bytes.windows(marker.len()).position(|w| w == marker).expect("the recorder has a stamp") + marker.len();
-    bytes[at..at + 8].copy_from_slice(format!("{n:08}").as_bytes());
-    bytes
-}
-
-/// Install the recommended way: a hidden temporary file, then a rename.
-fn install(dir: &Path, name: &str, bytes: &[u8]) {
-    let tmp = dir.join(format!(".{name}.tmp"));
-    std::fs::write(&tmp, bytes).unwrap();
-    std::fs::rename(&tmp, dir.join(format!("{name}.wasm"))).unwrap();
-}
+use crate::support::{Daemon, RedisServer, Setup, TempDir, eventually, install, stamped, wasm};
 
 const REC: &str = "[policies.rec]\nconfig = { name = \"rec\", patterns = [\"rec:*\"], mark_prefix = \"mark:\" }";
 

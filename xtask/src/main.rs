@@ -6,7 +6,12 @@
 //!   `tests/fixtures/<name>.wasm`.
 //! - `cargo xtask test`: what CI runs. Installs what is missing (the wasm
 //!   target, a `redis-server`), builds the policies, then `cargo fmt --check`,
-//!   `cargo clippy -D warnings` and every test. Fails on the first failure.
+//!   `cargo clippy -D warnings`, every test, and a quick benchmark run (so
+//!   the harness cannot rot; its figures are not judged). Fails on the first
+//!   failure, and ends with one line summing the tests that ran.
+//! - `cargo xtask bench [--quick]`: build in release and run the benchmark
+//!   (`host/benches/bench`) on a private `redis-server`: a table of ratios
+//!   against baselines measured in the same run. `--quick` is CI-sized.
 //! - `cargo xtask run [ARGS...]`: build the policies and start the daemon
 //!   with them against `REDIS_URL` (default `redis://127.0.0.1:6379`),
 //!   starting a private `redis-server` if nothing answers there; extra
@@ -29,7 +34,10 @@ fn main() -> ExitCode {
         Some("build-policies") => build_policies().map(|_| ()),
         Some("test") => test(),
         Some("run") => run(&args[1..]),
-        _ => Err("usage: cargo xtask <build-policies | test | run [cachepol run args...]>".to_owned()),
+        Some("bench") => bench(&args[1..]),
+        _ => {
+            Err("usage: cargo xtask <build-policies | test | bench [--quick] | run [cachepol run args...]>".to_owned())
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -174,7 +182,57 @@ fn test() -> Result {
         cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]),
         "cargo clippy --workspace --all-targets -- -D warnings",
     )?;
-    run_checked(cargo().args(["test", "--workspace"]), "cargo test --workspace")
+    let (passed, failed) = run_counting_tests(cargo().args(["test", "--workspace"]))?;
+    // The benchmark harness must not rot; its figures are not judged here.
+    bench(&["--quick".to_owned()])?;
+    // The last word: what ran, summed over every test binary (cargo's own
+    // last line is that of whichever binary came last, often doc-tests
+    // with nothing in them).
+    println!("tests: {passed} passed, {failed} failed");
+    Ok(())
+}
+
+/// Run `cargo test`, echoing its output, and sum its `test result:` lines.
+fn run_counting_tests(cmd: &mut Command) -> Result<(u64, u64)> {
+    use std::io::{BufRead, BufReader};
+    eprintln!("xtask: cargo test --workspace");
+    let mut child =
+        cmd.stdout(std::process::Stdio::piped()).spawn().map_err(|e| format!("cargo test: cannot start: {e}"))?;
+    let (mut passed, mut failed) = (0, 0);
+    for line in BufReader::new(child.stdout.take().expect("piped")).lines().map_while(std::io::Result::ok) {
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            // "ok. 40 passed; 0 failed; 0 ignored; ..."
+            let count = |word: &str| -> u64 {
+                rest.split(';')
+                    .filter_map(|part| {
+                        let mut words = part.split_whitespace().rev();
+                        (words.next()? == word).then(|| words.next()?.parse::<u64>().ok()).flatten()
+                    })
+                    .sum()
+            };
+            passed += count("passed");
+            failed += count("failed");
+        }
+    }
+    let status = child.wait().map_err(|e| format!("cargo test: {e}"))?;
+    if !status.success() {
+        println!("tests: {passed} passed, {failed} failed");
+        return Err(format!("cargo test --workspace: failed ({status})"));
+    }
+    Ok((passed, failed))
+}
+
+fn bench(args: &[String]) -> Result {
+    if let Some(bad) = args.iter().find(|a| *a != "--quick") {
+        return Err(format!("bench: unknown argument {bad:?} (only --quick)"));
+    }
+    ensure_redis_server()?;
+    build_policies()?;
+    run_checked(
+        cargo().args(["bench", "-p", "cachepol", "--bench", "bench", "--"]).args(args),
+        "cargo bench (release build, private redis-server)",
+    )
 }
 
 fn run(args: &[String]) -> Result {

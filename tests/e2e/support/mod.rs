@@ -201,6 +201,11 @@ impl Daemon {
 
     /// Start without waiting, with extra arguments.
     pub fn spawn(redis: &RedisServer, setup: &Setup, extra: &[&str]) -> Daemon {
+        Daemon::spawn_logging(redis, setup, extra, "info,cachepol=debug")
+    }
+
+    /// [`Daemon::spawn`] with this `RUST_LOG`.
+    pub fn spawn_logging(redis: &RedisServer, setup: &Setup, extra: &[&str], rust_log: &str) -> Daemon {
         let log_dir = TempDir::new("log");
         let log = log_dir.path().join("daemon.log");
         let out = std::fs::File::create(&log).unwrap();
@@ -213,7 +218,7 @@ impl Daemon {
             .arg("--config")
             .arg(setup.config_file())
             .args(extra)
-            .env("RUST_LOG", "info,cachepol=debug")
+            .env("RUST_LOG", rust_log)
             .env_remove("REDIS_URL")
             .stdout(out.try_clone().unwrap())
             .stderr(out)
@@ -314,4 +319,21 @@ pub fn deploy(redis: &RedisServer, args: &[&str]) -> String {
         .unwrap();
     assert!(out.status.success(), "cachepol deploy failed: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+/// The recorder component with its build stamp set to `n` (a distinct
+/// version without rebuilding).
+pub fn stamped(n: u32) -> Vec<u8> {
+    let mut bytes = std::fs::read(wasm("recorder")).unwrap();
+    let marker = b"RECORDER-STAMP:";
+    let at = bytes.windows(marker.len()).position(|w| w == marker).expect("the recorder has a stamp") + marker.len();
+    bytes[at..at + 8].copy_from_slice(format!("{n:08}").as_bytes());
+    bytes
+}
+
+/// Install the recommended way: a hidden temporary file, then a rename.
+pub fn install(dir: &Path, name: &str, bytes: &[u8]) {
+    let tmp = dir.join(format!(".{name}.tmp"));
+    std::fs::write(&tmp, bytes).unwrap();
+    std::fs::rename(&tmp, dir.join(format!("{name}.wasm"))).unwrap();
 }
