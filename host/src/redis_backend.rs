@@ -58,15 +58,19 @@ impl RedisBackend {
 
     /// Walk `SCAN MATCH pattern`, handing each page's allowed keys (at most
     /// the plan's remaining limit) to `act`, which adds its commands for them
-    /// to the pipeline that also asks for the next page.
+    /// to the pipeline that also asks for the next page. `tally` says how
+    /// many keys each of those commands' replies counts for; replies are
+    /// counted page by page, never kept (a bulk operation may touch
+    /// millions of keys).
     async fn bulk(
         &self,
         pattern: &str,
         plan: &BulkPlan<'_>,
         act: impl Fn(&mut redis::Pipeline, &[Vec<u8>]),
-    ) -> Result<(BulkResult, Vec<Value>), BackendError> {
+        tally: impl Fn(&Value) -> u64,
+    ) -> Result<BulkResult, BackendError> {
         let mut result = BulkResult::default();
-        let mut outcomes = Vec::new();
+        let mut affected = 0;
         let conn = self.conn.clone();
         // An exact key needs no scan.
         if let Some(literal) = Glob::new(pattern).literal() {
@@ -74,10 +78,11 @@ impl RedisBackend {
             if exists && (plan.allow)(&literal) && plan.limit > 0 {
                 let mut pipe = redis::pipe();
                 act(&mut pipe, std::slice::from_ref(&literal));
-                outcomes.extend(retrying(|| async { pipe.query_async::<Vec<Value>>(&mut conn.clone()).await }).await?);
+                let replies = retrying(|| async { pipe.query_async::<Vec<Value>>(&mut conn.clone()).await }).await?;
                 result.record(&literal);
+                result.affected = replies.iter().map(&tally).sum();
             }
-            return Ok((result, outcomes));
+            return Ok(result);
         }
         let mut pending: Vec<Vec<u8>> = Vec::new();
         let mut cursor: Option<u64> = Some(0);
@@ -94,7 +99,7 @@ impl RedisBackend {
             }
             let mut replies: Vec<Value> = retrying(|| async { pipe.query_async(&mut conn.clone()).await }).await?;
             let scan = if cursor.is_some() { replies.pop() } else { None };
-            outcomes.extend(replies);
+            affected += replies.iter().map(&tally).sum::<u64>();
             for key in pending.drain(..) {
                 result.record(&key);
             }
@@ -112,7 +117,8 @@ impl RedisBackend {
             }
             cursor = if next == 0 || result.truncated { None } else { Some(next) };
         }
-        Ok((result, outcomes))
+        result.affected = affected;
+        Ok(result)
     }
 }
 
@@ -239,15 +245,16 @@ impl Backend for RedisBackend {
     }
 
     async fn delete_matching(&self, pattern: &str, plan: &BulkPlan<'_>) -> Result<BulkResult, BackendError> {
-        let (mut result, replies) = self
-            .bulk(pattern, plan, |pipe, keys| {
+        self.bulk(
+            pattern,
+            plan,
+            |pipe, keys| {
                 pipe.cmd("UNLINK").arg(keys);
-            })
-            .await?;
-        // `UNLINK` says how many of the scanned keys still existed.
-        let unlinked: u64 = replies.iter().map(|v| if let Value::Int(n) = v { *n as u64 } else { 0 }).sum();
-        result.affected = unlinked;
-        Ok(result)
+            },
+            // `UNLINK` says how many of the scanned keys still existed.
+            |v| if let Value::Int(n) = v { *n as u64 } else { 0 },
+        )
+        .await
     }
 
     async fn expire_matching(
@@ -257,18 +264,20 @@ impl Backend for RedisBackend {
         only_if_persistent: bool,
         plan: &BulkPlan<'_>,
     ) -> Result<BulkResult, BackendError> {
-        let (mut result, replies) = self
-            .bulk(pattern, plan, |pipe, keys| {
+        self.bulk(
+            pattern,
+            plan,
+            |pipe, keys| {
                 for key in keys {
                     let cmd = pipe.cmd("PEXPIRE").arg(key).arg(ttl_ms);
                     if only_if_persistent {
                         cmd.arg("NX");
                     }
                 }
-            })
-            .await?;
-        result.affected = replies.iter().filter(|v| is_one(v)).count() as u64;
-        Ok(result)
+            },
+            |v| u64::from(is_one(v)),
+        )
+        .await
     }
 
     async fn lock_acquire(&self, name: &str, ttl_ms: u64) -> Result<Option<String>, BackendError> {
