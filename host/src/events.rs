@@ -6,19 +6,28 @@
 //! binary-safe as they are, with no parsing of key bytes out of a channel
 //! name; one pattern covers every event.
 //!
-//! The loop only parses, asks the echo ledger who caused the event, and
-//! pushes into bounded queues, which never waits: the socket is drained at
-//! full speed. Notifications are fire-and-forget, so every (re)connect is
+//! The connection speaks RESP3, and each notification is routed right in
+//! the connection's reader as it is parsed (redis-rs's push sender), with no
+//! buffer in between: it is parsed, the echo ledger says who caused it, and
+//! it is pushed into bounded queues, which never waits. So the socket is
+//! drained as fast as routing goes, and if Redis still outpaces that, the
+//! backlog waits in Redis's output buffer for this client, not in our
+//! memory: past its limit Redis closes the connection, and the reconnect
+//! sweep below reconciles. (redis-rs's RESP2 pub/sub would queue messages
+//! without bound instead.) Notifications are fire-and-forget, so every (re)connect is
 //! treated as a gap: after the subscription is back, every policy gets
 //! `sweep(reconnect)` (`sweep(start)` the first time) to reconcile what it
 //! missed. Reconnects back off exponentially with jitter and are logged once
 //! per change of state, not once per retry.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use futures_util::StreamExt;
+use redis::aio::{AsyncPushSender, MultiplexedConnection};
+use redis::{AsyncConnectionConfig, ProtocolVersion, PushInfo, PushKind, Value};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -96,7 +105,7 @@ impl Subscriber {
                 _ = shutdown.cancelled() => return,
                 s = self.subscribe(&channel) => s,
             };
-            let (sink, stream) = match subscribed {
+            let (conn, closed) = match subscribed {
                 Ok(pair) => pair,
                 Err(e) => {
                     if !down_since_logged {
@@ -121,15 +130,16 @@ impl Subscriber {
             if let Some(tx) = ready.take() {
                 let _ = tx.send(());
             }
-            if self.drain(sink, stream, &shutdown).await {
+            if self.watch(conn, &closed, &shutdown).await {
                 return;
             }
             warn!("keyspace subscription lost; reconnecting (notifications meanwhile are reconciled by a sweep)");
         }
     }
 
-    /// Connect, make sure notifications are on, subscribe.
-    async fn subscribe(&self, channel: &str) -> Result<(redis::aio::PubSubSink, redis::aio::PubSubStream), String> {
+    /// Connect, make sure notifications are on, subscribe. Returns the
+    /// connection (for pings) and what fires when it closes.
+    async fn subscribe(&self, channel: &str) -> Result<(MultiplexedConnection, Arc<Notify>), String> {
         let mut conn = self.client.get_multiplexed_async_connection().await.map_err(|e| e.to_string())?;
         let needed = self.routes.load().needed_flags();
         match notify::ensure(&mut conn, &needed, self.configure_notifications).await {
@@ -141,36 +151,34 @@ impl Subscriber {
             // operator sees why the rest does not.
             Err(e) => tracing::error!(error = %e, "keyspace notifications are incomplete"),
         }
-        let pubsub = self.client.get_async_pubsub().await.map_err(|e| e.to_string())?;
-        let (mut sink, stream) = pubsub.split();
-        sink.psubscribe(channel).await.map_err(|e| e.to_string())?;
-        Ok((sink, stream))
+        let info = self.client.get_connection_info().clone();
+        let resp3 = info.clone().set_redis_settings(info.redis_settings().clone().set_protocol(ProtocolVersion::RESP3));
+        let client = redis::Client::open(resp3).map_err(|e| e.to_string())?;
+        let closed = Arc::new(Notify::new());
+        let router = Router {
+            routes: self.routes.clone(),
+            ledger: self.ledger.clone(),
+            hop_limit: self.hop_limit,
+            closed: closed.clone(),
+            skipped: AtomicU64::new(0),
+        };
+        let config = AsyncConnectionConfig::new().set_push_sender(router);
+        let mut conn = client.get_multiplexed_async_connection_with_config(&config).await.map_err(|e| e.to_string())?;
+        conn.psubscribe(channel).await.map_err(|e| e.to_string())?;
+        Ok((conn, closed))
     }
 
-    /// Route messages until the connection dies (`false`) or shutdown (`true`).
-    async fn drain(
-        &self,
-        mut sink: redis::aio::PubSubSink,
-        mut stream: redis::aio::PubSubStream,
-        shutdown: &CancellationToken,
-    ) -> bool {
+    /// Wait while notifications flow (the connection's reader routes them)
+    /// until the connection dies (`false`) or shutdown (`true`).
+    async fn watch(&self, mut conn: MultiplexedConnection, closed: &Notify, shutdown: &CancellationToken) -> bool {
         let mut ping = tokio::time::interval(PING_EVERY);
         ping.tick().await;
-        let mut skipped = 0u64;
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return true,
-                msg = stream.next() => {
-                    let Some(msg) = msg else { return false };
-                    if !self.route(msg.get_channel_name(), msg.get_payload_bytes()) {
-                        skipped += 1;
-                        if skipped.is_power_of_two() {
-                            tracing::debug!(skipped, "skipped keyspace events (non-UTF-8 or oversized keys)");
-                        }
-                    }
-                }
+                _ = closed.notified() => return false,
                 _ = ping.tick() => {
-                    let alive = tokio::time::timeout(PING_EVERY, sink.ping::<redis::Value>()).await;
+                    let alive = tokio::time::timeout(PING_EVERY, redis::cmd("PING").query_async::<Value>(&mut conn)).await;
                     if !matches!(alive, Ok(Ok(_))) {
                         return false;
                     }
@@ -178,7 +186,45 @@ impl Subscriber {
             }
         }
     }
+}
 
+/// Routes notifications inside the subscription connection's reader.
+struct Router {
+    routes: Arc<ArcSwap<Routes>>,
+    ledger: Arc<EchoLedger>,
+    hop_limit: u8,
+    /// Told when redis-rs reports the connection closed.
+    closed: Arc<Notify>,
+    skipped: AtomicU64,
+}
+
+impl AsyncPushSender for Router {
+    fn send(&self, push: PushInfo) -> Result<(), redis::aio::SendError> {
+        match push.kind {
+            PushKind::PMessage => {
+                // [pattern, channel, payload]
+                let routed = match push.data.as_slice() {
+                    [_, Value::BulkString(channel), Value::BulkString(payload)] => {
+                        std::str::from_utf8(channel).is_ok_and(|channel| self.route(channel, payload))
+                    }
+                    _ => false,
+                };
+                if !routed {
+                    let skipped = self.skipped.fetch_add(1, Ordering::Relaxed) + 1;
+                    if skipped.is_power_of_two() {
+                        tracing::debug!(skipped, "skipped keyspace events (non-UTF-8 or oversized keys)");
+                    }
+                }
+            }
+            // A permit is stored if nobody waits yet.
+            PushKind::Disconnection => self.closed.notify_one(),
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+impl Router {
     /// Route one notification; `false` if it was not routable.
     fn route(&self, channel: &str, payload: &[u8]) -> bool {
         let Some((db, op)) = parse_channel(channel) else { return false };
