@@ -148,7 +148,37 @@ fn latency(redis: &RedisServer, per_sec: u64, run: Duration) -> (f64, f64, u64) 
     (pct(0.5).unwrap_or(f64::NAN), pct(0.99).unwrap_or(f64::NAN), missing)
 }
 
+/// The daemon with the four bundled policies, its RSS sampled throughout.
+struct Running {
+    daemon: Daemon,
+    /// The policies directory; the daemon unloads what is deleted.
+    _setup: Setup,
+    stop: Arc<AtomicBool>,
+    sampler: JoinHandle<u64>,
+}
+
+impl Running {
+    fn start(redis: &RedisServer) -> Running {
+        let setup = Setup::new(&POLICIES).config(TTL_CONFIG);
+        let daemon = Daemon::spawn_logging(redis, &setup, &["--configure-notifications"], "info");
+        daemon.wait_for("cachepol ready", Duration::from_secs(60));
+        let stop = Arc::new(AtomicBool::new(false));
+        let sampler = sample_rss(daemon.pid(), stop.clone());
+        Running { daemon, _setup: setup, stop, sampler }
+    }
+
+    /// Stop the daemon; its peak RSS in MiB.
+    fn stop(self) -> f64 {
+        self.stop.store(true, Ordering::Relaxed);
+        let peak = self.sampler.join().unwrap() as f64 / 1024.0;
+        assert!(!self.daemon.log_text().contains("policy unloaded"), "the policies stayed loaded");
+        assert_eq!(self.daemon.stop(), Some(0));
+        peak
+    }
+}
+
 pub fn run(redis: &RedisServer, sizes: &Sizes) -> Vec<Row> {
+    redis.cmd::<()>(&["FLUSHALL"]);
     redis.cmd::<()>(&["CONFIG", "SET", "notify-keyspace-events", "E$g"]);
     let mut rep = 0;
     let bare = repeat(sizes.reps, || {
@@ -156,27 +186,31 @@ pub fn run(redis: &RedisServer, sizes: &Sizes) -> Vec<Row> {
         throughput(redis, "set", &format!("base:{rep}:"), sizes.events)
     });
 
-    let setup = Setup::new(&POLICIES).config(TTL_CONFIG);
-    let daemon = Daemon::spawn_logging(redis, &setup, &["--configure-notifications"], "info");
-    daemon.wait_for("cachepol ready", Duration::from_secs(60));
-    let stop = Arc::new(AtomicBool::new(false));
-    let sampler = sample_rss(daemon.pid(), stop.clone());
+    // Bursts as fast as the writer can go: the daemon's queues overflow and
+    // gap sweeps follow, as they would in production.
+    let daemon = Running::start(redis);
     let ours = repeat(sizes.reps, || {
         rep += 1;
         throughput(redis, "expire", &format!("ev:{rep}:"), sizes.events)
     });
+    let burst_mib = daemon.stop();
+
+    // A steady 10k events/s on a fresh keyspace and daemon, so no sweep left
+    // over from the bursts runs in the middle; one warm-up run first.
+    redis.cmd::<()>(&["FLUSHALL"]);
+    let daemon = Running::start(redis);
+    latency(redis, 10_000, Duration::from_secs(1));
     let runs: Vec<(f64, f64, u64)> = (0..sizes.reps).map(|_| latency(redis, 10_000, sizes.latency_run)).collect();
-    stop.store(true, Ordering::Relaxed);
-    let peak_mib = sampler.join().unwrap() as f64 / 1024.0;
-    assert_eq!(daemon.stop(), Some(0));
+    let steady_mib = daemon.stop();
 
     let p50 = median(runs.iter().map(|r| r.0).collect());
     let p99 = median(runs.iter().map(|r| r.1).collect());
     let missing: u64 = runs.iter().map(|r| r.2).sum();
+    let lost = if missing > 0 { format!(", {missing} without a TTL after 5 s") } else { String::new() };
     let ratio = ours / bare;
     vec![
         Row {
-            scenario: format!("keyspace events through ttl-table, {} writes (EXPIRE applied)", sizes.events),
+            scenario: format!("keyspace events through ttl-table, bursts of {} writes (EXPIRE applied)", sizes.events),
             cachepol: rate(ours),
             baseline: format!("bare Rust subscriber counting the same events: {}", rate(bare)),
             ratio: format!("{ratio:.2}x"),
@@ -185,22 +219,19 @@ pub fn run(redis: &RedisServer, sizes: &Sizes) -> Vec<Row> {
         },
         Row {
             scenario: format!("event -> action latency at 10k events/s for {} s", sizes.latency_run.as_secs()),
-            cachepol: format!(
-                "p50 {p50:.2} ms, p99 {p99:.2} ms{}",
-                if missing > 0 { format!(", {missing} lost") } else { String::new() }
-            ),
+            cachepol: format!("p50 {p50:.2} ms, p99 {p99:.2} ms{lost}"),
             baseline: "-".into(),
             ratio: "-".into(),
             target: "p99 < 2 ms".into(),
             met: Some(p99 < 2.0 && missing == 0),
         },
         Row {
-            scenario: "daemon RSS at full load, 4 policies".into(),
-            cachepol: format!("{peak_mib:.1} MiB peak"),
+            scenario: "daemon RSS, 4 policies".into(),
+            cachepol: format!("peak {burst_mib:.1} MiB in the bursts, {steady_mib:.1} MiB at 10k events/s"),
             baseline: "-".into(),
             ratio: "-".into(),
             target: "< 64 MiB".into(),
-            met: Some(peak_mib < 64.0),
+            met: Some(burst_mib < 64.0),
         },
     ]
 }

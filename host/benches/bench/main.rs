@@ -90,20 +90,32 @@ pub fn secs(t: Instant) -> f64 {
 }
 
 fn main() {
-    // `cargo bench` passes `--bench`; our only flag is `--quick`.
-    let quick = std::env::args().any(|a| a == "--quick");
+    // `cargo bench` passes `--bench`; ours are `--quick` and `--only NAME`
+    // (deletion, overhead, events, swap), for profiling one scenario.
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let only = args.iter().position(|a| a == "--only").and_then(|i| args.get(i + 1)).cloned();
+    let wanted = |name: &str| only.as_deref().is_none_or(|o| o == name);
     let sizes = Sizes::new(quick);
     let redis = RedisServer::start();
     let tokio = tokio::runtime::Runtime::new().expect("tokio runtime");
     let started = Instant::now();
     let mut rows: Vec<Row> = Vec::new();
-    eprintln!("bench: deletion");
-    rows.extend(deletion::run(&redis, &sizes, &tokio));
-    eprintln!("bench: policy call overhead");
-    rows.extend(overhead::run(&sizes, &tokio));
-    eprintln!("bench: keyspace events, latency and memory");
-    rows.extend(events::run(&redis, &sizes));
-    eprintln!("bench: hot swap");
-    rows.extend(swap::run(&redis, &sizes));
+    if wanted("deletion") {
+        eprintln!("bench: deletion");
+        rows.extend(deletion::run(&redis, &sizes, &tokio));
+    }
+    if wanted("overhead") {
+        eprintln!("bench: policy call overhead");
+        rows.extend(overhead::run(&sizes, &tokio));
+    }
+    if wanted("events") {
+        eprintln!("bench: keyspace events, latency and memory");
+        rows.extend(events::run(&redis, &sizes));
+    }
+    if wanted("swap") {
+        eprintln!("bench: hot swap");
+        rows.extend(swap::run(&redis, &sizes));
+    }
     print!("{}", report::render(&redis, &sizes, &rows, started.elapsed()));
 }
