@@ -107,7 +107,7 @@ fn main() {
     }
     if wanted("overhead") {
         eprintln!("bench: policy call overhead");
-        rows.extend(overhead::run(&sizes, &tokio));
+        rows.extend(overhead::run(&redis, &sizes, &tokio));
     }
     if wanted("events") {
         eprintln!("bench: keyspace events, latency and memory");
