@@ -19,7 +19,9 @@
 //! - [`audit`]: what each call did, one log line.
 //! - [`scenario`]: scenario files for `cachepol test`, run on the fake host.
 //! - `guest_io`: a guest's stdout/stderr into the log.
+//! - [`acl`]: the Redis ACL rule for the loaded policies (`cachepol acl`).
 
+pub mod acl;
 pub mod audit;
 pub mod backend;
 pub mod budget;

@@ -55,6 +55,16 @@ Stop with SIGINT or SIGTERM: in-flight calls finish, handled deploy hooks are ac
         #[arg(long, default_value = "{}")]
         config: String,
     },
+    /// Print the Redis ACL rule that gives the daemon exactly what its policies need.
+    #[command(after_help = "Examples:
+  cachepol acl --redis-url redis://cachepol:s3cret@cache:6379 --policies /srv/cachepol/policies
+  cachepol acl --config /etc/cachepol.toml | redis-cli -h cache --user default --pass ...
+
+Loads every policy in the directory with its config section (as `cachepol run` would) and prints
+one `ACL SETUSER` line: the commands the daemon sends and no others, each grant's key pattern
+(read-only, write-only or both), the deploy streams and the keyspace-notification channel.
+The user and password come from the Redis URL (or --user/--password). Run the daemon as that user.")]
+    Acl(AclArgs),
     /// Run scenario files against a policy on the fake host.
     #[command(after_help = "Examples:
   cachepol test policies/genre-invalidation.wasm policies/genre-invalidation/scenarios/
@@ -105,6 +115,24 @@ struct RunArgs {
     /// Longest chain of policies waking each other through their writes.
     #[arg(long)]
     hop_limit: Option<u8>,
+}
+
+#[derive(Args)]
+struct AclArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// Directory of policy .wasm files.
+    #[arg(long)]
+    policies: Option<PathBuf>,
+    /// The daemon will run with --configure-notifications (it then needs CONFIG SET).
+    #[arg(long)]
+    configure_notifications: bool,
+    /// The ACL user (default: the Redis URL's user, else `cachepol`).
+    #[arg(long)]
+    user: Option<String>,
+    /// The user's password (default: the Redis URL's password).
+    #[arg(long)]
+    password: Option<String>,
 }
 
 #[derive(Args)]
@@ -202,6 +230,7 @@ async fn run(command: Command) -> Result<ExitCode> {
     match command {
         Command::Run(args) => run_daemon(args).await,
         Command::Deploy(args) => deploy(args).await,
+        Command::Acl(args) => acl(args).await,
         Command::Check { policy, config } => check(&policy, &config).await,
         Command::Test { policy, scenarios } => test(&policy, &scenarios).await,
     }
@@ -225,6 +254,48 @@ async fn check(path: &Path, config: &str) -> Result<ExitCode> {
     let options = LoadOptions { label, config, ..LoadOptions::default() };
     let policy = runtime.load(&compiled, backend, &options).await.with_context(|| path.display().to_string())?;
     print!("{}", policy.manifest());
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn acl(args: AclArgs) -> Result<ExitCode> {
+    let mut config = args.common.load()?;
+    if let Some(dir) = args.policies {
+        config.policies_dir = dir;
+    }
+    let client = redis::Client::open(config.redis_url.as_str()).context("invalid Redis URL")?;
+    let settings = client.get_connection_info().redis_settings();
+    let user = args.user.or_else(|| settings.username().map(str::to_owned)).unwrap_or_else(|| "cachepol".into());
+    let Some(password) = args.password.or_else(|| settings.password().map(str::to_owned)) else {
+        bail!("no password: give --password, or a Redis URL with one (redis://{user}:PASSWORD@host)");
+    };
+    let runtime = Runtime::new(RuntimeConfig::default())?;
+    let backend = Arc::new(FakeRedis::new().client("acl"));
+    let mut grants = Vec::new();
+    let files = cachepol::reload::policy_files(&config.policies_dir)
+        .with_context(|| format!("cannot list {}", config.policies_dir.display()))?;
+    for path in &files {
+        let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        let section = config.policy(&stem);
+        let options = LoadOptions {
+            label: stem,
+            config: section.config_json(),
+            budgets: config.budgets_for(&section),
+            grants: section.grants().map_err(anyhow::Error::msg)?,
+        };
+        let compiled = runtime.compile_file(path).with_context(|| path.display().to_string())?;
+        let policy =
+            runtime.load(&compiled, backend.clone(), &options).await.with_context(|| path.display().to_string())?;
+        grants.extend(policy.grants().rules().iter().map(|r| (r.pattern.as_str().to_owned(), r.ops)));
+    }
+    let request = cachepol::acl::AclRequest {
+        user: &user,
+        password: &password,
+        db: u32::try_from(settings.db()).unwrap_or(0),
+        deploy: &config.deploy,
+        configure_notifications: args.configure_notifications || config.configure_notifications,
+        grants,
+    };
+    println!("{}", cachepol::acl::render(&cachepol::acl::setuser_args(&request)));
     Ok(ExitCode::SUCCESS)
 }
 

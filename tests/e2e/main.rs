@@ -3,6 +3,7 @@
 
 mod support;
 
+mod acl;
 mod daemon;
 mod deploy_hooks;
 mod echo;

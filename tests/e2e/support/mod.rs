@@ -184,7 +184,7 @@ impl Setup {
         self.dir.path().join("policies")
     }
 
-    fn config_file(&self) -> PathBuf {
+    pub fn config_file(&self) -> PathBuf {
         let path = self.dir.path().join("cachepol.toml");
         std::fs::write(&path, &self.config).unwrap();
         path
@@ -206,13 +206,18 @@ impl Daemon {
 
     /// [`Daemon::spawn`] with this `RUST_LOG`.
     pub fn spawn_logging(redis: &RedisServer, setup: &Setup, extra: &[&str], rust_log: &str) -> Daemon {
+        Daemon::spawn_url(&redis.url(), setup, extra, rust_log)
+    }
+
+    /// Start against `url` (a user and password in it, say).
+    pub fn spawn_url(url: &str, setup: &Setup, extra: &[&str], rust_log: &str) -> Daemon {
         let log_dir = TempDir::new("log");
         let log = log_dir.path().join("daemon.log");
         let out = std::fs::File::create(&log).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_cachepol"))
             .arg("run")
             .arg("--redis-url")
-            .arg(redis.url())
+            .arg(url)
             .arg("--policies")
             .arg(setup.policies())
             .arg("--config")

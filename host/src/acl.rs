@@ -1,0 +1,140 @@
+//! `cachepol acl`: the Redis ACL rule that lets the daemon do exactly what
+//! its loaded policies may, and nothing else.
+//!
+//! Grants are checked by the host before anything reaches Redis; this is
+//! the second wall, enforced by Redis itself, for the day the first one has
+//! a bug. The rule allows:
+//! - the commands the daemon sends (the restricted policy API, the deploy
+//!   stream, the keyspace subscription, connection set-up), and no others:
+//!   no `KEYS`, `FLUSH*`, `CONFIG SET` (unless the daemon is to set
+//!   `notify-keyspace-events` itself), `DEBUG`, ...;
+//! - each policy grant's key pattern, read-only (`%R~`), write-only (`%W~`)
+//!   or both (`~`) as its operations need, plus the deploy stream and its
+//!   dead-letter stream;
+//! - the one pub/sub pattern the daemon subscribes to.
+
+use std::collections::BTreeSet;
+
+use crate::config::DeployConfig;
+use crate::wit::KeyOps;
+
+/// Commands for the restricted policy API, host-side bulk operations and
+/// locks (the release script runs through `EVALSHA`, loaded on first use).
+const POLICY_COMMANDS: &[&str] =
+    &["get", "exists", "pttl", "type", "scan", "set", "unlink", "pexpire", "persist", "evalsha", "eval", "script|load"];
+/// Commands for the deploy-hook stream and its dead letters.
+const STREAM_COMMANDS: &[&str] = &["xgroup|create", "xreadgroup", "xautoclaim", "xpending", "xack", "xadd"];
+/// Connection set-up, health checks, the subscription, and reading
+/// `notify-keyspace-events`. (redis-rs also sends `CLIENT SETINFO`, which
+/// Redis 7.0 does not know and 7.2 may refuse: it ignores the answer.)
+const CONNECTION_COMMANDS: &[&str] = &["hello", "auth", "ping", "select", "psubscribe", "punsubscribe", "config|get"];
+
+/// What the rule is for.
+pub struct AclRequest<'a> {
+    pub user: &'a str,
+    pub password: &'a str,
+    pub db: u32,
+    pub deploy: &'a DeployConfig,
+    /// The daemon sets `notify-keyspace-events` itself.
+    pub configure_notifications: bool,
+    /// Every loaded policy's effective grants (after the operator's
+    /// narrowing).
+    pub grants: Vec<(String, KeyOps)>,
+}
+
+/// The key permission a grant needs: `%R~`, `%W~` or `~`.
+pub fn key_rule(pattern: &str, ops: KeyOps) -> String {
+    let any = |flags: &[KeyOps]| flags.iter().any(|f| ops.contains(*f));
+    let reads = any(&[KeyOps::READ, KeyOps::LOCK]);
+    let writes = any(&[KeyOps::WRITE, KeyOps::DELETE, KeyOps::EXPIRE, KeyOps::LOCK]);
+    match (reads, writes) {
+        (true, false) => format!("%R~{pattern}"),
+        (false, true) => format!("%W~{pattern}"),
+        _ => format!("~{pattern}"),
+    }
+}
+
+/// The arguments of `ACL SETUSER`.
+pub fn setuser_args(req: &AclRequest<'_>) -> Vec<String> {
+    let mut args = vec![req.user.to_owned(), "reset".into(), "on".into(), format!(">{}", req.password)];
+    args.push("resetchannels".into());
+    args.push(format!("&__keyevent@{}__:*", req.db));
+    args.push("-@all".into());
+    let mut commands: Vec<&str> = [POLICY_COMMANDS, STREAM_COMMANDS, CONNECTION_COMMANDS].concat();
+    if req.configure_notifications {
+        commands.push("config|set");
+    }
+    args.extend(commands.iter().map(|c| format!("+{c}")));
+    let mut seen = BTreeSet::new();
+    let keys = [
+        key_rule(&cachepol_guest_sdk::glob::escape(&req.deploy.stream), KeyOps::READ | KeyOps::WRITE),
+        key_rule(&cachepol_guest_sdk::glob::escape(&req.deploy.dead_letter), KeyOps::WRITE),
+    ]
+    .into_iter()
+    .chain(req.grants.iter().map(|(pattern, ops)| key_rule(pattern, *ops)));
+    args.extend(keys.filter(|k| seen.insert(k.clone())));
+    args
+}
+
+/// One `redis-cli` line: arguments with spaces or quotes are quoted.
+pub fn render(args: &[String]) -> String {
+    let mut line = String::from("ACL SETUSER");
+    for arg in args {
+        line.push(' ');
+        if arg.is_empty() || arg.chars().any(|c| c.is_whitespace() || c == '"' || c == '\'') {
+            line.push('"');
+            for c in arg.chars() {
+                if matches!(c, '"' | '\\') {
+                    line.push('\\');
+                }
+                line.push(c);
+            }
+            line.push('"');
+        } else {
+            line.push_str(arg);
+        }
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_permissions_follow_the_operations() {
+        assert_eq!(key_rule("last_updated:*", KeyOps::READ), "%R~last_updated:*");
+        assert_eq!(key_rule("graph_data:*", KeyOps::DELETE), "%W~graph_data:*");
+        assert_eq!(key_rule("job:*", KeyOps::READ | KeyOps::EXPIRE), "~job:*");
+        assert_eq!(key_rule("lock:*", KeyOps::LOCK), "~lock:*", "releasing a lock reads it");
+    }
+
+    #[test]
+    fn the_rule_names_commands_keys_and_the_channel() {
+        let deploy = DeployConfig::default();
+        let req = AclRequest {
+            user: "cachepol",
+            password: "s3cret",
+            db: 2,
+            deploy: &deploy,
+            configure_notifications: false,
+            grants: vec![("quiz:*".into(), KeyOps::DELETE), ("quiz:*".into(), KeyOps::DELETE)],
+        };
+        let args = setuser_args(&req);
+        assert_eq!(&args[..7], ["cachepol", "reset", "on", ">s3cret", "resetchannels", "&__keyevent@2__:*", "-@all"]);
+        assert!(args.contains(&"+unlink".to_owned()) && args.contains(&"+xreadgroup".to_owned()));
+        assert!(!args.iter().any(|a| a == "+config|set" || a == "+keys" || a == "+flushall"));
+        assert_eq!(args.iter().filter(|a| *a == "%W~quiz:*").count(), 1, "duplicates folded");
+        assert!(
+            args.contains(&"~cachepol:deploys".to_owned()) && args.contains(&"%W~cachepol:deploys:dead".to_owned())
+        );
+        let with_set = setuser_args(&AclRequest { configure_notifications: true, ..req });
+        assert!(with_set.contains(&"+config|set".to_owned()));
+    }
+
+    #[test]
+    fn rendering_quotes_what_redis_cli_would_split() {
+        let args = vec!["u".to_owned(), ">pass word".to_owned(), "~a\\*b".to_owned(), "~say\"hi\"".to_owned()];
+        assert_eq!(render(&args), r#"ACL SETUSER u ">pass word" ~a\*b "~say\"hi\"""#);
+    }
+}

@@ -1,0 +1,70 @@
+//! `cachepol acl` on real Redis: the daemon runs as the user it describes,
+//! the policies work, and Redis itself refuses anything else.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use crate::support::{Daemon, RedisServer, Setup, deploy, eventually};
+
+#[test]
+fn the_daemon_runs_as_the_acl_user_and_redis_refuses_the_rest() {
+    let redis = RedisServer::start();
+    // The user may read notify-keyspace-events, not set it.
+    redis.cmd::<()>(&["CONFIG", "SET", "notify-keyspace-events", "KEA"]);
+    for key in ["graph_data:dance", "service_playlist:dance:web", "graph_data:rock", "secret:password"] {
+        redis.cmd::<()>(&["SET", key, "v"]);
+    }
+    let setup = Setup::new(&["genre-invalidation", "ttl-table"]);
+    let url = format!("redis://cachepol:s3cret@127.0.0.1:{}", redis.port);
+    let out = Command::new(env!("CARGO_BIN_EXE_cachepol"))
+        .args(["acl", "--redis-url", &url, "--policies"])
+        .arg(setup.policies())
+        .arg("--config")
+        .arg(setup.config_file())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let line = String::from_utf8(out.stdout).unwrap();
+    assert!(line.starts_with("ACL SETUSER cachepol reset on >s3cret "), "{line}");
+    assert!(line.contains(" %W~graph_data:* ") && line.contains(" ~job:* "), "{line}");
+
+    // Applied the way an operator would: through redis-cli.
+    let mut cli = Command::new("redis-cli")
+        .args(["-p", &redis.port.to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("redis-cli");
+    cli.stdin.take().unwrap().write_all(line.as_bytes()).unwrap();
+    let applied = cli.wait_with_output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&applied.stdout).trim(), "OK");
+
+    let daemon = Daemon::spawn_url(&url, &setup, &[], "info,cachepol=debug");
+    daemon.wait_for("cachepol ready", Duration::from_secs(60));
+    deploy(&redis, &["--service", "catalog", "--tag", "genre=dance"]);
+    eventually(&daemon, "dance's keys deleted as the ACL user", || {
+        !redis.exists("graph_data:dance") && !redis.exists("service_playlist:dance:web")
+    });
+    redis.cmd::<()>(&["SET", "job:7", "queued"]);
+    eventually(&daemon, "ttl-table's EXPIRE allowed", || redis.cmd::<i64>(&["TTL", "job:7"]) > 0);
+    assert!(!daemon.log_text().to_lowercase().contains("noperm"), "{}", daemon.log_text());
+
+    // Anything else is Redis's own refusal.
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut conn = client.get_connection().unwrap();
+    let refused = [
+        ("GET", vec!["secret:password"]),
+        ("UNLINK", vec!["secret:password"]),
+        ("FLUSHALL", vec![]),
+        ("KEYS", vec!["*"]),
+        ("DEL", vec!["graph_data:rock"]),
+        ("CONFIG", vec!["SET", "notify-keyspace-events", ""]),
+    ];
+    for (command, args) in refused {
+        let err = redis::cmd(command).arg(&args).query::<redis::Value>(&mut conn).unwrap_err();
+        assert!(err.to_string().to_lowercase().contains("noperm"), "{command}: {err}");
+    }
+    assert!(redis.exists("graph_data:rock") && redis.exists("secret:password"));
+    assert_eq!(daemon.stop(), Some(0));
+}
