@@ -93,16 +93,36 @@ Exit status: 0 if every scenario passed, 1 otherwise.")]
     },
 }
 
+/// What decides the loaded policy set: shared by `run` and `acl`, so that
+/// `acl` describes exactly what `run` will load.
 #[derive(Args)]
-struct RunArgs {
+struct PolicySetArgs {
     #[command(flatten)]
     common: CommonArgs,
     /// Directory of policy .wasm files.
     #[arg(long)]
     policies: Option<PathBuf>,
-    /// Set notify-keyspace-events to what the policies need, instead of refusing to start.
+    /// The daemon sets notify-keyspace-events to what the policies need (instead of refusing
+    /// to start without them).
     #[arg(long)]
     configure_notifications: bool,
+}
+
+impl PolicySetArgs {
+    fn load(&self) -> Result<Config> {
+        let mut config = self.common.load()?;
+        if let Some(dir) = &self.policies {
+            config.policies_dir = dir.clone();
+        }
+        config.configure_notifications |= self.configure_notifications;
+        Ok(config)
+    }
+}
+
+#[derive(Args)]
+struct RunArgs {
+    #[command(flatten)]
+    set: PolicySetArgs,
     /// Do not watch the policies directory (immutable deployments); SIGHUP still reloads.
     #[arg(long)]
     no_watch: bool,
@@ -120,13 +140,7 @@ struct RunArgs {
 #[derive(Args)]
 struct AclArgs {
     #[command(flatten)]
-    common: CommonArgs,
-    /// Directory of policy .wasm files.
-    #[arg(long)]
-    policies: Option<PathBuf>,
-    /// The daemon will run with --configure-notifications (it then needs CONFIG SET).
-    #[arg(long)]
-    configure_notifications: bool,
+    set: PolicySetArgs,
     /// The ACL user (default: the Redis URL's user, else `cachepol`).
     #[arg(long)]
     user: Option<String>,
@@ -258,10 +272,7 @@ async fn check(path: &Path, config: &str) -> Result<ExitCode> {
 }
 
 async fn acl(args: AclArgs) -> Result<ExitCode> {
-    let mut config = args.common.load()?;
-    if let Some(dir) = args.policies {
-        config.policies_dir = dir;
-    }
+    let config = args.set.load()?;
     let client = redis::Client::open(config.redis_url.as_str()).context("invalid Redis URL")?;
     let settings = client.get_connection_info().redis_settings();
     let user = args.user.or_else(|| settings.username().map(str::to_owned)).unwrap_or_else(|| "cachepol".into());
@@ -292,7 +303,7 @@ async fn acl(args: AclArgs) -> Result<ExitCode> {
         password: &password,
         db: u32::try_from(settings.db()).unwrap_or(0),
         deploy: &config.deploy,
-        configure_notifications: args.configure_notifications || config.configure_notifications,
+        configure_notifications: config.configure_notifications,
         grants,
     };
     println!("{}", cachepol::acl::render(&cachepol::acl::setuser_args(&request)));
@@ -334,11 +345,7 @@ async fn test(policy: &Path, paths: &[PathBuf]) -> Result<ExitCode> {
 }
 
 async fn run_daemon(args: RunArgs) -> Result<ExitCode> {
-    let mut config = args.common.load()?;
-    if let Some(dir) = args.policies {
-        config.policies_dir = dir;
-    }
-    config.configure_notifications |= args.configure_notifications;
+    let mut config = args.set.load()?;
     config.watch &= !args.no_watch;
     if let Some(dir) = args.cache_dir {
         config.cache_dir = dir;
