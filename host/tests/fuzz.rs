@@ -1,0 +1,131 @@
+//! Fuzzing the parsers of untrusted input with generated input: scenario
+//! files, deploy-stream entries, policy manifests and keyspace channel
+//! names. Each must answer with a value or a clear error, never panic, and
+//! what it accepts must be what it promises.
+//!
+//! A short run is part of `cargo test`; a long one:
+//! `PROPTEST_CASES=200000 cargo test --release -p cachepol --test fuzz`.
+
+use std::collections::HashMap;
+
+use cachepol::deploy::parse_entry;
+use cachepol::events::parse_channel;
+use cachepol::manifest::Manifest;
+use cachepol::scenario::Scenario;
+use cachepol::wit::{self, Grant, KeyOps, KeySubscription, Subscriptions};
+use proptest::prelude::*;
+use redis::Value;
+use redis::streams::StreamId;
+
+/// Text that looks like scenario TOML often enough to get past the first
+/// line, and arbitrary bytes-as-text the rest of the time.
+fn scenario_text() -> impl Strategy<Value = String> {
+    let line = prop_oneof![
+        Just("[keys]".to_owned()),
+        Just("[expect]".to_owned()),
+        Just("[[steps]]".to_owned()),
+        Just("[config]".to_owned()),
+        "[a-z_]{1,12} = \\[?\"[a-z:*?\\[\\]\\\\]{0,12}\"\\]?",
+        "(set|del|advance|sweep|deploy|event|expect) = [\\[{\"0-9a-z =,}\\]]{0,30}",
+        "\"[a-z:]{1,10}\" = \\{ value = \"[a-z]{0,5}\", ttl = -?[0-9.]{0,6} \\}",
+        ".{0,40}",
+    ];
+    prop::collection::vec(line, 0..12).prop_map(|lines| lines.join("\n"))
+}
+
+fn field_value() -> impl Strategy<Value = Value> {
+    prop_oneof![
+        "[\\[\\]{}\":,a-z=0-9 ]{0,30}".prop_map(|s| Value::BulkString(s.into_bytes())),
+        prop::collection::vec(any::<u8>(), 0..20).prop_map(Value::BulkString),
+        any::<i64>().prop_map(Value::Int),
+        Just(Value::Nil),
+    ]
+}
+
+fn stream_entry() -> impl Strategy<Value = StreamId> {
+    let name = prop_oneof![Just("service"), Just("files"), Just("tags"), Just("id"), Just("other")];
+    (".{0,20}", prop::collection::vec((name, field_value()), 0..6)).prop_map(|(id, fields)| StreamId {
+        id,
+        map: fields.into_iter().map(|(k, v)| (k.to_owned(), v)).collect::<HashMap<_, _>>(),
+        ..StreamId::default()
+    })
+}
+
+fn key_ops(bits: u8) -> KeyOps {
+    [KeyOps::READ, KeyOps::WRITE, KeyOps::DELETE, KeyOps::EXPIRE, KeyOps::LOCK]
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| bits & (1 << i) != 0)
+        .fold(KeyOps::empty(), |acc, (_, op)| acc | *op)
+}
+
+fn glob() -> impl Strategy<Value = String> {
+    "[a-z:*?\\[\\]^\\\\-]{0,12}"
+}
+
+fn raw_manifest() -> impl Strategy<Value = wit::types::Manifest> {
+    (
+        prop_oneof!["[a-z0-9-]{1,70}", ".{0,20}"],
+        prop_oneof!["[0-9]{1,3}\\.[0-9]{1,3}\\.[0-9]{1,3}", ".{0,12}"],
+        prop::collection::vec((prop::collection::vec("[a-z_]{0,8}", 0..3), prop::collection::vec(glob(), 0..3)), 0..3),
+        prop::collection::vec(".{0,10}", 0..3),
+        prop::option::of(any::<u32>()),
+        prop::collection::vec((glob(), any::<u8>()), 0..5),
+    )
+        .prop_map(|(name, version, keys, deploys, sweep, grants)| wit::types::Manifest {
+            name,
+            version,
+            description: String::new(),
+            subscriptions: Subscriptions {
+                keys: keys.into_iter().map(|(ops, patterns)| KeySubscription { ops, patterns }).collect(),
+                deploys,
+                sweep_interval_secs: sweep,
+            },
+            grants: grants.into_iter().map(|(pattern, bits)| Grant { pattern, ops: key_ops(bits) }).collect(),
+        })
+}
+
+proptest! {
+    #[test]
+    fn scenario_files_parse_or_say_why(text in scenario_text()) {
+        for json in [false, true] {
+            if let Ok(s) = Scenario::parse(&text, json) {
+                // Accepted scenarios can fail: they hold an expectation.
+                prop_assert!(s.expect.is_some() || s.load_error.is_some() || !s.steps.is_empty());
+            }
+        }
+    }
+
+    #[test]
+    fn deploy_entries_parse_or_say_why(entry in stream_entry()) {
+        match parse_entry(&entry) {
+            Ok(event) => prop_assert!(!event.service.trim().is_empty()),
+            Err(reason) => prop_assert!(!reason.is_empty()),
+        }
+    }
+
+    #[test]
+    fn manifests_validate_or_name_every_problem(raw in raw_manifest()) {
+        let name = raw.name.clone();
+        match Manifest::validate(raw) {
+            Ok(m) => {
+                prop_assert_eq!(&m.name, &name);
+                prop_assert!(!name.is_empty() && name.len() <= 64);
+                prop_assert!(name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-'));
+            }
+            Err(e) => prop_assert!(e.to_string().starts_with("invalid manifest: ")),
+        }
+    }
+
+    #[test]
+    fn keyspace_channels_parse_only_keyevents(channel in prop_oneof!["__keyevent@[0-9]{1,3}__:[a-z_]{0,10}", ".{0,30}"]) {
+        if let Some((db, op)) = parse_channel(&channel) {
+            prop_assert!(!op.is_empty());
+            let rest = channel.strip_prefix("__keyevent@");
+            prop_assert!(rest.is_some(), "{}", channel);
+            let (digits, tail) = rest.unwrap().split_once("__:").unwrap();
+            prop_assert_eq!(digits.parse::<u32>().ok(), Some(db));
+            prop_assert_eq!(tail, op);
+        }
+    }
+}
