@@ -9,8 +9,8 @@
 //!   no `KEYS`, `FLUSH*`, `CONFIG SET` (unless the daemon is to set
 //!   `notify-keyspace-events` itself), `DEBUG`, ...;
 //! - each policy grant's key pattern, read-only (`%R~`), write-only (`%W~`)
-//!   or both (`~`) as its operations need, plus the deploy stream and its
-//!   dead-letter stream;
+//!   or both (`~`) as its operations need, plus the deploy stream, its
+//!   dead-letter stream, and the kill switch's set (read-only);
 //! - the one pub/sub pattern the daemon subscribes to.
 
 use std::collections::BTreeSet;
@@ -27,7 +27,8 @@ const STREAM_COMMANDS: &[&str] = &["xgroup|create", "xreadgroup", "xautoclaim", 
 /// Connection set-up, health checks, the subscription, and reading
 /// `notify-keyspace-events`. (redis-rs also sends `CLIENT SETINFO`, which
 /// Redis 7.0 does not know and 7.2 may refuse: it ignores the answer.)
-const CONNECTION_COMMANDS: &[&str] = &["hello", "auth", "ping", "select", "psubscribe", "punsubscribe", "config|get"];
+const CONNECTION_COMMANDS: &[&str] =
+    &["hello", "auth", "ping", "select", "psubscribe", "punsubscribe", "config|get", "smembers"];
 
 /// What the rule is for.
 pub struct AclRequest<'a> {
@@ -35,6 +36,8 @@ pub struct AclRequest<'a> {
     pub password: &'a str,
     pub db: u32,
     pub deploy: &'a DeployConfig,
+    /// The kill switch's set, which the daemon reads.
+    pub control_key: &'a str,
     /// The daemon sets `notify-keyspace-events` itself.
     pub configure_notifications: bool,
     /// Every loaded policy's effective grants (after the operator's
@@ -69,6 +72,7 @@ pub fn setuser_args(req: &AclRequest<'_>) -> Vec<String> {
     let keys = [
         key_rule(&cachepol_guest_sdk::glob::escape(&req.deploy.stream), KeyOps::READ | KeyOps::WRITE),
         key_rule(&cachepol_guest_sdk::glob::escape(&req.deploy.dead_letter), KeyOps::WRITE),
+        key_rule(&cachepol_guest_sdk::glob::escape(req.control_key), KeyOps::READ),
     ]
     .into_iter()
     .chain(req.grants.iter().map(|(pattern, ops)| key_rule(pattern, *ops)));
@@ -117,6 +121,7 @@ mod tests {
             password: "s3cret",
             db: 2,
             deploy: &deploy,
+            control_key: "cachepol:control:disabled",
             configure_notifications: false,
             grants: vec![("quiz:*".into(), KeyOps::DELETE), ("quiz:*".into(), KeyOps::DELETE)],
         };
@@ -128,6 +133,7 @@ mod tests {
         assert!(
             args.contains(&"~cachepol:deploys".to_owned()) && args.contains(&"%W~cachepol:deploys:dead".to_owned())
         );
+        assert!(args.contains(&"%R~cachepol:control:disabled".to_owned()));
         let with_set = setuser_args(&AclRequest { configure_notifications: true, ..req });
         assert!(with_set.contains(&"+config|set".to_owned()));
     }

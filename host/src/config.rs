@@ -25,6 +25,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::breaker::FailurePolicy;
 use crate::budget::Budgets;
 use crate::grants::{GrantConfig, Grants};
 
@@ -56,6 +57,9 @@ pub struct Config {
     pub budgets: Budgets,
     /// Per-policy sections, keyed by the `.wasm` file's stem.
     pub policies: BTreeMap<String, PolicySection>,
+    /// The Redis Set of policy names an operator disabled
+    /// (`cachepol disable NAME`).
+    pub control_key: String,
 }
 
 impl Default for Config {
@@ -72,6 +76,7 @@ impl Default for Config {
             shutdown_grace_ms: 10_000,
             budgets: Budgets::default(),
             policies: BTreeMap::new(),
+            control_key: "cachepol:control:disabled".into(),
         }
     }
 }
@@ -143,6 +148,8 @@ pub struct PolicySection {
     pub mode: Mode,
     /// Per-policy budgets, replacing the defaults.
     pub budgets: Option<Budgets>,
+    /// What repeated failures do (`[policies.NAME.failure]`).
+    pub failure: FailurePolicy,
 }
 
 impl PolicySection {

@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::Config;
+use crate::control::{self, Switches};
 use crate::deploy::DeployConsumer;
 use crate::echo::EchoLedger;
 use crate::events::{Backoff, Subscriber};
@@ -63,7 +64,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
     let runtime = Runtime::new(RuntimeConfig::default())?;
     let ledger = Arc::new(EchoLedger::new());
 
-    let registry = Registry::new(runtime, config.clone(), redis.clone(), ledger.clone());
+    let switches = Arc::new(Switches::default());
+    let registry = Registry::new(runtime, config.clone(), redis.clone(), ledger.clone(), switches.clone());
     let routes = registry.routes();
     let mut reloader = Reloader::new(registry, &config.policies_dir)
         .map_err(|error| DaemonError::PoliciesDir { path: config.policies_dir.clone(), error })?;
@@ -109,6 +111,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
     }
     sources.spawn(periodic_sweeps(routes.clone(), intake.clone()));
     sources.spawn(prune_ledger(ledger.clone(), intake.clone()));
+    sources.spawn(control::watch(
+        switches,
+        redis.connection(),
+        config.control_key.clone(),
+        routes.clone(),
+        intake.clone(),
+    ));
     let reloading = tokio::spawn(reloader.run(config.watch, intake.clone()));
 
     tokio::select! {

@@ -9,6 +9,8 @@
 //!   (a Redis Stream); [`notify`]: the `notify-keyspace-events` flags.
 //! - [`routes`] and [`matcher`]: which policies want an event; [`queue`]:
 //!   each policy's bounded, coalescing inbox; [`worker`]: one task per policy.
+//! - [`breaker`]: what repeated failures of a policy do; [`control`]: the
+//!   operator's kill switch.
 //! - [`runtime`]: wasmtime engine, loading components, calling them under
 //!   budgets ([`budget`]), containing traps; [`manifest`]: validating what a
 //!   policy says it needs; [`wit`]: the bindings of the contract in `wit/`.
@@ -24,8 +26,10 @@
 pub mod acl;
 pub mod audit;
 pub mod backend;
+pub mod breaker;
 pub mod budget;
 pub mod config;
+pub mod control;
 pub mod daemon;
 pub mod deploy;
 pub mod dryrun;

@@ -55,6 +55,17 @@ Stop with SIGINT or SIGTERM: in-flight calls finish, handled deploy hooks are ac
         #[arg(long, default_value = "{}")]
         config: String,
     },
+    /// Disable a policy in every daemon on this Redis, without touching files (the kill switch).
+    #[command(after_help = "Examples:
+  cachepol disable file-cache-clear
+  REDIS_URL=redis://cache:6379 cachepol disable ttl-table
+
+Adds NAME to the Redis Set `cachepol:control:disabled` (config: control_key); running daemons
+read it every second and confirm in their log. A disabled policy gets no events; its deploy
+hooks are retried, then dead-lettered. `cachepol enable NAME` undoes it (and sweeps the policy).")]
+    Disable(SwitchArgs),
+    /// Enable a policy disabled with `cachepol disable`.
+    Enable(SwitchArgs),
     /// Print the Redis ACL rule that gives the daemon exactly what its policies need.
     #[command(after_help = "Examples:
   cachepol acl --redis-url redis://cachepol:s3cret@cache:6379 --policies /srv/cachepol/policies
@@ -147,6 +158,14 @@ struct AclArgs {
     /// The user's password (default: the Redis URL's password).
     #[arg(long)]
     password: Option<String>,
+}
+
+#[derive(Args)]
+struct SwitchArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// The policy's name (as in its manifest and the daemon's log).
+    name: String,
 }
 
 #[derive(Args)]
@@ -245,6 +264,8 @@ async fn run(command: Command) -> Result<ExitCode> {
         Command::Run(args) => run_daemon(args).await,
         Command::Deploy(args) => deploy(args).await,
         Command::Acl(args) => acl(args).await,
+        Command::Disable(args) => switch(args, true).await,
+        Command::Enable(args) => switch(args, false).await,
         Command::Check { policy, config } => check(&policy, &config).await,
         Command::Test { policy, scenarios } => test(&policy, &scenarios).await,
     }
@@ -269,6 +290,28 @@ async fn check(path: &Path, config: &str) -> Result<ExitCode> {
     let policy = runtime.load(&compiled, backend, &options).await.with_context(|| path.display().to_string())?;
     print!("{}", policy.manifest());
     Ok(ExitCode::SUCCESS)
+}
+
+/// `cachepol disable` / `cachepol enable`.
+async fn switch(args: SwitchArgs, disable: bool) -> Result<ExitCode> {
+    let config = args.common.load()?;
+    let mut conn = connect(&config.redis_url).await?;
+    let command = if disable { "SADD" } else { "SREM" };
+    let changed: i64 = redis::cmd(command)
+        .arg(&config.control_key)
+        .arg(&args.name)
+        .query_async(&mut conn)
+        .await
+        .with_context(|| format!("cannot update {}", config.control_key))?;
+    let state = if disable { "disabled" } else { "enabled" };
+    let already = if changed == 0 { " (it already was)" } else { "" };
+    println!("{} {state}{already}; running daemons confirm in their log within a second", args.name);
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn connect(url: &str) -> Result<redis::aio::ConnectionManager> {
+    let client = redis::Client::open(url).context("invalid Redis URL")?;
+    redis::aio::ConnectionManager::new(client).await.with_context(|| format!("cannot connect to {url}"))
 }
 
 async fn acl(args: AclArgs) -> Result<ExitCode> {
@@ -303,6 +346,7 @@ async fn acl(args: AclArgs) -> Result<ExitCode> {
         password: &password,
         db: u32::try_from(settings.db()).unwrap_or(0),
         deploy: &config.deploy,
+        control_key: &config.control_key,
         configure_notifications: config.configure_notifications,
         grants,
     };
@@ -380,10 +424,7 @@ async fn stop_on_signal(shutdown: CancellationToken) {
 
 async fn deploy(args: DeployArgs) -> Result<ExitCode> {
     let config = args.common.load()?;
-    let client = redis::Client::open(config.redis_url.as_str()).context("invalid Redis URL")?;
-    let mut conn = redis::aio::ConnectionManager::new(client)
-        .await
-        .with_context(|| format!("cannot connect to {}", config.redis_url))?;
+    let mut conn = connect(&config.redis_url).await?;
     let id = cachepol::deploy::publish(
         &mut conn,
         &config.deploy.stream,

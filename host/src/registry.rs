@@ -23,6 +23,7 @@ use tracing::{info, warn};
 
 use crate::backend::{Backend, Layered};
 use crate::config::{Config, Mode};
+use crate::control::Switches;
 use crate::dryrun::DryRunLayer;
 use crate::echo::{EchoLayer, EchoLedger};
 use crate::grants::{Grants, ops_to_string};
@@ -84,6 +85,8 @@ pub struct Registry {
     redis: Arc<RedisBackend>,
     ledger: Arc<EchoLedger>,
     routes: Arc<ArcSwap<Routes>>,
+    /// The operator's kill switch, which every worker consults.
+    switches: Arc<Switches>,
     entries: BTreeMap<PathBuf, Entry>,
     workers: tokio::task::JoinSet<()>,
     /// Give a newly loaded policy `sweep(start)` at once. Off while the
@@ -96,13 +99,20 @@ pub struct Registry {
 }
 
 impl Registry {
-    pub fn new(runtime: Runtime, config: Config, redis: Arc<RedisBackend>, ledger: Arc<EchoLedger>) -> Registry {
+    pub fn new(
+        runtime: Runtime,
+        config: Config,
+        redis: Arc<RedisBackend>,
+        ledger: Arc<EchoLedger>,
+        switches: Arc<Switches>,
+    ) -> Registry {
         Registry {
             runtime,
             config,
             redis,
             ledger,
             routes: Arc::new(ArcSwap::from_pointee(Routes::default())),
+            switches,
             entries: BTreeMap::new(),
             workers: tokio::task::JoinSet::new(),
             sweep_new: false,
@@ -175,7 +185,7 @@ impl Registry {
         Ok(Prepared {
             path: path.to_owned(),
             hash: hash(bytes),
-            version: Version { policy, mode: section.mode, hops },
+            version: Version { policy, mode: section.mode, hops, failure: section.failure.clone() },
             manifest,
             from_cache,
             started,
@@ -214,7 +224,7 @@ impl Registry {
             }
             None => {
                 let queue = Arc::new(PolicyQueue::new(self.config.queue_capacity));
-                let (worker, control) = Worker::new(version, queue.clone());
+                let (worker, control) = Worker::new(version, queue.clone(), self.switches.clone());
                 self.workers.spawn(worker.run());
                 self.entries.insert(
                     path.clone(),

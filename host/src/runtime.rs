@@ -521,6 +521,12 @@ impl LoadedPolicy {
         self.stats
     }
 
+    /// Drop the live instance: the next event gets a fresh one, configured
+    /// again (the `reload` failure policy).
+    pub fn reset_instance(&mut self) {
+        self.instance = None;
+    }
+
     /// Point the policy at another backend (the next instance uses it; the
     /// live one is re-created).
     pub fn rebind_backend(&mut self, backend: Arc<dyn Backend>) {

@@ -6,19 +6,28 @@
 //! events: the old version finishes the event in hand, every later event
 //! goes to the new one, and the old instance is dropped (its memory returns
 //! to the pool).
+//!
+//! Before delivering, the worker asks the policy's circuit breaker
+//! ([`crate::breaker`]) and the operator's kill switch
+//! ([`crate::control`]). While either holds the policy back, events are
+//! not delivered: keyspace events and sweeps are dropped and owed as one
+//! `sweep(gap)`, deploy hooks fail (the deploy reader retries, then
+//! dead-letters them).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
 use crate::audit;
+use crate::breaker::{Admit, Breaker, FailurePolicy};
 use crate::config::Mode;
+use crate::control::Switches;
 use crate::queue::{Item, PolicyQueue};
 use crate::runtime::LoadedPolicy;
-use crate::wit::{self, KeyEvent, SweepEvent};
+use crate::wit::{self, KeyEvent, SweepEvent, SweepReason};
 
 /// How often a failed sweep is tried again before waiting for the next one.
 const SWEEP_RETRIES: u32 = 3;
@@ -29,6 +38,8 @@ pub struct Version {
     pub mode: Mode,
     /// Tells the echo layer the hop count of the event being handled.
     pub hops: Arc<AtomicU8>,
+    /// What repeated failures do.
+    pub failure: FailurePolicy,
 }
 
 /// Messages to a running worker.
@@ -42,30 +53,65 @@ pub struct Worker {
     version: Version,
     queue: Arc<PolicyQueue>,
     control: mpsc::UnboundedReceiver<Control>,
+    breaker: Breaker,
+    switches: Arc<Switches>,
+    /// Events were dropped while the policy was held back: sweep it.
+    owes_sweep: bool,
     /// Consecutive failed sweeps.
     sweep_failures: u32,
 }
 
 impl Worker {
     /// A worker and the sender that controls it.
-    pub fn new(version: Version, queue: Arc<PolicyQueue>) -> (Worker, mpsc::UnboundedSender<Control>) {
+    pub fn new(
+        version: Version,
+        queue: Arc<PolicyQueue>,
+        switches: Arc<Switches>,
+    ) -> (Worker, mpsc::UnboundedSender<Control>) {
         let (tx, control) = mpsc::unbounded_channel();
-        (Worker { version, queue, control, sweep_failures: 0 }, tx)
+        let breaker = Breaker::new(version.policy.name(), version.failure.clone());
+        (Worker { version, queue, control, breaker, switches, owes_sweep: false, sweep_failures: 0 }, tx)
     }
 
     /// Run until the queue is closed and empty.
     pub async fn run(mut self) {
         let mut seq: u64 = 0;
         loop {
+            let cooling = match self.breaker.admit(Instant::now()) {
+                Admit::Wait(until) => Some(tokio::time::Instant::from_std(until)),
+                Admit::Deliver => None,
+            };
             let item = tokio::select! {
                 biased;
                 Some(Control::Swap(next)) = self.control.recv() => {
+                    // A new version starts with a clean record.
+                    self.breaker = Breaker::new(next.policy.name(), next.failure.clone());
                     self.version = next;
+                    continue;
+                }
+                _ = tokio::time::sleep_until(cooling.unwrap_or_else(tokio::time::Instant::now)), if cooling.is_some() => {
+                    self.settle();
                     continue;
                 }
                 item = self.queue.pop() => item,
             };
             let Some(item) = item else { return };
+            let held = if cooling.is_some() {
+                Some("quarantined by its circuit breaker")
+            } else if self.switches.is_disabled(self.version.policy.name()) {
+                Some("disabled by the operator")
+            } else {
+                None
+            };
+            if let Some(why) = held {
+                self.skip(item, why);
+                continue;
+            }
+            if matches!(item, Item::Sweep(_)) {
+                self.owes_sweep = false;
+            } else {
+                self.settle();
+            }
             seq += 1;
             let span = tracing::debug_span!("event", policy = %self.version.policy.name(), seq);
             self.handle(item, seq).instrument(span).await;
@@ -111,9 +157,31 @@ impl Worker {
         }
     }
 
+    /// Not delivered: owe a sweep for what it misses, fail a deploy hook
+    /// (it is retried, then dead-lettered, never lost).
+    fn skip(&mut self, item: Item, why: &str) {
+        match item {
+            Item::Key(_) | Item::Sweep(_) => self.owes_sweep = true,
+            Item::Deploy(hook, done) => {
+                let _ = done.send(Err(format!("not delivered: the policy is {why}")));
+                tracing::info!(policy = %self.version.policy.name(), hook = %hook.id, "deploy hook not delivered: {why}");
+            }
+        }
+    }
+
+    /// Queue the sweep owed for events dropped while held back.
+    fn settle(&mut self) {
+        if std::mem::take(&mut self.owes_sweep) {
+            let _ = self.queue.push(Item::Sweep(SweepReason::Gap));
+        }
+    }
+
     async fn deliver(&mut self, id: &str, event: &wit::Event) -> Result<(), String> {
         let report = self.version.policy.handle(id, event).await;
         audit::record(self.version.policy.name(), id, self.version.mode, &report);
+        if self.breaker.record(report.result.is_ok(), Instant::now()) {
+            self.version.policy.reset_instance();
+        }
         report.result.map(|_| ()).map_err(|f| f.to_string())
     }
 }

@@ -1,0 +1,103 @@
+//! The kill switch: an operator disables a policy without touching files.
+//!
+//! The set of disabled policy names lives in Redis (a Set, default key
+//! `cachepol:control:disabled`), written by `cachepol disable NAME` and
+//! `cachepol enable NAME` (or `SADD`/`SREM` by hand), so every daemon
+//! sharing the Redis obeys it and it survives restarts. The daemon reads it
+//! once a second (one `SMEMBERS`; polling needs no notification flags and
+//! cannot miss a change) and confirms each change in its log.
+//!
+//! A disabled policy gets nothing: keyspace events and sweeps are dropped
+//! and owed as a sweep, deploy hooks fail (so the deploy reader retries and
+//! then dead-letters them: nothing is lost). When it is enabled again it is
+//! swept, to reconcile what it missed.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use redis::aio::ConnectionManager;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::queue::Item;
+use crate::routes::Routes;
+use crate::wit::SweepReason;
+
+/// How often the disabled set is read.
+pub const POLL_EVERY: Duration = Duration::from_secs(1);
+
+/// The policies an operator has disabled, as last read.
+#[derive(Default)]
+pub struct Switches {
+    disabled: ArcSwap<BTreeSet<String>>,
+}
+
+impl Switches {
+    pub fn is_disabled(&self, policy: &str) -> bool {
+        self.disabled.load().contains(policy)
+    }
+
+    /// Take a new reading; returns (newly disabled, newly enabled).
+    pub fn update(&self, now: BTreeSet<String>) -> (Vec<String>, Vec<String>) {
+        let before = self.disabled.load_full();
+        let disabled = now.difference(&before).cloned().collect();
+        let enabled = before.difference(&now).cloned().collect();
+        self.disabled.store(Arc::new(now));
+        (disabled, enabled)
+    }
+}
+
+/// Read the disabled set every [`POLL_EVERY`] until `stop`.
+pub async fn watch(
+    switches: Arc<Switches>,
+    mut conn: ConnectionManager,
+    key: String,
+    routes: Arc<ArcSwap<Routes>>,
+    stop: CancellationToken,
+) {
+    let mut failing = false;
+    loop {
+        match redis::cmd("SMEMBERS").arg(&key).query_async::<BTreeSet<String>>(&mut conn).await {
+            Ok(now) => {
+                failing = false;
+                let (disabled, enabled) = switches.update(now);
+                for name in disabled {
+                    warn!(policy = %name, key = %key, "policy disabled by the operator: it gets no events until enabled");
+                }
+                for name in enabled {
+                    info!(policy = %name, key = %key, "policy enabled by the operator: sweeping it to catch up");
+                    if let Some(route) = routes.load().get(&name) {
+                        let _ = route.queue.push(Item::Sweep(SweepReason::Manual));
+                    }
+                }
+            }
+            // Keep the last reading while Redis is away.
+            Err(e) if !failing => {
+                failing = true;
+                warn!(error = %e, key = %key, "cannot read the disabled policies; keeping the last reading");
+            }
+            Err(_) => {}
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(POLL_EVERY) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn updates_report_what_changed() {
+        let s = Switches::default();
+        let set = |names: &[&str]| names.iter().map(|n| n.to_string()).collect::<BTreeSet<_>>();
+        assert_eq!(s.update(set(&["a", "b"])), (vec!["a".into(), "b".into()], vec![]));
+        assert!(s.is_disabled("a") && !s.is_disabled("c"));
+        assert_eq!(s.update(set(&["b", "c"])), (vec!["c".into()], vec!["a".into()]));
+        assert!(!s.is_disabled("a"));
+    }
+}
