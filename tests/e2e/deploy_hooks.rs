@@ -38,7 +38,7 @@ fn a_hook_interrupted_by_a_crash_is_handled_after_restart() {
     let daemon = Daemon::start(&redis, &good);
     eventually(&daemon, "the hook is handled", || !redis.exists("graph_data:dance"));
     eventually(&daemon, "the hook is acknowledged", || pending(&redis) == 0);
-    assert!(daemon.log_text().contains("re-handling deploy hooks left unacknowledged"));
+    daemon.wait_for("re-handling deploy hooks left unacknowledged", Duration::from_secs(20));
     assert_eq!(daemon.stop(), Some(0));
 }
 

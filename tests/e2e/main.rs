@@ -7,6 +7,7 @@ mod acl;
 mod daemon;
 mod deploy_hooks;
 mod echo;
+mod failures;
 mod grants;
 mod policies;
 mod reload;

@@ -2,6 +2,8 @@
 //! daemon on real Redis: each runbook case, ending in the key state a team
 //! would check by hand. (genre-invalidation has its own, in `daemon.rs`.)
 
+use std::time::Duration;
+
 use crate::support::{Daemon, RedisServer, Setup, deploy, eventually};
 
 fn pttl(redis: &RedisServer, key: &str) -> i64 {
@@ -96,7 +98,7 @@ fn key_naming_clears_old_versions_on_a_bump_and_deletes_stale_writes() {
             "graph_data:dance"
         ]
     );
-    let log = daemon.log_text();
-    assert!(log.contains("`bisk:1:user:8` breaks `bisk:<version>:<key>`: version 1 is older than 2"), "{log}");
+    daemon
+        .wait_for("`bisk:1:user:8` breaks `bisk:<version>:<key>`: version 1 is older than 2", Duration::from_secs(20));
     assert_eq!(daemon.stop(), Some(0));
 }
