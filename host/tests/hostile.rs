@@ -211,3 +211,22 @@ async fn a_rejected_config_refuses_the_load() {
     let err = FakeHost::load_on(&runtime, &compiled, &options, FakeRedis::new()).await.err().expect("refused");
     assert!(err.to_string().starts_with("configure failed: invalid config: invalid type: integer `3`"), "{err}");
 }
+
+#[tokio::test]
+async fn a_policy_that_never_returns_from_configure_is_refused_and_the_host_goes_on() {
+    let runtime = common::runtime();
+    let compiled = common::compile(&runtime, &common::fixture("hostile"));
+    let options = LoadOptions {
+        config: r#"{"spin_in_configure": true}"#.into(),
+        budgets: small_fuel(),
+        ..LoadOptions::default()
+    };
+    let err = FakeHost::load_on(&runtime, &compiled, &options, FakeRedis::new()).await.err().expect("refused");
+    let err = err.to_string();
+    assert!(err.starts_with("configure failed: CPU budget exhausted: out of fuel"), "{err}");
+    // The same runtime loads and runs a well-behaved policy afterwards.
+    let good = common::compile(&runtime, &common::policy("genre-invalidation"));
+    let mut neighbour = FakeHost::load_on(&runtime, &good, &LoadOptions::default(), FakeRedis::new()).await.unwrap();
+    neighbour.deploy("catalog", &[], &[("genre", "dance")]).await;
+    assert!(neighbour.deliveries().last().unwrap().report.result.is_ok());
+}
