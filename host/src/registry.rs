@@ -17,7 +17,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
-use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
@@ -31,7 +30,7 @@ use crate::manifest::Manifest;
 use crate::queue::PolicyQueue;
 use crate::redis_backend::RedisBackend;
 use crate::routes::{Route, Routes};
-use crate::runtime::{LoadError, LoadOptions, Runtime};
+use crate::runtime::{ContentHash, LoadError, LoadOptions, Runtime};
 use crate::wit::SweepReason;
 use crate::worker::{Control, Version, Worker};
 
@@ -56,7 +55,7 @@ impl RejectError {
 /// A version of a policy ready to be swapped in.
 pub struct Prepared {
     path: PathBuf,
-    hash: [u8; 32],
+    hash: ContentHash,
     version: Version,
     manifest: Arc<Manifest>,
     from_cache: bool,
@@ -72,7 +71,7 @@ pub enum Change {
 
 struct Entry {
     name: Arc<str>,
-    hash: [u8; 32],
+    hash: ContentHash,
     manifest: Arc<Manifest>,
     queue: Arc<PolicyQueue>,
     control: mpsc::UnboundedSender<Control>,
@@ -140,17 +139,18 @@ impl Registry {
         self.entries.contains_key(path)
     }
 
-    /// Whether `path` is loaded with exactly these contents.
-    pub fn is_current(&self, path: &Path, bytes: &[u8]) -> bool {
-        self.entries.get(path).is_some_and(|e| e.hash == hash(bytes))
+    /// Whether `path` is loaded with exactly the contents hashed `hash`.
+    pub fn is_current(&self, path: &Path, hash: &ContentHash) -> bool {
+        self.entries.get(path).is_some_and(|e| e.hash == *hash)
     }
 
-    /// Every step of loading `path` except the swap.
-    pub async fn prepare(&mut self, path: &Path, bytes: &[u8]) -> Result<Prepared, RejectError> {
+    /// Every step of loading `path` (contents `bytes`, hashed `hash`)
+    /// except the swap.
+    pub async fn prepare(&mut self, path: &Path, bytes: &[u8], hash: ContentHash) -> Result<Prepared, RejectError> {
         let started = Instant::now();
         let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
         let section = self.config.policy(&stem);
-        let (compiled, from_cache) = self.runtime.compile_cached(bytes, &self.config.cache_dir)?;
+        let (compiled, from_cache) = self.runtime.compile_cached(bytes, &hash, &self.config.cache_dir)?;
         if from_cache {
             self.cache_hits += 1;
         } else {
@@ -184,7 +184,7 @@ impl Registry {
         let manifest = Arc::new(policy.manifest().clone());
         Ok(Prepared {
             path: path.to_owned(),
-            hash: hash(bytes),
+            hash,
             version: Version { policy, mode: section.mode, hops, failure: section.failure.clone() },
             manifest,
             from_cache,
@@ -295,10 +295,6 @@ impl Registry {
             self.workers.abort_all();
         }
     }
-}
-
-fn hash(bytes: &[u8]) -> [u8; 32] {
-    Sha256::digest(bytes).into()
 }
 
 /// `pattern(ops)` of the rules in `a` that `b` does not have, or `-`.

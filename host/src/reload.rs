@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::registry::{Registry, RejectError};
-use crate::runtime::LoadError;
+use crate::runtime::{LoadError, content_hash};
 
 /// Quiet time after a file's last change before it is loaded.
 pub const DEBOUNCE: Duration = Duration::from_millis(40);
@@ -126,11 +126,12 @@ impl Reloader {
                 return Err(e);
             }
         };
-        if self.registry.is_current(path, &bytes) {
+        let hash = content_hash(&bytes);
+        if self.registry.is_current(path, &hash) {
             debug!(file = %path.display(), "unchanged");
             return Ok(());
         }
-        match self.registry.prepare(path, &bytes).await {
+        match self.registry.prepare(path, &bytes, hash).await {
             Ok(prepared) => {
                 self.registry.commit(prepared);
                 Ok(())

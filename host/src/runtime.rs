@@ -176,13 +176,18 @@ impl Runtime {
     /// [`Runtime::compile`] through an on-disk cache of compiled code keyed
     /// by the component's content hash (and this engine's settings), so a
     /// restart or a re-deployed identical file does not recompile. Returns
-    /// whether the cache had it.
-    pub fn compile_cached(&self, bytes: &[u8], cache_dir: &Path) -> Result<(Compiled, bool), LoadError> {
+    /// whether the cache had it. `digest` is [`content_hash`] of `bytes`,
+    /// which the caller already has.
+    pub fn compile_cached(
+        &self,
+        bytes: &[u8],
+        digest: &ContentHash,
+        cache_dir: &Path,
+    ) -> Result<(Compiled, bool), LoadError> {
         sniff(bytes)?;
         let mut engine_hash = std::collections::hash_map::DefaultHasher::new();
         self.engine.precompile_compatibility_hash().hash(&mut engine_hash);
-        let digest = Sha256::digest(bytes);
-        let name = format!("{}-{:016x}.cwasm", hex(&digest), engine_hash.finish());
+        let name = format!("{}-{:016x}.cwasm", hex(digest), engine_hash.finish());
         let path = cache_dir.join(name);
         if path.exists() {
             // SAFETY: the cache directory is written only by this function,
@@ -283,6 +288,14 @@ impl Default for LoadOptions {
     fn default() -> LoadOptions {
         LoadOptions { label: "policy".into(), config: "{}".into(), budgets: Budgets::default(), grants: None }
     }
+}
+
+/// A component's SHA-256: what tells versions of a policy file apart, and
+/// names its compiled code in the cache.
+pub type ContentHash = [u8; 32];
+
+pub fn content_hash(bytes: &[u8]) -> ContentHash {
+    Sha256::digest(bytes).into()
 }
 
 /// Write a compiled artifact atomically (temporary file, then rename).
