@@ -28,6 +28,7 @@ use serde::Deserialize;
 use crate::breaker::FailurePolicy;
 use crate::budget::Budgets;
 use crate::grants::{GrantConfig, Grants};
+use crate::runtime::LoadOptions;
 
 /// Everything `cachepol run` needs.
 #[derive(Clone, Debug, Deserialize)]
@@ -194,6 +195,18 @@ impl Config {
     /// The section for the policy loaded from `stem.wasm`.
     pub fn policy(&self, stem: &str) -> PolicySection {
         self.policies.get(stem).cloned().unwrap_or_default()
+    }
+
+    /// How to load the policy from `stem.wasm` with its `section`: what the
+    /// daemon and `cachepol acl` both use, so they load the same thing.
+    pub fn load_options(&self, stem: &str, section: &PolicySection) -> LoadOptions {
+        LoadOptions {
+            label: stem.to_owned(),
+            config: section.config_json(),
+            budgets: self.budgets_for(section),
+            // Validated when the config was parsed.
+            grants: section.grants().unwrap_or_default(),
+        }
     }
 
     /// Budgets for a policy: its own section's, or the defaults.

@@ -330,12 +330,7 @@ async fn acl(args: AclArgs) -> Result<ExitCode> {
     for path in &files {
         let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
         let section = config.policy(&stem);
-        let options = LoadOptions {
-            label: stem,
-            config: section.config_json(),
-            budgets: config.budgets_for(&section),
-            grants: section.grants().map_err(anyhow::Error::msg)?,
-        };
+        let options = config.load_options(&stem, &section);
         let compiled = runtime.compile_file(path).with_context(|| path.display().to_string())?;
         let policy =
             runtime.load(&compiled, backend.clone(), &options).await.with_context(|| path.display().to_string())?;

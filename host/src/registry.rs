@@ -30,7 +30,7 @@ use crate::manifest::Manifest;
 use crate::queue::PolicyQueue;
 use crate::redis_backend::RedisBackend;
 use crate::routes::{Route, Routes};
-use crate::runtime::{ContentHash, LoadError, LoadOptions, Runtime};
+use crate::runtime::{ContentHash, LoadError, Runtime};
 use crate::wit::SweepReason;
 use crate::worker::{Control, Version, Worker};
 
@@ -156,13 +156,7 @@ impl Registry {
         } else {
             self.compiled += 1;
         }
-        let options = LoadOptions {
-            label: stem,
-            config: section.config_json(),
-            budgets: self.config.budgets_for(&section),
-            // Validated when the config was parsed.
-            grants: section.grants().unwrap_or_default(),
-        };
+        let options = self.config.load_options(&stem, &section);
         // Loading writes nothing (no grants yet); the write path is set
         // once the policy's name is known.
         let mut policy = self.runtime.load(&compiled, self.redis.clone(), &options).await?;
