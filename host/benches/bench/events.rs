@@ -16,7 +16,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::report::{Row, rate};
-use crate::support::{Daemon, RedisServer, Setup};
+use crate::support::{Daemon, RedisServer, Setup, rss_kib};
 use crate::{Sizes, median, repeat};
 
 const POLICIES: [&str; 4] = ["ttl-table", "genre-invalidation", "file-cache-clear", "key-naming"];
@@ -82,15 +82,6 @@ fn throughput(redis: &RedisServer, op: &str, prefix: &str, n: u64) -> f64 {
         panic!("only {} of {n} `{op}` notifications for {prefix}* arrived", count.load(Ordering::Relaxed))
     });
     n as f64 / (done - started).as_secs_f64()
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
 }
 
 /// Sample `pid`'s RSS until `stop`; returns the peak in KiB.
