@@ -125,10 +125,6 @@ impl Registry {
         self.routes.clone()
     }
 
-    pub fn manifests(&self) -> Vec<Arc<Manifest>> {
-        self.entries.values().map(|e| e.manifest.clone()).collect()
-    }
-
     /// The file holding policy `name`.
     pub fn file_of(&self, name: &str) -> Option<&Path> {
         self.entries.iter().find(|(_, e)| &*e.name == name).map(|(p, _)| p.as_path())
