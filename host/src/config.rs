@@ -25,10 +25,10 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::breaker::FailurePolicy;
-use crate::budget::Budgets;
-use crate::grants::{GrantConfig, Grants};
-use crate::runtime::LoadOptions;
+use crate::dispatch::breaker::FailurePolicy;
+use crate::sandbox::budget::Budgets;
+use crate::sandbox::grants::{GrantConfig, Grants};
+use crate::sandbox::runtime::LoadOptions;
 
 /// Everything `cachepol run` needs.
 #[derive(Clone, Debug, Deserialize)]
@@ -135,6 +135,15 @@ pub enum Mode {
     #[default]
     Enforce,
     DryRun,
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Mode::Enforce => "enforce",
+            Mode::DryRun => "dry-run",
+        })
+    }
 }
 
 /// One policy's operator settings.

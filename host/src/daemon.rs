@@ -25,23 +25,24 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::Config;
-use crate::control::{self, Switches};
-use crate::deploy::DeployConsumer;
-use crate::echo::EchoLedger;
-use crate::events::{Backoff, Subscriber};
-use crate::notify::{self, NotifyError};
-use crate::queue::Item;
-use crate::redis_backend::RedisBackend;
-use crate::registry::{Registry, RejectError};
-use crate::reload::Reloader;
-use crate::routes::Routes;
-use crate::runtime::{Runtime, RuntimeConfig, RuntimeError};
+use crate::dispatch::queue::Item;
+use crate::dispatch::registry::{Registry, RejectError};
+use crate::dispatch::reload::Reloader;
+use crate::dispatch::routes::Routes;
+use crate::dispatch::switches::Switches;
+use crate::intake::control;
+use crate::intake::deploy::DeployConsumer;
+use crate::intake::events::{Backoff, Subscriber};
+use crate::intake::notify::{self, NotifyError};
+use crate::sandbox::runtime::{Runtime, RuntimeConfig, RuntimeError};
+use crate::store::echo::EchoLedger;
+use crate::store::redis::RedisBackend;
 use crate::wit::SweepReason;
 
 /// Why the daemon could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
-    #[error("invalid Redis URL {url:?}: {error}")]
+    #[error("invalid Redis URL `{url}`: {error}")]
     RedisUrl { url: String, error: String },
     #[error(transparent)]
     Runtime(#[from] RuntimeError),
@@ -83,8 +84,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
     if routes.load().routes().is_empty() {
         warn!(dir = %reloader.dir().display(), "no policy loaded yet");
     }
-    let added =
-        notify::ensure(&mut redis.connection(), &routes.load().needed_flags(), config.configure_notifications).await?;
+    let added = notify::ensure(
+        &mut redis.connection(),
+        &notify::required(&routes.load().manifests()),
+        config.configure_notifications,
+    )
+    .await?;
     if !added.is_empty() {
         info!(added = %notify::text(&added), "enabled keyspace notification flags");
     }

@@ -1,55 +1,35 @@
 //! cachepol: cache policies as hot-reloadable WebAssembly components next to
 //! Redis.
 //!
-//! Module map, in the order an event meets them:
-//! - [`daemon`]: `cachepol run`, wiring the rest together; [`config`] its
-//!   settings; [`registry`] the loaded policies and [`reload`] the watcher
-//!   that swaps them.
-//! - [`events`]: keyspace notifications in; [`deploy`]: deploy hooks in
-//!   (a Redis Stream); [`notify`]: the `notify-keyspace-events` flags.
-//! - [`routes`] and [`matcher`]: which policies want an event; [`queue`]:
-//!   each policy's bounded, coalescing inbox; [`worker`]: one task per policy.
-//! - [`breaker`]: what repeated failures of a policy do; [`control`]: the
-//!   operator's kill switch.
-//! - [`runtime`]: wasmtime engine, loading components, calling them under
-//!   budgets ([`budget`]), containing traps; [`manifest`]: validating what a
-//!   policy says it needs; [`wit`]: the bindings of the contract in `wit/`.
-//! - `hostapi`: the imports a policy calls, gated by [`grants`] and budgets.
-//! - [`backend`]: the seam to the key store: real Redis in
-//!   [`redis_backend`], in memory in [`fake`]; write layers for [`echo`]
-//!   suppression and [`dryrun`].
-//! - [`audit`]: what each call did, one log line.
-//! - [`scenario`]: scenario files for `cachepol test`, run on the fake host.
-//! - `guest_io`: a guest's stdout/stderr into the log.
-//! - [`acl`]: the Redis ACL rule for the loaded policies (`cachepol acl`).
+//! Module map, by the stage of an event's trip. Imports only point down the
+//! flow (`intake -> dispatch -> sandbox -> store`); each folder's module
+//! says what it receives, what it hands on and what it may call.
+//! - [`intake`]: keyspace notifications, deploy hooks and the kill switch
+//!   come in from Redis.
+//! - [`dispatch`]: routes, per-policy queues and workers, circuit breakers,
+//!   the registry of loaded policies and hot reload.
+//! - [`sandbox`]: wasmtime runtime, budgets, manifests, grants and the
+//!   restricted host API a policy calls.
+//! - [`store`]: the `Backend` seam: real Redis, the in-memory store, and the
+//!   echo and dry-run write layers.
+//!
+//! Beside the stages:
+//! - [`daemon`]: `cachepol run`, wiring the stages together, with start-up
+//!   and graceful shutdown spelled out.
+//! - [`config`]: the daemon's settings file, read by the stages above the
+//!   sandbox.
+//! - [`wit`]: the bindings of the contract in `wit/`, whose types every
+//!   stage speaks.
+//! - [`fake`]: the fake host and scenario files, the policy author's stand-in
+//!   for intake and dispatch (`cachepol test`).
+//!
+//! The `cachepol` binary's subcommands (`src/cli/`) sit on top of all this.
 
-pub mod acl;
-pub mod audit;
-pub mod backend;
-pub mod breaker;
-pub mod budget;
 pub mod config;
-pub mod control;
 pub mod daemon;
-pub mod deploy;
-pub mod dryrun;
-pub mod echo;
-pub mod events;
+pub mod dispatch;
 pub mod fake;
-pub mod grants;
-mod guest_io;
-mod hostapi;
-pub mod manifest;
-pub mod matcher;
-pub mod notify;
-pub mod queue;
-pub mod redis_backend;
-pub mod registry;
-pub mod reload;
-pub mod routes;
-pub mod runtime;
-pub mod scenario;
+pub mod intake;
+pub mod sandbox;
+pub mod store;
 pub mod wit;
-pub mod worker;
-
-pub use hostapi::{CallState, Effects};

@@ -16,3 +16,38 @@ pub use self::cachepol::policy::types::{
     SetOptions, Subscriptions, SweepEvent, SweepReason, ValueKind,
 };
 pub use self::cachepol::policy::{clock, log, redis, types};
+
+/// How a person reads a contract error: in log lines, dead-letter reasons
+/// and CLI output. (The generated `Display` of [`Error`] is its `Debug`.)
+pub struct Shown<'a>(pub &'a Error);
+
+impl std::fmt::Display for Shown<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Error::Denied(d) => write!(f, "denied: {} `{}`: {}", d.op, d.target.escape_debug(), d.reason),
+            Error::BudgetExceeded(what) => write!(f, "budget exceeded: {what}"),
+            Error::InvalidArgument(what) => write!(f, "invalid argument: {what}"),
+            Error::Redis(what) => write!(f, "redis: {what}"),
+            Error::Policy(what) => write!(f, "{what}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_read_as_sentences() {
+        let denied = Error::Denied(Denial {
+            op: "delete-matching".into(),
+            target: "*".into(),
+            reason: "the pattern can match `a`, which no grant allows delete on".into(),
+        });
+        assert_eq!(
+            Shown(&denied).to_string(),
+            "denied: delete-matching `*`: the pattern can match `a`, which no grant allows delete on"
+        );
+        assert_eq!(Shown(&Error::Policy("bad tag".into())).to_string(), "bad tag");
+    }
+}

@@ -20,9 +20,9 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
 
-use cachepol::backend::{Backend, BulkPlan};
 use cachepol::fake::FakeRedis;
-use cachepol::redis_backend::RedisBackend;
+use cachepol::store::backend::{Backend, BulkPlan};
+use cachepol::store::redis::RedisBackend;
 use cachepol::wit::{ExpireCondition, KeyTtl, SetCondition, SetOptions};
 use rand::rngs::StdRng;
 use rand::seq::IndexedRandom;
@@ -220,7 +220,11 @@ impl Side {
 
 /// Keys matching `pattern`, following cursors to the end, sorted, without
 /// the repeats `SCAN` may return.
-async fn scan_all(b: &dyn Backend, pattern: &str, count: u32) -> Result<Vec<Vec<u8>>, cachepol::backend::BackendError> {
+async fn scan_all(
+    b: &dyn Backend,
+    pattern: &str,
+    count: u32,
+) -> Result<Vec<Vec<u8>>, cachepol::store::backend::BackendError> {
     let mut keys = Vec::new();
     let mut cursor = 0;
     loop {

@@ -8,10 +8,10 @@
 
 use std::collections::HashMap;
 
-use cachepol::deploy::parse_entry;
-use cachepol::events::parse_channel;
-use cachepol::manifest::Manifest;
-use cachepol::scenario::Scenario;
+use cachepol::fake::scenario::Scenario;
+use cachepol::intake::deploy::parse_entry;
+use cachepol::intake::events::parse_channel;
+use cachepol::sandbox::manifest::Manifest;
 use cachepol::wit::{self, Grant, KeyOps, KeySubscription, Subscriptions};
 use proptest::prelude::*;
 use redis::Value;

@@ -5,9 +5,9 @@
 
 mod common;
 
-use cachepol::budget::Budgets;
 use cachepol::fake::{FakeHost, FakeRedis};
-use cachepol::runtime::{CallFailure, LoadError, LoadOptions};
+use cachepol::sandbox::budget::Budgets;
+use cachepol::sandbox::runtime::{CallFailure, LoadError, LoadOptions};
 use cachepol::wit::Error;
 
 struct Arena {

@@ -4,7 +4,7 @@
 
 mod common;
 
-use cachepol::scenario::{self, Scenario};
+use cachepol::fake::scenario::{self, Scenario};
 
 #[tokio::test]
 async fn bundled_policy_scenarios_pass() {

@@ -71,7 +71,7 @@ fn missing_notification_flags_stop_start_up_naming_them() {
     let daemon = Daemon::spawn(&redis, &setup, &[]);
     let (code, text) = daemon.wait_exit(Duration::from_secs(60));
     assert_eq!(code, Some(1), "{text}");
-    assert!(text.contains("notify-keyspace-events is \"\" but the loaded policies need \"E$\""), "{text}");
+    assert!(text.contains("notify-keyspace-events is `` but the loaded policies need `E$`"), "{text}");
     assert!(text.contains("CONFIG SET notify-keyspace-events E$"), "{text}");
     assert!(text.contains("--configure-notifications"), "{text}");
     let flags: Vec<String> = redis.cmd(&["CONFIG", "GET", "notify-keyspace-events"]);

@@ -16,10 +16,10 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Instant;
 
-use cachepol::backend::Backend;
-use cachepol::budget::Budgets;
-use cachepol::redis_backend::RedisBackend;
-use cachepol::runtime::{LoadOptions, Runtime, RuntimeConfig};
+use cachepol::sandbox::budget::Budgets;
+use cachepol::sandbox::runtime::{LoadOptions, Runtime, RuntimeConfig};
+use cachepol::store::backend::Backend;
+use cachepol::store::redis::RedisBackend;
 use cachepol::wit::{self, DeployEvent};
 
 use crate::report::{Row, rate};

@@ -6,10 +6,10 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use cachepol::backend::Backend;
 use cachepol::fake::FakeRedis;
-use cachepol::redis_backend::RedisBackend;
-use cachepol::runtime::{LoadOptions, Runtime, RuntimeConfig};
+use cachepol::sandbox::runtime::{LoadOptions, Runtime, RuntimeConfig};
+use cachepol::store::backend::Backend;
+use cachepol::store::redis::RedisBackend;
 use cachepol::wit::{self, ExpireCondition, KeyEvent};
 use cachepol_guest_sdk::glob::Glob;
 

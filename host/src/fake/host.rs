@@ -4,8 +4,8 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::fake::store::{FakeRedis, KeyspaceEvent};
-use crate::runtime::{CallFailure, CallReport, Compiled, LoadError, LoadOptions, LoadedPolicy, Runtime};
+use crate::sandbox::runtime::{CallFailure, CallReport, Compiled, LoadError, LoadOptions, LoadedPolicy, Runtime};
+use crate::store::memory::{FakeRedis, KeyspaceEvent};
 use crate::wit::{self, Denial, DeployEvent, KeyEvent, SweepEvent, SweepReason};
 
 /// Events delivered in response to one step at most; a policy whose writes

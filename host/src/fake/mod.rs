@@ -1,13 +1,18 @@
 //! The fake host: cachepol's restricted Redis API over an in-memory keyspace
 //! with Redis semantics, for testing policies without Redis.
 //!
-//! Policy authors use it from `cargo test` ([`FakeHost`]) or through
-//! `cachepol test` scenario files ([`crate::scenario`]). It runs the real
-//! component in the real runtime, with the same grants and budgets as the
-//! daemon; only the key store is simulated ([`FakeRedis`]).
+//! Not a stage of the daemon but its stand-in for policy authors: where the
+//! daemon has intake and dispatch, the fake host has a test driving one
+//! policy by hand ([`FakeHost`], from `cargo test`) or a scenario file
+//! ([`scenario`], from `cachepol test`). It runs the real component in the
+//! real [`crate::sandbox`], with the same grants and budgets as the daemon;
+//! only the key store is simulated ([`FakeRedis`], from [`crate::store`]).
+//!
+//! May call: `sandbox`, `store`. Called by: the CLI and tests.
 
 mod host;
-mod store;
+pub mod scenario;
 
 pub use host::{Delivery, FakeHost};
-pub use store::{EPOCH_MS, FakeClient, FakeRedis, KeySnapshot, KeyspaceEvent};
+
+pub use crate::store::memory::{EPOCH_MS, FakeClient, FakeRedis, KeySnapshot, KeyspaceEvent};

@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use cachepol::runtime::{Compiled, Runtime, RuntimeConfig};
+use cachepol::sandbox::runtime::{Compiled, Runtime, RuntimeConfig};
 
 pub fn workspace() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()

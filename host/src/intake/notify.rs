@@ -9,7 +9,7 @@
 
 use std::collections::BTreeSet;
 
-use crate::manifest::Manifest;
+use crate::sandbox::manifest::Manifest;
 
 /// Every class flag; `A` in Redis's syntax.
 const ALL_CLASSES: &str = "g$lshzxet";
@@ -75,7 +75,7 @@ pub fn parse(value: &str) -> BTreeSet<char> {
 #[derive(Debug, thiserror::Error)]
 pub enum NotifyError {
     #[error(
-        "Redis's notify-keyspace-events is {current:?} but the loaded policies need {needed:?}; missing {missing:?}. \
+        "Redis's notify-keyspace-events is `{current}` but the loaded policies need `{needed}`; missing `{missing}`. \
          Run `redis-cli CONFIG SET notify-keyspace-events {wanted}` (and persist it in redis.conf), \
          or start cachepol with --configure-notifications"
     )]

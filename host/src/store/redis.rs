@@ -18,7 +18,7 @@ use cachepol_guest_sdk::glob::Glob;
 use redis::aio::ConnectionManager;
 use redis::{Client, RedisError, Script, Value};
 
-use crate::backend::{Backend, BackendError, BulkPlan, BulkResult, ScanResult};
+use crate::store::backend::{Backend, BackendError, BulkPlan, BulkResult, ScanResult};
 use crate::wit::{ExpireCondition, KeyTtl, SetCondition, SetOptions, ValueKind};
 
 /// Keys asked for per `SCAN` page in bulk operations.

@@ -33,8 +33,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, warn};
 
 use crate::config::DeployConfig;
-use crate::events::Backoff;
-use crate::routes::Routes;
+use crate::dispatch::routes::Routes;
+use crate::intake::events::Backoff;
 use crate::wit::DeployEvent;
 
 /// Entries read per `XREADGROUP`.
@@ -81,12 +81,17 @@ fn parse_tags(text: &str) -> Result<Vec<(String, String)>, String> {
                 let s = item.as_str().ok_or_else(bad)?;
                 match s.split_once('=') {
                     Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
-                    _ => Err(format!("tag {s:?} is not of the form name=value")),
+                    _ => Err(format!("tag `{}` is not of the form name=value", s.escape_debug())),
                 }
             })
             .collect(),
         _ => Err(bad()),
     }
+}
+
+/// Tags as `name=value` words, for log lines.
+fn show_tags(tags: &[(String, String)]) -> String {
+    tags.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" ")
 }
 
 /// Write one deploy hook (what `cachepol deploy` does); returns its id.
@@ -298,7 +303,7 @@ impl DeployConsumer {
         }
         let mut remaining: Vec<Arc<str>> =
             self.routes.load().deploy_targets(&event.service).iter().map(|r| r.name.clone()).collect();
-        info!(service = %event.service, files = event.files.len(), tags = ?event.tags, policies = ?remaining, "deploy hook");
+        info!(service = %event.service, files = event.files.len(), tags = %show_tags(&event.tags), policies = %remaining.join(" "), "deploy hook");
         let mut errors = Vec::new();
         let mut backoff = Duration::from_millis(500);
         for attempt in attempts_before + 1..=max {
@@ -329,7 +334,7 @@ impl DeployConsumer {
             if remaining.is_empty() {
                 return self.ack(&entry).await;
             }
-            warn!(attempt, max, failed = ?remaining, "deploy hook failed");
+            warn!(attempt, max, failed = %remaining.join(" "), "deploy hook failed");
             if attempt < max {
                 tokio::select! {
                     _ = shutdown.cancelled() => return Handled::Interrupted,

@@ -6,10 +6,10 @@
 
 use std::sync::Arc;
 
-use crate::echo::Origin;
-use crate::manifest::Manifest;
-use crate::matcher::Matcher;
-use crate::queue::{Item, KeyNotification, PolicyQueue, Pushed};
+use crate::dispatch::matcher::Matcher;
+use crate::dispatch::queue::{Item, KeyNotification, PolicyQueue, Pushed};
+use crate::sandbox::manifest::Manifest;
+use crate::store::echo::Origin;
 use crate::wit::{DeployEvent, SweepReason};
 
 /// One policy as routed to.
@@ -77,10 +77,9 @@ impl Routes {
         routed
     }
 
-    /// The `notify-keyspace-events` flags these policies need.
-    pub fn needed_flags(&self) -> std::collections::BTreeSet<char> {
-        let manifests: Vec<&Manifest> = self.routes.iter().map(|r| &*r.manifest).collect();
-        crate::notify::required(&manifests)
+    /// Every loaded policy's manifest.
+    pub fn manifests(&self) -> Vec<&Manifest> {
+        self.routes.iter().map(|r| &*r.manifest).collect()
     }
 
     /// The policies that want deploy hooks from `service`.

@@ -1,7 +1,7 @@
 //! The seam between the policy API and whatever stores the keys.
 //!
 //! [`Backend`] is the restricted Redis API with the grants already checked:
-//! the fake host ([`crate::fake::FakeRedis`]) implements it in memory for
+//! the fake host ([`crate::store::memory::FakeRedis`]) implements it in memory for
 //! tests and `cachepol test`, the daemon implements it over a real Redis
 //! connection. Everything above this trait (grants, budgets, audit) is shared,
 //! so a policy behaves the same under test as in production.

@@ -5,7 +5,7 @@
 //! operational logs (`RUST_LOG=cachepol::audit=info`).
 
 use crate::config::Mode;
-use crate::runtime::CallReport;
+use crate::sandbox::runtime::CallReport;
 
 /// Log the effects of one call, if it had any.
 pub fn record(policy: &str, event_id: &str, mode: Mode, report: &CallReport) {
@@ -28,7 +28,7 @@ pub fn record(policy: &str, event_id: &str, mode: Mode, report: &CallReport) {
         written = e.written,
         locks = e.locks,
         denied = report.call.denials_total,
-        sample = ?e.sample,
+        sample = %e.sample.join(" "),
         ok = report.result.is_ok(),
         elapsed_ms = report.elapsed.as_millis() as u64,
         "{verb}: {} deleted, {} expired, {} written{}{}",

@@ -4,7 +4,7 @@
 //! a `Linker` with the cachepol imports plus WASI p2 over an empty context:
 //! Rust's `wasm32-wasip2` guests always import `wasi:io`/`wasi:cli`, but get
 //! no environment, arguments, files or sockets, and their stdout/stderr go
-//! to the log ([`crate::guest_io`]).
+//! to the log ([`crate::sandbox::guest_io`]).
 //!
 //! Loading is split so that each failure has a name:
 //! [`Runtime::compile`] checks the bytes (not empty, WebAssembly, a
@@ -30,12 +30,12 @@ use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, ResourceLimiter, Store, Trap};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-use crate::backend::Backend;
-use crate::budget::Budgets;
-use crate::grants::Grants;
-use crate::guest_io::{GuestOutput, panic_message};
-use crate::hostapi::{CallState, HostApi};
-use crate::manifest::{Manifest, ManifestError};
+use crate::sandbox::budget::Budgets;
+use crate::sandbox::grants::Grants;
+use crate::sandbox::guest_io::{GuestOutput, panic_message};
+use crate::sandbox::hostapi::{CallState, HostApi};
+use crate::sandbox::manifest::{Manifest, ManifestError};
+use crate::store::backend::Backend;
 use crate::wit::{self, Policy, PolicyPre};
 
 /// Why a component could not be loaded. Each message is one line and says
@@ -76,7 +76,7 @@ pub enum LoadError {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CallFailure {
     /// The policy returned an error value (it did not trap).
-    #[error("policy returned an error: {0}")]
+    #[error("policy returned an error: {}", wit::Shown(.0))]
     Returned(wit::Error),
     /// A per-event budget ran out (the policy may have swallowed the error).
     #[error("budget exceeded: {0}")]
@@ -87,7 +87,7 @@ pub enum CallFailure {
     Memory { wanted: usize, limit: usize },
     #[error("guest {0}")]
     Panic(String),
-    #[error("took longer than the {0:?} wall-clock budget")]
+    #[error("took longer than the {} ms wall-clock budget", .0.as_millis())]
     Timeout(Duration),
     #[error("trapped: {0}")]
     Trap(String),
@@ -456,7 +456,7 @@ impl Instance {
     }
 
     fn classify(&mut self, error: wasmtime::Error) -> CallFailure {
-        tracing::debug!(error = ?error, "policy trap");
+        tracing::debug!(error = %format_args!("{error:#}"), "policy trap");
         let state = self.store.data();
         if let Some(wanted) = state.limiter.exceeded {
             return CallFailure::Memory { wanted, limit: state.limiter.limit };

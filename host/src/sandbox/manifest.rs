@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use cachepol_guest_sdk::glob::{self, Coverage, Glob};
 
-use crate::grants::{GrantRule, Grants, MAX_KEY_LEN, ops_to_string};
+use crate::sandbox::grants::{GrantRule, Grants, MAX_KEY_LEN, ops_to_string};
 use crate::wit::{self, KeyOps};
 
 /// A manifest that passed validation.
@@ -55,10 +55,13 @@ impl Manifest {
             && raw.name.len() <= MAX_NAME_LEN
             && raw.name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
         if !name_ok {
-            problems.push(format!("name {:?} must be 1 to {MAX_NAME_LEN} characters of a-z, 0-9 and -", raw.name));
+            problems.push(format!(
+                "name `{}` must be 1 to {MAX_NAME_LEN} characters of a-z, 0-9 and -",
+                raw.name.escape_debug()
+            ));
         }
         let version = semver::Version::parse(&raw.version).unwrap_or_else(|e| {
-            problems.push(format!("version {:?} is not semantic (1.2.3): {e}", raw.version));
+            problems.push(format!("version `{}` is not semantic (1.2.3): {e}", raw.version.escape_debug()));
             semver::Version::new(0, 0, 0)
         });
 
@@ -90,7 +93,7 @@ impl Manifest {
             }
             for op in &sub.ops {
                 if op.is_empty() || !op.bytes().all(|b| b.is_ascii_lowercase() || b == b'_' || b.is_ascii_digit()) {
-                    problems.push(format!("key subscription op {op:?} is not a Redis event name"));
+                    problems.push(format!("key subscription op `{}` is not a Redis event name", op.escape_debug()));
                 }
             }
             let mut patterns = Vec::new();
@@ -239,15 +242,15 @@ mod tests {
         let err = Manifest::validate(r).unwrap_err();
         let all = err.to_string();
         for needle in [
-            "name \"\"",
-            "version \"one\"",
+            "name ``",
+            "version `one`",
             "grant ``: the pattern is empty",
             "grant `a:*` allows no operation",
             "grant `b:*` is listed twice",
             "grant `[x`",
             "subscription `secret:*` is not inside a grant",
             "sweep-interval-secs",
-            "\"SET ALL\"",
+            "`SET ALL`",
         ] {
             assert!(all.contains(needle), "missing {needle:?} in {all}");
         }

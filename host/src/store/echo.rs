@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use cachepol_guest_sdk::glob::Glob;
 
-use crate::backend::{Backend, BackendError, BulkPlan, BulkResult, WriteLayer};
+use crate::store::backend::{Backend, BackendError, BulkPlan, BulkResult, WriteLayer};
 use crate::wit::{ExpireCondition, SetOptions};
 
 /// How long an expectation waits for its notification.
@@ -177,7 +177,7 @@ impl Drop for WindowGuard {
 
 /// The write layer that records each write in the ledger before sending
 /// it, tagged with the policy and the hop count of the event being handled.
-/// Wrap a backend with it through [`crate::backend::Layered`].
+/// Wrap a backend with it through [`crate::store::backend::Layered`].
 pub struct EchoLayer {
     ledger: Arc<EchoLedger>,
     policy: Arc<str>,

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 
 use cachepol_guest_sdk::glob::Glob;
 
-use crate::manifest::Manifest;
+use crate::sandbox::manifest::Manifest;
 
 /// Route for one subscription pattern.
 #[derive(Debug)]
@@ -111,8 +111,8 @@ impl Matcher {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::grants::Grants;
-    use crate::manifest::KeySubscription;
+    use crate::sandbox::grants::Grants;
+    use crate::sandbox::manifest::KeySubscription;
 
     fn manifest(subs: &[(&[&str], &[&str])]) -> Manifest {
         Manifest {

@@ -20,19 +20,19 @@ use arc_swap::ArcSwap;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use crate::backend::{Backend, Layered};
 use crate::config::{Config, Mode};
-use crate::control::Switches;
-use crate::dryrun::DryRunLayer;
-use crate::echo::{EchoLayer, EchoLedger};
-use crate::grants::{Grants, ops_to_string};
-use crate::manifest::Manifest;
-use crate::queue::PolicyQueue;
-use crate::redis_backend::RedisBackend;
-use crate::routes::{Route, Routes};
-use crate::runtime::{ContentHash, LoadError, Runtime};
+use crate::dispatch::queue::PolicyQueue;
+use crate::dispatch::routes::{Route, Routes};
+use crate::dispatch::switches::Switches;
+use crate::dispatch::worker::{Control, Version, Worker};
+use crate::sandbox::grants::{Grants, ops_to_string};
+use crate::sandbox::manifest::Manifest;
+use crate::sandbox::runtime::{ContentHash, LoadError, Runtime};
+use crate::store::backend::{Backend, Layered};
+use crate::store::dryrun::DryRunLayer;
+use crate::store::echo::{EchoLayer, EchoLedger};
+use crate::store::redis::RedisBackend;
 use crate::wit::SweepReason;
-use crate::worker::{Control, Version, Worker};
 
 /// Why a file was not (re)loaded. Each names the step.
 #[derive(Debug, thiserror::Error)]
@@ -198,7 +198,7 @@ impl Registry {
                 let queue = entry.queue.clone();
                 self.publish();
                 if adds_subscriptions(&old, &manifest) {
-                    let _ = queue.push(crate::queue::Item::Sweep(SweepReason::Reload));
+                    let _ = queue.push(crate::dispatch::queue::Item::Sweep(SweepReason::Reload));
                 }
                 info!(
                     policy = %name,
@@ -222,12 +222,12 @@ impl Registry {
                 );
                 self.publish();
                 if self.sweep_new {
-                    let _ = queue.push(crate::queue::Item::Sweep(SweepReason::Start));
+                    let _ = queue.push(crate::dispatch::queue::Item::Sweep(SweepReason::Start));
                 }
                 info!(
                     policy = %name,
                     version = %manifest.version,
-                    mode = ?mode,
+                    mode = %mode,
                     file = %path.display(),
                     grants = %describe_grants(&grants, &Grants::default()),
                     compile_cache = from_cache,

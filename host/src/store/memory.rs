@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use async_trait::async_trait;
 use cachepol_guest_sdk::glob::Glob;
 
-use crate::backend::{Backend, BackendError, BulkPlan, BulkResult, ScanResult, expire_applies};
+use crate::store::backend::{Backend, BackendError, BulkPlan, BulkResult, ScanResult, expire_applies};
 use crate::wit::{ExpireCondition, KeyTtl, SetCondition, SetOptions, ValueKind};
 
 /// The fake clock starts here (2024-01-01T00:00:00Z), so `now-ms` looks real.

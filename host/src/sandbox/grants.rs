@@ -77,7 +77,7 @@ impl Grants {
             let mut ops = KeyOps::empty();
             for name in &entry.ops {
                 ops |= op_from_name(name).ok_or_else(|| {
-                    format!("grant `{}`: unknown operation {name:?} (read, write, delete, expire, lock)", entry.pattern)
+                    format!("grant `{}`: unknown operation `{name}` (read, write, delete, expire, lock)", entry.pattern)
                 })?;
             }
             if ops == KeyOps::empty() || entry.pattern.is_empty() {
@@ -222,7 +222,7 @@ mod tests {
                 .unwrap();
         assert_eq!(ok.rules()[0].ops, KeyOps::READ | KeyOps::DELETE);
         let err = Grants::from_config(&[GrantConfig { pattern: "a:*".into(), ops: vec!["flush".into()] }]).unwrap_err();
-        assert!(err.contains("unknown operation \"flush\""), "{err}");
+        assert!(err.contains("unknown operation `flush`"), "{err}");
         assert!(Grants::from_config(&[GrantConfig { pattern: "a:*".into(), ops: vec![] }]).is_err());
     }
 

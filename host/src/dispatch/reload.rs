@@ -28,8 +28,8 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use crate::registry::{Registry, RejectError};
-use crate::runtime::{LoadError, content_hash};
+use crate::dispatch::registry::{Registry, RejectError};
+use crate::sandbox::runtime::{LoadError, content_hash};
 
 /// Quiet time after a file's last change before it is loaded.
 pub const DEBOUNCE: Duration = Duration::from_millis(40);

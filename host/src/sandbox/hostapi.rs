@@ -12,9 +12,9 @@
 
 use std::sync::Arc;
 
-use crate::backend::{Backend, BackendError, BulkPlan, BulkResult};
-use crate::budget::Budgets;
-use crate::grants::{Grants, MAX_KEY_LEN};
+use crate::sandbox::budget::Budgets;
+use crate::sandbox::grants::{Grants, MAX_KEY_LEN};
+use crate::store::backend::{Backend, BackendError, BulkPlan, BulkResult};
 use crate::wit::{self, Denial, Error, ExpireCondition, KeyOps, KeyTtl, ScanPage, SetOptions, ValueKind};
 
 /// What a host function returns: a trap (`Err`) or a result for the guest.

@@ -139,8 +139,10 @@ impl Breaker {
             .min(Duration::from_secs(self.settings.max_cooldown_secs));
         let action = match self.settings.on_failure {
             OnFailure::FailOpen => "fail-open: still delivering".to_owned(),
-            OnFailure::Quarantine => format!("quarantined for {cooldown:?}: events are dropped and swept afterwards"),
-            OnFailure::Reload => format!("re-creating it, next try in {cooldown:?}"),
+            OnFailure::Quarantine => {
+                format!("quarantined for {} s: events are dropped and swept afterwards", cooldown.as_secs())
+            }
+            OnFailure::Reload => format!("re-creating it, next try in {} s", cooldown.as_secs()),
         };
         if self.settings.on_failure != OnFailure::FailOpen {
             self.open_until = Some(now + cooldown);

@@ -31,10 +31,10 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::echo::EchoLedger;
-use crate::grants::MAX_KEY_LEN;
-use crate::notify;
-use crate::routes::Routes;
+use crate::dispatch::routes::Routes;
+use crate::intake::notify;
+use crate::sandbox::grants::MAX_KEY_LEN;
+use crate::store::echo::EchoLedger;
 use crate::wit::SweepReason;
 
 /// How often the subscription connection is pinged to notice a dead peer.
@@ -141,7 +141,7 @@ impl Subscriber {
     /// connection (for pings) and what fires when it closes.
     async fn subscribe(&self, channel: &str) -> Result<(MultiplexedConnection, Arc<Notify>), String> {
         let mut conn = self.client.get_multiplexed_async_connection().await.map_err(|e| e.to_string())?;
-        let needed = self.routes.load().needed_flags();
+        let needed = notify::required(&self.routes.load().manifests());
         match notify::ensure(&mut conn, &needed, self.configure_notifications).await {
             Ok(added) if !added.is_empty() => {
                 info!(added = %notify::text(&added), "enabled keyspace notification flags")
@@ -235,7 +235,12 @@ impl Router {
         let origin = self.ledger.claim(op, payload);
         let routed = self.routes.load().key_event(db, op, key, origin.as_ref(), self.hop_limit);
         if routed.hop_limited {
-            warn!(op, key, via = ?origin.as_ref().map(|o| &o.policy), "hop limit reached: not delivered further");
+            warn!(
+                op,
+                key,
+                via = origin.as_ref().map_or("", |o| &*o.policy),
+                "hop limit reached: not delivered further"
+            );
         }
         true
     }

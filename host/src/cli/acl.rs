@@ -15,8 +15,75 @@
 
 use std::collections::BTreeSet;
 
-use crate::config::DeployConfig;
-use crate::wit::KeyOps;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use cachepol::config::DeployConfig;
+use cachepol::dispatch::reload::policy_files;
+use cachepol::fake::FakeRedis;
+use cachepol::sandbox::runtime::{Runtime, RuntimeConfig};
+use cachepol::wit::KeyOps;
+use clap::Args;
+
+use super::PolicySetArgs;
+
+pub const AFTER_HELP: &str = "Examples:
+  cachepol acl --redis-url redis://cachepol:s3cret@cache:6379 --policies /srv/cachepol/policies
+  cachepol acl --config /etc/cachepol.toml | redis-cli -h cache --user default --pass ...
+
+Loads every policy in the directory with its config section (as `cachepol run` would) and prints
+one `ACL SETUSER` line: the commands the daemon sends and no others, each grant's key pattern
+(read-only, write-only or both), the deploy streams and the keyspace-notification channel.
+The user and password come from the Redis URL (or --user/--password). Run the daemon as that user.";
+
+#[derive(Args)]
+pub struct AclArgs {
+    #[command(flatten)]
+    set: PolicySetArgs,
+    /// The ACL user (default: the Redis URL's user, else `cachepol`).
+    #[arg(long)]
+    user: Option<String>,
+    /// The user's password (default: the Redis URL's password).
+    #[arg(long)]
+    password: Option<String>,
+}
+
+/// Load the policies as `cachepol run` would and print their rule.
+pub async fn run(args: AclArgs) -> Result<ExitCode> {
+    let config = args.set.load()?;
+    let client = redis::Client::open(config.redis_url.as_str()).context("invalid Redis URL")?;
+    let settings = client.get_connection_info().redis_settings();
+    let user = args.user.or_else(|| settings.username().map(str::to_owned)).unwrap_or_else(|| "cachepol".into());
+    let Some(password) = args.password.or_else(|| settings.password().map(str::to_owned)) else {
+        bail!("no password: give --password, or a Redis URL with one (redis://{user}:PASSWORD@host)");
+    };
+    let runtime = Runtime::new(RuntimeConfig::default())?;
+    let backend = Arc::new(FakeRedis::new().client("acl"));
+    let mut grants = Vec::new();
+    let files =
+        policy_files(&config.policies_dir).with_context(|| format!("cannot list {}", config.policies_dir.display()))?;
+    for path in &files {
+        let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        let section = config.policy(&stem);
+        let options = config.load_options(&stem, &section);
+        let compiled = runtime.compile_file(path).with_context(|| path.display().to_string())?;
+        let policy =
+            runtime.load(&compiled, backend.clone(), &options).await.with_context(|| path.display().to_string())?;
+        grants.extend(policy.grants().rules().iter().map(|r| (r.pattern.as_str().to_owned(), r.ops)));
+    }
+    let request = AclRequest {
+        user: &user,
+        password: &password,
+        db: u32::try_from(settings.db()).unwrap_or(0),
+        deploy: &config.deploy,
+        control_key: &config.control_key,
+        configure_notifications: config.configure_notifications,
+        grants,
+    };
+    println!("{}", render(&setuser_args(&request)));
+    Ok(ExitCode::SUCCESS)
+}
 
 /// Commands for the restricted policy API, host-side bulk operations and
 /// locks (the release script runs through `EVALSHA`, loaded on first use).

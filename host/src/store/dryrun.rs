@@ -9,7 +9,7 @@
 
 use async_trait::async_trait;
 
-use crate::backend::{Backend, BackendError, BulkPlan, BulkResult, WriteLayer, expire_applies, scan_each};
+use crate::store::backend::{Backend, BackendError, BulkPlan, BulkResult, WriteLayer, expire_applies, scan_each};
 use crate::wit::{ExpireCondition, KeyTtl, SetCondition, SetOptions};
 
 /// The token a dry-run "acquires"; nothing is locked.
@@ -92,7 +92,7 @@ impl WriteLayer for DryRunLayer {
         self.would(
             "delete-matching",
             pattern,
-            format_args!("{} keys deleted, e.g. {:?}", result.affected, result.sample),
+            format_args!("{} keys deleted, e.g. {}", result.affected, result.sample.join(" ")),
         );
         Ok(result)
     }
@@ -126,7 +126,7 @@ impl WriteLayer for DryRunLayer {
         self.would(
             "expire-matching",
             pattern,
-            format_args!("{} keys get a {ttl_ms} ms TTL, e.g. {:?}", result.affected, result.sample),
+            format_args!("{} keys get a {ttl_ms} ms TTL, e.g. {}", result.affected, result.sample.join(" ")),
         );
         Ok(result)
     }
@@ -149,8 +149,8 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::backend::Layered;
-    use crate::fake::FakeRedis;
+    use crate::store::backend::Layered;
+    use crate::store::memory::FakeRedis;
 
     #[tokio::test]
     async fn dry_run_reports_what_would_happen_and_changes_nothing() {

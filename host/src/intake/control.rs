@@ -21,33 +21,13 @@ use redis::aio::ConnectionManager;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::queue::Item;
-use crate::routes::Routes;
+use crate::dispatch::queue::Item;
+use crate::dispatch::routes::Routes;
+use crate::dispatch::switches::Switches;
 use crate::wit::SweepReason;
 
 /// How often the disabled set is read.
 pub const POLL_EVERY: Duration = Duration::from_secs(1);
-
-/// The policies an operator has disabled, as last read.
-#[derive(Default)]
-pub struct Switches {
-    disabled: ArcSwap<BTreeSet<String>>,
-}
-
-impl Switches {
-    pub fn is_disabled(&self, policy: &str) -> bool {
-        self.disabled.load().contains(policy)
-    }
-
-    /// Take a new reading; returns (newly disabled, newly enabled).
-    pub fn update(&self, now: BTreeSet<String>) -> (Vec<String>, Vec<String>) {
-        let before = self.disabled.load_full();
-        let disabled = now.difference(&before).cloned().collect();
-        let enabled = before.difference(&now).cloned().collect();
-        self.disabled.store(Arc::new(now));
-        (disabled, enabled)
-    }
-}
 
 /// Read the disabled set every [`POLL_EVERY`] until `stop`.
 pub async fn watch(
@@ -84,20 +64,5 @@ pub async fn watch(
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(POLL_EVERY) => {}
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn updates_report_what_changed() {
-        let s = Switches::default();
-        let set = |names: &[&str]| names.iter().map(|n| n.to_string()).collect::<BTreeSet<_>>();
-        assert_eq!(s.update(set(&["a", "b"])), (vec!["a".into(), "b".into()], vec![]));
-        assert!(s.is_disabled("a") && !s.is_disabled("c"));
-        assert_eq!(s.update(set(&["b", "c"])), (vec!["c".into()], vec!["a".into()]));
-        assert!(!s.is_disabled("a"));
     }
 }

@@ -31,10 +31,10 @@ use std::time::Duration;
 use cachepol_guest_sdk::glob::Glob;
 use serde::Deserialize;
 
-use crate::budget::Budgets;
 use crate::fake::{FakeHost, FakeRedis, KeySnapshot};
-use crate::grants::{GrantConfig, Grants};
-use crate::runtime::{Compiled, LoadOptions, Runtime};
+use crate::sandbox::budget::Budgets;
+use crate::sandbox::grants::{GrantConfig, Grants};
+use crate::sandbox::runtime::{Compiled, LoadOptions, Runtime};
 use crate::wit::SweepReason;
 
 /// A parsed scenario file.
@@ -159,7 +159,7 @@ impl Tags {
                 .iter()
                 .map(|t| match t.split_once('=') {
                     Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
-                    _ => Err(format!("tag {t:?} is not of the form name=value")),
+                    _ => Err(format!("tag `{}` is not of the form name=value", t.escape_debug())),
                 })
                 .collect(),
         }
@@ -270,7 +270,7 @@ fn sweep_reason(name: &str) -> Result<SweepReason, String> {
         "manual" => SweepReason::Manual,
         "reload" => SweepReason::Reload,
         other => {
-            return Err(format!("unknown sweep reason {other:?} (start, reconnect, gap, periodic, manual, reload)"));
+            return Err(format!("unknown sweep reason `{other}` (start, reconnect, gap, periodic, manual, reload)"));
         }
     })
 }
@@ -350,7 +350,7 @@ pub async fn run(runtime: &Runtime, compiled: &Compiled, scenario: &Scenario) ->
         (Ok(_), Some(expected)) => {
             report
                 .failed_checks
-                .push(("loading".into(), vec![format!("expected loading to fail with {expected:?}, but it loaded")]));
+                .push(("loading".into(), vec![format!("expected loading to fail with `{expected}`, but it loaded")]));
             return report;
         }
     };
@@ -391,7 +391,7 @@ pub async fn run(runtime: &Runtime, compiled: &Compiled, scenario: &Scenario) ->
 }
 
 fn show_value(value: &[u8]) -> String {
-    format!("{:?}", String::from_utf8_lossy(value))
+    format!("\"{}\"", String::from_utf8_lossy(value).escape_debug())
 }
 
 fn show_ttl(snapshot: Option<&KeySnapshot>) -> String {
@@ -426,8 +426,12 @@ fn check(report: &mut ScenarioReport, label: String, expect: &Expect, host: &Fak
     for (key, want) in &expect.values {
         match keys.get(key) {
             Some(found) if found.value == want.as_bytes() => {}
-            Some(found) => out.push(format!("{key}: expected value {want:?}, found {}", show_value(&found.value))),
-            None => out.push(format!("{key}: expected value {want:?}, but it is missing")),
+            Some(found) => out.push(format!(
+                "{key}: expected value {}, found {}",
+                show_value(want.as_bytes()),
+                show_value(&found.value)
+            )),
+            None => out.push(format!("{key}: expected value {}, but it is missing", show_value(want.as_bytes()))),
         }
     }
     for (key, want) in &expect.ttl {

@@ -8,8 +8,8 @@
 //! to the pool).
 //!
 //! Before delivering, the worker asks the policy's circuit breaker
-//! ([`crate::breaker`]) and the operator's kill switch
-//! ([`crate::control`]). While either holds the policy back, events are
+//! ([`crate::dispatch::breaker`]) and the operator's kill switch
+//! ([`crate::dispatch::switches`]). While either holds the policy back, events are
 //! not delivered: keyspace events and sweeps are dropped and owed as one
 //! `sweep(gap)`, deploy hooks fail (the deploy reader retries, then
 //! dead-letters them).
@@ -21,12 +21,12 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
-use crate::audit;
-use crate::breaker::{Admit, Breaker, FailurePolicy};
 use crate::config::Mode;
-use crate::control::Switches;
-use crate::queue::{Item, PolicyQueue};
-use crate::runtime::LoadedPolicy;
+use crate::dispatch::audit;
+use crate::dispatch::breaker::{Admit, Breaker, FailurePolicy};
+use crate::dispatch::queue::{Item, PolicyQueue};
+use crate::dispatch::switches::Switches;
+use crate::sandbox::runtime::LoadedPolicy;
 use crate::wit::{self, KeyEvent, SweepEvent, SweepReason};
 
 /// How often a failed sweep is tried again before waiting for the next one.
@@ -138,7 +138,7 @@ impl Worker {
                     Err(_) if self.sweep_failures < SWEEP_RETRIES => {
                         self.sweep_failures += 1;
                         let delay = Duration::from_millis(500 << self.sweep_failures);
-                        tracing::info!(policy = %self.version.policy.name(), ?delay, "sweep failed; trying again later");
+                        tracing::info!(policy = %self.version.policy.name(), delay_ms = delay.as_millis(), "sweep failed; trying again later");
                         let queue = self.queue.clone();
                         tokio::spawn(async move {
                             tokio::time::sleep(delay).await;

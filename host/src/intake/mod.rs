@@ -1,0 +1,17 @@
+//! Intake: where work enters the daemon.
+//!
+//! Receives Redis keyspace notifications ([`events`], one RESP3
+//! subscription routed inside its reader), deploy hooks ([`deploy`], a Redis
+//! Stream read through a consumer group), and the operator's kill switch
+//! ([`control`], a Redis Set polled every second); makes sure Redis emits
+//! the notifications the policies need ([`notify`]). Hands on typed work
+//! items to the policies' queues through [`crate::dispatch`]'s routes, never
+//! waiting on a policy: the subscription socket is drained at full speed.
+//!
+//! May call: `dispatch` (routes, queues), `sandbox` (key limits), `store`
+//! (the echo ledger). Called by: the daemon's wiring and the CLI.
+
+pub(crate) mod control;
+pub mod deploy;
+pub mod events;
+pub(crate) mod notify;

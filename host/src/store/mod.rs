@@ -1,0 +1,17 @@
+//! Store: the keys, behind one seam.
+//!
+//! [`backend::Backend`] is the restricted Redis API with grants already
+//! checked. It is implemented over a real Redis ([`redis`], one multiplexed
+//! connection, the bulk operations pipelined) and in memory with Redis
+//! semantics ([`memory`], the fake host's keyspace). Write layers wrap a
+//! backend: [`echo`] records each write so its own notification does not
+//! wake the policy again, [`dryrun`] only logs what a write would do.
+//!
+//! Receives calls from the sandbox's host API; hands back Redis's answers.
+//! May call: nothing above it (only the contract types in [`crate::wit`]).
+
+pub mod backend;
+pub(crate) mod dryrun;
+pub(crate) mod echo;
+pub mod memory;
+pub mod redis;
