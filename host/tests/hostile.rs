@@ -193,7 +193,7 @@ async fn a_garbage_manifest_is_refused_with_every_problem_named() {
     let LoadError::Manifest(m) = &err else { panic!("expected a manifest error, got {err}") };
     let text = err.to_string();
     for needle in
-        ["name \"\"", "not-a-version", "the pattern is empty", "listed twice", "allows no operation", "secret:*"]
+        ["name ``", "not-a-version", "the pattern is empty", "listed twice", "allows no operation", "secret:*"]
     {
         assert!(text.contains(needle), "missing {needle:?} in {text}");
     }
