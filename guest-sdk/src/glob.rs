@@ -317,6 +317,16 @@ pub enum Coverage {
 /// How many product states [`covers`] explores before giving up. Realistic
 /// patterns need a few dozen; the limit bounds adversarial ones.
 const COVER_STATE_LIMIT: usize = 20_000;
+/// Longest non-literal pattern [`covers`] decides. A key pattern with more
+/// than this many wildcards and classes is not something a cache runs on.
+const COVER_TOKEN_LIMIT: usize = 1_024;
+/// Total tokens of the covering patterns [`covers`] accepts.
+const COVER_GRANT_TOKEN_LIMIT: usize = 8_192;
+/// Work (NFA positions stepped) one [`covers`] call may do: the host runs
+/// it synchronously on every `scan`/`*-matching` call, so each is bounded to
+/// a few milliseconds whatever a hostile policy passes (a state limit alone
+/// is not enough: `*a` and 16k `?` makes each state 16k positions wide).
+const COVER_WORK_LIMIT: usize = 4_000_000;
 
 /// Decide whether every key matched by `pattern` is matched by at least one
 /// of `by`.
@@ -333,6 +343,20 @@ pub fn covers(by: &[&Glob], pattern: &Glob) -> Coverage {
             Coverage::Uncovered { example: Vec::new() }
         };
     }
+    // A literal pattern is one key: no automaton needed, whatever its length.
+    if let Some(key) = pattern.literal() {
+        return if by.iter().any(|g| g.matches_bytes(&key)) {
+            Coverage::Covered
+        } else {
+            Coverage::Uncovered { example: key }
+        };
+    }
+    let grant_tokens: usize = by.iter().map(|g| g.tokens.len() + 1).sum();
+    if pattern.tokens.len() > COVER_TOKEN_LIMIT || grant_tokens > COVER_GRANT_TOKEN_LIMIT {
+        return Coverage::TooComplex;
+    }
+    let step_cost = pattern.tokens.len() + 1 + grant_tokens;
+    let mut work = 0usize;
     let alphabet = representative_bytes(by, pattern);
     let start = ProductState {
         pattern: Nfa::start(&pattern.tokens),
@@ -348,6 +372,10 @@ pub fn covers(by: &[&Glob], pattern: &Glob) -> Coverage {
     while let Some(index) = queue.pop_front() {
         let state = order[index].clone();
         for &byte in &alphabet {
+            work += step_cost;
+            if work > COVER_WORK_LIMIT {
+                return Coverage::TooComplex;
+            }
             let next_pattern = state.pattern.step(&pattern.tokens, byte);
             if next_pattern.is_empty() {
                 continue;
@@ -384,6 +412,7 @@ pub fn covers(by: &[&Glob], pattern: &Glob) -> Coverage {
 /// One byte from each class of bytes that no pattern involved tells apart.
 /// Printable ones are preferred so that examples read well.
 fn representative_bytes(by: &[&Glob], pattern: &Glob) -> Vec<u8> {
+    // Distinct sets only: a pattern of 16k `?` has one set, not 16k.
     let sets: Vec<ByteSet> = by
         .iter()
         .copied()
@@ -393,6 +422,8 @@ fn representative_bytes(by: &[&Glob], pattern: &Glob) -> Vec<u8> {
             Token::One(set) => Some(*set),
             Token::Star => None,
         })
+        .collect::<std::collections::HashSet<_>>()
+        .into_iter()
         .collect();
     let preferred = (b'a'..=b'z').chain(b'0'..=b'9').chain(0x20..=0x7e).chain(0..=255);
     let mut seen_signatures = std::collections::HashSet::new();
@@ -631,6 +662,16 @@ mod tests {
         // A small one of the same shape is still decided.
         let small = format!("*a{}", "?".repeat(3));
         assert_eq!(cov(&[&small], &small), Coverage::Covered);
+        // Wide states: each of few states is 16k positions; refused on its
+        // length, before any automaton is built.
+        let wide = format!("hostile:*a{}", "?".repeat(16_000));
+        assert_eq!(cov(&["hostile:*"], &wide), Coverage::TooComplex);
+        // Under the token limit but wide enough to cost: the work limit ends it.
+        let costly = format!("hostile:*a{}", "?".repeat(1_000));
+        assert_eq!(cov(&["hostile:*", "other:*"], &costly), Coverage::TooComplex);
+        // A long literal key is decided directly.
+        let long_key = format!("hostile:{}", "k".repeat(16_000));
+        assert_eq!(cov(&["hostile:*"], &long_key), Coverage::Covered);
     }
 
     /// Cross-check `covers` against brute force on every short key over a
