@@ -25,8 +25,11 @@ use crate::wit::{ExpireCondition, KeyTtl, SetCondition, SetOptions, ValueKind};
 pub const SCAN_BATCH: usize = 1000;
 
 /// Compare-and-delete: release a lock only if it still holds our token.
+/// `UNLINK`, like every delete the daemon sends: Redis checks the commands a
+/// script runs against the ACL user's rules, and `cachepol acl` allows
+/// `UNLINK`, not `DEL`.
 const RELEASE: &str =
-    r#"if redis.call("GET", KEYS[1]) == ARGV[1] then return redis.call("DEL", KEYS[1]) else return 0 end"#;
+    r#"if redis.call("GET", KEYS[1]) == ARGV[1] then return redis.call("UNLINK", KEYS[1]) else return 0 end"#;
 
 /// The restricted Redis API over one multiplexed connection.
 #[derive(Clone)]
@@ -62,6 +65,12 @@ impl RedisBackend {
     /// many keys each of those commands' replies counts for; replies are
     /// counted page by page, never kept (a bulk operation may touch
     /// millions of keys).
+    ///
+    /// If the connection breaks mid-way, the scan starts over from cursor 0
+    /// once it is back: Redis may have restarted, and a `SCAN` cursor means
+    /// nothing on a restarted server (its dict has a new hash seed), so
+    /// going on would silently skip keys. Keys already deleted are not found
+    /// again; keys whose TTL was set may be set (and counted) again.
     async fn bulk(
         &self,
         pattern: &str,
@@ -86,6 +95,7 @@ impl RedisBackend {
         }
         let mut pending: Vec<Vec<u8>> = Vec::new();
         let mut cursor: Option<u64> = Some(0);
+        let mut restarts = 0;
         loop {
             let mut pipe = redis::pipe();
             if !pending.is_empty() {
@@ -97,11 +107,27 @@ impl RedisBackend {
             if pending.is_empty() && cursor.is_none() {
                 break;
             }
-            let mut replies: Vec<Value> = retrying(|| async { pipe.query_async(&mut conn.clone()).await }).await?;
+            let mut broke = false;
+            let mut replies: Vec<Value> =
+                retrying_noting(&mut broke, || async { pipe.query_async(&mut conn.clone()).await }).await?;
             let scan = if cursor.is_some() { replies.pop() } else { None };
             affected += replies.iter().map(&tally).sum::<u64>();
             for key in pending.drain(..) {
                 result.record(&key);
+            }
+            if broke && !result.truncated {
+                restarts += 1;
+                if restarts > MAX_SCAN_RESTARTS {
+                    return Err(BackendError::Unavailable(format!(
+                        "the connection broke {restarts} times during a bulk operation on `{pattern}`"
+                    )));
+                }
+                tracing::warn!(
+                    pattern,
+                    "the connection to Redis broke during a bulk operation; starting its scan over"
+                );
+                cursor = Some(0);
+                continue;
             }
             let Some(scan) = scan else { break };
             let (next, keys): (u64, Vec<Vec<u8>>) =
@@ -129,7 +155,22 @@ impl RedisBackend {
 /// and `SET NX` (a lock whose reply was lost just looks held).
 const RETRY_DELAYS_MS: [u64; 4] = [20, 100, 300, 1000];
 
-async fn retrying<T, F, Fut>(mut attempt: F) -> Result<T, BackendError>
+/// A bulk operation whose scan keeps being cut gives up after this many
+/// fresh starts (its caller retries once Redis is steady).
+const MAX_SCAN_RESTARTS: u32 = 10;
+
+async fn retrying<T, F, Fut>(attempt: F) -> Result<T, BackendError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = redis::RedisResult<T>>,
+{
+    retrying_noting(&mut false, attempt).await
+}
+
+/// [`retrying`], setting `broke` if the connection was found broken on the
+/// way (whatever the final result): the caller may hold state that does not
+/// survive a reconnect, such as a `SCAN` cursor.
+async fn retrying_noting<T, F, Fut>(broke: &mut bool, mut attempt: F) -> Result<T, BackendError>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = redis::RedisResult<T>>,
@@ -139,6 +180,7 @@ where
         match attempt().await.map_err(failed) {
             Err(BackendError::Unavailable(e)) => match delays.next() {
                 Some(ms) => {
+                    *broke = true;
                     tracing::debug!(error = %e, retry_in_ms = ms, "redis connection broken; retrying");
                     tokio::time::sleep(std::time::Duration::from_millis(*ms)).await;
                 }
