@@ -15,7 +15,10 @@ fn the_daemon_runs_as_the_acl_user_and_redis_refuses_the_rest() {
     for key in ["graph_data:dance", "service_playlist:dance:web", "graph_data:rock", "secret:password"] {
         redis.cmd::<()>(&["SET", key, "v"]);
     }
-    let setup = Setup::new(&["genre-invalidation", "ttl-table"]);
+    // The recorder takes and releases a lock on each hook: the release is a
+    // script, and Redis checks the commands scripts run against the rule.
+    let setup = Setup::new(&["genre-invalidation", "ttl-table", "recorder"])
+        .config("[policies.recorder]\nconfig = { lock = true }");
     let url = format!("redis://cachepol:s3cret@127.0.0.1:{}", redis.port);
     let out = Command::new(env!("CARGO_BIN_EXE_cachepol"))
         .args(["acl", "--redis-url", &url, "--policies"])
@@ -45,6 +48,9 @@ fn the_daemon_runs_as_the_acl_user_and_redis_refuses_the_rest() {
     deploy(&redis, &["--service", "catalog", "--tag", "genre=dance"]);
     eventually(&daemon, "dance's keys deleted as the ACL user", || {
         !redis.exists("graph_data:dance") && !redis.exists("service_playlist:dance:web")
+    });
+    eventually(&daemon, "a lock taken and released as the ACL user", || {
+        redis.cmd::<Option<String>>(&["GET", "recorder:recorder:released"]).as_deref() == Some("1")
     });
     redis.cmd::<()>(&["SET", "job:7", "queued"]);
     eventually(&daemon, "ttl-table's EXPIRE allowed", || redis.cmd::<i64>(&["TTL", "job:7"]) > 0);
