@@ -88,15 +88,22 @@ impl Default for Config {
 pub struct DeployConfig {
     pub stream: String,
     pub group: String,
-    /// This daemon's consumer name in the group; keep it stable across
-    /// restarts so its unacknowledged hooks come back to it.
+    /// This daemon's consumer name in the group (default: unique per
+    /// process). Set it, stable across restarts, to have a restarted daemon
+    /// re-read its own unacknowledged hooks at once instead of claiming them
+    /// after `claim_idle_ms`; never share one between running daemons.
     pub consumer: String,
     /// Where hooks that cannot be handled go, with the reason.
     pub dead_letter: String,
     /// Attempts before a failing hook is dead-lettered.
     pub max_attempts: u32,
     /// Hooks another consumer left unacknowledged this long are claimed.
+    /// A hook being handled is kept claimed, however long it takes.
     pub claim_idle_ms: u64,
+    /// Trim the deploy stream to about this many entries (0: never).
+    pub max_len: usize,
+    /// Trim the dead-letter stream to about this many entries (0: never).
+    pub dead_letter_max_len: usize,
 }
 
 impl Default for DeployConfig {
@@ -108,6 +115,8 @@ impl Default for DeployConfig {
             dead_letter: "cachepol:deploys:dead".into(),
             max_attempts: 3,
             claim_idle_ms: 60_000,
+            max_len: 10_000,
+            dead_letter_max_len: 10_000,
         }
     }
 }
@@ -123,9 +132,14 @@ fn default_cache_dir() -> PathBuf {
     std::env::temp_dir().join("cachepol-cache")
 }
 
+/// Unique per process: replicas sharing a config (and a hostname file) must
+/// not share a consumer name, or one would take the other's pending hooks
+/// for its own. A restarted daemon claims what its predecessor left once it
+/// is idle for `claim_idle_ms`.
 fn default_consumer() -> String {
     let host = std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_owned()).unwrap_or_default();
-    if host.is_empty() { "cachepol".into() } else { format!("cachepol-{host}") }
+    let host = if host.is_empty() { "cachepol".to_owned() } else { format!("cachepol-{host}") };
+    format!("{host}-{}-{:06x}", std::process::id(), rand::random::<u32>() & 0xff_ffff)
 }
 
 /// Enforce or only log what a policy would write.
@@ -156,8 +170,9 @@ pub struct PolicySection {
     /// asks for; wider is a startup error).
     pub grants: Option<Vec<GrantConfig>>,
     pub mode: Mode,
-    /// Per-policy budgets, replacing the defaults.
-    pub budgets: Option<Budgets>,
+    /// Per-policy budgets: each one set here overrides the `[budgets]`
+    /// default of the same name; the others keep it.
+    pub budgets: Option<toml::Table>,
     /// What repeated failures do (`[policies.NAME.failure]`).
     pub failure: FailurePolicy,
 }
@@ -194,6 +209,7 @@ impl Config {
         let config: Config = toml::from_str(text).map_err(|e| e.to_string().trim_end().to_owned())?;
         for (name, section) in &config.policies {
             section.grants().map_err(|e| format!("[policies.{name}]: {e}"))?;
+            config.merged_budgets(section).map_err(|e| format!("[policies.{name}.budgets]: {e}"))?;
         }
         if config.queue_capacity == 0 {
             return Err("queue_capacity must be at least 1".into());
@@ -218,9 +234,17 @@ impl Config {
         }
     }
 
-    /// Budgets for a policy: its own section's, or the defaults.
+    /// Budgets for a policy: the defaults, with what its own section sets.
     pub fn budgets_for(&self, section: &PolicySection) -> Budgets {
-        section.budgets.clone().unwrap_or_else(|| self.budgets.clone())
+        // Validated when the config was parsed.
+        self.merged_budgets(section).unwrap_or_else(|_| self.budgets.clone())
+    }
+
+    fn merged_budgets(&self, section: &PolicySection) -> Result<Budgets, String> {
+        let Some(overrides) = &section.budgets else { return Ok(self.budgets.clone()) };
+        let mut merged = toml::Table::try_from(&self.budgets).map_err(|e| e.to_string())?;
+        merged.extend(overrides.iter().map(|(k, v)| (k.clone(), v.clone())));
+        Budgets::deserialize(toml::Value::Table(merged)).map_err(|e| e.to_string().trim_end().to_owned())
     }
 }
 
@@ -257,6 +281,22 @@ mod tests {
         assert_eq!(p.config_json(), r#"{"keys":["graph_data:{genre}"],"services":["catalog"]}"#);
         assert!(p.grants().unwrap().is_some());
         assert_eq!(c.policy("other").config_json(), "{}");
+    }
+
+    #[test]
+    fn a_policy_budget_overrides_only_what_it_sets() {
+        let c = Config::parse(
+            "[budgets]\nfuel = 1000\nwall_time = 5000\n[policies.a]\nbudgets = { wall_time = 60000 }\n[policies.b]\n",
+        )
+        .unwrap();
+        let a = c.budgets_for(&c.policy("a"));
+        assert_eq!(a.wall_time, std::time::Duration::from_secs(60));
+        assert_eq!(a.fuel, 1000, "the global default, not the built-in one");
+        assert_eq!(c.budgets_for(&c.policy("b")), c.budgets);
+        let err = Config::parse("[policies.a]\nbudgets = { fuel = \"lots\" }\n").unwrap_err();
+        assert!(err.contains("[policies.a.budgets]") && err.contains("fuel"), "{err}");
+        let err = Config::parse("[policies.a]\nbudgets = { fule = 1 }\n").unwrap_err();
+        assert!(err.contains("fule"), "{err}");
     }
 
     #[test]
