@@ -66,6 +66,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
     let ledger = Arc::new(EchoLedger::new());
 
     let switches = Arc::new(Switches::default());
+    if let Err(e) = control::read_at_start(&switches, &mut redis.connection(), &config.control_key).await {
+        warn!(error = %e, key = %config.control_key, "cannot read the disabled policies; none is held back until they can be read");
+    }
     let registry = Registry::new(runtime, config.clone(), redis.clone(), ledger.clone(), switches.clone());
     let routes = registry.routes();
     let mut reloader = Reloader::new(registry, &config.policies_dir)

@@ -29,6 +29,18 @@ use crate::wit::SweepReason;
 /// How often the disabled set is read.
 pub const POLL_EVERY: Duration = Duration::from_secs(1);
 
+/// Read the disabled set once, before anything is delivered: a policy an
+/// operator disabled must not run even its start-up sweep. Policies found
+/// disabled are logged.
+pub async fn read_at_start(switches: &Switches, conn: &mut ConnectionManager, key: &str) -> redis::RedisResult<()> {
+    let now = redis::cmd("SMEMBERS").arg(key).query_async::<BTreeSet<String>>(conn).await?;
+    let (disabled, _) = switches.update(now);
+    for name in disabled {
+        warn!(policy = %name, key = %key, "policy disabled by the operator: it gets no events until enabled");
+    }
+    Ok(())
+}
+
 /// Read the disabled set every [`POLL_EVERY`] until `stop`.
 pub async fn watch(
     switches: Arc<Switches>,
