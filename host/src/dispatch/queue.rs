@@ -29,12 +29,43 @@ pub struct KeyNotification {
     pub hops: u8,
 }
 
+/// Why a policy did not handle a deploy hook, and what retrying would do.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{reason}")]
+pub struct HookFailure {
+    pub reason: String,
+    pub kind: FailureKind,
+}
+
+/// What kind of failure a [`HookFailure`] is, which decides its retries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FailureKind {
+    /// Redis could not be reached during the call: not the hook's fault.
+    /// Retry once Redis answers again, without spending an attempt.
+    RedisUnavailable,
+    /// A grant refused what the policy asked for: it will be refused the
+    /// same way every time, so retrying only delays the dead letter.
+    Denied,
+    /// Anything else (a trap, an error the policy returned, a budget):
+    /// retried up to the attempt limit.
+    Failed,
+}
+
+impl HookFailure {
+    pub fn failed(reason: impl Into<String>) -> HookFailure {
+        HookFailure { reason: reason.into(), kind: FailureKind::Failed }
+    }
+}
+
+/// Where a worker reports whether a deploy hook was handled.
+pub type HookDone = oneshot::Sender<Result<(), HookFailure>>;
+
 /// One unit of work for a policy.
 #[derive(Debug)]
 pub enum Item {
     Key(KeyNotification),
     /// The hook, and where to report whether it was handled.
-    Deploy(DeployEvent, oneshot::Sender<Result<(), String>>),
+    Deploy(DeployEvent, HookDone),
     Sweep(SweepReason),
 }
 
@@ -118,6 +149,22 @@ impl PolicyQueue {
         drop(inner);
         self.ready.notify_one();
         Pushed::Queued
+    }
+
+    /// An event for this policy could not be queued at all (its key cannot
+    /// be handed to a policy): owe it a `sweep(gap)`.
+    pub fn record_gap(&self) {
+        let mut inner = self.lock();
+        if inner.closed {
+            return;
+        }
+        if !inner.gap {
+            inner.stats.gaps += 1;
+        }
+        inner.gap = true;
+        inner.stats.dropped += 1;
+        drop(inner);
+        self.ready.notify_one();
     }
 
     /// Queue a deploy hook or a sweep (never dropped while open; a sweep

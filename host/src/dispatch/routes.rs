@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use crate::dispatch::matcher::Matcher;
-use crate::dispatch::queue::{Item, KeyNotification, PolicyQueue, Pushed};
+use crate::dispatch::queue::{HookFailure, Item, KeyNotification, PolicyQueue, Pushed};
 use crate::sandbox::manifest::Manifest;
 use crate::store::echo::Origin;
 use crate::wit::{DeployEvent, SweepReason};
@@ -77,6 +77,17 @@ impl Routes {
         routed
     }
 
+    /// An event whose key cannot be handed to a policy (not UTF-8, or
+    /// longer than a policy may see): each policy subscribed to it is owed a
+    /// sweep instead. Returns how many.
+    pub fn key_gap(&self, op: &str, key: &[u8]) -> usize {
+        let subscribed = self.matcher.matching(op, key);
+        for &index in &subscribed {
+            self.routes[index].queue.record_gap();
+        }
+        subscribed.len()
+    }
+
     /// Every loaded policy's manifest.
     pub fn manifests(&self) -> Vec<&Manifest> {
         self.routes.iter().map(|r| &*r.manifest).collect()
@@ -95,7 +106,7 @@ impl Routes {
     }
 
     /// Queue a deploy hook for one policy; the receiver says how it went.
-    pub fn deploy_to(route: &Route, event: DeployEvent) -> tokio::sync::oneshot::Receiver<Result<(), String>> {
+    pub fn deploy_to(route: &Route, event: DeployEvent) -> tokio::sync::oneshot::Receiver<Result<(), HookFailure>> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         // A closed queue hands the item back; dropping it drops `tx`, which
         // the receiver sees as "not handled".

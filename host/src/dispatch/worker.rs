@@ -24,7 +24,7 @@ use tracing::Instrument;
 use crate::config::Mode;
 use crate::dispatch::audit;
 use crate::dispatch::breaker::{Admit, Breaker, FailurePolicy};
-use crate::dispatch::queue::{Item, PolicyQueue};
+use crate::dispatch::queue::{FailureKind, HookFailure, Item, PolicyQueue};
 use crate::dispatch::switches::Switches;
 use crate::sandbox::runtime::LoadedPolicy;
 use crate::wit::{self, KeyEvent, SweepEvent, SweepReason};
@@ -163,7 +163,7 @@ impl Worker {
         match item {
             Item::Key(_) | Item::Sweep(_) => self.owes_sweep = true,
             Item::Deploy(hook, done) => {
-                let _ = done.send(Err(format!("not delivered: the policy is {why}")));
+                let _ = done.send(Err(HookFailure::failed(format!("not delivered: the policy is {why}"))));
                 tracing::info!(policy = %self.version.policy.name(), hook = %hook.id, "deploy hook not delivered: {why}");
             }
         }
@@ -176,12 +176,25 @@ impl Worker {
         }
     }
 
-    async fn deliver(&mut self, id: &str, event: &wit::Event) -> Result<(), String> {
+    async fn deliver(&mut self, id: &str, event: &wit::Event) -> Result<(), HookFailure> {
         let report = self.version.policy.handle(id, event).await;
         audit::record(self.version.policy.name(), id, self.version.mode, &report);
         if self.breaker.record(report.result.is_ok(), Instant::now()) {
             self.version.policy.reset_instance();
         }
-        report.result.map(|_| ()).map_err(|f| f.to_string())
+        let failure = report.result.err().map(|f| f.to_string());
+        failure.map_or(Ok(()), |reason| {
+            // Redis going away explains a failure before anything else does;
+            // a denial explains it next (the policy may have turned it into
+            // its own error, but it will meet the same denial next time).
+            let kind = if report.call.redis_unavailable > 0 {
+                FailureKind::RedisUnavailable
+            } else if report.call.denials_total > 0 {
+                FailureKind::Denied
+            } else {
+                FailureKind::Failed
+            };
+            Err(HookFailure { reason, kind })
+        })
     }
 }

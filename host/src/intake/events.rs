@@ -57,6 +57,7 @@ pub struct Subscriber {
 #[derive(Debug)]
 pub struct Backoff {
     next: Duration,
+    max: Duration,
 }
 
 impl Backoff {
@@ -64,7 +65,13 @@ impl Backoff {
     const MAX: Duration = Duration::from_secs(10);
 
     pub fn new() -> Backoff {
-        Backoff { next: Self::FIRST }
+        Backoff::with_max(Self::MAX)
+    }
+
+    /// Doubling up to `max` instead of 10 s: for waits whose end someone
+    /// is waiting on (a deploy hook pending while Redis restarts).
+    pub fn with_max(max: Duration) -> Backoff {
+        Backoff { next: Self::FIRST, max }
     }
 
     pub fn reset(&mut self) {
@@ -74,7 +81,7 @@ impl Backoff {
     /// The next wait.
     pub fn next_delay(&mut self) -> Duration {
         let base = self.next;
-        self.next = (self.next * 2).min(Self::MAX);
+        self.next = (self.next * 2).min(self.max);
         base.mul_f64(rand::random_range(0.75..1.25))
     }
 }
@@ -161,6 +168,7 @@ impl Subscriber {
             hop_limit: self.hop_limit,
             closed: closed.clone(),
             skipped: AtomicU64::new(0),
+            undeliverable: AtomicU64::new(0),
         };
         let config = AsyncConnectionConfig::new().set_push_sender(router);
         let mut conn = client.get_multiplexed_async_connection_with_config(&config).await.map_err(|e| e.to_string())?;
@@ -196,6 +204,8 @@ struct Router {
     /// Told when redis-rs reports the connection closed.
     closed: Arc<Notify>,
     skipped: AtomicU64,
+    /// Events whose key a policy cannot be given.
+    undeliverable: AtomicU64,
 }
 
 impl AsyncPushSender for Router {
@@ -212,7 +222,7 @@ impl AsyncPushSender for Router {
                 if !routed {
                     let skipped = self.skipped.fetch_add(1, Ordering::Relaxed) + 1;
                     if skipped.is_power_of_two() {
-                        tracing::debug!(skipped, "skipped keyspace events (non-UTF-8 or oversized keys)");
+                        tracing::debug!(skipped, "skipped pub/sub messages that are not keyspace events");
                     }
                 }
             }
@@ -228,10 +238,23 @@ impl Router {
     /// Route one notification; `false` if it was not routable.
     fn route(&self, channel: &str, payload: &[u8]) -> bool {
         let Some((db, op)) = parse_channel(channel) else { return false };
-        if payload.len() > MAX_KEY_LEN {
-            return false;
-        }
-        let Ok(key) = std::str::from_utf8(payload) else { return false };
+        let key = if payload.len() > MAX_KEY_LEN { None } else { std::str::from_utf8(payload).ok() };
+        let Some(key) = key else {
+            // A policy's API takes keys as UTF-8 text of bounded length, so
+            // this event cannot be delivered: the policies it concerns are
+            // owed a sweep, which walks the keyspace on Redis's side.
+            let owed = self.routes.load().key_gap(op, payload);
+            let undeliverable = self.undeliverable.fetch_add(1, Ordering::Relaxed) + 1;
+            if owed > 0 && undeliverable.is_power_of_two() {
+                warn!(
+                    op,
+                    undeliverable,
+                    policies = owed,
+                    "keyspace events for keys that are not UTF-8 or longer than 16 KiB cannot be delivered; the policies they concern are swept instead"
+                );
+            }
+            return true;
+        };
         let origin = self.ledger.claim(op, payload);
         let routed = self.routes.load().key_event(db, op, key, origin.as_ref(), self.hop_limit);
         if routed.hop_limited {

@@ -61,6 +61,8 @@ pub struct CallState {
     pub effects: Effects,
     /// The first budget the call ran out of.
     pub budget_exceeded: Option<String>,
+    /// Redis calls that failed because Redis could not be reached.
+    pub redis_unavailable: u32,
 }
 
 /// The host side of one policy instance's imports.
@@ -147,8 +149,11 @@ impl HostApi {
         self.grants.check_key(need, key).map_err(|reason| self.deny(op, key, reason))
     }
 
-    fn redis_failed(&self, op: &str, e: BackendError) -> Error {
+    fn redis_failed(&mut self, op: &str, e: BackendError) -> Error {
         tracing::warn!(policy = %self.policy, op, error = %e, "redis call failed");
+        if matches!(e, BackendError::Unavailable(_)) {
+            self.call.redis_unavailable += 1;
+        }
         Error::Redis(e.to_string())
     }
 
