@@ -3,29 +3,18 @@
 
 use std::time::Duration;
 
-use crate::support::{Daemon, RedisServer, Setup, deploy, eventually};
+use crate::support::{Daemon, RedisServer, Setup, dead_letters, deploy, eventually, pending};
 
-/// Hooks read by the group but not acknowledged.
-fn pending(redis: &RedisServer) -> usize {
-    let entries: Vec<redis::Value> = redis.cmd(&["XPENDING", "cachepol:deploys", "cachepol", "-", "+", "100"]);
-    entries.len()
-}
-
-/// The reasons of the dead-lettered hooks, in order.
-fn dead_letters(redis: &RedisServer) -> Vec<String> {
-    let reply: redis::streams::StreamRangeReply = redis.cmd(&["XRANGE", "cachepol:deploys:dead", "-", "+"]);
-    reply.ids.iter().map(|e| e.get::<String>("reason").unwrap_or_default()).collect()
-}
-
-#[test]
-fn a_hook_interrupted_by_a_crash_is_handled_after_restart() {
+/// A daemon killed mid-hook; another run of it (a new consumer name unless
+/// one is configured) handles the hook once and acknowledges it.
+fn crash_mid_hook_then_restart(deploy_config: &str, recovered_by: &str) {
     let redis = RedisServer::start();
     redis.cmd::<()>(&["SET", "graph_data:dance", "v"]);
     // First run: a policy that never finishes a deploy hook (it spins; its
     // budgets are made huge so nothing stops it before the kill).
-    let stuck = Setup::new(&["hostile"]).config(
-        "[policies.hostile]\nconfig = { on_deploy = \"spin\" }\nbudgets = { fuel = 1000000000000000, wall_time = 600000 }",
-    );
+    let stuck = Setup::new(&["hostile"]).config(&format!(
+        "[deploy]\n{deploy_config}\n[policies.hostile]\nconfig = {{ on_deploy = \"spin\" }}\nbudgets = {{ fuel = 1000000000000000, wall_time = 600000 }}"
+    ));
     let daemon = Daemon::start(&redis, &stuck);
     deploy(&redis, &["--service", "catalog", "--tag", "genre=dance"]);
     daemon.wait_for("deploy hook", Duration::from_secs(20));
@@ -33,13 +22,25 @@ fn a_hook_interrupted_by_a_crash_is_handled_after_restart() {
     daemon.kill();
     assert!(redis.exists("graph_data:dance"));
 
-    // Second run, same consumer name: the pending hook is handled and acked.
-    let good = Setup::new(&["genre-invalidation"]);
+    let good = Setup::new(&["genre-invalidation"]).config(&format!("[deploy]\n{deploy_config}"));
     let daemon = Daemon::start(&redis, &good);
     eventually(&daemon, "the hook is handled", || !redis.exists("graph_data:dance"));
     eventually(&daemon, "the hook is acknowledged", || pending(&redis) == 0);
-    daemon.wait_for("re-handling deploy hooks left unacknowledged", Duration::from_secs(20));
+    daemon.wait_for(recovered_by, Duration::from_secs(20));
+    assert_eq!(daemon.log_text().matches("deploy hook service=").count(), 1, "handled once:\n{}", daemon.log_text());
     assert_eq!(daemon.stop(), Some(0));
+}
+
+#[test]
+fn a_hook_interrupted_by_a_crash_is_claimed_by_the_next_run() {
+    // Consumer names are unique per process: the next run claims the hook
+    // once it has been idle (no heartbeat from the dead one) this long.
+    crash_mid_hook_then_restart("claim_idle_ms = 1500", "claimed deploy hooks another consumer left pending");
+}
+
+#[test]
+fn a_hook_interrupted_by_a_crash_is_re_read_under_a_fixed_consumer_name() {
+    crash_mid_hook_then_restart("consumer = \"cachepol-a\"", "re-handling deploy hooks left unacknowledged");
 }
 
 #[test]

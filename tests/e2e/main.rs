@@ -8,6 +8,7 @@ mod daemon;
 mod deploy_hooks;
 mod echo;
 mod failures;
+mod faults;
 mod grants;
 mod policies;
 mod reload;

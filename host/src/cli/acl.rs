@@ -90,7 +90,7 @@ pub async fn run(args: AclArgs) -> Result<ExitCode> {
 const POLICY_COMMANDS: &[&str] =
     &["get", "exists", "pttl", "type", "scan", "set", "unlink", "pexpire", "persist", "evalsha", "eval", "script|load"];
 /// Commands for the deploy-hook stream and its dead letters.
-const STREAM_COMMANDS: &[&str] = &["xgroup|create", "xreadgroup", "xautoclaim", "xpending", "xack", "xadd"];
+const STREAM_COMMANDS: &[&str] = &["xgroup|create", "xreadgroup", "xautoclaim", "xclaim", "xpending", "xack", "xadd"];
 /// Connection set-up, health checks, the subscription, and reading
 /// `notify-keyspace-events`. (redis-rs also sends `CLIENT SETINFO`, which
 /// Redis 7.0 does not know and 7.2 may refuse: it ignores the answer.)

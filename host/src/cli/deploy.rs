@@ -36,9 +36,11 @@ pub struct DeployArgs {
 pub async fn run(args: DeployArgs) -> Result<ExitCode> {
     let config = args.common.load()?;
     let mut conn = connect(&config.redis_url).await?;
-    let id = publish(&mut conn, &config.deploy.stream, &args.service, &args.files, &args.tags, args.id.as_deref())
-        .await
-        .context("cannot publish the deploy hook")?;
+    let stream = &config.deploy;
+    let id =
+        publish(&mut conn, &stream.stream, stream.max_len, &args.service, &args.files, &args.tags, args.id.as_deref())
+            .await
+            .context("cannot publish the deploy hook")?;
     println!("{id}");
     Ok(ExitCode::SUCCESS)
 }

@@ -11,15 +11,27 @@
 //!
 //! Durability is the point of a stream over pub/sub: an entry is
 //! acknowledged (`XACK`) only after every subscribed policy handled it. At
-//! start the daemon first re-reads its own unacknowledged entries (a crash
-//! mid-hook), then claims entries other consumers left pending too long
-//! (`XAUTOCLAIM`), then reads new ones. A hook that keeps failing is retried
-//! with backoff, only by the policies that failed it, and after
-//! `max_attempts` is moved to the dead-letter stream with the reason, as is a
-//! malformed entry at once; the loop itself never stops on bad input.
+//! start, and again whenever Redis was unreachable, the daemon first
+//! re-reads all its own unacknowledged entries (a crash mid-hook, an ack lost
+//! to a broken connection), then claims entries other consumers left pending
+//! too long (`XAUTOCLAIM`, cursor followed to the end), then reads new ones.
+//! An entry being handled is kept claimed (`XCLAIM ... JUSTID` every third
+//! of `claim_idle_ms`), so another daemon never takes over a hook that is
+//! merely slow.
 //!
-//! Policies should be idempotent: after a crash, a hook that some policies
-//! had already handled is delivered again to all of them.
+//! Failures, by kind: a hook that fails while Redis is unreachable is tried
+//! again once Redis answers, without spending an attempt; one refused by a
+//! grant is dead-lettered at once (it would be refused the same way again);
+//! any other failure is retried with backoff, only by the policies that
+//! failed it, and after `max_attempts` the hook is moved to the dead-letter
+//! stream with the reason, as is a malformed entry at once. The loop never
+//! stops on bad input, and a stream or group that vanished (Redis restarted
+//! empty, `FLUSHALL`, eviction) is created again.
+//!
+//! Both streams are trimmed (`MAXLEN ~`, `deploy.max_len` and
+//! `deploy.dead_letter_max_len`). Policies should be idempotent: after a
+//! crash, a hook that some policies had already handled is delivered again
+//! to all of them.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -27,12 +39,13 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use redis::aio::ConnectionManager;
-use redis::streams::{StreamId, StreamPendingCountReply, StreamReadReply};
-use redis::{AsyncCommands, Value};
+use redis::streams::{StreamId, StreamMaxlen, StreamPendingCountReply};
+use redis::{AsyncCommands, RedisResult, Value};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, warn};
 
 use crate::config::DeployConfig;
+use crate::dispatch::queue::{FailureKind, HookFailure};
 use crate::dispatch::routes::Routes;
 use crate::intake::events::Backoff;
 use crate::wit::DeployEvent;
@@ -41,8 +54,15 @@ use crate::wit::DeployEvent;
 const BATCH: usize = 16;
 /// How long one `XREADGROUP` blocks waiting for new entries.
 const BLOCK_MS: usize = 1000;
-/// How often stale entries of other consumers are looked for.
-const CLAIM_EVERY: Duration = Duration::from_secs(30);
+/// Entries claimed per `XAUTOCLAIM`.
+const CLAIM_BATCH: usize = 100;
+/// Longest wait between tries while Redis is away, so that hooks pending
+/// when it comes back are handled within about this long.
+const MAX_BACKOFF: Duration = Duration::from_secs(1);
+/// Tries of a hook whose failures all came from Redis being away; these do
+/// not spend attempts, but a Redis that keeps dropping the policy's calls
+/// while answering the reader must not keep a hook forever.
+const MAX_UNAVAILABLE_RETRIES: u32 = 20;
 
 /// Parse a stream entry into a deploy event, or say why it is malformed.
 pub fn parse_entry(entry: &StreamId) -> Result<DeployEvent, String> {
@@ -94,15 +114,17 @@ fn show_tags(tags: &[(String, String)]) -> String {
     tags.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" ")
 }
 
-/// Write one deploy hook (what `cachepol deploy` does); returns its id.
+/// Write one deploy hook (what `cachepol deploy` does), trimming the stream
+/// to about `max_len` entries (0: no trimming); returns its id.
 pub async fn publish(
     conn: &mut ConnectionManager,
     stream: &str,
+    max_len: usize,
     service: &str,
     files: &[String],
     tags: &[(String, String)],
     id: Option<&str>,
-) -> redis::RedisResult<String> {
+) -> RedisResult<String> {
     let tags: Vec<String> = tags.iter().map(|(k, v)| format!("{k}={v}")).collect();
     let mut fields = vec![
         ("service", service.to_owned()),
@@ -112,7 +134,11 @@ pub async fn publish(
     if let Some(id) = id {
         fields.push(("id", id.to_owned()));
     }
-    conn.xadd(stream, "*", &fields).await
+    if max_len == 0 {
+        conn.xadd(stream, "*", &fields).await
+    } else {
+        conn.xadd_maxlen(stream, StreamMaxlen::Approx(max_len), "*", &fields).await
+    }
 }
 
 /// The consumer-group reader.
@@ -122,9 +148,9 @@ pub struct DeployConsumer {
     pub routes: Arc<ArcSwap<Routes>>,
 }
 
-/// The outcome of handling one entry.
+/// How a round of work ended.
 enum Handled {
-    Acked,
+    Done,
     /// Shutdown came first; the entry stays pending for the next start.
     Interrupted,
 }
@@ -133,61 +159,32 @@ impl DeployConsumer {
     /// Run until `shutdown`; an entry being handled then is finished (or
     /// left pending if its policies were stopped) before returning.
     pub async fn run(mut self, shutdown: CancellationToken) {
-        let mut backoff = Backoff::new();
+        let mut backoff = Backoff::with_max(MAX_BACKOFF);
+        // Re-read our own pending entries (and make sure the group exists):
+        // at start, and after any trouble talking to Redis.
+        let mut catch_up = true;
         let mut failing = false;
-        loop {
-            let result = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                r = self.setup() => r,
-            };
-            match result {
-                Ok(()) => break,
-                Err(e) => {
-                    if !failing {
-                        warn!(error = %e, stream = %self.settings.stream, "cannot set up the deploy stream; retrying");
-                        failing = true;
-                    }
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return,
-                        _ = tokio::time::sleep(backoff.next_delay()) => {}
-                    }
-                }
-            }
-        }
+        let mut last_claim: Option<tokio::time::Instant> = None;
         info!(stream = %self.settings.stream, group = %self.settings.group, consumer = %self.settings.consumer, "reading deploy hooks");
-        // Our own unacknowledged entries first: a previous run died mid-hook.
-        if let Err(e) = self.replay_own(&shutdown).await {
-            warn!(error = %e, "cannot replay pending deploy hooks; they will be claimed later");
-        }
-        let mut last_claim = tokio::time::Instant::now();
-        self.claim_stale(&shutdown).await;
-        backoff.reset();
-        failing = false;
         while !shutdown.is_cancelled() {
-            if last_claim.elapsed() >= CLAIM_EVERY {
-                self.claim_stale(&shutdown).await;
-                last_claim = tokio::time::Instant::now();
-            }
-            let read = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                r = self.read(">") => r,
-            };
-            match read {
-                Ok(entries) => {
+            match self.round(&mut catch_up, &mut last_claim, &shutdown).await {
+                Ok(Handled::Interrupted) => return,
+                Ok(Handled::Done) => {
                     if failing {
-                        info!("deploy stream reachable again");
+                        info!(stream = %self.settings.stream, "deploy stream reachable again");
                         failing = false;
-                        backoff.reset();
                     }
-                    for entry in entries {
-                        if let Handled::Interrupted = self.handle(entry, 0, &shutdown).await {
-                            return;
-                        }
-                    }
+                    backoff.reset();
                 }
                 Err(e) => {
+                    catch_up = true;
                     if !failing {
-                        warn!(error = %e, "cannot read the deploy stream; retrying with backoff");
+                        let why = if e.code() == Some("NOGROUP") {
+                            "the deploy stream or its group is gone (Redis restarted empty, FLUSHALL, eviction); creating it again"
+                        } else {
+                            "cannot read the deploy stream; retrying with backoff"
+                        };
+                        warn!(error = %e, stream = %self.settings.stream, "{why}");
                         failing = true;
                     }
                     tokio::select! {
@@ -199,165 +196,320 @@ impl DeployConsumer {
         }
     }
 
-    /// Create the group (at the stream's end) if it does not exist.
-    async fn setup(&mut self) -> redis::RedisResult<()> {
-        let created: redis::RedisResult<()> =
-            self.conn.xgroup_create_mkstream(&self.settings.stream, &self.settings.group, "$").await;
+    /// One round: catch up if needed, claim stale entries when due, then
+    /// read and handle new ones.
+    async fn round(
+        &mut self,
+        catch_up: &mut bool,
+        last_claim: &mut Option<tokio::time::Instant>,
+        shutdown: &CancellationToken,
+    ) -> RedisResult<Handled> {
+        if *catch_up {
+            self.setup().await?;
+            if let Handled::Interrupted = self.replay_own(shutdown).await? {
+                return Ok(Handled::Interrupted);
+            }
+            *catch_up = false;
+        }
+        if last_claim.is_none_or(|at| at.elapsed() >= self.claim_every()) {
+            *last_claim = Some(tokio::time::Instant::now());
+            if let Handled::Interrupted = self.claim_stale(shutdown).await? {
+                return Ok(Handled::Interrupted);
+            }
+        }
+        let entries = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(Handled::Interrupted),
+            r = self.read(">") => r?,
+        };
+        self.handle_all(entries, None, shutdown).await
+    }
+
+    /// How often stale entries of other consumers are looked for.
+    fn claim_every(&self) -> Duration {
+        Duration::from_millis(self.settings.claim_idle_ms / 2).clamp(Duration::from_secs(1), Duration::from_secs(30))
+    }
+
+    /// Create the group if it does not exist, and the stream with it. At
+    /// `0`, so that hooks written before the first daemon started (or
+    /// between a Redis restart and our reconnect) are handled too.
+    async fn setup(&mut self) -> RedisResult<()> {
+        let created: RedisResult<()> =
+            self.conn.xgroup_create_mkstream(&self.settings.stream, &self.settings.group, "0").await;
         match created {
             Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
-            other => other,
+            Ok(()) => {
+                info!(stream = %self.settings.stream, group = %self.settings.group, "created the deploy consumer group");
+                Ok(())
+            }
+            Err(e) => Err(e),
         }
     }
 
-    async fn read(&mut self, from: &str) -> redis::RedisResult<Vec<StreamId>> {
-        let block = if from == ">" { Some(BLOCK_MS) } else { None };
+    /// `XREADGROUP` from `from` (`>`: new entries, blocking a while; an id:
+    /// our own pending entries after it).
+    async fn read(&mut self, from: &str) -> RedisResult<Vec<StreamId>> {
         let mut cmd = redis::cmd("XREADGROUP");
         cmd.arg("GROUP").arg(&self.settings.group).arg(&self.settings.consumer).arg("COUNT").arg(BATCH);
-        if let Some(ms) = block {
-            cmd.arg("BLOCK").arg(ms);
+        if from == ">" {
+            cmd.arg("BLOCK").arg(BLOCK_MS);
         }
         cmd.arg("STREAMS").arg(&self.settings.stream).arg(from);
-        let reply: Option<StreamReadReply> = cmd.query_async(&mut self.conn).await?;
-        Ok(reply.map(|r| r.keys.into_iter().flat_map(|k| k.ids).collect()).unwrap_or_default())
+        let reply: Value = cmd.query_async(&mut self.conn).await?;
+        Ok(read_reply_entries(reply))
     }
 
-    /// How often each of our pending entries was delivered already.
-    async fn delivery_counts(&mut self) -> redis::RedisResult<HashMap<String, usize>> {
+    /// How often each of these pending entries was delivered already.
+    async fn delivery_counts(&mut self, entries: &[StreamId]) -> RedisResult<HashMap<String, usize>> {
+        let (Some(first), Some(last)) = (entries.first(), entries.last()) else { return Ok(HashMap::new()) };
         let reply: StreamPendingCountReply = self
             .conn
             .xpending_consumer_count(
                 &self.settings.stream,
                 &self.settings.group,
-                "-",
-                "+",
-                1000,
+                &first.id,
+                &last.id,
+                entries.len(),
                 &self.settings.consumer,
             )
             .await?;
         Ok(reply.ids.into_iter().map(|p| (p.id, p.times_delivered)).collect())
     }
 
-    async fn replay_own(&mut self, shutdown: &CancellationToken) -> redis::RedisResult<()> {
-        let entries = self.read("0").await?;
-        if entries.is_empty() {
-            return Ok(());
-        }
-        let counts = self.delivery_counts().await?;
-        info!(count = entries.len(), "re-handling deploy hooks left unacknowledged by a previous run");
+    /// Handle entries in order; with `counts`, each has already been
+    /// delivered that many times (a re-read or a claim counts as one).
+    async fn handle_all(
+        &mut self,
+        entries: Vec<StreamId>,
+        counts: Option<HashMap<String, usize>>,
+        shutdown: &CancellationToken,
+    ) -> RedisResult<Handled> {
         for entry in entries {
-            // This read counted as a delivery too.
-            let before = counts.get(&entry.id).copied().unwrap_or(1).saturating_sub(1);
-            if let Handled::Interrupted = self.handle(entry, before as u32, shutdown).await {
-                break;
+            let before = counts.as_ref().map_or(0, |c| c.get(&entry.id).copied().unwrap_or(1).saturating_sub(1));
+            if let Handled::Interrupted = self.handle(entry, before as u32, shutdown).await? {
+                return Ok(Handled::Interrupted);
             }
         }
-        Ok(())
+        Ok(Handled::Done)
     }
 
-    /// Take over entries another consumer left pending for too long.
-    async fn claim_stale(&mut self, shutdown: &CancellationToken) {
-        let reply: redis::RedisResult<redis::streams::StreamAutoClaimReply> = redis::cmd("XAUTOCLAIM")
-            .arg(&self.settings.stream)
-            .arg(&self.settings.group)
-            .arg(&self.settings.consumer)
-            .arg(self.settings.claim_idle_ms)
-            .arg("0-0")
-            .arg("COUNT")
-            .arg(100)
-            .query_async(&mut self.conn)
-            .await;
-        match reply {
-            Ok(reply) if !reply.claimed.is_empty() => {
-                info!(count = reply.claimed.len(), "claimed deploy hooks another consumer left pending");
-                let counts = self.delivery_counts().await.unwrap_or_default();
-                for entry in reply.claimed {
-                    let before = counts.get(&entry.id).copied().unwrap_or(1).saturating_sub(1);
-                    if let Handled::Interrupted = self.handle(entry, before as u32, shutdown).await {
-                        return;
-                    }
+    /// Every entry delivered to us and not acknowledged, page by page.
+    async fn replay_own(&mut self, shutdown: &CancellationToken) -> RedisResult<Handled> {
+        let mut after = "0".to_owned();
+        let mut total = 0;
+        loop {
+            let entries = self.read(&after).await?;
+            let Some(last) = entries.last() else { break };
+            after = last.id.clone();
+            if total == 0 {
+                info!("re-handling deploy hooks left unacknowledged (a previous run died, or Redis went away)");
+            }
+            total += entries.len();
+            let counts = self.delivery_counts(&entries).await?;
+            if let Handled::Interrupted = self.handle_all(entries, Some(counts), shutdown).await? {
+                return Ok(Handled::Interrupted);
+            }
+        }
+        Ok(Handled::Done)
+    }
+
+    /// Take over entries other consumers left pending for too long,
+    /// following `XAUTOCLAIM`'s cursor to the end.
+    async fn claim_stale(&mut self, shutdown: &CancellationToken) -> RedisResult<Handled> {
+        let mut cursor = "0-0".to_owned();
+        loop {
+            let reply: Value = redis::cmd("XAUTOCLAIM")
+                .arg(&self.settings.stream)
+                .arg(&self.settings.group)
+                .arg(&self.settings.consumer)
+                .arg(self.settings.claim_idle_ms)
+                .arg(&cursor)
+                .arg("COUNT")
+                .arg(CLAIM_BATCH)
+                .query_async(&mut self.conn)
+                .await?;
+            let (next, claimed) = autoclaim_reply(reply);
+            if !claimed.is_empty() {
+                info!(count = claimed.len(), "claimed deploy hooks another consumer left pending");
+                let counts = self.delivery_counts(&claimed).await?;
+                if let Handled::Interrupted = self.handle_all(claimed, Some(counts), shutdown).await? {
+                    return Ok(Handled::Interrupted);
                 }
             }
-            Ok(_) => {}
-            Err(e) => warn!(error = %e, "cannot claim stale deploy hooks"),
+            match next {
+                Some(next) if next != "0-0" => cursor = next,
+                _ => return Ok(Handled::Done),
+            }
         }
     }
 
-    /// Handle one entry: deliver, wait, retry the failures, ack or dead-letter.
-    async fn handle(&mut self, entry: StreamId, attempts_before: u32, shutdown: &CancellationToken) -> Handled {
+    /// Handle one entry: deliver, wait, retry the failures, ack or
+    /// dead-letter. Kept claimed meanwhile.
+    async fn handle(
+        &mut self,
+        entry: StreamId,
+        attempts_before: u32,
+        shutdown: &CancellationToken,
+    ) -> RedisResult<Handled> {
         let span = tracing::info_span!("deploy", entry = %entry.id);
+        let _heartbeat = Heartbeat::start(self.conn.clone(), &self.settings, &entry.id);
         self.handle_in_span(entry, attempts_before, shutdown).instrument(span).await
     }
 
-    async fn handle_in_span(&mut self, entry: StreamId, attempts_before: u32, shutdown: &CancellationToken) -> Handled {
+    async fn handle_in_span(
+        &mut self,
+        entry: StreamId,
+        attempts_before: u32,
+        shutdown: &CancellationToken,
+    ) -> RedisResult<Handled> {
+        if entry.map.is_empty() {
+            let reason = "trimmed from the stream before it was handled (raise deploy.max_len)";
+            warn!(reason, "deploy hook lost its contents: moved to the dead-letter stream");
+            return self.dead_letter(&entry, reason, shutdown).await;
+        }
         let event = match parse_entry(&entry) {
             Ok(event) => event,
             Err(reason) => {
                 warn!(%reason, "malformed deploy hook: moved to the dead-letter stream");
-                return self.dead_letter(&entry, &reason).await;
+                return self.dead_letter(&entry, &reason, shutdown).await;
             }
         };
         let max = self.settings.max_attempts.max(1);
         if attempts_before >= max {
             let reason = format!("gave up after {attempts_before} deliveries (the last ones were interrupted)");
-            return self.dead_letter(&entry, &reason).await;
+            return self.dead_letter(&entry, &reason, shutdown).await;
         }
         let mut remaining: Vec<Arc<str>> =
             self.routes.load().deploy_targets(&event.service).iter().map(|r| r.name.clone()).collect();
         info!(service = %event.service, files = event.files.len(), tags = %show_tags(&event.tags), policies = %remaining.join(" "), "deploy hook");
-        let mut errors = Vec::new();
+        // Refusals by a grant: final, and reported with the rest.
+        let mut denied: Vec<(Arc<str>, HookFailure)> = Vec::new();
+        let mut attempt = attempts_before;
+        let mut unavailable_retries = 0;
         let mut backoff = Duration::from_millis(500);
-        for attempt in attempts_before + 1..=max {
-            // The current routes: a policy swapped, unloaded or re-added
-            // since the last attempt is found (or not) as it is now.
-            let routes = self.routes.load_full();
-            let waits: Vec<_> = remaining
-                .iter()
-                .filter_map(|name| routes.get(name))
-                .map(|route| (route.name.clone(), Routes::deploy_to(route, event.clone())))
-                .collect();
-            errors.clear();
-            for (name, rx) in waits {
-                match rx.await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => errors.push((name, e)),
-                    // The policy's queue closed before handling it.
-                    Err(_) if shutdown.is_cancelled() => return Handled::Interrupted,
-                    // Unloaded (its file was deleted): it no longer
-                    // subscribes, so the hook no longer waits for it.
-                    Err(_) if self.routes.load().get(&name).is_none() => {
-                        info!(policy = %name, "policy unloaded before handling the hook; not waiting for it");
-                    }
-                    Err(_) => errors.push((name, "the policy's queue closed before handling it".to_owned())),
+        loop {
+            attempt += 1;
+            let failed = match self.attempt(&event, &remaining, shutdown).await {
+                Some(failed) => failed,
+                None => return Ok(Handled::Interrupted),
+            };
+            let (now_denied, retry): (Vec<_>, Vec<_>) =
+                failed.into_iter().partition(|(_, f)| f.kind == FailureKind::Denied);
+            denied.extend(now_denied);
+            remaining = retry.iter().map(|(n, _)| n.clone()).collect();
+            if retry.is_empty() {
+                if denied.is_empty() {
+                    return self.ack(&entry, shutdown).await;
                 }
+                let reason = format!("refused by a grant (not retried): {}", reasons(&denied));
+                return self.dead_letter(&entry, &reason, shutdown).await;
             }
-            remaining = errors.iter().map(|(n, _)| n.clone()).collect();
-            if remaining.is_empty() {
-                return self.ack(&entry).await;
+            if retry.iter().all(|(_, f)| f.kind == FailureKind::RedisUnavailable)
+                && unavailable_retries < MAX_UNAVAILABLE_RETRIES
+            {
+                unavailable_retries += 1;
+                attempt -= 1;
+                info!(policies = %remaining.join(" "), "Redis was unreachable during the hook; trying again once it answers (no attempt spent)");
+                if let Handled::Interrupted = self.wait_for_redis(shutdown).await {
+                    return Ok(Handled::Interrupted);
+                }
+                continue;
             }
             warn!(attempt, max, failed = %remaining.join(" "), "deploy hook failed");
-            if attempt < max {
-                tokio::select! {
-                    _ = shutdown.cancelled() => return Handled::Interrupted,
-                    _ = tokio::time::sleep(backoff) => {}
+            if attempt >= max {
+                let all: Vec<_> = retry.into_iter().chain(denied).collect();
+                let reason = format!("failed {max} times: {}", reasons(&all));
+                return self.dead_letter(&entry, &reason, shutdown).await;
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(Handled::Interrupted),
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff *= 2;
+        }
+    }
+
+    /// Deliver `event` to the named policies as they are now (a policy
+    /// swapped, unloaded or re-added since the last attempt is found, or
+    /// not, as it is now) and wait. The failures, or `None` on shutdown.
+    async fn attempt(
+        &self,
+        event: &DeployEvent,
+        names: &[Arc<str>],
+        shutdown: &CancellationToken,
+    ) -> Option<Vec<(Arc<str>, HookFailure)>> {
+        let routes = self.routes.load_full();
+        let waits: Vec<_> = names
+            .iter()
+            .filter_map(|name| routes.get(name))
+            .map(|route| (route.name.clone(), Routes::deploy_to(route, event.clone())))
+            .collect();
+        let mut failed = Vec::new();
+        for (name, rx) in waits {
+            match rx.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => failed.push((name, e)),
+                // The policy's queue closed before handling it.
+                Err(_) if shutdown.is_cancelled() => return None,
+                // Unloaded (its file was deleted): it no longer subscribes,
+                // so the hook no longer waits for it.
+                Err(_) if self.routes.load().get(&name).is_none() => {
+                    info!(policy = %name, "policy unloaded before handling the hook; not waiting for it");
                 }
-                backoff *= 2;
+                Err(_) => failed.push((name, HookFailure::failed("the policy's queue closed before handling it"))),
             }
         }
-        let reason = errors.iter().map(|(name, e)| format!("{name}: {e}")).collect::<Vec<_>>().join("; ");
-        self.dead_letter(&entry, &format!("failed {max} times: {reason}")).await
+        Some(failed)
     }
 
-    async fn ack(&mut self, entry: &StreamId) -> Handled {
-        let acked: redis::RedisResult<i64> =
-            self.conn.xack(&self.settings.stream, &self.settings.group, &[&entry.id]).await;
-        if let Err(e) = acked {
-            warn!(error = %e, "cannot acknowledge the deploy hook; it will be delivered again");
+    /// Wait until Redis answers a `PING` (or shutdown).
+    async fn wait_for_redis(&mut self, shutdown: &CancellationToken) -> Handled {
+        let mut backoff = Backoff::with_max(MAX_BACKOFF);
+        loop {
+            if redis::cmd("PING").query_async::<Value>(&mut self.conn).await.is_ok() {
+                return Handled::Done;
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return Handled::Interrupted,
+                _ = tokio::time::sleep(backoff.next_delay()) => {}
+            }
         }
-        Handled::Acked
     }
 
-    /// Park an entry with the reason, then acknowledge it.
-    async fn dead_letter(&mut self, entry: &StreamId, reason: &str) -> Handled {
+    /// Acknowledge, retrying while Redis is away: an ack lost to a broken
+    /// connection would leave the hook to be handled again much later.
+    async fn ack(&mut self, entry: &StreamId, shutdown: &CancellationToken) -> RedisResult<Handled> {
+        let mut backoff = Backoff::with_max(MAX_BACKOFF);
+        let mut logged = false;
+        loop {
+            let acked: RedisResult<i64> =
+                self.conn.xack(&self.settings.stream, &self.settings.group, &[&entry.id]).await;
+            match acked {
+                Ok(_) => return Ok(Handled::Done),
+                // The group is gone (Redis restarted empty): so is the entry.
+                Err(e) if e.code() == Some("NOGROUP") => return Err(e),
+                Err(e) => {
+                    if !logged {
+                        warn!(error = %e, "cannot acknowledge the deploy hook; retrying until Redis answers");
+                        logged = true;
+                    }
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Ok(Handled::Interrupted),
+                        _ = tokio::time::sleep(backoff.next_delay()) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Park an entry with the reason, then acknowledge it. If the dead
+    /// letter cannot be written the entry stays pending, and is re-read
+    /// once Redis answers.
+    async fn dead_letter(
+        &mut self,
+        entry: &StreamId,
+        reason: &str,
+        shutdown: &CancellationToken,
+    ) -> RedisResult<Handled> {
         let mut fields: Vec<(String, Value)> = vec![
             ("reason".into(), Value::SimpleString(reason.to_owned())),
             ("entry".into(), Value::SimpleString(entry.id.clone())),
@@ -367,28 +519,124 @@ impl DeployConsumer {
         original.sort_by(|a, b| a.0.cmp(b.0));
         fields.extend(original.into_iter().map(|(k, v)| (format!("original.{k}"), v.clone())));
         let mut cmd = redis::cmd("XADD");
-        cmd.arg(&self.settings.dead_letter).arg("*");
+        cmd.arg(&self.settings.dead_letter);
+        if self.settings.dead_letter_max_len > 0 {
+            cmd.arg("MAXLEN").arg("~").arg(self.settings.dead_letter_max_len);
+        }
+        cmd.arg("*");
         for (k, v) in &fields {
             cmd.arg(k);
             match v {
                 Value::BulkString(b) => cmd.arg(b),
                 Value::SimpleString(s) => cmd.arg(s),
-                other => cmd.arg(format!("{other:?}")),
+                Value::Int(n) => cmd.arg(n),
+                _ => cmd.arg(""),
             };
         }
-        match cmd.query_async::<String>(&mut self.conn).await {
-            Ok(id) => {
-                warn!(dead_letter = %self.settings.dead_letter, id = %id, %reason, "deploy hook dead-lettered");
-                self.ack(entry).await
-            }
-            // Not acknowledged: it stays pending and is retried later rather
-            // than lost.
-            Err(e) => {
-                warn!(error = %e, "cannot dead-letter the deploy hook; leaving it pending");
-                Handled::Acked
-            }
-        }
+        let id: String = cmd.query_async(&mut self.conn).await?;
+        warn!(dead_letter = %self.settings.dead_letter, id = %id, %reason, "deploy hook dead-lettered");
+        self.ack(entry, shutdown).await
     }
+}
+
+/// `policy: reason; policy: reason`.
+fn reasons(failures: &[(Arc<str>, HookFailure)]) -> String {
+    failures.iter().map(|(name, f)| format!("{name}: {f}")).collect::<Vec<_>>().join("; ")
+}
+
+/// Keeps a pending entry claimed by us while it is handled: another
+/// consumer claims entries idle for `claim_idle_ms`, and a hook may take
+/// longer than that to handle (attempts x wall budget + backoff). Stops
+/// when dropped.
+struct Heartbeat(tokio::task::JoinHandle<()>);
+
+impl Heartbeat {
+    fn start(mut conn: ConnectionManager, settings: &DeployConfig, id: &str) -> Heartbeat {
+        let every = Duration::from_millis((settings.claim_idle_ms / 3).max(100));
+        let (stream, group, consumer, id) =
+            (settings.stream.clone(), settings.group.clone(), settings.consumer.clone(), id.to_owned());
+        Heartbeat(tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                // Resets the entry's idle time; JUSTID leaves its delivery
+                // count alone.
+                let touched: RedisResult<Value> = redis::cmd("XCLAIM")
+                    .arg(&stream)
+                    .arg(&group)
+                    .arg(&consumer)
+                    .arg(0)
+                    .arg(&id)
+                    .arg("JUSTID")
+                    .query_async(&mut conn)
+                    .await;
+                if let Err(e) = touched {
+                    tracing::debug!(error = %e, entry = %id, "cannot renew the claim on a deploy hook");
+                }
+            }
+        }))
+    }
+}
+
+impl Drop for Heartbeat {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The entries of an `XREADGROUP` reply, in order. An entry trimmed from
+/// the stream while pending comes back with no fields (Redis sends nil).
+fn read_reply_entries(reply: Value) -> Vec<StreamId> {
+    // [[stream, [entry, ...]], ...] (RESP2), or a map of stream -> entries.
+    let streams = match reply {
+        Value::Array(streams) => streams
+            .into_iter()
+            .filter_map(|s| match s {
+                Value::Array(mut pair) if pair.len() == 2 => pair.pop(),
+                _ => None,
+            })
+            .collect(),
+        Value::Map(pairs) => pairs.into_iter().map(|(_, entries)| entries).collect(),
+        _ => Vec::new(),
+    };
+    streams.into_iter().flat_map(entries).collect()
+}
+
+/// `XAUTOCLAIM`'s reply: the next cursor and the claimed entries.
+fn autoclaim_reply(reply: Value) -> (Option<String>, Vec<StreamId>) {
+    let Value::Array(mut parts) = reply else { return (None, Vec::new()) };
+    if parts.len() < 2 {
+        return (None, Vec::new());
+    }
+    let claimed = entries(parts.remove(1));
+    let cursor = redis::from_redis_value::<String>(parts.remove(0)).ok();
+    (cursor, claimed)
+}
+
+/// `[[id, [field, value, ...] | nil], ...]` as stream entries.
+fn entries(list: Value) -> Vec<StreamId> {
+    let Value::Array(items) = list else { return Vec::new() };
+    items
+        .into_iter()
+        .filter_map(|item| {
+            let Value::Array(mut pair) = item else { return None };
+            if pair.len() != 2 {
+                return None;
+            }
+            let fields = pair.pop()?;
+            let id = redis::from_redis_value::<String>(pair.pop()?).ok()?;
+            let map = match fields {
+                Value::Array(kv) => kv
+                    .chunks_exact(2)
+                    .filter_map(|c| Some((redis::from_redis_value::<String>(c[0].clone()).ok()?, c[1].clone())))
+                    .collect(),
+                Value::Map(kv) => {
+                    kv.into_iter().filter_map(|(k, v)| Some((redis::from_redis_value::<String>(k).ok()?, v))).collect()
+                }
+                _ => HashMap::new(),
+            };
+            Some(StreamId { id, map, ..StreamId::default() })
+        })
+        .collect()
 }
 
 #[cfg(test)]

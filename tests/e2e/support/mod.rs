@@ -59,11 +59,20 @@ pub struct RedisServer {
     pub port: u16,
     child: Option<Child>,
     dir: TempDir,
+    /// Extra `redis-server` arguments, kept for restarts.
+    extra: Vec<String>,
 }
 
 impl RedisServer {
     pub fn start() -> RedisServer {
-        let mut server = RedisServer { port: free_port(), child: None, dir: TempDir::new("redis") };
+        RedisServer::start_with(&[])
+    }
+
+    /// Start with extra arguments (later ones win: `--appendonly yes`
+    /// makes a durable server, whose restarts reload its data).
+    pub fn start_with(extra: &[&str]) -> RedisServer {
+        let extra = extra.iter().map(|a| a.to_string()).collect();
+        let mut server = RedisServer { port: free_port(), child: None, dir: TempDir::new("redis"), extra };
         server.spawn();
         server
     }
@@ -71,6 +80,7 @@ impl RedisServer {
     fn spawn(&mut self) {
         let child = Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(&self.extra)
             .arg("--dir")
             .arg(self.dir.path())
             .stdout(Stdio::null())
@@ -78,7 +88,7 @@ impl RedisServer {
             .spawn()
             .expect("redis-server is required for end-to-end tests (cargo xtask test installs it)");
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Ok(mut c) = self.client().get_connection()
                 && redis::cmd("PING").query::<String>(&mut c).is_ok()
@@ -110,7 +120,7 @@ impl RedisServer {
         }
     }
 
-    /// Start again on the same port (empty: no persistence).
+    /// Start again on the same port (empty, unless started durable).
     pub fn restart(&mut self) {
         self.stop();
         self.spawn();
@@ -346,4 +356,16 @@ pub fn install(dir: &Path, name: &str, bytes: &[u8]) {
     let tmp = dir.join(format!(".{name}.tmp"));
     std::fs::write(&tmp, bytes).unwrap();
     std::fs::rename(&tmp, dir.join(format!("{name}.wasm"))).unwrap();
+}
+
+/// Deploy hooks read by the group but not acknowledged.
+pub fn pending(redis: &RedisServer) -> usize {
+    let entries: Vec<redis::Value> = redis.cmd(&["XPENDING", "cachepol:deploys", "cachepol", "-", "+", "100"]);
+    entries.len()
+}
+
+/// The reasons of the dead-lettered hooks, in order.
+pub fn dead_letters(redis: &RedisServer) -> Vec<String> {
+    let reply: redis::streams::StreamRangeReply = redis.cmd(&["XRANGE", "cachepol:deploys:dead", "-", "+"]);
+    reply.ids.iter().map(|e| e.get::<String>("reason").unwrap_or_default()).collect()
 }

@@ -1,0 +1,144 @@
+//! Faults an operator meets, each against a real `redis-server`: Redis
+//! killed in the middle of a bulk delete (durable, so it comes back with
+//! part of the work done), Redis restarted empty or flushed (the deploy
+//! stream and its group gone), a hook a grant refuses, a policy disabled
+//! before the daemon starts, and keys no policy can be handed.
+
+use std::time::{Duration, Instant};
+
+use crate::support::{Daemon, RedisServer, Setup, dead_letters, deploy, eventually, pending};
+
+/// Write `n` keys `<prefix><i>`, a thousand per round trip.
+fn fill(redis: &RedisServer, prefix: &str, n: usize) {
+    let mut conn = redis.conn();
+    for start in (0..n).step_by(1000) {
+        let mut mset = redis::cmd("MSET");
+        for i in start..(start + 1000).min(n) {
+            mset.arg(format!("{prefix}{i}")).arg("v");
+        }
+        mset.query::<()>(&mut conn).unwrap();
+    }
+}
+
+fn dbsize(redis: &RedisServer) -> usize {
+    redis.cmd::<usize>(&["DBSIZE"])
+}
+
+#[test]
+fn redis_killed_mid_bulk_delete_leaves_no_matching_key_and_the_hook_acked() {
+    // Durable: every write is on disk before it is answered, so the
+    // restarted server has the deletions done so far and the rest to do. A
+    // SCAN cursor from before the crash means nothing to it.
+    let mut redis = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
+    fill(&redis, "quiz:", 300_000);
+    fill(&redis, "keep:", 1_000);
+    let setup = Setup::new(&["file-cache-clear"]);
+    let daemon = Daemon::start(&redis, &setup);
+    deploy(&redis, &["--service", "quiz", "--file", "quiz_generator.py"]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while dbsize(&redis) > 290_000 {
+        assert!(Instant::now() < deadline, "the delete never started:\n{}", daemon.log_text());
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    redis.restart();
+    let left_after_crash = redis.keys("quiz:*").len();
+    assert!(left_after_crash > 0, "the crash came after the delete finished; the test proves nothing");
+
+    eventually(&daemon, "every matching key deleted on the restarted server", || redis.keys("quiz:*").is_empty());
+    eventually(&daemon, "the hook acknowledged", || pending(&redis) == 0);
+    assert_eq!(redis.keys("keep:*").len(), 1_000, "nothing else touched");
+    assert!(dead_letters(&redis).is_empty(), "a Redis restart is no reason to give up on a hook");
+    assert_eq!(daemon.stop(), Some(0));
+}
+
+#[test]
+fn a_deploy_stream_lost_to_a_restart_or_flushall_is_created_again() {
+    let mut redis = RedisServer::start();
+    let setup = Setup::new(&["genre-invalidation"]);
+    let daemon = Daemon::start(&redis, &setup);
+    // Restarted without persistence: the stream and its group are gone.
+    redis.restart();
+    redis.cmd::<()>(&["SET", "graph_data:rock", "v"]);
+    deploy(&redis, &["--service", "catalog", "--tag", "genre=rock"]);
+    eventually(&daemon, "a hook sent after the restart is handled", || !redis.exists("graph_data:rock"));
+    eventually(&daemon, "and acknowledged", || pending(&redis) == 0);
+    // FLUSHALL: the same, on a connection that never broke.
+    redis.cmd::<()>(&["FLUSHALL"]);
+    redis.cmd::<()>(&["SET", "graph_data:pop", "v"]);
+    deploy(&redis, &["--service", "catalog", "--tag", "genre=pop"]);
+    eventually(&daemon, "a hook sent after FLUSHALL is handled", || !redis.exists("graph_data:pop"));
+    eventually(&daemon, "and acknowledged", || pending(&redis) == 0);
+    assert_eq!(daemon.stop(), Some(0));
+}
+
+#[test]
+fn a_hook_sent_before_the_first_start_is_handled() {
+    let redis = RedisServer::start();
+    redis.cmd::<()>(&["SET", "graph_data:jazz", "v"]);
+    deploy(&redis, &["--service", "catalog", "--tag", "genre=jazz"]);
+    let setup = Setup::new(&["genre-invalidation"]);
+    let daemon = Daemon::start(&redis, &setup);
+    eventually(&daemon, "the early hook is handled", || !redis.exists("graph_data:jazz"));
+    eventually(&daemon, "and acknowledged", || pending(&redis) == 0);
+    assert_eq!(daemon.stop(), Some(0));
+}
+
+#[test]
+fn a_hook_refused_by_a_grant_is_dead_lettered_at_once_with_a_readable_reason() {
+    let redis = RedisServer::start();
+    redis.cmd::<()>(&["SET", "header_art:dance", "a"]);
+    // The operator's grants leave header art out; the policy deletes it.
+    let setup = Setup::new(&["genre-invalidation"]).config(
+        r#"[policies.genre-invalidation]
+grants = [
+    { pattern = "last_updated:*", ops = ["read"] },
+    { pattern = "graph_data:*", ops = ["delete"] },
+    { pattern = "playlist_data:*", ops = ["delete"] },
+    { pattern = "service_playlist:*:*", ops = ["delete"] },
+]"#,
+    );
+    let daemon = Daemon::start(&redis, &setup);
+    deploy(&redis, &["--service", "catalog", "--tag", "genre=dance"]);
+    eventually(&daemon, "dead-lettered", || dead_letters(&redis).len() == 1);
+    let reason = dead_letters(&redis).remove(0);
+    assert!(reason.starts_with("refused by a grant (not retried): genre-invalidation: "), "{reason}");
+    assert!(reason.contains("denied: del `header_art:dance`: no grant allows delete on this key"), "{reason}");
+    assert!(!reason.contains("Denial {"), "shown with Display, not Debug: {reason}");
+    eventually(&daemon, "acknowledged", || pending(&redis) == 0);
+    let log = daemon.log_text();
+    assert!(!log.contains("deploy hook failed"), "a denial is not retried:\n{log}");
+    assert!(redis.exists("header_art:dance"));
+    assert_eq!(daemon.stop(), Some(0));
+}
+
+#[test]
+fn a_policy_disabled_before_start_does_not_even_sweep() {
+    let redis = RedisServer::start();
+    redis.cmd::<()>(&["SET", "job:1", "queued"]);
+    redis.cmd::<()>(&["SADD", "cachepol:control:disabled", "ttl-table"]);
+    let setup = Setup::new(&["ttl-table"]);
+    let daemon = Daemon::start(&redis, &setup);
+    daemon.wait_for("policy disabled by the operator", Duration::from_secs(20));
+    // Its start sweep would have given job:1 a TTL; it is owed instead.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(redis.cmd::<i64>(&["TTL", "job:1"]), -1, "swept while disabled:\n{}", daemon.log_text());
+    redis.cmd::<()>(&["SREM", "cachepol:control:disabled", "ttl-table"]);
+    eventually(&daemon, "swept once enabled", || redis.cmd::<i64>(&["TTL", "job:1"]) > 0);
+    assert_eq!(daemon.stop(), Some(0));
+}
+
+#[test]
+fn an_event_for_a_key_no_policy_can_be_given_is_owed_as_a_sweep() {
+    let redis = RedisServer::start();
+    let setup = Setup::new(&["ttl-table"]);
+    let daemon = Daemon::start(&redis, &setup);
+    // Not UTF-8: the policy API cannot carry this key, but a sweep reaches
+    // it on Redis's side.
+    let key = b"job:\xff\xfe".to_vec();
+    redis::cmd("SET").arg(&key).arg("v").query::<()>(&mut redis.conn()).unwrap();
+    eventually(&daemon, "the binary key gets its TTL from a gap sweep", || {
+        redis::cmd("TTL").arg(&key).query::<i64>(&mut redis.conn()).unwrap() > 0
+    });
+    daemon.wait_for("cannot be delivered", Duration::from_secs(5));
+    assert_eq!(daemon.stop(), Some(0));
+}
