@@ -79,13 +79,23 @@ impl Routes {
 
     /// An event whose key cannot be handed to a policy (not UTF-8, or
     /// longer than a policy may see): each policy subscribed to it is owed a
-    /// sweep instead. Returns how many.
-    pub fn key_gap(&self, op: &str, key: &[u8]) -> usize {
-        let subscribed = self.matcher.matching(op, key);
-        for &index in &subscribed {
-            self.routes[index].queue.record_gap();
+    /// sweep instead, under the same echo and hop rules as a delivered
+    /// event (a sweep's own writes must not owe it another sweep). Returns
+    /// how many.
+    pub fn key_gap(&self, op: &str, key: &[u8], origin: Option<&Origin>, hop_limit: u8) -> usize {
+        if origin.is_some_and(|o| o.hops > hop_limit) {
+            return 0;
         }
-        subscribed.len()
+        let mut owed = 0;
+        for index in self.matcher.matching(op, key) {
+            let route = &self.routes[index];
+            if origin.is_some_and(|o| o.policy == route.name) {
+                continue;
+            }
+            route.queue.record_gap();
+            owed += 1;
+        }
+        owed
     }
 
     /// Every loaded policy's manifest.

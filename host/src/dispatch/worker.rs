@@ -26,7 +26,7 @@ use crate::dispatch::audit;
 use crate::dispatch::breaker::{Admit, Breaker, FailurePolicy};
 use crate::dispatch::queue::{FailureKind, HookFailure, Item, PolicyQueue};
 use crate::dispatch::switches::Switches;
-use crate::sandbox::runtime::LoadedPolicy;
+use crate::sandbox::runtime::{CallFailure, LoadedPolicy};
 use crate::wit::{self, KeyEvent, SweepEvent, SweepReason};
 
 /// How often a failed sweep is tried again before waiting for the next one.
@@ -182,19 +182,16 @@ impl Worker {
         if self.breaker.record(report.result.is_ok(), Instant::now()) {
             self.version.policy.reset_instance();
         }
-        let failure = report.result.err().map(|f| f.to_string());
-        failure.map_or(Ok(()), |reason| {
-            // Redis going away explains a failure before anything else does;
-            // a denial explains it next (the policy may have turned it into
-            // its own error, but it will meet the same denial next time).
-            let kind = if report.call.redis_unavailable > 0 {
-                FailureKind::RedisUnavailable
-            } else if report.call.denials_total > 0 {
-                FailureKind::Denied
-            } else {
-                FailureKind::Failed
-            };
-            Err(HookFailure { reason, kind })
-        })
+        let Err(failure) = report.result else { return Ok(()) };
+        // Redis going away explains a failure before anything else does; a
+        // denial the policy returned will be met the same way next time.
+        let kind = if report.call.redis_unavailable > 0 {
+            FailureKind::RedisUnavailable
+        } else if matches!(failure, CallFailure::Returned(wit::Error::Denied(_))) {
+            FailureKind::Denied
+        } else {
+            FailureKind::Failed
+        };
+        Err(HookFailure { reason: failure.to_string(), kind })
     }
 }

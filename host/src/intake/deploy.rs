@@ -412,6 +412,11 @@ impl DeployConsumer {
                 if let Handled::Interrupted = self.wait_for_redis(shutdown).await {
                     return Ok(Handled::Interrupted);
                 }
+                // Redis may answer a PING while still loading its data.
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(Handled::Interrupted),
+                    _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                }
                 continue;
             }
             warn!(attempt, max, failed = %remaining.join(" "), "deploy hook failed");
@@ -553,6 +558,7 @@ struct Heartbeat(tokio::task::JoinHandle<()>);
 impl Heartbeat {
     fn start(mut conn: ConnectionManager, settings: &DeployConfig, id: &str) -> Heartbeat {
         let every = Duration::from_millis((settings.claim_idle_ms / 3).max(100));
+        let min_idle = settings.claim_idle_ms / 2;
         let (stream, group, consumer, id) =
             (settings.stream.clone(), settings.group.clone(), settings.consumer.clone(), id.to_owned());
         Heartbeat(tokio::spawn(async move {
@@ -564,7 +570,10 @@ impl Heartbeat {
                     .arg(&stream)
                     .arg(&group)
                     .arg(&consumer)
-                    .arg(0)
+                    // Only if idle this long: renews our claim (idle never
+                    // passes 2/3 of claim_idle) without taking the entry back
+                    // from a daemon that claimed it meanwhile.
+                    .arg(min_idle)
                     .arg(&id)
                     .arg("JUSTID")
                     .query_async(&mut conn)

@@ -238,12 +238,13 @@ impl Router {
     /// Route one notification; `false` if it was not routable.
     fn route(&self, channel: &str, payload: &[u8]) -> bool {
         let Some((db, op)) = parse_channel(channel) else { return false };
+        let origin = self.ledger.claim(op, payload);
         let key = if payload.len() > MAX_KEY_LEN { None } else { std::str::from_utf8(payload).ok() };
         let Some(key) = key else {
             // A policy's API takes keys as UTF-8 text of bounded length, so
             // this event cannot be delivered: the policies it concerns are
             // owed a sweep, which walks the keyspace on Redis's side.
-            let owed = self.routes.load().key_gap(op, payload);
+            let owed = self.routes.load().key_gap(op, payload, origin.as_ref(), self.hop_limit);
             let undeliverable = self.undeliverable.fetch_add(1, Ordering::Relaxed) + 1;
             if owed > 0 && undeliverable.is_power_of_two() {
                 warn!(
@@ -255,7 +256,6 @@ impl Router {
             }
             return true;
         };
-        let origin = self.ledger.claim(op, payload);
         let routed = self.routes.load().key_event(db, op, key, origin.as_ref(), self.hop_limit);
         if routed.hop_limited {
             warn!(
