@@ -17,7 +17,9 @@ fn ttl_table_gives_table_ttls_clamps_locks_and_fixes_keys_from_before_start() {
     redis.cmd::<()>(&["SET", "graph_data:old", "g"]);
     redis.cmd::<()>(&["SET", "lock:stuck", "worker-9"]);
     redis.cmd::<()>(&["SET", "user:7", "not in the table"]);
-    let daemon = Daemon::start(&redis, &Setup::new(&["ttl-table"]));
+    // Bound: dropping the setup deletes the policies directory (and so unloads the policy).
+    let setup = Setup::new(&["ttl-table"]);
+    let daemon = Daemon::start(&redis, &setup);
     eventually(&daemon, "the start sweep set TTLs", || {
         (3_590_000..=3_600_000).contains(&pttl(&redis, "graph_data:old")) && pttl(&redis, "lock:stuck") > 0
     });
