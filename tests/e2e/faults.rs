@@ -58,17 +58,20 @@ fn a_deploy_stream_lost_to_a_restart_or_flushall_is_created_again() {
     let daemon = Daemon::start(&redis, &setup);
     // Restarted without persistence: the stream and its group are gone.
     redis.restart();
-    redis.cmd::<()>(&["SET", "graph_data:rock", "v"]);
-    deploy(&redis, &["--service", "catalog", "--tag", "genre=rock"]);
-    eventually(&daemon, "a hook sent after the restart is handled", || !redis.exists("graph_data:rock"));
-    eventually(&daemon, "and acknowledged", || pending(&redis) == 0);
+    a_genre_hook_is_handled_and_acked(&redis, &daemon, "rock");
     // FLUSHALL: the same, on a connection that never broke.
     redis.cmd::<()>(&["FLUSHALL"]);
-    redis.cmd::<()>(&["SET", "graph_data:pop", "v"]);
-    deploy(&redis, &["--service", "catalog", "--tag", "genre=pop"]);
-    eventually(&daemon, "a hook sent after FLUSHALL is handled", || !redis.exists("graph_data:pop"));
-    eventually(&daemon, "and acknowledged", || pending(&redis) == 0);
+    a_genre_hook_is_handled_and_acked(&redis, &daemon, "pop");
     assert_eq!(daemon.stop(), Some(0));
+}
+
+/// A deploy hook for `genre` deletes its graph and is acknowledged.
+fn a_genre_hook_is_handled_and_acked(redis: &RedisServer, daemon: &Daemon, genre: &str) {
+    let key = format!("graph_data:{genre}");
+    redis.cmd::<()>(&["SET", &key, "v"]);
+    deploy(redis, &["--service", "catalog", "--tag", &format!("genre={genre}")]);
+    eventually(daemon, &format!("the hook for {genre} is handled"), || !redis.exists(&key));
+    eventually(daemon, "and acknowledged", || pending(redis) == 0);
 }
 
 #[test]

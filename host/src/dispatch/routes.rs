@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use crate::dispatch::matcher::Matcher;
 use crate::dispatch::queue::{HookFailure, Item, KeyNotification, PolicyQueue, Pushed};
+use crate::sandbox::grants::MAX_KEY_LEN;
 use crate::sandbox::manifest::Manifest;
 use crate::store::echo::Origin;
 use crate::wit::{DeployEvent, SweepReason};
@@ -29,6 +30,8 @@ pub struct Routed {
     pub echoes: u32,
     /// Not delivered because the chain of policies was too long.
     pub hop_limited: bool,
+    /// Owed a sweep instead: the key cannot be handed to a policy.
+    pub swept_instead: u32,
 }
 
 /// A snapshot of the policies and their subscriptions.
@@ -54,10 +57,16 @@ impl Routes {
 
     /// Queue a keyspace event for every subscribed policy except the one
     /// that caused it, unless the chain it belongs to is over `hop_limit`.
-    pub fn key_event(&self, db: u32, op: &str, key: &str, origin: Option<&Origin>, hop_limit: u8) -> Routed {
+    ///
+    /// A key that cannot be handed to a policy (not UTF-8, or longer than
+    /// [`MAX_KEY_LEN`]) owes each of those policies a `sweep(gap)` instead,
+    /// which reaches the key on Redis's side; the echo and hop rules are the
+    /// same, so a sweep's own writes never owe it another sweep.
+    pub fn key_event(&self, db: u32, op: &str, key: &[u8], origin: Option<&Origin>, hop_limit: u8) -> Routed {
         let mut routed = Routed::default();
         let hops = origin.map_or(0, |o| o.hops);
-        for index in self.matcher.matching(op, key.as_bytes()) {
+        let text = if key.len() > MAX_KEY_LEN { None } else { std::str::from_utf8(key).ok() };
+        for index in self.matcher.matching(op, key) {
             let route = &self.routes[index];
             if origin.is_some_and(|o| o.policy == route.name) {
                 routed.echoes += 1;
@@ -67,7 +76,12 @@ impl Routes {
                 routed.hop_limited = true;
                 continue;
             }
-            let event = KeyNotification { db, op: op.to_owned(), key: key.to_owned(), hops };
+            let Some(text) = text else {
+                route.queue.record_gap();
+                routed.swept_instead += 1;
+                continue;
+            };
+            let event = KeyNotification { db, op: op.to_owned(), key: text.to_owned(), hops };
             match route.queue.push_key(event) {
                 Pushed::Queued => routed.queued += 1,
                 Pushed::Coalesced => routed.coalesced += 1,
@@ -75,27 +89,6 @@ impl Routes {
             }
         }
         routed
-    }
-
-    /// An event whose key cannot be handed to a policy (not UTF-8, or
-    /// longer than a policy may see): each policy subscribed to it is owed a
-    /// sweep instead, under the same echo and hop rules as a delivered
-    /// event (a sweep's own writes must not owe it another sweep). Returns
-    /// how many.
-    pub fn key_gap(&self, op: &str, key: &[u8], origin: Option<&Origin>, hop_limit: u8) -> usize {
-        if origin.is_some_and(|o| o.hops > hop_limit) {
-            return 0;
-        }
-        let mut owed = 0;
-        for index in self.matcher.matching(op, key) {
-            let route = &self.routes[index];
-            if origin.is_some_and(|o| o.policy == route.name) {
-                continue;
-            }
-            route.queue.record_gap();
-            owed += 1;
-        }
-        owed
     }
 
     /// Every loaded policy's manifest.

@@ -30,18 +30,24 @@ use crate::wit::SweepReason;
 pub const POLL_EVERY: Duration = Duration::from_secs(1);
 
 /// Read the disabled set once, before anything is delivered: a policy an
-/// operator disabled must not run even its start-up sweep. Policies found
-/// disabled are logged.
+/// operator disabled must not run even its start-up sweep.
 pub async fn read_at_start(switches: &Switches, conn: &mut ConnectionManager, key: &str) -> redis::RedisResult<()> {
+    read(switches, conn, key).await.map(|_| ())
+}
+
+/// Take a reading of the disabled set, log the policies it newly disables,
+/// and return those it newly enables.
+async fn read(switches: &Switches, conn: &mut ConnectionManager, key: &str) -> redis::RedisResult<Vec<String>> {
     let now = redis::cmd("SMEMBERS").arg(key).query_async::<BTreeSet<String>>(conn).await?;
-    let (disabled, _) = switches.update(now);
+    let (disabled, enabled) = switches.update(now);
     for name in disabled {
         warn!(policy = %name, key = %key, "policy disabled by the operator: it gets no events until enabled");
     }
-    Ok(())
+    Ok(enabled)
 }
 
-/// Read the disabled set every [`POLL_EVERY`] until `stop`.
+/// Read the disabled set every [`POLL_EVERY`] until `stop`; a policy
+/// enabled again is swept to catch up.
 pub async fn watch(
     switches: Arc<Switches>,
     mut conn: ConnectionManager,
@@ -51,13 +57,9 @@ pub async fn watch(
 ) {
     let mut failing = false;
     loop {
-        match redis::cmd("SMEMBERS").arg(&key).query_async::<BTreeSet<String>>(&mut conn).await {
-            Ok(now) => {
+        match read(&switches, &mut conn, &key).await {
+            Ok(enabled) => {
                 failing = false;
-                let (disabled, enabled) = switches.update(now);
-                for name in disabled {
-                    warn!(policy = %name, key = %key, "policy disabled by the operator: it gets no events until enabled");
-                }
                 for name in enabled {
                     info!(policy = %name, key = %key, "policy enabled by the operator: sweeping it to catch up");
                     if let Some(route) = routes.load().get(&name) {

@@ -109,9 +109,10 @@ fn parse_tags(text: &str) -> Result<Vec<(String, String)>, String> {
     }
 }
 
-/// Tags as `name=value` words, for log lines.
-fn show_tags(tags: &[(String, String)]) -> String {
-    tags.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" ")
+/// Tags as `name=value` words: how the stream carries them, and how log
+/// lines show them.
+fn tag_words(tags: &[(String, String)]) -> Vec<String> {
+    tags.iter().map(|(k, v)| format!("{k}={v}")).collect()
 }
 
 /// Write one deploy hook (what `cachepol deploy` does), trimming the stream
@@ -125,7 +126,7 @@ pub async fn publish(
     tags: &[(String, String)],
     id: Option<&str>,
 ) -> RedisResult<String> {
-    let tags: Vec<String> = tags.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let tags = tag_words(tags);
     let mut fields = vec![
         ("service", service.to_owned()),
         ("files", serde_json::to_string(files).unwrap_or_default()),
@@ -187,9 +188,8 @@ impl DeployConsumer {
                         warn!(error = %e, stream = %self.settings.stream, "{why}");
                         failing = true;
                     }
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return,
-                        _ = tokio::time::sleep(backoff.next_delay()) => {}
+                    if let Handled::Interrupted = pause(&shutdown, backoff.next_delay()).await {
+                        return;
                     }
                 }
             }
@@ -380,7 +380,7 @@ impl DeployConsumer {
         }
         let mut remaining: Vec<Arc<str>> =
             self.routes.load().deploy_targets(&event.service).iter().map(|r| r.name.clone()).collect();
-        info!(service = %event.service, files = event.files.len(), tags = %show_tags(&event.tags), policies = %remaining.join(" "), "deploy hook");
+        info!(service = %event.service, files = event.files.len(), tags = %tag_words(&event.tags).join(" "), policies = %remaining.join(" "), "deploy hook");
         // Refusals by a grant: final, and reported with the rest.
         let mut denied: Vec<(Arc<str>, HookFailure)> = Vec::new();
         let mut attempt = attempts_before;
@@ -413,9 +413,8 @@ impl DeployConsumer {
                     return Ok(Handled::Interrupted);
                 }
                 // Redis may answer a PING while still loading its data.
-                tokio::select! {
-                    _ = shutdown.cancelled() => return Ok(Handled::Interrupted),
-                    _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                if let Handled::Interrupted = pause(shutdown, Duration::from_millis(250)).await {
+                    return Ok(Handled::Interrupted);
                 }
                 continue;
             }
@@ -425,9 +424,8 @@ impl DeployConsumer {
                 let reason = format!("failed {max} times: {}", reasons(&all));
                 return self.dead_letter(&entry, &reason, shutdown).await;
             }
-            tokio::select! {
-                _ = shutdown.cancelled() => return Ok(Handled::Interrupted),
-                _ = tokio::time::sleep(backoff) => {}
+            if let Handled::Interrupted = pause(shutdown, backoff).await {
+                return Ok(Handled::Interrupted);
             }
             backoff *= 2;
         }
@@ -473,9 +471,8 @@ impl DeployConsumer {
             if redis::cmd("PING").query_async::<Value>(&mut self.conn).await.is_ok() {
                 return Handled::Done;
             }
-            tokio::select! {
-                _ = shutdown.cancelled() => return Handled::Interrupted,
-                _ = tokio::time::sleep(backoff.next_delay()) => {}
+            if let Handled::Interrupted = pause(shutdown, backoff.next_delay()).await {
+                return Handled::Interrupted;
             }
         }
     }
@@ -497,9 +494,8 @@ impl DeployConsumer {
                         warn!(error = %e, "cannot acknowledge the deploy hook; retrying until Redis answers");
                         logged = true;
                     }
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return Ok(Handled::Interrupted),
-                        _ = tokio::time::sleep(backoff.next_delay()) => {}
+                    if let Handled::Interrupted = pause(shutdown, backoff.next_delay()).await {
+                        return Ok(Handled::Interrupted);
                     }
                 }
             }
@@ -541,6 +537,14 @@ impl DeployConsumer {
         let id: String = cmd.query_async(&mut self.conn).await?;
         warn!(dead_letter = %self.settings.dead_letter, id = %id, %reason, "deploy hook dead-lettered");
         self.ack(entry, shutdown).await
+    }
+}
+
+/// Sleep `delay`, unless shutdown comes first.
+async fn pause(shutdown: &CancellationToken, delay: Duration) -> Handled {
+    tokio::select! {
+        _ = shutdown.cancelled() => Handled::Interrupted,
+        _ = tokio::time::sleep(delay) => Handled::Done,
     }
 }
 

@@ -33,7 +33,6 @@ use tracing::{info, warn};
 
 use crate::dispatch::routes::Routes;
 use crate::intake::notify;
-use crate::sandbox::grants::MAX_KEY_LEN;
 use crate::store::echo::EchoLedger;
 use crate::wit::SweepReason;
 
@@ -239,28 +238,22 @@ impl Router {
     fn route(&self, channel: &str, payload: &[u8]) -> bool {
         let Some((db, op)) = parse_channel(channel) else { return false };
         let origin = self.ledger.claim(op, payload);
-        let key = if payload.len() > MAX_KEY_LEN { None } else { std::str::from_utf8(payload).ok() };
-        let Some(key) = key else {
-            // A policy's API takes keys as UTF-8 text of bounded length, so
-            // this event cannot be delivered: the policies it concerns are
-            // owed a sweep, which walks the keyspace on Redis's side.
-            let owed = self.routes.load().key_gap(op, payload, origin.as_ref(), self.hop_limit);
+        let routed = self.routes.load().key_event(db, op, payload, origin.as_ref(), self.hop_limit);
+        if routed.swept_instead > 0 {
             let undeliverable = self.undeliverable.fetch_add(1, Ordering::Relaxed) + 1;
-            if owed > 0 && undeliverable.is_power_of_two() {
+            if undeliverable.is_power_of_two() {
                 warn!(
                     op,
                     undeliverable,
-                    policies = owed,
+                    policies = routed.swept_instead,
                     "keyspace events for keys that are not UTF-8 or longer than 16 KiB cannot be delivered; the policies they concern are swept instead"
                 );
             }
-            return true;
-        };
-        let routed = self.routes.load().key_event(db, op, key, origin.as_ref(), self.hop_limit);
+        }
         if routed.hop_limited {
             warn!(
                 op,
-                key,
+                key = %String::from_utf8_lossy(payload),
                 via = origin.as_ref().map_or("", |o| &*o.policy),
                 "hop limit reached: not delivered further"
             );
