@@ -67,11 +67,16 @@ fn a_deploy_stream_lost_to_a_restart_or_flushall_is_created_again() {
 
 /// A deploy hook for `genre` deletes its graph and is acknowledged.
 fn a_genre_hook_is_handled_and_acked(redis: &RedisServer, daemon: &Daemon, genre: &str) {
+    a_genre_hook_is_handled_and_acked_after(redis, daemon, genre, 0);
+}
+
+/// The same, with `stuck` other hooks left pending.
+fn a_genre_hook_is_handled_and_acked_after(redis: &RedisServer, daemon: &Daemon, genre: &str, stuck: usize) {
     let key = format!("graph_data:{genre}");
     redis.cmd::<()>(&["SET", &key, "v"]);
     deploy(redis, &["--service", "catalog", "--tag", &format!("genre={genre}")]);
     eventually(daemon, &format!("the hook for {genre} is handled"), || !redis.exists(&key));
-    eventually(daemon, "and acknowledged", || pending(redis) == 0);
+    eventually(daemon, "and acknowledged", || pending(redis) == stuck);
 }
 
 #[test]
@@ -143,5 +148,40 @@ fn an_event_for_a_key_no_policy_can_be_given_is_owed_as_a_sweep() {
         redis::cmd("TTL").arg(&key).query::<i64>(&mut redis.conn()).unwrap() > 0
     });
     daemon.wait_for("cannot be delivered", Duration::from_secs(5));
+    assert_eq!(daemon.stop(), Some(0));
+}
+
+#[test]
+fn a_dead_letter_redis_refuses_does_not_stop_the_reader() {
+    let redis = RedisServer::start();
+    // The dead-letter key holds a string: every XADD to it is refused.
+    redis.cmd::<()>(&["SET", "cachepol:deploys:dead", "not a stream"]);
+    let setup = Setup::new(&["genre-invalidation"]);
+    let daemon = Daemon::start(&redis, &setup);
+    redis.cmd::<String>(&["XADD", "cachepol:deploys", "*", "files", "[]"]);
+    daemon.wait_for("Redis refused the dead letter", Duration::from_secs(20));
+    a_genre_hook_is_handled_and_acked_after(&redis, &daemon, "rock", 1);
+    assert_eq!(daemon.stop(), Some(0));
+}
+
+#[test]
+fn a_pending_hook_deleted_from_the_stream_is_dead_lettered_not_lost() {
+    let redis = RedisServer::start();
+    // A daemon takes the hook and dies mid-way.
+    let stuck = Setup::new(&["hostile"]).config(
+        "[deploy]\nclaim_idle_ms = 1500\n[policies.hostile]\nconfig = { on_deploy = \"spin\" }\nbudgets = { fuel = 1000000000000000, wall_time = 600000 }",
+    );
+    let daemon = Daemon::start(&redis, &stuck);
+    let id = deploy(&redis, &["--service", "catalog", "--tag", "genre=dance"]);
+    daemon.wait_for("deploy hook", Duration::from_secs(20));
+    daemon.kill();
+    // Trimmed away (here by hand) while still pending.
+    redis.cmd::<i64>(&["XDEL", "cachepol:deploys", &id]);
+    let setup = Setup::new(&["genre-invalidation"]).config("[deploy]\nclaim_idle_ms = 1500");
+    let daemon = Daemon::start(&redis, &setup);
+    eventually(&daemon, "the lost hook is dead-lettered", || dead_letters(&redis).len() == 1);
+    let reason = dead_letters(&redis).remove(0);
+    assert!(reason.contains("deleted from the stream before it was handled"), "{reason}");
+    eventually(&daemon, "nothing left pending", || pending(&redis) == 0);
     assert_eq!(daemon.stop(), Some(0));
 }

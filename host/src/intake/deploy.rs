@@ -42,20 +42,22 @@ use redis::aio::ConnectionManager;
 use redis::streams::{StreamId, StreamMaxlen, StreamPendingCountReply};
 use redis::{AsyncCommands, RedisResult, Value};
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, info, warn};
+use tracing::{Instrument, error, info, warn};
 
 use crate::config::DeployConfig;
 use crate::dispatch::queue::{FailureKind, HookFailure};
 use crate::dispatch::routes::Routes;
 use crate::intake::events::Backoff;
+use crate::store::redis::is_connection_error;
 use crate::wit::DeployEvent;
 
-/// Entries read per `XREADGROUP`.
-const BATCH: usize = 16;
+/// Entries read per `XREADGROUP`, and claimed per `XAUTOCLAIM`: one. Only
+/// the entry in hand is kept claimed by the heartbeat; a batch would leave
+/// the rest idling while the first is handled, for another daemon to claim
+/// and handle too. Hooks are rare; a round trip each costs nothing.
+const BATCH: usize = 1;
 /// How long one `XREADGROUP` blocks waiting for new entries.
 const BLOCK_MS: usize = 1000;
-/// Entries claimed per `XAUTOCLAIM`.
-const CLAIM_BATCH: usize = 100;
 /// Longest wait between tries while Redis is away, so that hooks pending
 /// when it comes back are handled within about this long.
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
@@ -324,18 +326,21 @@ impl DeployConsumer {
                 .arg(self.settings.claim_idle_ms)
                 .arg(&cursor)
                 .arg("COUNT")
-                .arg(CLAIM_BATCH)
+                .arg(BATCH)
                 .query_async(&mut self.conn)
                 .await?;
-            let (next, claimed) = autoclaim_reply(reply);
-            if !claimed.is_empty() {
-                info!(count = claimed.len(), "claimed deploy hooks another consumer left pending");
-                let counts = self.delivery_counts(&claimed).await?;
-                if let Handled::Interrupted = self.handle_all(claimed, Some(counts), shutdown).await? {
+            let claimed = autoclaim_reply(reply);
+            if let Handled::Interrupted = self.handle_all(claimed.trimmed, None, shutdown).await? {
+                return Ok(Handled::Interrupted);
+            }
+            if !claimed.entries.is_empty() {
+                info!(count = claimed.entries.len(), "claimed deploy hooks another consumer left pending");
+                let counts = self.delivery_counts(&claimed.entries).await?;
+                if let Handled::Interrupted = self.handle_all(claimed.entries, Some(counts), shutdown).await? {
                     return Ok(Handled::Interrupted);
                 }
             }
-            match next {
+            match claimed.cursor {
                 Some(next) if next != "0-0" => cursor = next,
                 _ => return Ok(Handled::Done),
             }
@@ -362,7 +367,7 @@ impl DeployConsumer {
         shutdown: &CancellationToken,
     ) -> RedisResult<Handled> {
         if entry.map.is_empty() {
-            let reason = "trimmed from the stream before it was handled (raise deploy.max_len)";
+            let reason = "deleted from the stream before it was handled (trimmed past deploy.max_len, or XDEL)";
             warn!(reason, "deploy hook lost its contents: moved to the dead-letter stream");
             return self.dead_letter(&entry, reason, shutdown).await;
         }
@@ -489,6 +494,13 @@ impl DeployConsumer {
                 Ok(_) => return Ok(Handled::Done),
                 // The group is gone (Redis restarted empty): so is the entry.
                 Err(e) if e.code() == Some("NOGROUP") => return Err(e),
+                // Redis refused (an ACL, a read-only replica after a failover):
+                // retrying will not help. The entry stays pending; it is
+                // claimed and handled again once idle, and the reader goes on.
+                Err(e) if !is_connection_error(&e) => {
+                    error!(error = %e, entry = %entry.id, "Redis refused to acknowledge the deploy hook; it stays pending and will be handled again");
+                    return Ok(Handled::Done);
+                }
                 Err(e) => {
                     if !logged {
                         warn!(error = %e, "cannot acknowledge the deploy hook; retrying until Redis answers");
@@ -534,7 +546,16 @@ impl DeployConsumer {
                 _ => cmd.arg(""),
             };
         }
-        let id: String = cmd.query_async(&mut self.conn).await?;
+        let id: String = match cmd.query_async(&mut self.conn).await {
+            Ok(id) => id,
+            // As with an ack Redis refuses: leave it pending (claimed and
+            // tried again once idle) rather than stop reading new hooks.
+            Err(e) if !is_connection_error(&e) => {
+                error!(error = %e, entry = %entry.id, dead_letter = %self.settings.dead_letter, %reason, "Redis refused the dead letter; the deploy hook stays pending and will be tried again");
+                return Ok(Handled::Done);
+            }
+            Err(e) => return Err(e),
+        };
         warn!(dead_letter = %self.settings.dead_letter, id = %id, %reason, "deploy hook dead-lettered");
         self.ack(entry, shutdown).await
     }
@@ -614,15 +635,26 @@ fn read_reply_entries(reply: Value) -> Vec<StreamId> {
     streams.into_iter().flat_map(entries).collect()
 }
 
-/// `XAUTOCLAIM`'s reply: the next cursor and the claimed entries.
-fn autoclaim_reply(reply: Value) -> (Option<String>, Vec<StreamId>) {
-    let Value::Array(mut parts) = reply else { return (None, Vec::new()) };
-    if parts.len() < 2 {
-        return (None, Vec::new());
-    }
-    let claimed = entries(parts.remove(1));
-    let cursor = redis::from_redis_value::<String>(parts.remove(0)).ok();
-    (cursor, claimed)
+/// What one `XAUTOCLAIM` gave.
+struct Claimed {
+    /// Where the next call goes on; `0-0` at the end.
+    cursor: Option<String>,
+    entries: Vec<StreamId>,
+    /// Entries trimmed from the stream while pending (Redis 7 lists their
+    /// ids and drops them from the pending list), with no fields: they are
+    /// dead-lettered as lost rather than vanish.
+    trimmed: Vec<StreamId>,
+}
+
+fn autoclaim_reply(reply: Value) -> Claimed {
+    let mut claimed = Claimed { cursor: None, entries: Vec::new(), trimmed: Vec::new() };
+    let Value::Array(parts) = reply else { return claimed };
+    let mut parts = parts.into_iter();
+    claimed.cursor = parts.next().and_then(|c| redis::from_redis_value::<String>(c).ok());
+    claimed.entries = parts.next().map(entries).unwrap_or_default();
+    let trimmed = parts.next().and_then(|d| redis::from_redis_value::<Vec<String>>(d).ok()).unwrap_or_default();
+    claimed.trimmed = trimmed.into_iter().map(|id| StreamId { id, ..StreamId::default() }).collect();
+    claimed
 }
 
 /// `[[id, [field, value, ...] | nil], ...]` as stream entries.

@@ -194,11 +194,18 @@ where
 /// Map a redis-rs error: connection trouble is "unavailable", anything else
 /// a command failure.
 pub fn failed(e: RedisError) -> BackendError {
-    if e.is_connection_dropped() || e.is_io_error() || e.is_timeout() || e.is_connection_refusal() {
+    if is_connection_error(&e) {
         BackendError::Unavailable(e.to_string())
     } else {
         BackendError::Command(e.to_string())
     }
+}
+
+/// Whether `e` says the connection failed (dropped, refused, timed out),
+/// as opposed to Redis answering with an error: only the first is worth
+/// retrying as it is.
+pub fn is_connection_error(e: &RedisError) -> bool {
+    e.is_connection_dropped() || e.is_io_error() || e.is_timeout() || e.is_connection_refusal()
 }
 
 fn is_one(v: &Value) -> bool {
