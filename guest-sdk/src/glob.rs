@@ -335,6 +335,23 @@ const COVER_WORK_LIMIT: usize = 4_000_000;
 /// their product looks for a key that `pattern` accepts and no member of `by`
 /// does. The shortest such key is returned as the example.
 pub fn covers(by: &[&Glob], pattern: &Glob) -> Coverage {
+    let mut work = COVER_WORK_LIMIT;
+    covers_within(by, pattern, &mut work)
+}
+
+/// [`covers`], spending at most `*work` of its work (and never more than
+/// one call's limit), and taking what it spent off `*work`: a caller that
+/// checks many patterns bounds their total, not just each one. Runs out as
+/// [`Coverage::TooComplex`].
+pub fn covers_within(by: &[&Glob], pattern: &Glob, work: &mut usize) -> Coverage {
+    let budget = (*work).min(COVER_WORK_LIMIT);
+    let mut left = budget;
+    let coverage = search(by, pattern, &mut left);
+    *work -= budget - left;
+    coverage
+}
+
+fn search(by: &[&Glob], pattern: &Glob, work: &mut usize) -> Coverage {
     if pattern.tokens.is_empty() {
         // The empty pattern matches only the empty key.
         return if by.iter().any(|g| g.tokens.is_empty()) {
@@ -356,7 +373,6 @@ pub fn covers(by: &[&Glob], pattern: &Glob) -> Coverage {
         return Coverage::TooComplex;
     }
     let step_cost = pattern.tokens.len() + 1 + grant_tokens;
-    let mut work = 0usize;
     let alphabet = representative_bytes(by, pattern);
     let start = ProductState {
         pattern: Nfa::start(&pattern.tokens),
@@ -372,10 +388,11 @@ pub fn covers(by: &[&Glob], pattern: &Glob) -> Coverage {
     while let Some(index) = queue.pop_front() {
         let state = order[index].clone();
         for &byte in &alphabet {
-            work += step_cost;
-            if work > COVER_WORK_LIMIT {
+            let Some(rest) = work.checked_sub(step_cost) else {
+                *work = 0;
                 return Coverage::TooComplex;
-            }
+            };
+            *work = rest;
             let next_pattern = state.pattern.step(&pattern.tokens, byte);
             if next_pattern.is_empty() {
                 continue;
@@ -672,6 +689,17 @@ mod tests {
         // A long literal key is decided directly.
         let long_key = format!("hostile:{}", "k".repeat(16_000));
         assert_eq!(cov(&["hostile:*"], &long_key), Coverage::Covered);
+        // A shared allowance bounds the total: once spent, even an easy
+        // pattern is not decided, and what a call spent is taken off.
+        let (hostile, grant) = (Glob::new("hostile:*"), Glob::new(&costly));
+        let mut work = 5_000_000;
+        assert_eq!(covers_within(&[&hostile], &grant, &mut work), Coverage::TooComplex);
+        assert!(work <= 1_000_000, "one call spends at most its own limit, {work} left");
+        let mut none = 0;
+        assert_eq!(covers_within(&[&hostile], &Glob::new("hostile:[ab]*"), &mut none), Coverage::TooComplex);
+        let mut plenty = 100_000;
+        assert_eq!(covers_within(&[&hostile], &Glob::new("hostile:[ab]*"), &mut plenty), Coverage::Covered);
+        assert!(plenty < 100_000, "deciding costs something");
     }
 
     /// Cross-check `covers` against brute force on every short key over a

@@ -168,6 +168,38 @@ async fn a_host_call_flood_fails_even_when_the_errors_are_swallowed() {
 }
 
 #[tokio::test]
+async fn grant_checks_built_to_be_slow_run_out_of_their_allowance() {
+    // 1,000 distinct patterns, each as costly to check as the limit of one
+    // check allows: the event's allowance ends the game after a few.
+    let mut a = arena("grant-bomb", Budgets::default()).await;
+    let started = std::time::Instant::now();
+    match a.provoke().await {
+        CallFailure::Budget(why) => assert!(why.contains("used up their work allowance"), "{why}"),
+        other => panic!("expected a budget failure, got {other:?}"),
+    }
+    eprintln!("1,000 hostile grant checks took {:?} in all (debug build)", started.elapsed());
+    let report = &a.hostile.deliveries().last().unwrap().report;
+    assert!(
+        (1..=20).contains(&report.call.denials_total),
+        "only the first checks did work: {}",
+        report.call.denials_total
+    );
+    assert!(report.call.denials.iter().all(|d| d.reason.contains("too complex")), "{:?}", report.call.denials);
+    a.assert_everyone_recovers().await;
+}
+
+#[tokio::test]
+async fn output_past_the_log_budget_is_dropped_and_counted() {
+    let mut a = arena("output-flood", Budgets { log_lines: 50, ..Budgets::default() }).await;
+    a.hostile.deploy("ci", &[], &[]).await;
+    let report = &a.hostile.deliveries().last().unwrap().report;
+    assert!(report.result.is_ok(), "printing is not a failure: {:?}", report.result);
+    assert_eq!(report.call.log_lines, 20_000, "every line of stdout and stderr counted");
+    assert_eq!(report.call.logs_dropped, 20_000 - 50, "all but the budget's 50 dropped");
+    a.assert_everyone_recovers().await;
+}
+
+#[tokio::test]
 async fn bulk_deletes_stop_at_the_keys_touched_budget() {
     let mut a = arena("wipe", Budgets { keys_touched: 10, ..Budgets::default() }).await;
     for i in 0..25 {

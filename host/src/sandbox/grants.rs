@@ -112,8 +112,15 @@ impl Grants {
 
     /// `Ok` if every key `pattern` can match is allowed for `op`.
     pub fn check_pattern(&self, op: KeyOps, pattern: &str) -> Result<(), String> {
+        let mut unbounded = usize::MAX;
+        self.check_pattern_within(op, pattern, &mut unbounded)
+    }
+
+    /// [`Grants::check_pattern`], spending at most `*work` (see
+    /// [`glob::covers_within`]), so a caller bounds the total it spends.
+    pub fn check_pattern_within(&self, op: KeyOps, pattern: &str, work: &mut usize) -> Result<(), String> {
         let pattern = Glob::new(pattern);
-        match glob::covers(&self.allowing(op), &pattern) {
+        match glob::covers_within(&self.allowing(op), &pattern, work) {
             Coverage::Covered => Ok(()),
             Coverage::Uncovered { example } => Err(format!(
                 "the pattern can match `{}`, which no grant allows {} on",

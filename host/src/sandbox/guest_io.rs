@@ -5,9 +5,16 @@
 //! daemon's own stderr untagged, and the panic message is the most useful
 //! part of a failure report, so each stream becomes log lines tagged with the
 //! policy, and stderr's recent tail is kept for the runtime to quote.
+//!
+//! Lines count against the call's log budget, shared with the policy's
+//! `log` import ([`LogAllowance`]): the daemon's log writer never drops a
+//! line (audit lines must not be lost), so a guest printing without end
+//! would make every thread that logs wait on it, the Redis reader included.
+//! Past the budget, output is dropped with one line saying so.
 
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
@@ -19,6 +26,63 @@ const MAX_LINE: usize = 4096;
 /// How much of stderr's recent output is kept for failure reports.
 const TAIL: usize = 8192;
 
+/// The lines one call may log, shared by a policy's `log` import and its
+/// stdout and stderr. Reset at the start of every call.
+#[derive(Clone, Debug)]
+pub struct LogAllowance(Arc<Counts>);
+
+#[derive(Debug)]
+struct Counts {
+    limit: u32,
+    asked: AtomicU32,
+}
+
+/// What to do with one line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LineVerdict {
+    Log,
+    /// The first line past the budget: say that output is being dropped.
+    Truncate,
+    Drop,
+}
+
+impl LogAllowance {
+    pub fn new(limit: u32) -> LogAllowance {
+        LogAllowance(Arc::new(Counts { limit, asked: AtomicU32::new(0) }))
+    }
+
+    /// A new call: the whole budget again.
+    pub fn reset(&self) {
+        self.0.asked.store(0, Ordering::Relaxed);
+    }
+
+    /// Ask to log one line.
+    pub fn take(&self) -> LineVerdict {
+        let n = self.0.asked.fetch_add(1, Ordering::Relaxed).saturating_add(1);
+        match n.cmp(&self.0.limit.saturating_add(1)) {
+            std::cmp::Ordering::Less => LineVerdict::Log,
+            std::cmp::Ordering::Equal => LineVerdict::Truncate,
+            std::cmp::Ordering::Greater => LineVerdict::Drop,
+        }
+    }
+
+    /// Whether a line asked for now would be logged.
+    fn has_room(&self) -> bool {
+        self.0.asked.load(Ordering::Relaxed) < self.0.limit
+    }
+
+    /// Lines asked for in this call, and how many of them were dropped.
+    pub fn counts(&self) -> (u32, u32) {
+        let asked = self.0.asked.load(Ordering::Relaxed);
+        (asked, asked.saturating_sub(self.0.limit))
+    }
+}
+
+/// Log the one line that says a policy's output is being dropped.
+pub fn log_truncated(policy: &str, limit: u32) {
+    tracing::warn!(target: "cachepol::guest", policy, limit, "output truncated: the log budget of {limit} lines per event is spent");
+}
+
 /// One guest output stream (stdout or stderr) of one policy instance.
 #[derive(Clone)]
 pub struct GuestOutput {
@@ -29,6 +93,7 @@ struct Inner {
     policy: Mutex<Arc<str>>,
     stream: &'static str,
     buffers: Mutex<Buffers>,
+    allowance: LogAllowance,
 }
 
 #[derive(Default)]
@@ -38,9 +103,14 @@ struct Buffers {
 }
 
 impl GuestOutput {
-    pub fn new(policy: Arc<str>, stream: &'static str) -> GuestOutput {
+    pub fn new(policy: Arc<str>, stream: &'static str, allowance: LogAllowance) -> GuestOutput {
         GuestOutput {
-            inner: Arc::new(Inner { policy: Mutex::new(policy), stream, buffers: Mutex::new(Buffers::default()) }),
+            inner: Arc::new(Inner {
+                policy: Mutex::new(policy),
+                stream,
+                buffers: Mutex::new(Buffers::default()),
+                allowance,
+            }),
         }
     }
 
@@ -64,6 +134,15 @@ impl GuestOutput {
             let cut = b.recent.len() - TAIL;
             b.recent.drain(..cut);
         }
+        // Past the budget only the tail is kept: splitting megabytes into
+        // lines nobody will see is work for nothing.
+        if !self.inner.allowance.has_room() {
+            b.partial.clear();
+            for _ in bytes.iter().filter(|&&byte| byte == b'\n') {
+                self.take_line();
+            }
+            return;
+        }
         for &byte in bytes {
             if byte == b'\n' || b.partial.len() >= MAX_LINE {
                 let line = std::mem::take(&mut b.partial);
@@ -77,9 +156,24 @@ impl GuestOutput {
     }
 
     fn emit(&self, line: &[u8]) {
-        let policy = self.inner.policy.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let text = String::from_utf8_lossy(line);
-        tracing::info!(target: "cachepol::guest", policy = %policy, stream = self.inner.stream, "{}", text.trim_end());
+        if self.take_line() {
+            let policy = self.inner.policy.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let text = String::from_utf8_lossy(line);
+            tracing::info!(target: "cachepol::guest", policy = %policy, stream = self.inner.stream, "{}", text.trim_end());
+        }
+    }
+
+    /// Count one line against the budget; whether to log it.
+    fn take_line(&self) -> bool {
+        match self.inner.allowance.take() {
+            LineVerdict::Log => true,
+            LineVerdict::Truncate => {
+                let policy = self.inner.policy.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                log_truncated(&policy, self.inner.allowance.0.limit);
+                false
+            }
+            LineVerdict::Drop => false,
+        }
     }
 }
 
@@ -138,8 +232,26 @@ mod tests {
     }
 
     #[test]
+    fn output_counts_against_the_log_budget_and_keeps_its_tail() {
+        let allowance = LogAllowance::new(3);
+        let out = GuestOutput::new("p".into(), "stdout", allowance.clone());
+        out.write(b"one\ntwo\n");
+        assert_eq!(allowance.counts(), (2, 0));
+        out.write(&b"flood\n".repeat(100_000));
+        assert_eq!(allowance.counts(), (100_002, 99_999), "every line counted, all past the third dropped");
+        assert!(out.take_recent().ends_with("flood\n"), "the tail is kept for failure reports");
+        allowance.reset();
+        assert_eq!(allowance.take(), LineVerdict::Log, "a new call has the whole budget");
+        assert_eq!(
+            (allowance.take(), allowance.take(), allowance.take()),
+            (LineVerdict::Log, LineVerdict::Log, LineVerdict::Truncate)
+        );
+        assert_eq!(allowance.take(), LineVerdict::Drop);
+    }
+
+    #[test]
     fn keeps_a_bounded_tail() {
-        let out = GuestOutput::new("p".into(), "stderr");
+        let out = GuestOutput::new("p".into(), "stderr", LogAllowance::new(200));
         out.write(&vec![b'x'; TAIL * 3]);
         out.write(b"end\n");
         let recent = out.take_recent();

@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use crate::sandbox::budget::Budgets;
 use crate::sandbox::grants::{Grants, MAX_KEY_LEN};
+use crate::sandbox::guest_io::{LineVerdict, LogAllowance, log_truncated};
 use crate::store::backend::{Backend, BackendError, BulkPlan, BulkResult};
 use crate::wit::{self, Denial, Error, ExpireCondition, KeyOps, KeyTtl, ScanPage, SetOptions, ValueKind};
 
@@ -26,6 +27,10 @@ const MAX_TTL_MS: u64 = 100 * 365 * 24 * 3600 * 1000;
 const MAX_SCAN_COUNT: u32 = 10_000;
 /// Denials kept by name per call; more are only counted.
 const MAX_DENIALS_KEPT: usize = 100;
+/// Work the grant checks of one call may do (`glob::covers_within` units;
+/// one check may spend a tenth of it): the checks run on the host's thread,
+/// outside the guest's fuel, so their total per event is bounded too.
+const GRANT_WORK_PER_CALL: usize = 40_000_000;
 
 /// What a policy's calls did during one event, for the audit trail.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -50,7 +55,7 @@ impl Effects {
 }
 
 /// Everything recorded during one call into the policy.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct CallState {
     pub host_calls: u32,
     pub keys_touched: u64,
@@ -63,6 +68,25 @@ pub struct CallState {
     pub budget_exceeded: Option<String>,
     /// Redis calls that failed because Redis could not be reached.
     pub redis_unavailable: u32,
+    /// Grant-check work left for this call.
+    grant_work_left: usize,
+}
+
+impl Default for CallState {
+    fn default() -> CallState {
+        CallState {
+            host_calls: 0,
+            keys_touched: 0,
+            log_lines: 0,
+            logs_dropped: 0,
+            denials: Vec::new(),
+            denials_total: 0,
+            effects: Effects::default(),
+            budget_exceeded: None,
+            redis_unavailable: 0,
+            grant_work_left: GRANT_WORK_PER_CALL,
+        }
+    }
 }
 
 /// The host side of one policy instance's imports.
@@ -71,6 +95,7 @@ pub struct HostApi {
     grants: Arc<Grants>,
     backend: Arc<dyn Backend>,
     budgets: Budgets,
+    log: LogAllowance,
     call: CallState,
 }
 
@@ -82,17 +107,27 @@ enum Target<'a> {
 }
 
 impl HostApi {
-    pub fn new(policy: Arc<str>, grants: Arc<Grants>, backend: Arc<dyn Backend>, budgets: Budgets) -> HostApi {
-        HostApi { policy, grants, backend, budgets, call: CallState::default() }
+    /// `log` is the call's log budget, shared with the guest's stdout and
+    /// stderr.
+    pub fn new(
+        policy: Arc<str>,
+        grants: Arc<Grants>,
+        backend: Arc<dyn Backend>,
+        budgets: Budgets,
+        log: LogAllowance,
+    ) -> HostApi {
+        HostApi { policy, grants, backend, budgets, log, call: CallState::default() }
     }
 
     /// Start a new call: fresh budgets and an empty report.
     pub fn begin_call(&mut self) {
         self.call = CallState::default();
+        self.log.reset();
     }
 
     /// The report of the call that just ended.
     pub fn take_call(&mut self) -> CallState {
+        (self.call.log_lines, self.call.logs_dropped) = self.log.counts();
         std::mem::take(&mut self.call)
     }
 
@@ -108,8 +143,12 @@ impl HostApi {
     }
 
     fn exceeded(&mut self, what: String) -> Error {
-        tracing::warn!(policy = %self.policy, budget = %what, "budget exceeded");
-        self.call.budget_exceeded.get_or_insert_with(|| what.clone());
+        // Once per call: a policy retrying past its budget must not flood
+        // the log through the host's own warnings either.
+        if self.call.budget_exceeded.is_none() {
+            tracing::warn!(policy = %self.policy, budget = %what, "budget exceeded");
+            self.call.budget_exceeded = Some(what.clone());
+        }
         Error::BudgetExceeded(what)
     }
 
@@ -139,7 +178,14 @@ impl HostApi {
             }
             Target::Pattern(pattern) => {
                 check_length(op, pattern)?;
-                self.grants.check_pattern(need, pattern).map_err(|reason| self.deny(op, pattern, reason))
+                if self.call.grant_work_left == 0 {
+                    return Err(self.exceeded(format!(
+                        "{op}: the grant checks of this event used up their work allowance (patterns too intricate)"
+                    )));
+                }
+                self.grants
+                    .check_pattern_within(need, pattern, &mut self.call.grant_work_left)
+                    .map_err(|reason| self.deny(op, pattern, reason))
             }
         }
     }
@@ -380,12 +426,15 @@ impl wit::redis::Host for HostApi {
 impl wit::log::Host for HostApi {
     async fn write(&mut self, level: wit::log::Level, message: String) -> wasmtime::Result<()> {
         use wit::log::Level;
-        self.call.log_lines += 1;
-        if self.call.log_lines > self.budgets.log_lines {
-            self.call.logs_dropped += 1;
-            return Ok(());
-        }
         let policy = &*self.policy;
+        match self.log.take() {
+            LineVerdict::Log => {}
+            LineVerdict::Truncate => {
+                log_truncated(policy, self.budgets.log_lines);
+                return Ok(());
+            }
+            LineVerdict::Drop => return Ok(()),
+        }
         let message = truncate(&message, 4096);
         match level {
             Level::Trace => tracing::trace!(target: "cachepol::guest", policy, "{message}"),

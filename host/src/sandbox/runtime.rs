@@ -32,7 +32,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use crate::sandbox::budget::Budgets;
 use crate::sandbox::grants::Grants;
-use crate::sandbox::guest_io::{GuestOutput, panic_message};
+use crate::sandbox::guest_io::{GuestOutput, LogAllowance, panic_message};
 use crate::sandbox::hostapi::{CallState, HostApi};
 use crate::sandbox::manifest::{Manifest, ManifestError};
 use crate::store::backend::Backend;
@@ -386,8 +386,9 @@ struct Setup {
 
 impl Setup {
     async fn instantiate(&self) -> Result<Instance, String> {
-        let stdout = GuestOutput::new(self.label.clone(), "stdout");
-        let stderr = GuestOutput::new(self.label.clone(), "stderr");
+        let log = LogAllowance::new(self.budgets.log_lines);
+        let stdout = GuestOutput::new(self.label.clone(), "stdout", log.clone());
+        let stderr = GuestOutput::new(self.label.clone(), "stderr", log.clone());
         let wasi = WasiCtx::builder()
             .stdout(stdout.clone())
             .stderr(stderr.clone())
@@ -399,7 +400,7 @@ impl Setup {
             wasi,
             table: ResourceTable::new(),
             limiter: MemoryLimiter { limit: self.budgets.memory_bytes, exceeded: None },
-            api: HostApi::new(self.label.clone(), self.grants.clone(), self.backend.clone(), self.budgets.clone()),
+            api: HostApi::new(self.label.clone(), self.grants.clone(), self.backend.clone(), self.budgets.clone(), log),
             stdout,
             stderr,
         };
