@@ -107,6 +107,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
         ledger: ledger.clone(),
         hop_limit: config.hop_limit,
         configure_notifications: config.configure_notifications,
+        changes: reloader.registry.changes(),
     };
     sources.spawn(subscriber.run(intake.clone(), ready_tx));
     match RedisBackend::connect(&client).await {

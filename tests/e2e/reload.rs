@@ -187,3 +187,72 @@ fn without_watching_sighup_reloads() {
     daemon.wait_for("policy reloaded: 1.0.1 -> 1.0.9", Duration::from_secs(20));
     assert_eq!(daemon.stop(), Some(0));
 }
+
+#[test]
+fn events_queued_across_a_swap_reach_the_new_version_only_if_it_subscribes() {
+    let redis = RedisServer::start();
+    // Each version hears `stamp:<its stamp>:*` only, and is slow, so events
+    // for version 1's keys are still queued when version 2 takes over.
+    let (setup, _cache) = setup_with(
+        "queue_capacity = 100000\n[policies.rec]\nconfig = { name = \"rec\", mark_prefix = \"mark:\", stamped_grant = true, work = 300000 }",
+    );
+    let daemon = Daemon::start(&redis, &setup);
+    let mut pipe = redis::pipe();
+    for i in 0..2_000 {
+        pipe.cmd("SET").arg(format!("stamp:00000001:{i:04}")).arg("v").ignore();
+    }
+    pipe.query::<()>(&mut redis.conn()).unwrap();
+    eventually(&daemon, "version 1 is working through the queue", || !redis.keys("mark:stamp:*").is_empty());
+    install(&setup.policies(), "rec", &stamped(2));
+    daemon.wait_for("policy reloaded: 1.0.1 -> 1.0.2", Duration::from_secs(20));
+    daemon.wait_for("not for this version", Duration::from_secs(20));
+    let marks = redis.keys("mark:stamp:00000001:*");
+    assert!(marks.len() < 2_000, "the swap came before version 1 was done; the test proves nothing");
+    for key in marks {
+        assert_eq!(
+            redis.cmd::<String>(&["GET", &key]),
+            "00000001",
+            "{key} reached version 2, which does not subscribe to it"
+        );
+    }
+    assert_eq!(daemon.stop(), Some(0));
+}
+
+#[test]
+fn a_renamed_or_relinked_policy_file_keeps_its_policy_loaded() {
+    let redis = RedisServer::start();
+    // Config sections are keyed by file name: the same one under each name.
+    let same = |stem: &str| REC.replace("[policies.rec]", &format!("[policies.{stem}]"));
+    let (setup, _cache) = setup_with(&[REC.to_owned(), same("renamed"), same("linked")].join("\n"));
+    let daemon = Daemon::start(&redis, &setup);
+    let dir = setup.policies();
+    // `mv`: however the watcher orders "appeared" and "went", the policy
+    // stays loaded and keeps handling events.
+    std::fs::rename(dir.join("rec.wasm"), dir.join("renamed.wasm")).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    redis.cmd::<()>(&["SET", "rec:after-rename", "v"]);
+    eventually(&daemon, "handled after the rename", || mark(&redis, "rec:after-rename").is_some());
+    // A second name for the file first (rejected: the policy is provided
+    // already), then the first name removed: the second takes over.
+    std::fs::hard_link(dir.join("renamed.wasm"), dir.join("linked.wasm")).unwrap();
+    daemon.wait_for("already provides", Duration::from_secs(20));
+    std::fs::remove_file(dir.join("renamed.wasm")).unwrap();
+    daemon.wait_for("linked.wasm grants=", Duration::from_secs(20));
+    redis.cmd::<()>(&["SET", "rec:after-relink", "v"]);
+    eventually(&daemon, "handled after the relink", || mark(&redis, "rec:after-relink").is_some());
+    assert_eq!(daemon.stop(), Some(0));
+}
+
+#[test]
+fn a_policy_loaded_later_that_needs_more_notifications_gets_them() {
+    let redis = RedisServer::start();
+    let (setup, _cache) = setup_with(REC);
+    let daemon = Daemon::start(&redis, &setup);
+    let flags = || redis.cmd::<Vec<String>>(&["CONFIG", "GET", "notify-keyspace-events"]).remove(1);
+    assert!(!flags().contains('x'), "nothing loaded needs expired events yet: {}", flags());
+    // file-cache-clear waits for `expired` on edit locks.
+    std::fs::copy(wasm("file-cache-clear"), setup.policies().join("file-cache-clear.wasm")).unwrap();
+    daemon.wait_for("policy loaded policy=file-cache-clear", Duration::from_secs(30));
+    eventually(&daemon, "the flag it needs is set without a reconnect", || flags().contains('x'));
+    assert_eq!(daemon.stop(), Some(0));
+}

@@ -27,6 +27,9 @@ pub struct KeyNotification {
     pub key: String,
     /// Policy writes deep (0: the application's own write).
     pub hops: u8,
+    /// The version of the policy's subscriptions it was routed under: a
+    /// version swapped in later re-checks it against its own.
+    pub generation: u64,
 }
 
 /// Why a policy did not handle a deploy hook, and what retrying would do.
@@ -247,7 +250,7 @@ mod tests {
     use super::*;
 
     fn key(op: &str, key: &str) -> KeyNotification {
-        KeyNotification { db: 0, op: op.into(), key: key.into(), hops: 0 }
+        KeyNotification { db: 0, op: op.into(), key: key.into(), hops: 0, generation: 0 }
     }
 
     #[tokio::test]

@@ -55,6 +55,9 @@ impl RejectError {
 /// A version of a policy ready to be swapped in.
 pub struct Prepared {
     path: PathBuf,
+    /// The file the policy was loaded from until now, if it was renamed
+    /// (that file is gone): the running policy moves to `path`.
+    renamed_from: Option<PathBuf>,
     hash: ContentHash,
     version: Version,
     manifest: Arc<Manifest>,
@@ -71,6 +74,10 @@ pub enum Change {
 
 struct Entry {
     name: Arc<str>,
+    /// Versions swapped in so far (see [`KeyNotification::generation`]).
+    ///
+    /// [`KeyNotification::generation`]: crate::dispatch::queue::KeyNotification::generation
+    generation: u64,
     hash: ContentHash,
     manifest: Arc<Manifest>,
     queue: Arc<PolicyQueue>,
@@ -88,6 +95,8 @@ pub struct Registry {
     switches: Arc<Switches>,
     entries: BTreeMap<PathBuf, Entry>,
     workers: tokio::task::JoinSet<()>,
+    /// Bumped whenever the routes are republished.
+    changes: tokio::sync::watch::Sender<u64>,
     /// Give a newly loaded policy `sweep(start)` at once. Off while the
     /// daemon starts: the keyspace subscriber sweeps every policy after its
     /// first subscription, and a sweep before that could miss writes.
@@ -114,6 +123,7 @@ impl Registry {
             switches,
             entries: BTreeMap::new(),
             workers: tokio::task::JoinSet::new(),
+            changes: tokio::sync::watch::Sender::new(0),
             sweep_new: false,
             compiled: 0,
             cache_hits: 0,
@@ -123,6 +133,12 @@ impl Registry {
     /// The routes the event sources read; republished on every change.
     pub fn routes(&self) -> Arc<ArcSwap<Routes>> {
         self.routes.clone()
+    }
+
+    /// Changes whenever the routes are republished: for sources that must
+    /// act on a new set of policies (the notification flags it needs).
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 
     /// The file holding policy `name`.
@@ -146,7 +162,13 @@ impl Registry {
         let started = Instant::now();
         let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
         let section = self.config.policy(&stem);
-        let (compiled, from_cache) = self.runtime.compile_cached(bytes, &hash, &self.config.cache_dir)?;
+        // Compiling takes from milliseconds to seconds of CPU: off the async
+        // workers, which also drive the event path.
+        let (runtime, owned, cache_dir) = (self.runtime.clone(), bytes.to_vec(), self.config.cache_dir.clone());
+        let (compiled, from_cache) =
+            tokio::task::spawn_blocking(move || runtime.compile_cached(&owned, &hash, &cache_dir))
+                .await
+                .map_err(|e| LoadError::Compile(format!("the compiler task failed: {e}")))??;
         if from_cache {
             self.cache_hits += 1;
         } else {
@@ -162,8 +184,14 @@ impl Registry {
         {
             return Err(RejectError::Renamed { path: path.into(), held: held.to_string(), declared: name.to_string() });
         }
+        let mut renamed_from = None;
         if let Some(other) = self.file_of(&name).filter(|other| *other != path) {
-            return Err(RejectError::Duplicate { name: name.to_string(), other: other.to_owned() });
+            // `mv a.wasm b.wasm` may be seen as "b appeared" before "a went":
+            // the policy moves to the new file rather than being unloaded.
+            if other.exists() {
+                return Err(RejectError::Duplicate { name: name.to_string(), other: other.to_owned() });
+            }
+            renamed_from = Some(other.to_owned());
         }
         let (layer, hops) = EchoLayer::new(self.ledger.clone(), name.clone());
         let backend: Arc<dyn Backend> = match section.mode {
@@ -174,8 +202,9 @@ impl Registry {
         let manifest = Arc::new(policy.manifest().clone());
         Ok(Prepared {
             path: path.to_owned(),
+            renamed_from,
             hash,
-            version: Version { policy, mode: section.mode, hops, failure: section.failure.clone() },
+            version: Version { policy, mode: section.mode, hops, failure: section.failure.clone(), generation: 0 },
             manifest,
             from_cache,
             started,
@@ -185,13 +214,19 @@ impl Registry {
     /// Swap a prepared version in (or start a new policy), republish the
     /// routes, and sweep if it now subscribes to more than before.
     pub fn commit(&mut self, prepared: Prepared) -> Change {
-        let Prepared { path, hash, version, manifest, from_cache, started } = prepared;
+        let Prepared { path, renamed_from, hash, mut version, manifest, from_cache, started } = prepared;
         let name: Arc<str> = Arc::from(version.policy.name());
         let grants = version.policy.grants().clone();
         let mode = version.mode;
+        if let Some(entry) = renamed_from.and_then(|from| self.entries.remove(&from).map(|e| (from, e))) {
+            info!(policy = %name, from = %entry.0.display(), to = %path.display(), "policy file renamed");
+            self.entries.insert(path.clone(), entry.1);
+        }
         match self.entries.get_mut(&path) {
             Some(entry) => {
                 let old = entry.manifest.clone();
+                entry.generation += 1;
+                version.generation = entry.generation;
                 let _ = entry.control.send(Control::Swap(version));
                 entry.hash = hash;
                 entry.manifest = manifest.clone();
@@ -218,7 +253,14 @@ impl Registry {
                 self.workers.spawn(worker.run());
                 self.entries.insert(
                     path.clone(),
-                    Entry { name: name.clone(), hash, manifest: manifest.clone(), queue: queue.clone(), control },
+                    Entry {
+                        name: name.clone(),
+                        generation: 0,
+                        hash,
+                        manifest: manifest.clone(),
+                        queue: queue.clone(),
+                        control,
+                    },
                 );
                 self.publish();
                 if self.sweep_new {
@@ -262,9 +304,15 @@ impl Registry {
         let routes = self
             .entries
             .values()
-            .map(|e| Route { name: e.name.clone(), manifest: e.manifest.clone(), queue: e.queue.clone() })
+            .map(|e| Route {
+                name: e.name.clone(),
+                manifest: e.manifest.clone(),
+                queue: e.queue.clone(),
+                generation: e.generation,
+            })
             .collect();
         self.routes.store(Arc::new(Routes::new(routes)));
+        self.changes.send_modify(|n| *n += 1);
     }
 
     /// Close every queue and wait for the workers to finish the events in

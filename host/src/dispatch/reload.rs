@@ -18,7 +18,7 @@
 //! `--no-watch` turns the watcher off for immutable deployments (SIGHUP
 //! still works).
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -75,12 +75,15 @@ fn maybe_partial(e: &RejectError) -> bool {
 pub struct Reloader {
     pub registry: Registry,
     dir: PathBuf,
+    /// Files rejected because another file provides the same policy: tried
+    /// again when a file is removed (the other may have been it).
+    duplicates: BTreeSet<PathBuf>,
 }
 
 impl Reloader {
     /// `dir` is made absolute so that watcher paths compare equal.
     pub fn new(registry: Registry, dir: &Path) -> std::io::Result<Reloader> {
-        Ok(Reloader { registry, dir: std::fs::canonicalize(dir)? })
+        Ok(Reloader { registry, dir: std::fs::canonicalize(dir)?, duplicates: BTreeSet::new() })
     }
 
     pub fn dir(&self) -> &Path {
@@ -105,19 +108,40 @@ impl Reloader {
             }
         }
         for gone in self.registry.files().into_iter().filter(|p| !files.contains(p)) {
-            self.registry.remove(&gone);
+            self.unload(&gone).await;
         }
         widening.map_or(Ok(()), Err)
+    }
+
+    /// Unload a deleted file's policy, then retry the files that were
+    /// rejected as duplicates: one of them may provide it now.
+    async fn unload(&mut self, path: &Path) {
+        if self.registry.remove(path).is_some() {
+            for other in std::mem::take(&mut self.duplicates) {
+                // Boxed: loading may find its file gone and unload in turn.
+                let _ = Box::pin(self.load(&other)).await;
+            }
+        }
     }
 
     /// Apply the current state of one file. Rejections are logged here;
     /// the error is returned for callers that care about its kind.
     pub async fn sync_file(&mut self, path: &Path) -> Result<(), RejectError> {
+        if path.exists() {
+            self.load(path).await
+        } else {
+            self.unload(path).await;
+            Ok(())
+        }
+    }
+
+    async fn load(&mut self, path: &Path) -> Result<(), RejectError> {
+        self.duplicates.remove(path);
         let before = fingerprint(path);
         let bytes = match std::fs::read(path) {
             Ok(bytes) => bytes,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                self.registry.remove(path);
+                self.unload(path).await;
                 return Ok(());
             }
             Err(e) => {
@@ -143,6 +167,9 @@ impl Reloader {
                         debug!(file = %path.display(), "file still being written; will load it when the write completes");
                         return Err(e);
                     }
+                }
+                if matches!(e, RejectError::Duplicate { .. }) {
+                    self.duplicates.insert(path.to_owned());
                 }
                 let keeps = if self.registry.is_loaded(path) { "; the running version keeps serving" } else { "" };
                 error!(file = %path.display(), error = %e, "policy rejected{keeps}");

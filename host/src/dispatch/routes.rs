@@ -18,6 +18,9 @@ pub struct Route {
     pub name: Arc<str>,
     pub manifest: Arc<Manifest>,
     pub queue: Arc<PolicyQueue>,
+    /// Which version of the policy (counted per policy) these routes are
+    /// for; stamped on every event routed to it.
+    pub generation: u64,
 }
 
 /// What became of one keyspace event.
@@ -81,7 +84,8 @@ impl Routes {
                 routed.swept_instead += 1;
                 continue;
             };
-            let event = KeyNotification { db, op: op.to_owned(), key: text.to_owned(), hops };
+            let event =
+                KeyNotification { db, op: op.to_owned(), key: text.to_owned(), hops, generation: route.generation };
             match route.queue.push_key(event) {
                 Pushed::Queued => routed.queued += 1,
                 Pushed::Coalesced => routed.coalesced += 1,

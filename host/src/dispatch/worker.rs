@@ -40,6 +40,9 @@ pub struct Version {
     pub hops: Arc<AtomicU8>,
     /// What repeated failures do.
     pub failure: FailurePolicy,
+    /// Which version of the policy this is (see
+    /// [`crate::dispatch::queue::KeyNotification::generation`]).
+    pub generation: u64,
 }
 
 /// Messages to a running worker.
@@ -121,6 +124,14 @@ impl Worker {
     async fn handle(&mut self, item: Item, seq: u64) {
         match item {
             Item::Key(k) => {
+                // Routed under another version's subscriptions (queued
+                // across a swap): only what this version subscribes to.
+                if k.generation != self.version.generation
+                    && !self.version.policy.manifest().wants_key_event(&k.op, k.key.as_bytes())
+                {
+                    tracing::debug!(policy = %self.version.policy.name(), op = %k.op, key = %k.key, "not for this version: its subscriptions changed");
+                    return;
+                }
                 self.version.hops.store(k.hops, Ordering::Relaxed);
                 let id = format!("key-{seq}");
                 let event = wit::Event::Key(KeyEvent { db: k.db, op: k.op, key: k.key });

@@ -47,8 +47,12 @@ pub struct Subscriber {
     pub ledger: Arc<EchoLedger>,
     pub hop_limit: u8,
     /// Set missing `notify-keyspace-events` flags, which are re-checked
-    /// after every reconnect (a restarted Redis forgets a `CONFIG SET`).
+    /// after every reconnect (a restarted Redis forgets a `CONFIG SET`) and
+    /// whenever the set of policies changes (a reloaded policy may need
+    /// more).
     pub configure_notifications: bool,
+    /// Changes whenever the routes are republished.
+    pub changes: tokio::sync::watch::Receiver<u64>,
 }
 
 /// Exponential backoff with jitter: 100 ms doubling to 10 s, each wait
@@ -101,7 +105,7 @@ pub fn parse_channel(channel: &str) -> Option<(u32, &str)> {
 
 impl Subscriber {
     /// Run until `shutdown`. `ready` fires after the first subscription.
-    pub async fn run(self, shutdown: CancellationToken, ready: tokio::sync::oneshot::Sender<()>) {
+    pub async fn run(mut self, shutdown: CancellationToken, ready: tokio::sync::oneshot::Sender<()>) {
         let mut ready = Some(ready);
         let mut backoff = Backoff::new();
         let mut down_since_logged = false;
@@ -147,16 +151,7 @@ impl Subscriber {
     /// connection (for pings) and what fires when it closes.
     async fn subscribe(&self, channel: &str) -> Result<(MultiplexedConnection, Arc<Notify>), String> {
         let mut conn = self.client.get_multiplexed_async_connection().await.map_err(|e| e.to_string())?;
-        let needed = notify::required(&self.routes.load().manifests());
-        match notify::ensure(&mut conn, &needed, self.configure_notifications).await {
-            Ok(added) if !added.is_empty() => {
-                info!(added = %notify::text(&added), "enabled keyspace notification flags")
-            }
-            Ok(_) => {}
-            // Subscribed anyway: whatever does arrive is handled, and the
-            // operator sees why the rest does not.
-            Err(e) => tracing::error!(error = %e, "keyspace notifications are incomplete"),
-        }
+        self.ensure_flags(&mut conn).await;
         let info = self.client.get_connection_info().clone();
         let resp3 = info.clone().set_redis_settings(info.redis_settings().clone().set_protocol(ProtocolVersion::RESP3));
         let client = redis::Client::open(resp3).map_err(|e| e.to_string())?;
@@ -175,15 +170,36 @@ impl Subscriber {
         Ok((conn, closed))
     }
 
+    /// Make sure Redis emits what the loaded policies need (setting the
+    /// missing flags if allowed). Logged, never fatal: whatever does arrive
+    /// is handled, and the operator sees why the rest does not.
+    async fn ensure_flags(&self, conn: &mut (impl redis::aio::ConnectionLike + Send)) {
+        let needed = notify::required(&self.routes.load().manifests());
+        match notify::ensure(conn, &needed, self.configure_notifications).await {
+            Ok(added) if !added.is_empty() => {
+                info!(added = %notify::text(&added), "enabled keyspace notification flags")
+            }
+            Ok(_) => {}
+            Err(e) => tracing::error!(error = %e, "keyspace notifications are incomplete"),
+        }
+    }
+
     /// Wait while notifications flow (the connection's reader routes them)
-    /// until the connection dies (`false`) or shutdown (`true`).
-    async fn watch(&self, mut conn: MultiplexedConnection, closed: &Notify, shutdown: &CancellationToken) -> bool {
+    /// until the connection dies (`false`) or shutdown (`true`). A change of
+    /// policies re-checks the notification flags (RESP3 lets the subscribed
+    /// connection run commands).
+    async fn watch(&mut self, mut conn: MultiplexedConnection, closed: &Notify, shutdown: &CancellationToken) -> bool {
         let mut ping = tokio::time::interval(PING_EVERY);
         ping.tick().await;
+        self.changes.mark_unchanged();
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return true,
                 _ = closed.notified() => return false,
+                Ok(()) = self.changes.changed() => {
+                    self.changes.mark_unchanged();
+                    self.ensure_flags(&mut conn).await;
+                }
                 _ = ping.tick() => {
                     let alive = tokio::time::timeout(PING_EVERY, redis::cmd("PING").query_async::<Value>(&mut conn)).await;
                     if !matches!(alive, Ok(Ok(_))) {

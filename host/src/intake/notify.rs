@@ -101,13 +101,15 @@ pub async fn ensure(
     if needed.is_empty() {
         return Ok(BTreeSet::new());
     }
-    let reply: Vec<String> = redis::cmd("CONFIG")
+    // A flat list of pairs over RESP2, a map over RESP3 (the subscription
+    // connection re-checks the flags on itself).
+    let reply: std::collections::HashMap<String, String> = redis::cmd("CONFIG")
         .arg("GET")
         .arg("notify-keyspace-events")
         .query_async(conn)
         .await
         .map_err(|e| NotifyError::Redis(e.to_string()))?;
-    let current = reply.get(1).cloned().unwrap_or_default();
+    let current = reply.get("notify-keyspace-events").cloned().unwrap_or_default();
     let have = parse(&current);
     let missing: BTreeSet<char> = needed.difference(&have).copied().collect();
     if missing.is_empty() {
