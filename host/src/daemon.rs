@@ -35,7 +35,7 @@ use crate::intake::deploy::DeployConsumer;
 use crate::intake::events::{Backoff, Subscriber};
 use crate::intake::notify::{self, NotifyError};
 use crate::sandbox::runtime::{Runtime, RuntimeConfig, RuntimeError};
-use crate::store::echo::EchoLedger;
+use crate::store::echo::{self, EchoLedger};
 use crate::store::redis::RedisBackend;
 use crate::wit::SweepReason;
 
@@ -64,6 +64,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
     let Some(redis) = connect(&client, &shutdown).await else { return Ok(()) };
     let runtime = Runtime::new(RuntimeConfig::default())?;
     let ledger = Arc::new(EchoLedger::new());
+    let fence_channel = echo::fence_channel();
 
     let switches = Arc::new(Switches::default());
     if let Err(e) = control::read_at_start(&switches, &mut redis.connection(), &config.control_key).await {
@@ -108,6 +109,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
         hop_limit: config.hop_limit,
         configure_notifications: config.configure_notifications,
         changes: reloader.registry.changes(),
+        fence_channel: fence_channel.clone(),
     };
     sources.spawn(subscriber.run(intake.clone(), ready_tx));
     match RedisBackend::connect(&client).await {
@@ -119,7 +121,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
         Err(e) => warn!(error = %e, "no connection for deploy hooks; restart once Redis is reachable"),
     }
     sources.spawn(periodic_sweeps(routes.clone(), intake.clone()));
-    sources.spawn(prune_ledger(ledger.clone(), intake.clone()));
+    sources.spawn(echo::send_fences(ledger.clone(), redis.connection(), fence_channel.clone(), intake.clone()));
     sources.spawn(control::watch(
         switches,
         redis.connection(),
@@ -195,17 +197,6 @@ async fn periodic_sweeps(routes: Arc<ArcSwap<Routes>>, stop: CancellationToken) 
                 *due = now;
                 let _ = route.queue.push(Item::Sweep(SweepReason::Periodic));
             }
-        }
-    }
-}
-
-/// Drop stale echo expectations now and then.
-async fn prune_ledger(ledger: Arc<EchoLedger>, stop: CancellationToken) {
-    let mut tick = tokio::time::interval(Duration::from_secs(5));
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tick.tick() => ledger.prune(),
         }
     }
 }

@@ -149,7 +149,7 @@ fn allow_all(_: &[u8]) -> bool {
     true
 }
 
-const EVERYTHING: BulkPlan<'static> = BulkPlan { allow: &allow_all, limit: u64::MAX };
+const EVERYTHING: BulkPlan<'static> = BulkPlan { allow: &allow_all, limit: u64::MAX, steps: None };
 
 impl Side {
     fn new(backend: Arc<dyn Backend>) -> Side {

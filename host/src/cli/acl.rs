@@ -11,7 +11,8 @@
 //! - each policy grant's key pattern, read-only (`%R~`), write-only (`%W~`)
 //!   or both (`~`) as its operations need, plus the deploy stream, its
 //!   dead-letter stream, and the kill switch's set (read-only);
-//! - the one pub/sub pattern the daemon subscribes to.
+//! - the one pub/sub pattern the daemon subscribes to, and the channels of
+//!   its echo fences (which it publishes to and subscribes to itself).
 
 use std::collections::BTreeSet;
 
@@ -94,8 +95,19 @@ const STREAM_COMMANDS: &[&str] = &["xgroup|create", "xreadgroup", "xautoclaim", 
 /// Connection set-up, health checks, the subscription, and reading
 /// `notify-keyspace-events`. (redis-rs also sends `CLIENT SETINFO`, which
 /// Redis 7.0 does not know and 7.2 may refuse: it ignores the answer.)
-const CONNECTION_COMMANDS: &[&str] =
-    &["hello", "auth", "ping", "select", "psubscribe", "punsubscribe", "config|get", "smembers"];
+const CONNECTION_COMMANDS: &[&str] = &[
+    "hello",
+    "auth",
+    "ping",
+    "select",
+    "psubscribe",
+    "punsubscribe",
+    "subscribe",
+    "unsubscribe",
+    "publish",
+    "config|get",
+    "smembers",
+];
 
 /// What the rule is for.
 pub struct AclRequest<'a> {
@@ -129,6 +141,8 @@ pub fn setuser_args(req: &AclRequest<'_>) -> Vec<String> {
     let mut args = vec![req.user.to_owned(), "reset".into(), "on".into(), format!(">{}", req.password)];
     args.push("resetchannels".into());
     args.push(format!("&__keyevent@{}__:*", req.db));
+    // The echo ledger's fences (see `store::echo`), one channel per daemon.
+    args.push("&cachepol:fence:*".into());
     args.push("-@all".into());
     let mut commands: Vec<&str> = [POLICY_COMMANDS, STREAM_COMMANDS, CONNECTION_COMMANDS].concat();
     if req.configure_notifications {
@@ -193,7 +207,10 @@ mod tests {
             grants: vec![("quiz:*".into(), KeyOps::DELETE), ("quiz:*".into(), KeyOps::DELETE)],
         };
         let args = setuser_args(&req);
-        assert_eq!(&args[..7], ["cachepol", "reset", "on", ">s3cret", "resetchannels", "&__keyevent@2__:*", "-@all"]);
+        assert_eq!(
+            &args[..8],
+            ["cachepol", "reset", "on", ">s3cret", "resetchannels", "&__keyevent@2__:*", "&cachepol:fence:*", "-@all"]
+        );
         assert!(args.contains(&"+unlink".to_owned()) && args.contains(&"+xreadgroup".to_owned()));
         assert!(!args.iter().any(|a| a == "+config|set" || a == "+keys" || a == "+flushall"));
         assert_eq!(args.iter().filter(|a| *a == "%W~quiz:*").count(), 1, "duplicates folded");

@@ -4,7 +4,8 @@
 //! subscriber that falls 32 MB behind, and redis-rs would buffer without
 //! bound), so pushing never waits. Instead, per policy:
 //! - a keyspace event identical to one still waiting (same op, same key) is
-//!   coalesced into it: the policy looks at the key's current state anyway;
+//!   coalesced into it: the policy looks at the key's current state anyway
+//!   (the fewer hops of the two are kept);
 //! - past the capacity, a keyspace event is dropped, and the queue records a
 //!   gap; once the backlog is worked off the policy gets `sweep(gap)` to
 //!   reconcile with Redis itself. Nothing is lost silently, memory stays
@@ -12,7 +13,7 @@
 //! - deploy hooks and sweeps are never dropped (they are rare, and a hook is
 //!   only acknowledged once handled).
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 
 use tokio::sync::{Notify, oneshot};
@@ -91,8 +92,11 @@ pub struct QueueStats {
 
 struct Inner {
     items: VecDeque<Item>,
-    /// (op, key) of every keyspace event waiting, for coalescing.
-    waiting: HashSet<(String, String)>,
+    /// (op, key) of every keyspace event waiting, for coalescing, with the
+    /// fewest hops among the events folded into it: an application's write
+    /// coalesced into a policy's write of the same kind is still the
+    /// application's, and must not count toward the hop limit.
+    waiting: HashMap<(String, String), u8>,
     keys_waiting: usize,
     gap: bool,
     closed: bool,
@@ -111,7 +115,7 @@ impl PolicyQueue {
         PolicyQueue {
             inner: Mutex::new(Inner {
                 items: VecDeque::new(),
-                waiting: HashSet::new(),
+                waiting: HashMap::new(),
                 keys_waiting: 0,
                 gap: false,
                 closed: false,
@@ -133,7 +137,8 @@ impl PolicyQueue {
             return Pushed::Dropped;
         }
         let id = (event.op.clone(), event.key.clone());
-        if inner.waiting.contains(&id) {
+        if let Some(hops) = inner.waiting.get_mut(&id) {
+            *hops = (*hops).min(event.hops);
             inner.stats.coalesced += 1;
             return Pushed::Coalesced;
         }
@@ -145,7 +150,7 @@ impl PolicyQueue {
             inner.stats.dropped += 1;
             return Pushed::Dropped;
         }
-        inner.waiting.insert(id);
+        inner.waiting.insert(id, event.hops);
         inner.keys_waiting += 1;
         inner.stats.queued += 1;
         inner.items.push_back(Item::Key(event));
@@ -195,10 +200,12 @@ impl PolicyQueue {
         loop {
             {
                 let mut inner = self.lock();
-                if let Some(item) = inner.items.pop_front() {
-                    if let Item::Key(k) = &item {
+                if let Some(mut item) = inner.items.pop_front() {
+                    if let Item::Key(k) = &mut item {
                         let id = (k.op.clone(), k.key.clone());
-                        inner.waiting.remove(&id);
+                        if let Some(hops) = inner.waiting.remove(&id) {
+                            k.hops = hops;
+                        }
                         inner.keys_waiting -= 1;
                     }
                     return Some(item);
@@ -268,6 +275,16 @@ mod tests {
         }
         assert_eq!(seen, ["set a", "set b", "del a"]);
         assert_eq!(q.push_key(key("set", "a")), Pushed::Queued, "handled events no longer coalesce");
+    }
+
+    #[tokio::test]
+    async fn coalescing_keeps_the_fewest_hops() {
+        let q = PolicyQueue::new(10);
+        let echo = KeyNotification { hops: 2, ..key("del", "a") };
+        assert_eq!(q.push_key(echo), Pushed::Queued);
+        assert_eq!(q.push_key(key("del", "a")), Pushed::Coalesced, "the application's own delete");
+        let Some(Item::Key(k)) = q.pop().await else { panic!("a key event") };
+        assert_eq!(k.hops, 0, "an application event folded into an echo is still the application's");
     }
 
     #[tokio::test]

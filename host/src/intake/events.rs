@@ -36,6 +36,11 @@ use crate::intake::notify;
 use crate::store::echo::EchoLedger;
 use crate::wit::SweepReason;
 
+/// Fault injection for tests: with this set (milliseconds), the reader
+/// stalls that long before routing each keyspace event, as a subscriber
+/// far behind Redis would. Never set in production.
+const LAG_ENV: &str = "CACHEPOL_FAULT_SUBSCRIBER_LAG_MS";
+
 /// How often the subscription connection is pinged to notice a dead peer.
 const PING_EVERY: Duration = Duration::from_secs(5);
 
@@ -53,6 +58,10 @@ pub struct Subscriber {
     pub configure_notifications: bool,
     /// Changes whenever the routes are republished.
     pub changes: tokio::sync::watch::Receiver<u64>,
+    /// Where the echo ledger's fences come back ([`crate::store::echo`]):
+    /// subscribed on the same connection, so they arrive in order with the
+    /// notifications.
+    pub fence_channel: String,
 }
 
 /// Exponential backoff with jitter: 100 ms doubling to 10 s, each wait
@@ -115,7 +124,7 @@ impl Subscriber {
                 _ = shutdown.cancelled() => return,
                 s = self.subscribe(&channel) => s,
             };
-            let (conn, closed) = match subscribed {
+            let (conn, link) = match subscribed {
                 Ok(pair) => pair,
                 Err(e) => {
                     if !down_since_logged {
@@ -140,7 +149,7 @@ impl Subscriber {
             if let Some(tx) = ready.take() {
                 let _ = tx.send(());
             }
-            if self.watch(conn, &closed, &shutdown).await {
+            if self.watch(conn, &link, &shutdown).await {
                 return;
             }
             warn!("keyspace subscription lost; reconnecting (notifications meanwhile are reconciled by a sweep)");
@@ -149,25 +158,35 @@ impl Subscriber {
 
     /// Connect, make sure notifications are on, subscribe. Returns the
     /// connection (for pings) and what fires when it closes.
-    async fn subscribe(&self, channel: &str) -> Result<(MultiplexedConnection, Arc<Notify>), String> {
+    async fn subscribe(&self, channel: &str) -> Result<(MultiplexedConnection, Arc<Link>), String> {
         let mut conn = self.client.get_multiplexed_async_connection().await.map_err(|e| e.to_string())?;
         self.ensure_flags(&mut conn).await;
         let info = self.client.get_connection_info().clone();
         let resp3 = info.clone().set_redis_settings(info.redis_settings().clone().set_protocol(ProtocolVersion::RESP3));
         let client = redis::Client::open(resp3).map_err(|e| e.to_string())?;
-        let closed = Arc::new(Notify::new());
+        let link = Arc::new(Link::new());
+        let lag = std::env::var(LAG_ENV).ok().and_then(|ms| ms.parse().ok()).map(Duration::from_millis);
+        if let Some(lag) = lag {
+            warn!(
+                lag_ms = lag.as_millis() as u64,
+                "{LAG_ENV} is set: every keyspace event is routed late (a test fault)"
+            );
+        }
         let router = Router {
+            lag,
+            fence_channel: self.fence_channel.clone(),
             routes: self.routes.clone(),
             ledger: self.ledger.clone(),
             hop_limit: self.hop_limit,
-            closed: closed.clone(),
+            link: link.clone(),
             skipped: AtomicU64::new(0),
             undeliverable: AtomicU64::new(0),
         };
         let config = AsyncConnectionConfig::new().set_push_sender(router);
         let mut conn = client.get_multiplexed_async_connection_with_config(&config).await.map_err(|e| e.to_string())?;
+        conn.subscribe(&self.fence_channel).await.map_err(|e| e.to_string())?;
         conn.psubscribe(channel).await.map_err(|e| e.to_string())?;
-        Ok((conn, closed))
+        Ok((conn, link))
     }
 
     /// Make sure Redis emits what the loaded policies need (setting the
@@ -188,21 +207,24 @@ impl Subscriber {
     /// until the connection dies (`false`) or shutdown (`true`). A change of
     /// policies re-checks the notification flags (RESP3 lets the subscribed
     /// connection run commands).
-    async fn watch(&mut self, mut conn: MultiplexedConnection, closed: &Notify, shutdown: &CancellationToken) -> bool {
+    async fn watch(&mut self, mut conn: MultiplexedConnection, link: &Link, shutdown: &CancellationToken) -> bool {
         let mut ping = tokio::time::interval(PING_EVERY);
         ping.tick().await;
         self.changes.mark_unchanged();
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return true,
-                _ = closed.notified() => return false,
+                _ = link.closed.notified() => return false,
                 Ok(()) = self.changes.changed() => {
                     self.changes.mark_unchanged();
                     self.ensure_flags(&mut conn).await;
                 }
                 _ = ping.tick() => {
                     let alive = tokio::time::timeout(PING_EVERY, redis::cmd("PING").query_async::<Value>(&mut conn)).await;
-                    if !matches!(alive, Ok(Ok(_))) {
+                    // A reply stuck behind a backlog of notifications is a
+                    // busy link, not a dead one: notifications still coming
+                    // in count as signs of life.
+                    if !matches!(alive, Ok(Ok(_))) && !link.heard_within(PING_EVERY) {
                         return false;
                     }
                 }
@@ -211,13 +233,41 @@ impl Subscriber {
     }
 }
 
+/// The subscription connection as its reader sees it: whether it closed,
+/// and when it last carried anything.
+struct Link {
+    closed: Notify,
+    since: std::time::Instant,
+    /// Milliseconds after `since` of the last push.
+    last_heard_ms: AtomicU64,
+}
+
+impl Link {
+    fn new() -> Link {
+        Link { closed: Notify::new(), since: std::time::Instant::now(), last_heard_ms: AtomicU64::new(0) }
+    }
+
+    fn heard(&self) {
+        self.last_heard_ms.store(self.since.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    fn heard_within(&self, window: Duration) -> bool {
+        let last = Duration::from_millis(self.last_heard_ms.load(Ordering::Relaxed));
+        self.since.elapsed().saturating_sub(last) <= window
+    }
+}
+
 /// Routes notifications inside the subscription connection's reader.
 struct Router {
+    /// See [`LAG_ENV`].
+    lag: Option<Duration>,
+    fence_channel: String,
     routes: Arc<ArcSwap<Routes>>,
     ledger: Arc<EchoLedger>,
     hop_limit: u8,
-    /// Told when redis-rs reports the connection closed.
-    closed: Arc<Notify>,
+    /// Told when redis-rs reports the connection closed; knows when the last
+    /// push arrived.
+    link: Arc<Link>,
     skipped: AtomicU64,
     /// Events whose key a policy cannot be given.
     undeliverable: AtomicU64,
@@ -225,8 +275,12 @@ struct Router {
 
 impl AsyncPushSender for Router {
     fn send(&self, push: PushInfo) -> Result<(), redis::aio::SendError> {
+        self.link.heard();
         match push.kind {
             PushKind::PMessage => {
+                if let Some(lag) = self.lag {
+                    std::thread::sleep(lag);
+                }
                 // [pattern, channel, payload]
                 let routed = match push.data.as_slice() {
                     [_, Value::BulkString(channel), Value::BulkString(payload)] => {
@@ -241,8 +295,17 @@ impl AsyncPushSender for Router {
                     }
                 }
             }
+            // [channel, payload]: a fence of the echo ledger.
+            PushKind::Message => {
+                if let [Value::BulkString(channel), Value::BulkString(payload)] = push.data.as_slice()
+                    && channel.as_slice() == self.fence_channel.as_bytes()
+                    && let Some(id) = crate::store::echo::parse_fence(payload)
+                {
+                    self.ledger.fence_seen(id);
+                }
+            }
             // A permit is stored if nobody waits yet.
-            PushKind::Disconnection => self.closed.notify_one(),
+            PushKind::Disconnection => self.link.closed.notify_one(),
             _ => {}
         }
         Ok(())

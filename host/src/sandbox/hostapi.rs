@@ -229,7 +229,7 @@ impl HostApi {
         self.admit(op, need, Target::Pattern(pattern))?;
         let grants = self.grants.clone();
         let allow = move |key: &[u8]| grants.allows_key(need, key);
-        let plan = BulkPlan { allow: &allow, limit: self.keys_left() };
+        let plan = BulkPlan::new(&allow, self.keys_left());
         let result = match ttl {
             None => self.backend.delete_matching(pattern, &plan).await,
             Some((ttl_ms, only_if_persistent)) => {

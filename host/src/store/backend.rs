@@ -30,6 +30,31 @@ pub struct BulkPlan<'a> {
     pub allow: &'a (dyn Fn(&[u8]) -> bool + Send + Sync),
     /// Touch at most this many keys; the result says whether more remained.
     pub limit: u64,
+    /// Told about each batch of keys just before its writes are sent and
+    /// just after they are answered (the echo layer's ledger).
+    pub steps: Option<&'a (dyn Fn(BulkStep<'_>) + Send + Sync)>,
+}
+
+impl<'a> BulkPlan<'a> {
+    pub fn new(allow: &'a (dyn Fn(&[u8]) -> bool + Send + Sync), limit: u64) -> BulkPlan<'a> {
+        BulkPlan { allow, limit, steps: None }
+    }
+
+    /// Report a step to [`BulkPlan::steps`], if anyone listens.
+    pub fn step(&self, step: BulkStep<'_>) {
+        if let Some(steps) = self.steps {
+            steps(step);
+        }
+    }
+}
+
+/// A moment in a bulk operation, for [`BulkPlan::steps`].
+#[derive(Clone, Copy, Debug)]
+pub enum BulkStep<'k> {
+    /// These keys' writes are about to be sent.
+    Before(&'k [Vec<u8>]),
+    /// These keys' writes were answered.
+    After(&'k [Vec<u8>]),
 }
 
 /// What a bulk operation did.

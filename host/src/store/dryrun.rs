@@ -163,7 +163,7 @@ mod tests {
         redis.take_events();
         let dry = Layered { inner: Arc::new(redis.client("p")), layer: DryRunLayer::new("p") };
         let allow = |_: &[u8]| true;
-        let plan = BulkPlan { allow: &allow, limit: u64::MAX };
+        let plan = BulkPlan::new(&allow, u64::MAX);
 
         assert_eq!(dry.delete_matching("quiz:*", &plan).await.unwrap().affected, 2);
         assert_eq!(dry.expire_matching("job:*", 1000, true, &plan).await.unwrap().affected, 1);

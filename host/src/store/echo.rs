@@ -3,36 +3,48 @@
 //! Redis does not say which client caused a keyspace notification, so the
 //! daemon keeps a ledger of what it is about to do. Before a write on a
 //! policy's behalf reaches Redis, the ledger records "policy P will cause
-//! `expire` on key K" (or, for the bulk operations, "P will cause `del` on
-//! keys matching G" for as long as the operation runs). When a notification
-//! arrives, the subscriber asks the ledger who caused it; a match is consumed
-//! and the event is tagged with its origin:
+//! `expire` on key K" (a bulk operation records each key of each page before
+//! sending its writes). When a notification arrives, the subscriber asks the
+//! ledger who caused it; a match is consumed and the event is tagged with its
+//! origin:
 //!
 //! - it is not delivered to P itself (the echo);
 //! - it is delivered to other policies one *hop* further than the event P
 //!   was handling, and a chain of policies waking each other stops at the
 //!   hop limit.
 //!
-//! Entries expire after [`MARK_TTL`]: a write whose notification never
-//! comes (a `DEL` of a missing key) must not swallow a later, genuine event
-//! on the same key for long. In the worst case, an application write to the
-//! same key with the same operation within that window is taken for the
-//! policy's own, which is harmless for the policy (it just did that write).
+//! An expectation must go once its notification can no longer come (a
+//! `DEL` of a missing key notifies nothing), or it would swallow a later,
+//! genuine event on that key. That is decided by *fences*, not by time: the
+//! daemon publishes a numbered message on a channel its own subscription
+//! connection listens to, after the write has been answered. Redis queues a
+//! write's notification for the subscriber while executing the write, so
+//! once fence `n` comes back through the subscription, every write finished
+//! before `n` was sent has had its notification read, and its leftover
+//! expectations are dropped. However far the subscriber lags, an echo is
+//! matched when it arrives; and a key a policy did not write is never
+//! mistaken for its own.
+//!
+//! Only when the ledger is full (a bulk operation far ahead of a stalled
+//! subscriber) does a bulk operation fall back to a *window*: "P causes `del`
+//! on keys matching G" until a fence after it, which takes any application
+//! write of that kind on those keys for P's.
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use cachepol_guest_sdk::glob::Glob;
 
-use crate::store::backend::{Backend, BackendError, BulkPlan, BulkResult, WriteLayer};
+use crate::store::backend::{Backend, BackendError, BulkPlan, BulkResult, BulkStep, WriteLayer};
 use crate::wit::{ExpireCondition, SetOptions};
 
-/// How long an expectation waits for its notification.
-pub const MARK_TTL: Duration = Duration::from_secs(2);
+/// Expectations kept at once (each about 200 bytes); past this a bulk
+/// operation falls back to a window (see the module doc), so memory stays
+/// bounded under any lag: about 50 pages in flight.
+pub const CAPACITY: usize = 50_000;
 
 /// Who caused an event, as far as the ledger knows.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -45,9 +57,9 @@ pub struct Origin {
 
 #[derive(Debug)]
 struct Mark {
+    id: u64,
     op: &'static str,
     origin: Origin,
-    deadline: Instant,
 }
 
 #[derive(Debug)]
@@ -55,8 +67,8 @@ struct Window {
     glob: Glob,
     op: &'static str,
     origin: Origin,
-    /// `None` while the bulk operation runs.
-    closes: Option<Instant>,
+    /// `None` while the bulk operation runs; then the fence that retires it.
+    retire_at: Option<u64>,
     id: u64,
 }
 
@@ -64,8 +76,41 @@ struct Window {
 struct Ledger {
     /// Expected notifications per key, oldest first.
     keys: HashMap<Vec<u8>, VecDeque<Mark>>,
+    marks: usize,
+    /// Expectations whose writes were answered, by the fence that retires
+    /// them (in order: fences are numbered under this lock).
+    retiring: VecDeque<(u64, Vec<u8>, u64)>,
     windows: Vec<Window>,
-    next_window: u64,
+    next_id: u64,
+    /// The id the next fence will carry.
+    next_fence: u64,
+}
+
+impl Ledger {
+    fn remove_mark(&mut self, key: &[u8], pick: impl Fn(&Mark) -> bool) -> Option<Mark> {
+        let marks = self.keys.get_mut(key)?;
+        let found = marks.iter().position(pick).and_then(|i| marks.remove(i));
+        if marks.is_empty() {
+            self.keys.remove(key);
+        }
+        self.marks -= usize::from(found.is_some());
+        found
+    }
+
+    fn add(&mut self, key: &[u8], op: &'static str, origin: &Origin) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.marks += 1;
+        self.keys.entry(key.to_vec()).or_default().push_back(Mark { id, op, origin: origin.clone() });
+        id
+    }
+
+    /// Expectation `id` on `key` was written: retire it at the next fence.
+    fn written(&mut self, key: &[u8], id: u64) {
+        if self.keys.get(key).is_some_and(|marks| marks.iter().any(|m| m.id == id)) {
+            self.retiring.push_back((self.next_fence, key.to_vec(), id));
+        }
+    }
 }
 
 /// The ledger of writes the daemon is about to make.
@@ -83,74 +128,106 @@ impl EchoLedger {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// `origin` is about to cause each of `ops` on `key`.
-    pub fn expect(&self, key: &[u8], ops: &[&'static str], origin: &Origin) {
-        let deadline = Instant::now() + MARK_TTL;
+    /// `origin` is about to cause each of `ops` on `key`. Returns the ids
+    /// of the expectations.
+    pub fn expect(&self, key: &[u8], ops: &[&'static str], origin: &Origin) -> std::ops::Range<u64> {
         let mut ledger = self.lock();
-        let marks = ledger.keys.entry(key.to_vec()).or_default();
-        marks.extend(ops.iter().map(|op| Mark { op, origin: origin.clone(), deadline }));
+        let first = ledger.next_id;
+        for op in ops {
+            ledger.add(key, op, origin);
+        }
+        first..ledger.next_id
     }
 
-    /// Withdraw one expectation that will not happen (the write changed
-    /// nothing, so Redis will not notify).
-    pub fn withdraw(&self, key: &[u8], op: &'static str) {
+    /// `origin` is about to cause `op` on each of `keys` (a bulk
+    /// operation's page). Returns the first id (one per key, in order), or
+    /// `None` if the ledger is full and nothing was recorded.
+    pub fn expect_each(&self, keys: &[Vec<u8>], op: &'static str, origin: &Origin) -> Option<u64> {
         let mut ledger = self.lock();
-        if let Some(marks) = ledger.keys.get_mut(key) {
-            if let Some(last) = marks.iter().rposition(|m| m.op == op) {
-                marks.remove(last);
-            }
-            if marks.is_empty() {
-                ledger.keys.remove(key);
-            }
+        if ledger.marks + keys.len() > CAPACITY {
+            return None;
+        }
+        let first = ledger.next_id;
+        for key in keys {
+            ledger.add(key, op, origin);
+        }
+        Some(first)
+    }
+
+    /// The writes behind expectations `ids` on `key` were answered (or
+    /// their answer was lost): their notifications are queued for the
+    /// subscriber, or will never come. The next fence retires what is left.
+    pub fn written(&self, key: &[u8], ids: std::ops::Range<u64>) {
+        let mut ledger = self.lock();
+        for id in ids {
+            ledger.written(key, id);
+        }
+    }
+
+    /// [`EchoLedger::written`] for a page recorded by
+    /// [`EchoLedger::expect_each`] from `first`.
+    pub fn written_each(&self, keys: &[Vec<u8>], first: u64) {
+        let mut ledger = self.lock();
+        for (key, id) in keys.iter().zip(first..) {
+            ledger.written(key, id);
+        }
+    }
+
+    /// Withdraw expectations that will not happen (the write changed
+    /// nothing, so Redis will not notify).
+    pub fn withdraw(&self, key: &[u8], ids: std::ops::Range<u64>) {
+        let mut ledger = self.lock();
+        for id in ids {
+            ledger.remove_mark(key, |m| m.id == id);
         }
     }
 
     /// `origin` is about to cause `op` on keys matching `pattern` until the
-    /// returned window is closed.
+    /// returned window is closed and a fence after that has come back.
     pub fn open_window(self: &Arc<Self>, pattern: &str, op: &'static str, origin: &Origin) -> WindowGuard {
         let mut ledger = self.lock();
-        let id = ledger.next_window;
-        ledger.next_window += 1;
-        ledger.windows.push(Window { glob: Glob::new(pattern), op, origin: origin.clone(), closes: None, id });
+        let id = ledger.next_id;
+        ledger.next_id += 1;
+        ledger.windows.push(Window { glob: Glob::new(pattern), op, origin: origin.clone(), retire_at: None, id });
         WindowGuard { ledger: self.clone(), id }
     }
 
     /// Who caused `op` on `key`, if it was one of ours. Consumes a key mark.
     pub fn claim(&self, op: &str, key: &[u8]) -> Option<Origin> {
-        let now = Instant::now();
         let mut ledger = self.lock();
-        if let Some(marks) = ledger.keys.get_mut(key) {
-            marks.retain(|m| m.deadline >= now);
-            let found = marks.iter().position(|m| m.op == op).and_then(|i| marks.remove(i));
-            if marks.is_empty() {
-                ledger.keys.remove(key);
-            }
-            if let Some(mark) = found {
-                return Some(mark.origin);
-            }
+        if let Some(mark) = ledger.remove_mark(key, |m| m.op == op) {
+            return Some(mark.origin);
         }
-        ledger
-            .windows
-            .iter()
-            .find(|w| w.op == op && w.closes.is_none_or(|c| c >= now) && w.glob.matches_bytes(key))
-            .map(|w| w.origin.clone())
+        ledger.windows.iter().find(|w| w.op == op && w.glob.matches_bytes(key)).map(|w| w.origin.clone())
     }
 
-    /// Drop expired marks and closed windows (called periodically).
-    pub fn prune(&self) {
-        let now = Instant::now();
+    /// The id of a fence to publish now, if anything waits for one (a
+    /// written expectation or a closed window, which it would retire).
+    pub fn fence_to_send(&self) -> Option<u64> {
         let mut ledger = self.lock();
-        ledger.keys.retain(|_, marks| {
-            marks.retain(|m| m.deadline >= now);
-            !marks.is_empty()
-        });
-        ledger.windows.retain(|w| w.closes.is_none_or(|c| c >= now));
+        let waiting = !ledger.retiring.is_empty() || ledger.windows.iter().any(|w| w.retire_at.is_some());
+        waiting.then(|| {
+            ledger.next_fence += 1;
+            ledger.next_fence - 1
+        })
+    }
+
+    /// Fence `id` came back through the subscription: every write answered
+    /// before it was sent has had its notification read, so what is left
+    /// of those expectations will never be matched.
+    pub fn fence_seen(&self, id: u64) {
+        let mut ledger = self.lock();
+        while ledger.retiring.front().is_some_and(|(at, _, _)| *at <= id) {
+            let (_, key, mark) = ledger.retiring.pop_front().expect("checked");
+            ledger.remove_mark(&key, |m| m.id == mark);
+        }
+        ledger.windows.retain(|w| w.retire_at.is_none_or(|at| at > id));
     }
 
     /// How many expectations are outstanding (for tests and metrics).
     pub fn len(&self) -> usize {
         let ledger = self.lock();
-        ledger.keys.values().map(VecDeque::len).sum::<usize>() + ledger.windows.len()
+        ledger.marks + ledger.windows.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -158,8 +235,48 @@ impl EchoLedger {
     }
 }
 
+/// How often a fence is published while anything waits for one.
+pub const FENCE_EVERY: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// A channel for this daemon's fences, unique per process: a second
+/// daemon's fences say nothing about what this one's subscriber has read.
+pub fn fence_channel() -> String {
+    format!("cachepol:fence:{:016x}", rand::random::<u64>())
+}
+
+/// The fence id in a message on the fence channel.
+pub fn parse_fence(payload: &[u8]) -> Option<u64> {
+    std::str::from_utf8(payload).ok()?.parse().ok()
+}
+
+/// Publish fences on `channel` every [`FENCE_EVERY`] while the ledger has
+/// anything for them to retire, until `stop`. A fence lost to a broken
+/// connection is made good by the next one (each retires all before it).
+pub async fn send_fences(
+    ledger: Arc<EchoLedger>,
+    mut conn: redis::aio::ConnectionManager,
+    channel: String,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let mut tick = tokio::time::interval(FENCE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if let Some(id) = ledger.fence_to_send() {
+            let sent: redis::RedisResult<i64> =
+                redis::cmd("PUBLISH").arg(&channel).arg(id).query_async(&mut conn).await;
+            if let Err(e) = sent {
+                tracing::debug!(error = %e, "cannot publish an echo fence; the next one covers it");
+            }
+        }
+    }
+}
+
 /// Closes a bulk operation's window when dropped; notifications already in
-/// flight still match it for [`MARK_TTL`].
+/// flight still match it until a fence sent after now comes back.
 pub struct WindowGuard {
     ledger: Arc<EchoLedger>,
     id: u64,
@@ -167,10 +284,10 @@ pub struct WindowGuard {
 
 impl Drop for WindowGuard {
     fn drop(&mut self) {
-        let closes = Instant::now() + MARK_TTL;
         let mut ledger = self.ledger.lock();
+        let fence = ledger.next_fence;
         if let Some(w) = ledger.windows.iter_mut().find(|w| w.id == self.id) {
-            w.closes = Some(closes);
+            w.retire_at = Some(fence);
         }
     }
 }
@@ -197,8 +314,10 @@ impl EchoLayer {
         Origin { policy: self.policy.clone(), hops: self.hops.load(Ordering::Relaxed).saturating_add(1) }
     }
 
-    /// Expect `ops` on `key`, run the write, and withdraw the expectation if
-    /// the write changed nothing (Redis will not notify).
+    /// Expect `ops` on `key` and run the write. If it changed nothing,
+    /// Redis will not notify: the expectations are withdrawn at once.
+    /// Otherwise (or if the answer was lost) they stay until their
+    /// notifications arrive or a fence retires them.
     async fn expecting<T>(
         &self,
         key: &[u8],
@@ -206,14 +325,63 @@ impl EchoLayer {
         write: impl Future<Output = Result<T, BackendError>>,
         changed: impl Fn(&T) -> bool,
     ) -> Result<T, BackendError> {
-        self.ledger.expect(key, ops, &self.origin());
+        let ids = self.ledger.expect(key, ops, &self.origin());
         let result = write.await;
-        if !result.as_ref().is_ok_and(&changed) {
-            for op in ops {
-                self.ledger.withdraw(key, op);
-            }
+        match &result {
+            Ok(value) if !changed(value) => self.ledger.withdraw(key, ids),
+            _ => self.ledger.written(key, ids),
         }
         result
+    }
+}
+
+/// A bulk operation's side of the ledger: each page's keys are expected
+/// before their writes go out and marked written once answered; if the
+/// ledger is full, a window covers the rest of the operation instead.
+struct BulkEcho<'a> {
+    ledger: &'a Arc<EchoLedger>,
+    policy: &'a str,
+    op: &'static str,
+    pattern: &'a str,
+    origin: Origin,
+    /// The first id of the page in flight.
+    page: Mutex<Option<u64>>,
+    window: Mutex<Option<WindowGuard>>,
+}
+
+impl<'a> BulkEcho<'a> {
+    fn new(layer: &'a EchoLayer, op: &'static str, pattern: &'a str) -> BulkEcho<'a> {
+        BulkEcho {
+            ledger: &layer.ledger,
+            policy: &layer.policy,
+            op,
+            pattern,
+            origin: layer.origin(),
+            page: Mutex::new(None),
+            window: Mutex::new(None),
+        }
+    }
+
+    fn step(&self, step: BulkStep<'_>) {
+        match step {
+            BulkStep::Before(keys) => {
+                let mut window = self.window.lock().unwrap_or_else(|e| e.into_inner());
+                if window.is_some() {
+                    return;
+                }
+                let first = self.ledger.expect_each(keys, self.op, &self.origin);
+                if first.is_none() {
+                    tracing::warn!(policy = %self.policy, pattern = %self.pattern, "echo ledger full: the rest of this bulk operation is covered by a window");
+                    *window = Some(self.ledger.open_window(self.pattern, self.op, &self.origin));
+                }
+                *self.page.lock().unwrap_or_else(|e| e.into_inner()) = first;
+            }
+            BulkStep::After(keys) => {
+                if let Some(first) = self.page.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                    self.ledger.written_each(keys, first);
+                }
+            }
+        }
     }
 }
 
@@ -232,13 +400,15 @@ impl WriteLayer for EchoLayer {
 
     async fn del(&self, inner: &dyn Backend, keys: &[String]) -> Result<u64, BackendError> {
         let origin = self.origin();
-        for key in keys {
-            self.ledger.expect(key.as_bytes(), &["del"], &origin);
-        }
+        let ids: Vec<_> = keys.iter().map(|key| self.ledger.expect(key.as_bytes(), &["del"], &origin)).collect();
         let deleted = inner.del(keys).await;
-        if matches!(deleted, Ok(0) | Err(_)) {
-            for key in keys {
-                self.ledger.withdraw(key.as_bytes(), "del");
+        for (key, ids) in keys.iter().zip(ids) {
+            // None deleted: none will notify. Some: which ones is unknown,
+            // and the rest are retired by a fence.
+            if matches!(deleted, Ok(0)) {
+                self.ledger.withdraw(key.as_bytes(), ids);
+            } else {
+                self.ledger.written(key.as_bytes(), ids);
             }
         }
         deleted
@@ -264,8 +434,9 @@ impl WriteLayer for EchoLayer {
         pattern: &str,
         plan: &BulkPlan<'_>,
     ) -> Result<BulkResult, BackendError> {
-        let _window = self.ledger.open_window(pattern, "del", &self.origin());
-        inner.delete_matching(pattern, plan).await
+        let echo = BulkEcho::new(self, "del", pattern);
+        let steps = |step: BulkStep<'_>| echo.step(step);
+        inner.delete_matching(pattern, &BulkPlan { steps: Some(&steps), ..*plan }).await
     }
 
     async fn expire_matching(
@@ -276,8 +447,9 @@ impl WriteLayer for EchoLayer {
         only_if_persistent: bool,
         plan: &BulkPlan<'_>,
     ) -> Result<BulkResult, BackendError> {
-        let _window = self.ledger.open_window(pattern, "expire", &self.origin());
-        inner.expire_matching(pattern, ttl_ms, only_if_persistent, plan).await
+        let echo = BulkEcho::new(self, "expire", pattern);
+        let steps = |step: BulkStep<'_>| echo.step(step);
+        inner.expire_matching(pattern, ttl_ms, only_if_persistent, &BulkPlan { steps: Some(&steps), ..*plan }).await
     }
 
     async fn lock_acquire(&self, inner: &dyn Backend, name: &str, ttl_ms: u64) -> Result<Option<String>, BackendError> {
@@ -312,22 +484,63 @@ mod tests {
     #[test]
     fn withdrawn_marks_do_not_swallow_later_events() {
         let ledger = EchoLedger::new();
-        ledger.expect(b"k", &["del"], &origin(1));
-        ledger.withdraw(b"k", "del");
+        let ids = ledger.expect(b"k", &["del"], &origin(1));
+        ledger.withdraw(b"k", ids);
         assert_eq!(ledger.claim("del", b"k"), None);
     }
 
     #[test]
-    fn windows_claim_matching_keys_while_open() {
+    fn marks_wait_for_their_notification_however_late_and_fences_retire_leftovers() {
+        let ledger = EchoLedger::new();
+        assert_eq!(ledger.fence_to_send(), None, "nothing to retire, no fence");
+        let a = ledger.expect(b"a", &["del"], &origin(1));
+        ledger.written(b"a", a);
+        let fence = ledger.fence_to_send().expect("a written mark wants a fence");
+        // Written after that fence was numbered: a later fence retires it.
+        let b = ledger.expect(b"b", &["del"], &origin(1));
+        ledger.written(b"b", b);
+        // No time limit: only a fence that came back retires a mark.
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        ledger.fence_seen(fence);
+        assert_eq!(ledger.claim("del", b"a"), None, "its notification never came: retired by the fence");
+        assert_eq!(ledger.claim("del", b"b"), Some(origin(1)), "written after the fence was sent: still expected");
+        // Not yet written (the write is in flight): no fence retires it.
+        ledger.expect(b"c", &["del"], &origin(1));
+        let later = ledger.fence_to_send().unwrap_or(fence + 1);
+        ledger.fence_seen(later + 10);
+        assert_eq!(ledger.claim("del", b"c"), Some(origin(1)));
+        assert!(ledger.is_empty());
+    }
+
+    #[test]
+    fn pages_are_expected_key_by_key_and_a_full_ledger_says_so() {
+        let ledger = EchoLedger::new();
+        let page: Vec<Vec<u8>> = vec![b"quiz:1".to_vec(), b"quiz:2".to_vec()];
+        let first = ledger.expect_each(&page, "del", &origin(2)).unwrap();
+        ledger.written_each(&page, first);
+        assert_eq!(ledger.claim("del", b"quiz:1"), Some(origin(2)));
+        assert_eq!(ledger.claim("del", b"quiz:3"), None, "a key it did not write is not its own");
+        let fence = ledger.fence_to_send().unwrap();
+        ledger.fence_seen(fence);
+        assert!(ledger.is_empty(), "quiz:2's notification never came");
+        let huge: Vec<Vec<u8>> = (0..=CAPACITY).map(|i| i.to_string().into_bytes()).collect();
+        assert_eq!(ledger.expect_each(&huge, "del", &origin(1)), None);
+        assert!(ledger.is_empty(), "nothing recorded when it does not fit");
+    }
+
+    #[test]
+    fn windows_match_until_a_fence_after_they_close() {
         let ledger = Arc::new(EchoLedger::new());
         let guard = ledger.open_window("quiz:*", "del", &origin(2));
         assert_eq!(ledger.claim("del", b"quiz:1"), Some(origin(2)));
         assert_eq!(ledger.claim("del", b"quiz:2"), Some(origin(2)), "a window is not consumed");
         assert_eq!(ledger.claim("del", b"other:1"), None);
-        assert_eq!(ledger.claim("expire", b"quiz:1"), None);
+        assert_eq!(ledger.fence_to_send(), None, "an open window waits for no fence");
         drop(guard);
         assert_eq!(ledger.claim("del", b"quiz:3"), Some(origin(2)), "late notifications still match");
-        ledger.prune();
-        assert_eq!(ledger.len(), 1, "closed recently: kept until MARK_TTL");
+        let fence = ledger.fence_to_send().unwrap();
+        ledger.fence_seen(fence);
+        assert_eq!(ledger.claim("del", b"quiz:4"), None);
+        assert!(ledger.is_empty());
     }
 }

@@ -510,18 +510,18 @@ mod tests {
         }
         redis.app_set("quiz:secret", b"", None);
         let allow = |k: &[u8]| k != b"quiz:secret";
-        let plan = BulkPlan { allow: &allow, limit: 4 };
+        let plan = BulkPlan::new(&allow, 4);
         let r = c.delete_matching("quiz:*", &plan).await.unwrap();
         assert_eq!((r.affected, r.truncated), (4, true));
         assert_eq!(r.sample.len(), 4);
         let everything = allow_all();
-        let plan = BulkPlan { allow: &allow, limit: u64::MAX };
+        let plan = BulkPlan::new(&allow, u64::MAX);
         let r = c.delete_matching("quiz:*", &plan).await.unwrap();
         assert_eq!((r.affected, r.refused, r.truncated), (6, 1, false));
         assert!(redis.snapshot().contains_key("quiz:secret"));
         redis.app_set("job:1", b"", None);
         redis.app_set("job:2", b"", Some(10));
-        let plan = BulkPlan { allow: &everything, limit: u64::MAX };
+        let plan = BulkPlan::new(&everything, u64::MAX);
         let r = c.expire_matching("job:*", 86_400_000, true, &plan).await.unwrap();
         assert_eq!(r.affected, 1, "only the persistent key gets a TTL");
         assert_eq!(redis.snapshot()["job:2"].ttl_ms, Some(10));

@@ -18,7 +18,7 @@ use cachepol_guest_sdk::glob::Glob;
 use redis::aio::ConnectionManager;
 use redis::{Client, RedisError, Script, Value};
 
-use crate::store::backend::{Backend, BackendError, BulkPlan, BulkResult, ScanResult};
+use crate::store::backend::{Backend, BackendError, BulkPlan, BulkResult, BulkStep, ScanResult};
 use crate::wit::{ExpireCondition, KeyTtl, SetCondition, SetOptions, ValueKind};
 
 /// Keys asked for per `SCAN` page in bulk operations.
@@ -86,8 +86,13 @@ impl RedisBackend {
             let exists: bool = self.query(redis::cmd("EXISTS").arg(&literal)).await?;
             if exists && (plan.allow)(&literal) && plan.limit > 0 {
                 let mut pipe = redis::pipe();
-                act(&mut pipe, std::slice::from_ref(&literal));
-                let replies = retrying(|| async { pipe.query_async::<Vec<Value>>(&mut conn.clone()).await }).await?;
+                let keys = std::slice::from_ref(&literal);
+                act(&mut pipe, keys);
+                plan.step(BulkStep::Before(keys));
+                let replies = retrying(|| async { pipe.query_async::<Vec<Value>>(&mut conn.clone()).await });
+                let replies = replies.await;
+                plan.step(BulkStep::After(keys));
+                let replies = replies?;
                 result.record(&literal);
                 result.affected = replies.iter().map(&tally).sum();
             }
@@ -108,8 +113,11 @@ impl RedisBackend {
                 break;
             }
             let mut broke = false;
-            let mut replies: Vec<Value> =
-                retrying_noting(&mut broke, || async { pipe.query_async(&mut conn.clone()).await }).await?;
+            plan.step(BulkStep::Before(&pending));
+            let replies = retrying_noting(&mut broke, || async { pipe.query_async(&mut conn.clone()).await }).await;
+            // Answered, or failed: either way a write may have reached Redis.
+            plan.step(BulkStep::After(&pending));
+            let mut replies: Vec<Value> = replies?;
             let scan = if cursor.is_some() { replies.pop() } else { None };
             affected += replies.iter().map(&tally).sum::<u64>();
             for key in pending.drain(..) {

@@ -221,6 +221,15 @@ impl Daemon {
 
     /// Start against `url` (a user and password in it, say).
     pub fn spawn_url(url: &str, setup: &Setup, extra: &[&str], rust_log: &str) -> Daemon {
+        Daemon::spawn_env(url, setup, extra, rust_log, &[])
+    }
+
+    /// [`Daemon::spawn`] with extra environment variables (fault injection).
+    pub fn spawn_with_env(redis: &RedisServer, setup: &Setup, extra: &[&str], env: &[(&str, &str)]) -> Daemon {
+        Daemon::spawn_env(&redis.url(), setup, extra, "info,cachepol=debug", env)
+    }
+
+    fn spawn_env(url: &str, setup: &Setup, extra: &[&str], rust_log: &str, env: &[(&str, &str)]) -> Daemon {
         let log_dir = TempDir::new("log");
         let log = log_dir.path().join("daemon.log");
         let out = std::fs::File::create(&log).unwrap();
@@ -234,6 +243,7 @@ impl Daemon {
             .arg(setup.config_file())
             .args(extra)
             .env("RUST_LOG", rust_log)
+            .envs(env.iter().copied())
             .env_remove("REDIS_URL")
             .stdout(out.try_clone().unwrap())
             .stderr(out)
