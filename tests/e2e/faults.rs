@@ -185,3 +185,33 @@ fn a_pending_hook_deleted_from_the_stream_is_dead_lettered_not_lost() {
     eventually(&daemon, "nothing left pending", || pending(&redis) == 0);
     assert_eq!(daemon.stop(), Some(0));
 }
+
+/// A hostile policy misbehaving on every deploy hook, beside genre-invalidation
+/// and ttl-table on the same Redis: the healthy ones do their jobs.
+fn beside_healthy_policies(on_deploy: &str, expected_in_log: &str) -> String {
+    let redis = RedisServer::start();
+    redis.cmd::<()>(&["SET", "graph_data:dance", "g"]);
+    let setup = Setup::new(&["hostile", "genre-invalidation", "ttl-table"])
+        .config(&format!("[policies.hostile]\nconfig = {{ on_deploy = \"{on_deploy}\" }}"));
+    let daemon = Daemon::start(&redis, &setup);
+    deploy(&redis, &["--service", "catalog", "--tag", "genre=dance"]);
+    eventually(&daemon, "genre-invalidation handled the hook", || !redis.exists("graph_data:dance"));
+    redis.cmd::<()>(&["SET", "job:1", "queued"]);
+    eventually(&daemon, "ttl-table handled a write meanwhile", || redis.cmd::<i64>(&["TTL", "job:1"]) > 0);
+    daemon.wait_for(expected_in_log, Duration::from_secs(30));
+    let log = daemon.log_text();
+    assert_eq!(daemon.stop(), Some(0));
+    log
+}
+
+#[test]
+fn a_hostile_grant_check_pattern_beside_healthy_policies() {
+    beside_healthy_policies("grant-bomb", "used up their work allowance");
+}
+
+#[test]
+fn an_output_flood_beside_healthy_policies_is_truncated() {
+    let log = beside_healthy_policies("output-flood", "output truncated");
+    let flood = log.lines().filter(|l| l.contains("flood ")).count();
+    assert!(flood <= 200, "at most the log budget of the flood reached the log, not 20,000 lines: {flood}");
+}
