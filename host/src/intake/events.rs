@@ -210,7 +210,9 @@ impl Subscriber {
     async fn watch(&mut self, mut conn: MultiplexedConnection, link: &Link, shutdown: &CancellationToken) -> bool {
         let mut ping = tokio::time::interval(PING_EVERY);
         ping.tick().await;
-        self.changes.mark_unchanged();
+        // Not marked unchanged here: a republish between the subscription's
+        // own check and now must still be acted on (one extra check is
+        // harmless).
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return true,
