@@ -30,6 +30,14 @@ use crate::sandbox::budget::Budgets;
 use crate::sandbox::grants::{GrantConfig, Grants};
 use crate::sandbox::runtime::LoadOptions;
 
+/// Enough round trips in flight to keep 2 cores busy with the bundled
+/// policies (measured by `cargo xtask bench`; past it, more lanes add
+/// only memory).
+pub const DEFAULT_LANES: usize = 8;
+
+/// More lanes than this buys nothing and costs an instance each.
+pub const MAX_LANES: usize = 64;
+
 /// Everything `cachepol run` needs.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -50,6 +58,15 @@ pub struct Config {
     /// Events queued per policy before repeated ones coalesce and, past
     /// that, are dropped (and a `sweep(gap)` follows).
     pub queue_capacity: usize,
+    /// The same bound in bytes of queued keys (long keys fill a queue's
+    /// memory before its count).
+    pub queue_bytes: usize,
+    /// Instances of each policy handling keyspace events at once; events
+    /// are shared out by key, so one key's events stay in order. Each lane
+    /// keeps one Redis round trip in flight: the daemon's throughput grows
+    /// with lanes until the CPU is busy. Deploy hooks and sweeps use one
+    /// lane and wait for the others. `[policies.NAME] lanes` overrides it.
+    pub lanes: usize,
     /// How many policy-to-policy steps a chain of writes may take.
     pub hop_limit: u8,
     /// How long shutdown waits for in-flight policy calls, in milliseconds.
@@ -73,6 +90,8 @@ impl Default for Config {
             configure_notifications: false,
             deploy: DeployConfig::default(),
             queue_capacity: 10_000,
+            queue_bytes: 16 << 20,
+            lanes: DEFAULT_LANES,
             hop_limit: 2,
             shutdown_grace_ms: 10_000,
             budgets: Budgets::default(),
@@ -175,6 +194,9 @@ pub struct PolicySection {
     pub budgets: Option<toml::Table>,
     /// What repeated failures do (`[policies.NAME.failure]`).
     pub failure: FailurePolicy,
+    /// Overrides the top-level `lanes` for this policy (1: strictly one
+    /// event at a time, in arrival order across keys).
+    pub lanes: Option<usize>,
 }
 
 impl PolicySection {
@@ -185,6 +207,14 @@ impl PolicySection {
 
     pub fn grants(&self) -> Result<Option<Grants>, String> {
         self.grants.as_deref().map(Grants::from_config).transpose()
+    }
+}
+
+fn check_lanes(lanes: usize) -> Result<(), String> {
+    if (1..=MAX_LANES).contains(&lanes) {
+        Ok(())
+    } else {
+        Err(format!("lanes must be between 1 and {MAX_LANES}, not {lanes}"))
     }
 }
 
@@ -210,11 +240,23 @@ impl Config {
         for (name, section) in &config.policies {
             section.grants().map_err(|e| format!("[policies.{name}]: {e}"))?;
             config.merged_budgets(section).map_err(|e| format!("[policies.{name}.budgets]: {e}"))?;
+            if let Some(lanes) = section.lanes {
+                check_lanes(lanes).map_err(|e| format!("[policies.{name}]: {e}"))?;
+            }
         }
+        check_lanes(config.lanes)?;
         if config.queue_capacity == 0 {
             return Err("queue_capacity must be at least 1".into());
         }
+        if config.queue_bytes < 1024 {
+            return Err("queue_bytes must be at least 1024".into());
+        }
         Ok(config)
+    }
+
+    /// How many lanes the policy with `section` runs.
+    pub fn lanes_for(&self, section: &PolicySection) -> usize {
+        section.lanes.unwrap_or(self.lanes)
     }
 
     /// The section for the policy loaded from `stem.wasm`.
@@ -308,5 +350,16 @@ mod tests {
         assert!(err.contains("line 2"), "{err}");
         let err = Config::parse("[policies.a]\ngrants = [{ pattern = \"x:*\", ops = [\"nuke\"] }]\n").unwrap_err();
         assert!(err.contains("[policies.a]") && err.contains("nuke"), "{err}");
+    }
+
+    #[test]
+    fn lanes_default_and_per_policy() {
+        let c = Config::parse("lanes = 4\n[policies.a]\nlanes = 1\n").unwrap();
+        assert_eq!(c.lanes_for(&c.policy("a")), 1);
+        assert_eq!(c.lanes_for(&c.policy("b")), 4);
+        assert_eq!(Config::default().lanes, DEFAULT_LANES);
+        let err = Config::parse("[policies.a]\nlanes = 0\n").unwrap_err();
+        assert!(err.contains("[policies.a]") && err.contains("between 1 and"), "{err}");
+        assert!(Config::parse("lanes = 1000\n").is_err());
     }
 }

@@ -33,6 +33,18 @@ impl std::fmt::Display for Shown<'_> {
     }
 }
 
+/// A sweep's reason as the WIT spells it, for log lines.
+pub fn sweep_reason_name(reason: SweepReason) -> &'static str {
+    match reason {
+        SweepReason::Start => "start",
+        SweepReason::Reconnect => "reconnect",
+        SweepReason::Gap => "gap",
+        SweepReason::Periodic => "periodic",
+        SweepReason::Manual => "manual",
+        SweepReason::Reload => "reload",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

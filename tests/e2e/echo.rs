@@ -22,7 +22,7 @@ fn echoer() -> Setup {
 /// The echoer got one event per application write, none of its own, and
 /// its copies were not copied again.
 fn heard_only_the_application(redis: &RedisServer, daemon: Daemon, writes: u64) {
-    assert_eq!(count(redis, "recorder:echoer:events"), writes, "one event per application write, no echoes");
+    assert_eq!(redis.recorded_events("echoer"), writes, "one event per application write, no echoes");
     assert!(redis.keys("echo:copy:echo:copy:*").is_empty(), "its own copies were not copied again");
     assert_eq!(daemon.stop(), Some(0));
 }
@@ -59,8 +59,8 @@ fn two_policies_waking_each_other_stop_at_the_hop_limit() {
     eventually(&daemon, "the chain reaches hop 3", || redis.exists("b:a:b:a:x"));
     std::thread::sleep(Duration::from_millis(500));
     assert!(!redis.exists("a:b:a:b:a:x"), "the chain stopped at the hop limit");
-    assert_eq!(count(&redis, "recorder:ping:events"), 2);
-    assert_eq!(count(&redis, "recorder:pong:events"), 1);
+    assert_eq!(redis.recorded_events("ping"), 2);
+    assert_eq!(redis.recorded_events("pong"), 1);
     daemon.wait_for("hop limit reached", Duration::from_secs(20));
     assert_eq!(daemon.stop(), Some(0));
 }
@@ -113,8 +113,8 @@ fn an_application_delete_during_a_bulk_delete_is_delivered() {
         redis::pipe().atomic().set(&app_key, "v").del(&app_key).query::<()>(&mut conn).unwrap();
     }
     eventually(&daemon, "the bulk delete done", || count(&redis, "recorder:wiper:wiped") == 1);
-    eventually(&daemon, "every application delete delivered", || count(&redis, "recorder:wiper:events") == 20);
+    eventually(&daemon, "every application delete delivered", || redis.recorded_events("wiper") == 20);
     std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(count(&redis, "recorder:wiper:events"), 20, "its own 50,000 deletes were not delivered back");
+    assert_eq!(redis.recorded_events("wiper"), 20, "its own 50,000 deletes were not delivered back");
     assert_eq!(daemon.stop(), Some(0));
 }

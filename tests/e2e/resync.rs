@@ -71,7 +71,7 @@ fn overflow_records_a_gap_memory_stays_bounded_and_the_sweep_reconciles() {
         let keys: Vec<String> = redis.keys("rec:*");
         keys.len() == 20_000 && keys.iter().all(|k| redis.cmd::<i64>(&["TTL", k]) > 0)
     });
-    let events = count(&redis, "recorder:recorder:events");
+    let events = redis.recorded_events("recorder");
     assert!(events < 20_000, "events were dropped ({events} handled), not buffered without bound");
     assert!(
         peak < before + 64 * 1024,

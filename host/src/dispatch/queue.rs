@@ -6,10 +6,13 @@
 //! - a keyspace event identical to one still waiting (same op, same key) is
 //!   coalesced into it: the policy looks at the key's current state anyway
 //!   (the fewer hops of the two are kept);
-//! - past the capacity, a keyspace event is dropped, and the queue records a
-//!   gap; once the backlog is worked off the policy gets `sweep(gap)` to
-//!   reconcile with Redis itself. Nothing is lost silently, memory stays
-//!   bounded;
+//! - past the capacity (a count of events and a size in bytes), a keyspace
+//!   event is dropped, and a `sweep(gap)` is queued behind the events
+//!   already waiting, for the policy to reconcile with Redis itself. It
+//!   runs even while events keep arriving: one waiting gap sweep covers
+//!   every event dropped before it starts, so under sustained overload the
+//!   policy alternates between its backlog and sweeps, never falling
+//!   behind for good. Nothing is lost silently, memory stays bounded;
 //! - deploy hooks and sweeps are never dropped (they are rare, and a hook is
 //!   only acknowledged once handled).
 
@@ -87,7 +90,24 @@ pub struct QueueStats {
     pub queued: u64,
     pub coalesced: u64,
     pub dropped: u64,
+    /// Gap sweeps queued.
     pub gaps: u64,
+}
+
+/// What the queue did to events since the last gap sweep was taken: what
+/// that sweep reconciles, for its one log line.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Overload {
+    pub dropped: u64,
+    pub coalesced: u64,
+}
+
+/// What one waiting keyspace event costs, beyond its key and op: the
+/// entry in `items`, the one in `waiting`, and their allocations.
+const EVENT_OVERHEAD_BYTES: usize = 128;
+
+fn event_bytes(event: &KeyNotification) -> usize {
+    2 * (event.key.len() + event.op.len()) + EVENT_OVERHEAD_BYTES
 }
 
 struct Inner {
@@ -98,9 +118,12 @@ struct Inner {
     /// application's, and must not count toward the hop limit.
     waiting: HashMap<(String, String), u8>,
     keys_waiting: usize,
-    gap: bool,
+    bytes_waiting: usize,
+    /// A `sweep(gap)` is waiting in `items`.
+    gap_queued: bool,
     closed: bool,
     stats: QueueStats,
+    overload: Overload,
 }
 
 /// The inbox of one policy.
@@ -108,21 +131,26 @@ pub struct PolicyQueue {
     inner: Mutex<Inner>,
     ready: Notify,
     capacity: usize,
+    max_bytes: usize,
 }
 
 impl PolicyQueue {
-    pub fn new(capacity: usize) -> PolicyQueue {
+    /// A queue of at most `capacity` keyspace events taking `max_bytes`.
+    pub fn new(capacity: usize, max_bytes: usize) -> PolicyQueue {
         PolicyQueue {
             inner: Mutex::new(Inner {
                 items: VecDeque::new(),
                 waiting: HashMap::new(),
                 keys_waiting: 0,
-                gap: false,
+                bytes_waiting: 0,
+                gap_queued: false,
                 closed: false,
                 stats: QueueStats::default(),
+                overload: Overload::default(),
             }),
             ready: Notify::new(),
             capacity,
+            max_bytes,
         }
     }
 
@@ -140,18 +168,18 @@ impl PolicyQueue {
         if let Some(hops) = inner.waiting.get_mut(&id) {
             *hops = (*hops).min(event.hops);
             inner.stats.coalesced += 1;
+            inner.overload.coalesced += 1;
             return Pushed::Coalesced;
         }
-        if inner.keys_waiting >= self.capacity {
-            if !inner.gap {
-                inner.stats.gaps += 1;
-            }
-            inner.gap = true;
-            inner.stats.dropped += 1;
+        let bytes = event_bytes(&event);
+        if inner.keys_waiting >= self.capacity || inner.bytes_waiting + bytes > self.max_bytes {
+            drop(inner);
+            self.record_gap();
             return Pushed::Dropped;
         }
         inner.waiting.insert(id, event.hops);
         inner.keys_waiting += 1;
+        inner.bytes_waiting += bytes;
         inner.stats.queued += 1;
         inner.items.push_back(Item::Key(event));
         drop(inner);
@@ -159,20 +187,30 @@ impl PolicyQueue {
         Pushed::Queued
     }
 
-    /// An event for this policy could not be queued at all (its key cannot
-    /// be handed to a policy): owe it a `sweep(gap)`.
+    /// An event for this policy was dropped (its queue is full, or its key
+    /// cannot be handed to a policy): make sure a `sweep(gap)` that starts
+    /// after it is waiting.
     pub fn record_gap(&self) {
         let mut inner = self.lock();
         if inner.closed {
             return;
         }
-        if !inner.gap {
-            inner.stats.gaps += 1;
-        }
-        inner.gap = true;
         inner.stats.dropped += 1;
+        inner.overload.dropped += 1;
+        if inner.gap_queued {
+            return;
+        }
+        inner.gap_queued = true;
+        inner.stats.gaps += 1;
+        inner.items.push_back(Item::Sweep(SweepReason::Gap));
         drop(inner);
         self.ready.notify_one();
+    }
+
+    /// What was dropped and coalesced since the last call: called when a
+    /// gap sweep starts.
+    pub fn take_overload(&self) -> Overload {
+        std::mem::take(&mut self.lock().overload)
     }
 
     /// Queue a deploy hook or a sweep (never dropped while open; a sweep
@@ -188,31 +226,37 @@ impl PolicyQueue {
         {
             return Ok(());
         }
+        if matches!(item, Item::Sweep(SweepReason::Gap)) {
+            inner.gap_queued = true;
+        }
         inner.items.push_back(item);
         drop(inner);
         self.ready.notify_one();
         Ok(())
     }
 
-    /// The next item; after a gap, `sweep(gap)` once the backlog is empty.
-    /// `None` once the queue is closed and empty.
+    /// The next item, in order. `None` once the queue is closed and empty.
     pub async fn pop(&self) -> Option<Item> {
         loop {
             {
                 let mut inner = self.lock();
                 if let Some(mut item) = inner.items.pop_front() {
-                    if let Item::Key(k) = &mut item {
-                        let id = (k.op.clone(), k.key.clone());
-                        if let Some(hops) = inner.waiting.remove(&id) {
-                            k.hops = hops;
+                    match &mut item {
+                        Item::Key(k) => {
+                            let id = (std::mem::take(&mut k.op), std::mem::take(&mut k.key));
+                            if let Some(hops) = inner.waiting.remove(&id) {
+                                k.hops = hops;
+                            }
+                            (k.op, k.key) = id;
+                            inner.keys_waiting -= 1;
+                            inner.bytes_waiting -= event_bytes(k);
                         }
-                        inner.keys_waiting -= 1;
+                        // Events dropped from now on happen after this sweep
+                        // started: they need another.
+                        Item::Sweep(SweepReason::Gap) => inner.gap_queued = false,
+                        _ => {}
                     }
                     return Some(item);
-                }
-                if inner.gap {
-                    inner.gap = false;
-                    return Some(Item::Sweep(SweepReason::Gap));
                 }
                 if inner.closed {
                     return None;
@@ -228,9 +272,10 @@ impl PolicyQueue {
     pub fn close(&self) -> Vec<Item> {
         let mut inner = self.lock();
         inner.closed = true;
-        inner.gap = false;
+        inner.gap_queued = false;
         inner.waiting.clear();
         inner.keys_waiting = 0;
+        inner.bytes_waiting = 0;
         let rest = inner.items.drain(..).filter(|i| !matches!(i, Item::Key(_))).collect();
         drop(inner);
         self.ready.notify_waiters();
@@ -262,7 +307,7 @@ mod tests {
 
     #[tokio::test]
     async fn keeps_order_and_coalesces_repeats() {
-        let q = PolicyQueue::new(10);
+        let q = PolicyQueue::new(10, 1 << 20);
         assert_eq!(q.push_key(key("set", "a")), Pushed::Queued);
         assert_eq!(q.push_key(key("set", "b")), Pushed::Queued);
         assert_eq!(q.push_key(key("set", "a")), Pushed::Coalesced);
@@ -279,7 +324,7 @@ mod tests {
 
     #[tokio::test]
     async fn coalescing_keeps_the_fewest_hops() {
-        let q = PolicyQueue::new(10);
+        let q = PolicyQueue::new(10, 1 << 20);
         let echo = KeyNotification { hops: 2, ..key("del", "a") };
         assert_eq!(q.push_key(echo), Pushed::Queued);
         assert_eq!(q.push_key(key("del", "a")), Pushed::Coalesced, "the application's own delete");
@@ -288,8 +333,8 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn overflow_drops_records_a_gap_and_sweeps_after_the_backlog() {
-        let q = PolicyQueue::new(3);
+    async fn overflow_drops_and_queues_one_gap_sweep_behind_the_backlog() {
+        let q = PolicyQueue::new(3, 1 << 20);
         for i in 0..10 {
             q.push_key(key("set", &format!("k{i}")));
         }
@@ -299,19 +344,57 @@ mod tests {
         assert!(q.push(Item::Deploy(hook, tx)).is_ok(), "hooks are never dropped");
         let mut kinds = Vec::new();
         for _ in 0..5 {
-            kinds.push(match q.pop().await.unwrap() {
-                Item::Key(_) => "key",
-                Item::Deploy(..) => "deploy",
-                Item::Sweep(SweepReason::Gap) => "gap",
-                Item::Sweep(_) => "sweep",
-            });
+            kinds.push(kind(q.pop().await.unwrap()));
         }
-        assert_eq!(kinds, ["key", "key", "key", "deploy", "gap"]);
+        assert_eq!(kinds, ["key", "key", "key", "gap", "deploy"], "the sweep does not wait for an empty queue");
+        assert_eq!(q.take_overload(), Overload { dropped: 7, coalesced: 0 });
+        assert_eq!(q.take_overload(), Overload::default(), "counted once");
+    }
+
+    fn kind(item: Item) -> &'static str {
+        match item {
+            Item::Key(_) => "key",
+            Item::Deploy(..) => "deploy",
+            Item::Sweep(SweepReason::Gap) => "gap",
+            Item::Sweep(_) => "sweep",
+        }
+    }
+
+    #[tokio::test]
+    async fn sustained_overload_gets_a_sweep_after_each_started_one() {
+        let q = PolicyQueue::new(2, 1 << 20);
+        let mut next = 0;
+        let mut flood = |q: &PolicyQueue, n: usize| {
+            for _ in 0..n {
+                next += 1;
+                q.push_key(key("set", &format!("k{next}")));
+            }
+        };
+        flood(&q, 5);
+        assert_eq!(kind(q.pop().await.unwrap()), "key");
+        flood(&q, 5);
+        assert_eq!(q.stats().gaps, 1, "drops before the waiting sweep starts are covered by it");
+        let seen: Vec<_> =
+            [kind(q.pop().await.unwrap()), kind(q.pop().await.unwrap()), kind(q.pop().await.unwrap())].into();
+        assert_eq!(seen, ["key", "gap", "key"]);
+        flood(&q, 5);
+        assert_eq!(q.stats().gaps, 2, "a drop after the sweep started needs another");
+    }
+
+    #[tokio::test]
+    async fn bounded_by_bytes_as_well_as_count() {
+        let q = PolicyQueue::new(1000, 4096);
+        let long = "k".repeat(1000);
+        assert_eq!(q.push_key(key("set", &format!("{long}1"))), Pushed::Queued);
+        assert_eq!(q.push_key(key("set", &format!("{long}2"))), Pushed::Dropped, "2 KB per event, 4 KB in all");
+        assert_eq!(q.push_key(key("set", "short")), Pushed::Queued);
+        q.pop().await;
+        assert_eq!(q.push_key(key("set", &format!("{long}3"))), Pushed::Queued, "popping frees its bytes");
     }
 
     #[tokio::test]
     async fn close_wakes_the_worker_and_returns_pending_hooks() {
-        let q = std::sync::Arc::new(PolicyQueue::new(3));
+        let q = std::sync::Arc::new(PolicyQueue::new(3, 1 << 20));
         let worker = {
             let q = q.clone();
             tokio::spawn(async move { q.pop().await.is_none() })

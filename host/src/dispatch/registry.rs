@@ -14,6 +14,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::AtomicU8;
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
@@ -24,7 +25,7 @@ use crate::config::{Config, Mode};
 use crate::dispatch::queue::PolicyQueue;
 use crate::dispatch::routes::{Route, Routes};
 use crate::dispatch::switches::Switches;
-use crate::dispatch::worker::{Control, Version, Worker};
+use crate::dispatch::worker::{Control, Lane, Version, Worker};
 use crate::sandbox::grants::{Grants, ops_to_string};
 use crate::sandbox::manifest::Manifest;
 use crate::sandbox::runtime::{ContentHash, LoadError, Runtime};
@@ -193,18 +194,29 @@ impl Registry {
             }
             renamed_from = Some(other.to_owned());
         }
-        let (layer, hops) = EchoLayer::new(self.ledger.clone(), name.clone());
-        let backend: Arc<dyn Backend> = match section.mode {
-            Mode::Enforce => Arc::new(Layered { inner: self.redis.clone(), layer }),
-            Mode::DryRun => Arc::new(Layered { inner: self.redis.clone(), layer: DryRunLayer::new(&name) }),
+        // Each lane writes through a backend of its own: the echo layer
+        // stamps a write with the hop count of the event its lane has in hand.
+        let write_path = || -> (Arc<dyn Backend>, Arc<AtomicU8>) {
+            let (layer, hops) = EchoLayer::new(self.ledger.clone(), name.clone());
+            match section.mode {
+                Mode::Enforce => (Arc::new(Layered { inner: self.redis.clone(), layer }), hops),
+                Mode::DryRun => (Arc::new(Layered { inner: self.redis.clone(), layer: DryRunLayer::new(&name) }), hops),
+            }
         };
+        let (backend, hops) = write_path();
         policy.rebind_backend(backend);
         let manifest = Arc::new(policy.manifest().clone());
+        let mut lanes = Vec::new();
+        for _ in 1..self.config.lanes_for(&section) {
+            let (backend, hops) = write_path();
+            lanes.push(Lane { policy: policy.lane(backend), hops });
+        }
+        lanes.insert(0, Lane { policy, hops });
         Ok(Prepared {
             path: path.to_owned(),
             renamed_from,
             hash,
-            version: Version { policy, mode: section.mode, hops, failure: section.failure.clone(), generation: 0 },
+            version: Version { lanes, mode: section.mode, failure: section.failure.clone(), generation: 0 },
             manifest,
             from_cache,
             started,
@@ -215,8 +227,8 @@ impl Registry {
     /// routes, and sweep if it now subscribes to more than before.
     pub fn commit(&mut self, prepared: Prepared) -> Change {
         let Prepared { path, renamed_from, hash, mut version, manifest, from_cache, started } = prepared;
-        let name: Arc<str> = Arc::from(version.policy.name());
-        let grants = version.policy.grants().clone();
+        let name: Arc<str> = Arc::from(version.policy().name());
+        let grants = version.policy().grants().clone();
         let mode = version.mode;
         if let Some(entry) = renamed_from.and_then(|from| self.entries.remove(&from).map(|e| (from, e))) {
             info!(policy = %name, from = %entry.0.display(), to = %path.display(), "policy file renamed");
@@ -248,7 +260,7 @@ impl Registry {
                 Change::Replaced { name: name.to_string() }
             }
             None => {
-                let queue = Arc::new(PolicyQueue::new(self.config.queue_capacity));
+                let queue = Arc::new(PolicyQueue::new(self.config.queue_capacity, self.config.queue_bytes));
                 let (worker, control) = Worker::new(version, queue.clone(), self.switches.clone());
                 self.workers.spawn(worker.run());
                 self.entries.insert(

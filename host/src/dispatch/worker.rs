@@ -1,43 +1,69 @@
-//! One task per policy: takes its queue in order, calls the policy, reports.
+//! One dispatcher per policy: takes its queue in order and shares the work
+//! out to the policy's lanes.
 //!
-//! Policies run concurrently with each other (one worker each) and handle
-//! their own events strictly one at a time, in arrival order. A new version
-//! of the policy arrives on the control channel and takes over between two
-//! events: the old version finishes the event in hand, every later event
-//! goes to the new one, and the old instance is dropped (its memory returns
-//! to the pool).
+//! A policy runs as K lanes (`lanes` in the config), each an instance of
+//! its own. A keyspace event goes to the lane its key hashes to, so the
+//! events of one key are handled in the order they arrived while K calls
+//! (and so K Redis round trips, pipelined on the shared connection) are in
+//! flight. Deploy hooks and sweeps are barriers: the dispatcher stops
+//! taking work, waits until every lane is idle, runs the barrier on lane 0,
+//! and only then takes the next item; so a hook sees the effects of every
+//! event queued before it, and no event queued after it runs alongside it.
 //!
-//! Before delivering, the worker asks the policy's circuit breaker
+//! A new version of the policy arrives on the control channel and takes
+//! over the same way: the events already taken finish on the old version,
+//! every later one goes to the new, and the old instances are dropped
+//! (their memory returns to the pool). Every event is handled once, by the
+//! version live when it was taken off the queue.
+//!
+//! Before starting a call, the dispatcher asks the policy's circuit breaker
 //! ([`crate::dispatch::breaker`]) and the operator's kill switch
-//! ([`crate::dispatch::switches`]). While either holds the policy back, events are
-//! not delivered: keyspace events and sweeps are dropped and owed as one
-//! `sweep(gap)`, deploy hooks fail (the deploy reader retries, then
-//! dead-letters them).
+//! ([`crate::dispatch::switches`]), both per policy whatever the lanes.
+//! While either holds the policy back, events are not delivered: keyspace
+//! events and sweeps are dropped and owed as one `sweep(gap)`, deploy hooks
+//! fail (the deploy reader retries, then dead-letters them).
 
+use std::collections::VecDeque;
+use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
+use tokio::task::JoinSet;
 use tracing::Instrument;
 
 use crate::config::Mode;
 use crate::dispatch::audit;
 use crate::dispatch::breaker::{Admit, Breaker, FailurePolicy};
-use crate::dispatch::queue::{FailureKind, HookFailure, Item, PolicyQueue};
+use crate::dispatch::queue::{FailureKind, HookDone, HookFailure, Item, KeyNotification, PolicyQueue};
 use crate::dispatch::switches::Switches;
-use crate::sandbox::runtime::{CallFailure, LoadedPolicy};
+use crate::sandbox::runtime::{CallFailure, CallReport, LoadedPolicy};
 use crate::wit::{self, KeyEvent, SweepEvent, SweepReason};
 
-/// How often a failed sweep is tried again before waiting for the next one.
+/// Failed sweeps in a row before it is an error (it is still retried).
 const SWEEP_RETRIES: u32 = 3;
 
-/// A policy version and what its write path needs.
-pub struct Version {
+/// The longest wait between two attempts at a failing sweep.
+const SWEEP_RETRY_MAX: Duration = Duration::from_secs(60);
+
+/// Keyspace events taken off the queue but not started, per lane: enough
+/// to keep every lane busy when keys are unevenly spread, few enough that
+/// repeats still coalesce in the queue.
+const BACKLOG_PER_LANE: usize = 4;
+
+/// One instance of a policy version and its write path.
+pub struct Lane {
     pub policy: LoadedPolicy,
-    pub mode: Mode,
-    /// Tells the echo layer the hop count of the event being handled.
+    /// Tells this lane's echo layer the hop count of the event in hand.
     pub hops: Arc<AtomicU8>,
+}
+
+/// A policy version: its lanes and what its write path needs.
+pub struct Version {
+    /// At least one; lane 0 also takes deploy hooks and sweeps.
+    pub lanes: Vec<Lane>,
+    pub mode: Mode,
     /// What repeated failures do.
     pub failure: FailurePolicy,
     /// Which version of the policy this is (see
@@ -45,23 +71,67 @@ pub struct Version {
     pub generation: u64,
 }
 
+impl Version {
+    pub fn policy(&self) -> &LoadedPolicy {
+        &self.lanes[0].policy
+    }
+}
+
 /// Messages to a running worker.
 pub enum Control {
-    /// Replace the policy after the event in hand.
+    /// Replace the policy once the events already taken are handled.
     Swap(Version),
 }
 
-/// A loaded policy and everything its worker needs.
+/// A call handed to a lane.
+enum Work {
+    Key,
+    Sweep(SweepReason),
+    Deploy(HookDone),
+}
+
+/// A lane back from its call.
+struct Finished {
+    index: usize,
+    lane: Lane,
+    work: Work,
+    report: CallReport,
+    id: String,
+    /// The breaker's reset count when the call started: an instance that
+    /// was out while the breaker tripped is re-created on its return.
+    resets: u64,
+}
+
+/// A loaded policy and everything its dispatcher needs.
 pub struct Worker {
-    version: Version,
+    name: Arc<str>,
+    mode: Mode,
+    generation: u64,
+    /// `None` while the lane's call is in flight.
+    lanes: Vec<Option<Lane>>,
+    /// Keyspace events taken and waiting for their lane, per lane.
+    backlog: Vec<VecDeque<(u64, KeyNotification)>>,
+    buffered: usize,
+    calls: JoinSet<Finished>,
+    /// A hook or sweep taken, waiting for the lanes to be idle.
+    barrier: Option<(u64, Item)>,
+    barrier_running: bool,
+    /// A new version, waiting for the lanes to be idle.
+    next: Option<Version>,
     queue: Arc<PolicyQueue>,
+    closed: bool,
     control: mpsc::UnboundedReceiver<Control>,
     breaker: Breaker,
+    /// Times the breaker had the instances re-created.
+    resets: u64,
     switches: Arc<Switches>,
     /// Events were dropped while the policy was held back: sweep it.
     owes_sweep: bool,
     /// Consecutive failed sweeps.
     sweep_failures: u32,
+    /// Items taken so far: numbers the events in logs and audit lines.
+    seq: u64,
+    hasher: std::collections::hash_map::RandomState,
 }
 
 impl Worker {
@@ -72,112 +142,280 @@ impl Worker {
         switches: Arc<Switches>,
     ) -> (Worker, mpsc::UnboundedSender<Control>) {
         let (tx, control) = mpsc::unbounded_channel();
-        let breaker = Breaker::new(version.policy.name(), version.failure.clone());
-        (Worker { version, queue, control, breaker, switches, owes_sweep: false, sweep_failures: 0 }, tx)
+        let name: Arc<str> = Arc::from(version.policy().name());
+        let breaker = Breaker::new(&name, version.failure.clone());
+        let mut worker = Worker {
+            name,
+            mode: version.mode,
+            generation: version.generation,
+            lanes: Vec::new(),
+            backlog: Vec::new(),
+            buffered: 0,
+            calls: JoinSet::new(),
+            barrier: None,
+            barrier_running: false,
+            next: None,
+            queue,
+            closed: false,
+            control,
+            breaker,
+            resets: 0,
+            switches,
+            owes_sweep: false,
+            sweep_failures: 0,
+            seq: 0,
+            hasher: Default::default(),
+        };
+        worker.install(version);
+        (worker, tx)
     }
 
-    /// Run until the queue is closed and empty.
+    /// Take `version`'s lanes; only called with every lane idle.
+    fn install(&mut self, version: Version) {
+        debug_assert!(self.calls.is_empty() && self.buffered == 0);
+        self.mode = version.mode;
+        self.generation = version.generation;
+        self.lanes = version.lanes.into_iter().map(Some).collect();
+        self.backlog = self.lanes.iter().map(|_| VecDeque::new()).collect();
+    }
+
+    /// Run until the queue is closed and every call taken has finished.
     pub async fn run(mut self) {
-        let mut seq: u64 = 0;
         loop {
             let cooling = match self.breaker.admit(Instant::now()) {
                 Admit::Wait(until) => Some(tokio::time::Instant::from_std(until)),
                 Admit::Deliver => None,
             };
-            let item = tokio::select! {
+            self.advance(cooling.is_some());
+            if self.closed && self.calls.is_empty() {
+                return;
+            }
+            let taking = !self.closed
+                && self.barrier.is_none()
+                && !self.barrier_running
+                && self.next.is_none()
+                && self.buffered < BACKLOG_PER_LANE * self.lanes.len();
+            tokio::select! {
                 biased;
-                Some(Control::Swap(next)) = self.control.recv() => {
-                    // A new version starts with a clean record.
-                    self.breaker = Breaker::new(next.policy.name(), next.failure.clone());
-                    self.version = next;
-                    continue;
+                Some(done) = self.calls.join_next(), if !self.calls.is_empty() => match done {
+                    Ok(finished) => self.finish(finished),
+                    // A call task only ends early when the worker is being
+                    // torn down (aborted); nothing is left to report to.
+                    Err(e) => tracing::error!(policy = %self.name, error = %e, "a policy call task failed"),
+                },
+                Some(Control::Swap(next)) = self.control.recv(), if self.next.is_none() => {
+                    self.next = Some(next);
                 }
                 _ = tokio::time::sleep_until(cooling.unwrap_or_else(tokio::time::Instant::now)), if cooling.is_some() => {
                     self.settle();
-                    continue;
                 }
-                item = self.queue.pop() => item,
-            };
-            let Some(item) = item else { return };
-            let held = if cooling.is_some() {
-                Some("quarantined by its circuit breaker")
-            } else if self.switches.is_disabled(self.version.policy.name()) {
-                Some("disabled by the operator")
-            } else {
-                None
-            };
-            if let Some(why) = held {
-                self.skip(item, why);
-                continue;
+                item = self.queue.pop(), if taking => match item {
+                    Some(item) => self.take(item),
+                    None => self.close(),
+                },
             }
-            if matches!(item, Item::Sweep(_)) {
-                self.owes_sweep = false;
-            } else {
-                self.settle();
-            }
-            seq += 1;
-            let span = tracing::debug_span!("event", policy = %self.version.policy.name(), seq);
-            self.handle(item, seq).instrument(span).await;
         }
     }
 
-    async fn handle(&mut self, item: Item, seq: u64) {
+    /// The queue is closed: what was taken and not started is dropped
+    /// (a deploy hook's sender learns it was not handled).
+    fn close(&mut self) {
+        self.closed = true;
+        self.barrier = None;
+        self.next = None;
+        self.backlog.iter_mut().for_each(VecDeque::clear);
+        self.buffered = 0;
+    }
+
+    /// Take one item off the queue: a keyspace event joins its lane's
+    /// backlog, a hook or sweep becomes the barrier.
+    fn take(&mut self, item: Item) {
+        self.seq += 1;
         match item {
             Item::Key(k) => {
-                // Routed under another version's subscriptions (queued
-                // across a swap): only what this version subscribes to.
-                if k.generation != self.version.generation
-                    && !self.version.policy.manifest().wants_key_event(&k.op, k.key.as_bytes())
-                {
-                    tracing::debug!(policy = %self.version.policy.name(), op = %k.op, key = %k.key, "not for this version: its subscriptions changed");
-                    return;
-                }
-                self.version.hops.store(k.hops, Ordering::Relaxed);
-                let id = format!("key-{seq}");
-                let event = wit::Event::Key(KeyEvent { db: k.db, op: k.op, key: k.key });
-                // A failure is logged and counted by `handle`; nobody waits on it.
-                let _ = self.deliver(&id, &event).await;
+                let lane = self.lane_of(&k.key);
+                self.backlog[lane].push_back((self.seq, k));
+                self.buffered += 1;
             }
-            Item::Sweep(reason) => {
-                self.version.hops.store(0, Ordering::Relaxed);
-                let id = format!("sweep-{seq}");
-                match self.deliver(&id, &wit::Event::Sweep(SweepEvent { reason })).await {
-                    Ok(()) => self.sweep_failures = 0,
-                    // A sweep is how missed events get reconciled: losing one
-                    // to a passing failure (Redis restarting) would leave the
-                    // cache wrong until the next, so it is tried again later.
-                    Err(_) if self.sweep_failures < SWEEP_RETRIES => {
-                        self.sweep_failures += 1;
-                        let delay = Duration::from_millis(500 << self.sweep_failures);
-                        tracing::info!(policy = %self.version.policy.name(), delay_ms = delay.as_millis(), "sweep failed; trying again later");
-                        let queue = self.queue.clone();
-                        tokio::spawn(async move {
-                            tokio::time::sleep(delay).await;
-                            let _ = queue.push(Item::Sweep(reason));
-                        });
-                    }
-                    Err(_) => {}
+            item => self.barrier = Some((self.seq, item)),
+        }
+    }
+
+    fn lane_of(&self, key: &str) -> usize {
+        if self.lanes.len() == 1 {
+            return 0;
+        }
+        let mut h = self.hasher.build_hasher();
+        key.hash(&mut h);
+        (h.finish() % self.lanes.len() as u64) as usize
+    }
+
+    /// Start whatever can start: each idle lane's next event; once every
+    /// lane is idle, the waiting barrier, then the waiting version.
+    fn advance(&mut self, cooling: bool) {
+        for index in 0..self.lanes.len() {
+            while self.lanes[index].is_some()
+                && let Some((seq, k)) = self.backlog[index].pop_front()
+            {
+                self.buffered -= 1;
+                self.start_key(index, seq, k, cooling);
+            }
+        }
+        if !self.calls.is_empty() || self.buffered > 0 {
+            return;
+        }
+        if let Some((seq, item)) = self.barrier.take() {
+            self.start_barrier(seq, item, cooling);
+        } else if let Some(next) = self.next.take() {
+            self.install(next);
+        }
+    }
+
+    /// Why the policy is held back, if it is.
+    fn held(&self, cooling: bool) -> Option<&'static str> {
+        if cooling {
+            Some("quarantined by its circuit breaker")
+        } else if self.switches.is_disabled(&self.name) {
+            Some("disabled by the operator")
+        } else {
+            None
+        }
+    }
+
+    fn start_key(&mut self, index: usize, seq: u64, k: KeyNotification, cooling: bool) {
+        if self.held(cooling).is_some() {
+            self.owes_sweep = true;
+            return;
+        }
+        self.settle();
+        let lane = self.lanes[index].as_ref().expect("an idle lane");
+        // Routed under another version's subscriptions (queued across a
+        // swap): only what this version subscribes to.
+        if k.generation != self.generation && !lane.policy.manifest().wants_key_event(&k.op, k.key.as_bytes()) {
+            tracing::debug!(policy = %self.name, op = %k.op, key = %k.key, "not for this version: its subscriptions changed");
+            return;
+        }
+        lane.hops.store(k.hops, Ordering::Relaxed);
+        let event = wit::Event::Key(KeyEvent { db: k.db, op: k.op, key: k.key });
+        self.spawn(index, format!("key-{seq}"), seq, event, Work::Key);
+    }
+
+    fn start_barrier(&mut self, seq: u64, item: Item, cooling: bool) {
+        if let Some(why) = self.held(cooling) {
+            match item {
+                Item::Key(_) | Item::Sweep(_) => self.owes_sweep = true,
+                Item::Deploy(hook, done) => {
+                    let _ = done.send(Err(HookFailure::failed(format!("not delivered: the policy is {why}"))));
+                    tracing::info!(policy = %self.name, hook = %hook.id, "deploy hook not delivered: {why}");
                 }
+            }
+            return;
+        }
+        let lane = self.lanes[0].as_ref().expect("every lane is idle");
+        lane.hops.store(0, Ordering::Relaxed);
+        let (id, event, work) = match item {
+            Item::Sweep(reason) => {
+                self.owes_sweep = false;
+                if reason == SweepReason::Gap {
+                    let lost = self.queue.take_overload();
+                    if lost.dropped > 0 {
+                        tracing::warn!(
+                            policy = %self.name,
+                            dropped = lost.dropped,
+                            coalesced = lost.coalesced,
+                            "the policy fell behind: {} keyspace events dropped and {} coalesced since its last gap sweep; sweeping to reconcile",
+                            lost.dropped,
+                            lost.coalesced
+                        );
+                    }
+                }
+                (format!("sweep-{seq}"), wit::Event::Sweep(SweepEvent { reason }), Work::Sweep(reason))
             }
             Item::Deploy(hook, done) => {
-                self.version.hops.store(0, Ordering::Relaxed);
-                let id = hook.id.clone();
-                let ok = self.deliver(&id, &wit::Event::Deploy(hook)).await;
-                let _ = done.send(ok);
+                self.settle();
+                (hook.id.clone(), wit::Event::Deploy(hook), Work::Deploy(done))
+            }
+            Item::Key(k) => {
+                // Keys never become barriers; handled as an event anyway.
+                return self.start_key(0, seq, k, cooling);
+            }
+        };
+        self.barrier_running = true;
+        self.spawn(0, id, seq, event, work);
+    }
+
+    /// Run one call on lane `index`, in a task of its own (so lanes of one
+    /// policy use every core), which hands the lane back when it is done.
+    fn spawn(&mut self, index: usize, id: String, seq: u64, event: wit::Event, work: Work) {
+        let mut lane = self.lanes[index].take().expect("an idle lane");
+        let resets = self.resets;
+        let span = tracing::debug_span!("event", policy = %self.name, seq, lane = index);
+        self.calls.spawn(
+            async move {
+                let report = lane.policy.handle(&id, &event).await;
+                Finished { index, lane, work, report, id, resets }
+            }
+            .instrument(span),
+        );
+    }
+
+    /// A lane is back: audit, breaker, and the work's own follow-up.
+    fn finish(&mut self, done: Finished) {
+        let Finished { index, mut lane, work, report, id, resets } = done;
+        audit::record(&self.name, &id, self.mode, &report);
+        let result = classify(&report);
+        if self.breaker.record(result.is_ok(), Instant::now()) {
+            self.resets += 1;
+            self.lanes.iter_mut().flatten().for_each(|l| l.policy.reset_instance());
+        }
+        if resets != self.resets {
+            lane.policy.reset_instance();
+        }
+        self.lanes[index] = Some(lane);
+        match work {
+            Work::Key => {}
+            Work::Deploy(done) => {
+                self.barrier_running = false;
+                let _ = done.send(result);
+            }
+            Work::Sweep(reason) => {
+                self.barrier_running = false;
+                self.sweep_done(reason, result.is_ok());
             }
         }
     }
 
-    /// Not delivered: owe a sweep for what it misses, fail a deploy hook
-    /// (it is retried, then dead-lettered, never lost).
-    fn skip(&mut self, item: Item, why: &str) {
-        match item {
-            Item::Key(_) | Item::Sweep(_) => self.owes_sweep = true,
-            Item::Deploy(hook, done) => {
-                let _ = done.send(Err(HookFailure::failed(format!("not delivered: the policy is {why}"))));
-                tracing::info!(policy = %self.version.policy.name(), hook = %hook.id, "deploy hook not delivered: {why}");
+    /// A sweep is how missed events get reconciled: losing one to a passing
+    /// failure (Redis restarting) would leave the cache wrong until the
+    /// next, so a failed one is tried again, later and later, and one that
+    /// keeps failing is an error in the log.
+    fn sweep_done(&mut self, reason: SweepReason, ok: bool) {
+        if ok {
+            if self.sweep_failures >= SWEEP_RETRIES {
+                tracing::info!(policy = %self.name, attempts = self.sweep_failures + 1, "sweep succeeded again");
             }
+            self.sweep_failures = 0;
+            return;
         }
+        self.sweep_failures += 1;
+        let failures = self.sweep_failures;
+        let delay = Duration::from_millis(500u64 << failures.min(10)).min(SWEEP_RETRY_MAX);
+        if failures >= SWEEP_RETRIES && (failures - SWEEP_RETRIES) % 10 == 0 {
+            tracing::error!(
+                policy = %self.name,
+                failures,
+                delay_ms = delay.as_millis() as u64,
+                "sweep({}) failed {failures} times in a row: what it reconciles stays wrong until one succeeds; trying again",
+                wit::sweep_reason_name(reason)
+            );
+        } else {
+            tracing::info!(policy = %self.name, delay_ms = delay.as_millis() as u64, "sweep failed; trying again later");
+        }
+        let queue = self.queue.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let _ = queue.push(Item::Sweep(reason));
+        });
     }
 
     /// Queue the sweep owed for events dropped while held back.
@@ -186,23 +424,19 @@ impl Worker {
             let _ = self.queue.push(Item::Sweep(SweepReason::Gap));
         }
     }
+}
 
-    async fn deliver(&mut self, id: &str, event: &wit::Event) -> Result<(), HookFailure> {
-        let report = self.version.policy.handle(id, event).await;
-        audit::record(self.version.policy.name(), id, self.version.mode, &report);
-        if self.breaker.record(report.result.is_ok(), Instant::now()) {
-            self.version.policy.reset_instance();
-        }
-        let Err(failure) = report.result else { return Ok(()) };
-        // Redis going away explains a failure before anything else does; a
-        // denial the policy returned will be met the same way next time.
-        let kind = if report.call.redis_unavailable > 0 {
-            FailureKind::RedisUnavailable
-        } else if matches!(failure, CallFailure::Returned(wit::Error::Denied(_))) {
-            FailureKind::Denied
-        } else {
-            FailureKind::Failed
-        };
-        Err(HookFailure { reason: failure.to_string(), kind })
-    }
+/// What a call's report means for its caller (and its retries).
+fn classify(report: &CallReport) -> Result<(), HookFailure> {
+    let Err(failure) = &report.result else { return Ok(()) };
+    // Redis going away explains a failure before anything else does; a
+    // denial the policy returned will be met the same way next time.
+    let kind = if report.call.redis_unavailable > 0 {
+        FailureKind::RedisUnavailable
+    } else if matches!(failure, CallFailure::Returned(wit::Error::Denied(_))) {
+        FailureKind::Denied
+    } else {
+        FailureKind::Failed
+    };
+    Err(HookFailure { reason: failure.to_string(), kind })
 }

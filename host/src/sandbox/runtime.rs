@@ -112,7 +112,9 @@ pub struct RuntimeError(String);
 /// Engine-wide settings.
 #[derive(Clone, Debug)]
 pub struct RuntimeConfig {
-    /// Policy instances alive at once (pooling allocator slots).
+    /// Policy instances alive at once (pooling allocator slots): one per
+    /// lane of every policy, twice over while a version is swapped. Slots
+    /// are address space reserved up front, not memory used.
     pub max_instances: u32,
     /// Upper bound for any policy's memory budget.
     pub max_memory_bytes: usize,
@@ -120,7 +122,7 @@ pub struct RuntimeConfig {
 
 impl Default for RuntimeConfig {
     fn default() -> RuntimeConfig {
-        RuntimeConfig { max_instances: 128, max_memory_bytes: 256 << 20 }
+        RuntimeConfig { max_instances: 512, max_memory_bytes: 256 << 20 }
     }
 }
 
@@ -263,8 +265,9 @@ impl Runtime {
         instance.adopt(name.clone(), grants.clone());
         Ok(LoadedPolicy {
             setup: Setup { label: name, grants, ..setup },
-            manifest,
+            manifest: Arc::new(manifest),
             instance: Some(instance),
+            started: true,
             stats: PolicyStats::default(),
         })
     }
@@ -375,6 +378,7 @@ impl ResourceLimiter for MemoryLimiter {
 }
 
 /// Everything needed to (re-)create a policy's instance.
+#[derive(Clone)]
 struct Setup {
     pre: PolicyPre<StoreState>,
     label: Arc<str>,
@@ -512,8 +516,11 @@ pub struct CallReport {
 /// A configured policy with a validated manifest.
 pub struct LoadedPolicy {
     setup: Setup,
-    manifest: Manifest,
+    manifest: Arc<Manifest>,
     instance: Option<Instance>,
+    /// An instance was created at least once: a missing one is then a
+    /// restart after a failure, not a lane's first event.
+    started: bool,
     stats: PolicyStats,
 }
 
@@ -533,6 +540,20 @@ impl LoadedPolicy {
 
     pub fn stats(&self) -> PolicyStats {
         self.stats
+    }
+
+    /// Another instance of the same version, writing through `backend`:
+    /// a lane, which handles its share of the events concurrently with the
+    /// others. Its instance is created (and configured) on its first event,
+    /// so a lane that never gets one costs nothing.
+    pub fn lane(&self, backend: Arc<dyn Backend>) -> LoadedPolicy {
+        LoadedPolicy {
+            setup: Setup { backend, ..self.setup.clone() },
+            manifest: self.manifest.clone(),
+            instance: None,
+            started: false,
+            stats: PolicyStats::default(),
+        }
     }
 
     /// Drop the live instance: the next event gets a fresh one, configured
@@ -595,10 +616,13 @@ impl LoadedPolicy {
         (result, call)
     }
 
-    /// A fresh instance after a trap, configured as the first one was.
+    /// A fresh instance after a trap (or a lane's first), configured as the
+    /// first one was.
     async fn restart(&mut self) -> Result<Instance, CallFailure> {
-        self.stats.restarts += 1;
-        tracing::info!(policy = %self.manifest.name, "re-creating the policy instance after a failure");
+        if std::mem::replace(&mut self.started, true) {
+            self.stats.restarts += 1;
+            tracing::info!(policy = %self.manifest.name, "re-creating the policy instance after a failure");
+        }
         let mut instance = self.setup.instantiate().await.map_err(CallFailure::Restart)?;
         instance.configure(&self.setup.config).await.map_err(CallFailure::Restart)?;
         instance.adopt(self.setup.label.clone(), self.setup.grants.clone());

@@ -144,6 +144,13 @@ impl RedisServer {
     pub fn exists(&self, key: &str) -> bool {
         self.cmd::<i64>(&["EXISTS", key]) == 1
     }
+
+    /// Keyspace events the `recorder` fixture named `name` handled: the sum
+    /// of its instances' (its lanes') counts.
+    pub fn recorded_events(&self, name: &str) -> u64 {
+        let counts = self.keys(&format!("recorder:{name}:events:*"));
+        counts.iter().map(|key| self.cmd::<Option<u64>>(&["GET", key]).unwrap_or(0)).sum()
+    }
 }
 
 impl Drop for RedisServer {
