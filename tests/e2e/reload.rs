@@ -256,3 +256,32 @@ fn a_policy_loaded_later_that_needs_more_notifications_gets_them() {
     eventually(&daemon, "the flag it needs is set without a reconnect", || flags().contains('x'));
     assert_eq!(daemon.stop(), Some(0));
 }
+
+#[test]
+fn the_subscription_follows_the_ops_the_loaded_policies_listen_to() {
+    let redis = RedisServer::start();
+    let (setup, _cache) = setup_with(&format!(
+        "{REC}\n[policies.deleter]\nconfig = {{ name = \"deleter\", ops = [\"del\"], patterns = [\"gone:*\"] }}"
+    ));
+    let daemon = Daemon::start(&redis, &setup);
+    daemon.wait_for("subscribed to keyspace notifications ops=set", Duration::from_secs(20));
+    let channels = || redis.cmd::<Vec<String>>(&["PUBSUB", "CHANNELS", "__keyevent@0__:*"]);
+    assert_eq!(channels(), ["__keyevent@0__:set"], "only what rec listens to");
+
+    std::fs::copy(wasm("recorder"), setup.policies().join("deleter.wasm")).unwrap();
+    daemon.wait_for("keyspace subscription follows the loaded policies ops=del set", Duration::from_secs(30));
+    let mut now = channels();
+    now.sort();
+    assert_eq!(now, ["__keyevent@0__:del", "__keyevent@0__:set"]);
+    redis.cmd::<()>(&["SET", "gone:1", "v"]);
+    redis.cmd::<()>(&["DEL", "gone:1"]);
+    eventually(&daemon, "the new op's event delivered", || redis.recorded_events("deleter") == 1);
+    eventually(&daemon, "a reload sweep for what it may have missed", || {
+        redis.cmd::<Option<u64>>(&["GET", "recorder:deleter:sweep:reload"]).is_some()
+    });
+
+    std::fs::remove_file(setup.policies().join("deleter.wasm")).unwrap();
+    daemon.wait_for("policy unloaded", Duration::from_secs(30));
+    eventually(&daemon, "its channel dropped", || channels() == ["__keyevent@0__:set"]);
+    assert_eq!(daemon.stop(), Some(0));
+}

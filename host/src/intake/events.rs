@@ -1,10 +1,15 @@
 //! Keyspace notifications from Redis into the policies' queues.
 //!
-//! One dedicated subscription connection runs `PSUBSCRIBE __keyevent@<db>__:*`.
+//! One dedicated subscription connection subscribes to the
+//! `__keyevent@<db>__:<op>` channels of the ops the loaded policies listen
+//! to, and re-subscribes when that set changes: Redis sends nothing the
+//! policies would not be given (ttl-table's own `EXPIRE`s cause `expire`
+//! events nobody wants, as many as the writes it handles). A policy that
+//! listens to every op turns this into `PSUBSCRIBE __keyevent@<db>__:*`.
 //! Keyevent channels rather than keyspace channels: the event name is the
 //! (ASCII) channel suffix and the key is the payload, so keys are taken
 //! binary-safe as they are, with no parsing of key bytes out of a channel
-//! name; one pattern covers every event.
+//! name.
 //!
 //! The connection speaks RESP3, and each notification is routed right in
 //! the connection's reader as it is parsed (redis-rs's push sender), with no
@@ -20,6 +25,7 @@
 //! missed. Reconnects back off exponentially with jitter and are logged once
 //! per change of state, not once per retry.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -33,6 +39,7 @@ use tracing::{info, warn};
 
 use crate::dispatch::routes::Routes;
 use crate::intake::notify;
+use crate::sandbox::manifest::Manifest;
 use crate::store::echo::EchoLedger;
 use crate::wit::SweepReason;
 
@@ -104,6 +111,55 @@ impl Default for Backoff {
     }
 }
 
+/// The keyevent channels a set of policies needs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Channels {
+    /// These ops' channels.
+    Ops(BTreeSet<String>),
+    /// Every op (a policy listens to all of them): one pattern.
+    #[default]
+    All,
+}
+
+impl Channels {
+    /// What the loaded policies listen to.
+    pub fn needed(routes: &Routes) -> Channels {
+        let mut ops = BTreeSet::new();
+        for manifest in routes.manifests() {
+            for subscription in &manifest.key_subscriptions {
+                if subscription.ops.is_empty() {
+                    return Channels::All;
+                }
+                ops.extend(subscription.ops.iter().cloned());
+            }
+        }
+        Channels::Ops(ops)
+    }
+
+    fn names(&self, db: u32) -> Vec<String> {
+        match self {
+            Channels::All => vec![format!("__keyevent@{db}__:*")],
+            Channels::Ops(ops) => ops.iter().map(|op| format!("__keyevent@{db}__:{op}")).collect(),
+        }
+    }
+
+    /// Whether `manifest` listens to an op these channels do not carry.
+    fn miss_any(&self, manifest: &Manifest) -> bool {
+        let Channels::Ops(ops) = self else { return false };
+        manifest.key_subscriptions.iter().any(|s| s.ops.is_empty() || s.ops.iter().any(|op| !ops.contains(op)))
+    }
+}
+
+impl std::fmt::Display for Channels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Channels::All => f.write_str("every op"),
+            Channels::Ops(ops) if ops.is_empty() => f.write_str("no op"),
+            Channels::Ops(ops) => f.write_str(&ops.iter().map(String::as_str).collect::<Vec<_>>().join(" ")),
+        }
+    }
+}
+
 /// Parse a keyevent channel name: `__keyevent@<db>__:<op>` -> (db, op).
 pub fn parse_channel(channel: &str) -> Option<(u32, &str)> {
     let rest = channel.strip_prefix("__keyevent@")?;
@@ -118,11 +174,13 @@ impl Subscriber {
         let mut ready = Some(ready);
         let mut backoff = Backoff::new();
         let mut down_since_logged = false;
-        let channel = format!("__keyevent@{}__:*", self.db);
         loop {
+            // Read before subscribing: a change after this is acted on by
+            // `watch`, whose receiver has not marked it seen.
+            let channels = Channels::needed(&self.routes.load());
             let subscribed = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                s = self.subscribe(&channel) => s,
+                s = self.subscribe(&channels) => s,
             };
             let (conn, link) = match subscribed {
                 Ok(pair) => pair,
@@ -140,16 +198,16 @@ impl Subscriber {
             backoff.reset();
             let reason = if ready.is_some() { SweepReason::Start } else { SweepReason::Reconnect };
             if reason == SweepReason::Reconnect {
-                info!(%channel, "keyspace subscription restored; sweeping every policy to reconcile");
+                info!(ops = %channels, "keyspace subscription restored; sweeping every policy to reconcile");
             } else {
-                info!(%channel, "subscribed to keyspace notifications");
+                info!(ops = %channels, "subscribed to keyspace notifications");
             }
             down_since_logged = false;
             self.routes.load().sweep_all(reason);
             if let Some(tx) = ready.take() {
                 let _ = tx.send(());
             }
-            if self.watch(conn, &link, &shutdown).await {
+            if self.watch(conn, channels, &link, &shutdown).await {
                 return;
             }
             warn!("keyspace subscription lost; reconnecting (notifications meanwhile are reconciled by a sweep)");
@@ -158,7 +216,7 @@ impl Subscriber {
 
     /// Connect, make sure notifications are on, subscribe. Returns the
     /// connection (for pings) and what fires when it closes.
-    async fn subscribe(&self, channel: &str) -> Result<(MultiplexedConnection, Arc<Link>), String> {
+    async fn subscribe(&self, channels: &Channels) -> Result<(MultiplexedConnection, Arc<Link>), String> {
         let mut conn = self.client.get_multiplexed_async_connection().await.map_err(|e| e.to_string())?;
         self.ensure_flags(&mut conn).await;
         let info = self.client.get_connection_info().clone();
@@ -185,8 +243,50 @@ impl Subscriber {
         let config = AsyncConnectionConfig::new().set_push_sender(router);
         let mut conn = client.get_multiplexed_async_connection_with_config(&config).await.map_err(|e| e.to_string())?;
         conn.subscribe(&self.fence_channel).await.map_err(|e| e.to_string())?;
-        conn.psubscribe(channel).await.map_err(|e| e.to_string())?;
+        self.listen(&mut conn, channels, true).await.map_err(|e| e.to_string())?;
         Ok((conn, link))
+    }
+
+    /// Subscribe to `channels` (`on`) or unsubscribe from them.
+    async fn listen(&self, conn: &mut MultiplexedConnection, channels: &Channels, on: bool) -> redis::RedisResult<()> {
+        let names = channels.names(self.db);
+        match (channels, on) {
+            (_, _) if names.is_empty() => Ok(()),
+            (Channels::All, true) => conn.psubscribe(names).await,
+            (Channels::All, false) => conn.punsubscribe(names).await,
+            (Channels::Ops(_), true) => conn.subscribe(names).await,
+            (Channels::Ops(_), false) => conn.unsubscribe(names).await,
+        }
+    }
+
+    /// The policies changed: hear what they now listen to. Ops newly heard
+    /// may have been written before the subscription took: the policies
+    /// listening to them sweep (the one a reload queues may have run
+    /// before it).
+    async fn resubscribe(&self, conn: &mut MultiplexedConnection, current: &mut Channels) -> redis::RedisResult<()> {
+        let routes = self.routes.load();
+        let wanted = Channels::needed(&routes);
+        if wanted == *current {
+            return Ok(());
+        }
+        match (&wanted, &*current) {
+            (Channels::Ops(now), Channels::Ops(then)) => {
+                let add = Channels::Ops(now.difference(then).cloned().collect());
+                let remove = Channels::Ops(then.difference(now).cloned().collect());
+                self.listen(conn, &add, true).await?;
+                self.listen(conn, &remove, false).await?;
+            }
+            _ => {
+                self.listen(conn, &wanted, true).await?;
+                self.listen(conn, current, false).await?;
+            }
+        }
+        info!(ops = %wanted, "keyspace subscription follows the loaded policies");
+        for route in routes.routes().iter().filter(|r| current.miss_any(&r.manifest)) {
+            let _ = route.queue.push(crate::dispatch::queue::Item::Sweep(SweepReason::Reload));
+        }
+        *current = wanted;
+        Ok(())
     }
 
     /// Make sure Redis emits what the loaded policies need (setting the
@@ -207,7 +307,13 @@ impl Subscriber {
     /// until the connection dies (`false`) or shutdown (`true`). A change of
     /// policies re-checks the notification flags (RESP3 lets the subscribed
     /// connection run commands).
-    async fn watch(&mut self, mut conn: MultiplexedConnection, link: &Link, shutdown: &CancellationToken) -> bool {
+    async fn watch(
+        &mut self,
+        mut conn: MultiplexedConnection,
+        mut channels: Channels,
+        link: &Link,
+        shutdown: &CancellationToken,
+    ) -> bool {
         let mut ping = tokio::time::interval(PING_EVERY);
         ping.tick().await;
         // Not marked unchanged here: a republish between the subscription's
@@ -220,6 +326,10 @@ impl Subscriber {
                 Ok(()) = self.changes.changed() => {
                     self.changes.mark_unchanged();
                     self.ensure_flags(&mut conn).await;
+                    if let Err(e) = self.resubscribe(&mut conn, &mut channels).await {
+                        warn!(error = %e, "cannot change the keyspace subscription; reconnecting");
+                        return false;
+                    }
                 }
                 _ = ping.tick() => {
                     let alive = tokio::time::timeout(PING_EVERY, redis::cmd("PING").query_async::<Value>(&mut conn)).await;
@@ -279,31 +389,23 @@ impl AsyncPushSender for Router {
     fn send(&self, push: PushInfo) -> Result<(), redis::aio::SendError> {
         self.link.heard();
         match push.kind {
+            // [pattern, channel, payload]
             PushKind::PMessage => {
-                if let Some(lag) = self.lag {
-                    std::thread::sleep(lag);
-                }
-                // [pattern, channel, payload]
-                let routed = match push.data.as_slice() {
-                    [_, Value::BulkString(channel), Value::BulkString(payload)] => {
-                        std::str::from_utf8(channel).is_ok_and(|channel| self.route(channel, payload))
-                    }
-                    _ => false,
-                };
-                if !routed {
-                    let skipped = self.skipped.fetch_add(1, Ordering::Relaxed) + 1;
-                    if skipped.is_power_of_two() {
-                        tracing::debug!(skipped, "skipped pub/sub messages that are not keyspace events");
-                    }
+                if let [_, Value::BulkString(channel), Value::BulkString(payload)] = push.data.as_slice() {
+                    self.deliver(channel, payload);
                 }
             }
-            // [channel, payload]: a fence of the echo ledger.
+            // [channel, payload]: a keyevent channel, or a fence of the echo
+            // ledger.
             PushKind::Message => {
-                if let [Value::BulkString(channel), Value::BulkString(payload)] = push.data.as_slice()
-                    && channel.as_slice() == self.fence_channel.as_bytes()
-                    && let Some(id) = crate::store::echo::parse_fence(payload)
-                {
-                    self.ledger.fence_seen(id);
+                if let [Value::BulkString(channel), Value::BulkString(payload)] = push.data.as_slice() {
+                    if channel.as_slice() == self.fence_channel.as_bytes() {
+                        if let Some(id) = crate::store::echo::parse_fence(payload) {
+                            self.ledger.fence_seen(id);
+                        }
+                    } else {
+                        self.deliver(channel, payload);
+                    }
                 }
             }
             // A permit is stored if nobody waits yet.
@@ -315,6 +417,19 @@ impl AsyncPushSender for Router {
 }
 
 impl Router {
+    /// Route a message from a keyevent channel.
+    fn deliver(&self, channel: &[u8], payload: &[u8]) {
+        if let Some(lag) = self.lag {
+            std::thread::sleep(lag);
+        }
+        if !std::str::from_utf8(channel).is_ok_and(|channel| self.route(channel, payload)) {
+            let skipped = self.skipped.fetch_add(1, Ordering::Relaxed) + 1;
+            if skipped.is_power_of_two() {
+                tracing::debug!(skipped, "skipped pub/sub messages that are not keyspace events");
+            }
+        }
+    }
+
     /// Route one notification; `false` if it was not routable.
     fn route(&self, channel: &str, payload: &[u8]) -> bool {
         let Some((db, op)) = parse_channel(channel) else { return false };
