@@ -10,9 +10,17 @@ use crate::{DeployEvent, Error, Event, KeyEvent, Manifest, Outcome, SweepReason}
 /// A cache policy.
 ///
 /// Modelled on proxy-wasm's SDK: every hook has a default that does nothing,
-/// so a policy implements only what it reacts to. One instance lives for as
+/// so a policy implements only what it reacts to. An instance lives for as
 /// long as the host keeps the component loaded; the host may re-create it
 /// (calling `new` again with the same config) after a trap.
+///
+/// The host runs several instances of a policy at once (its lanes, 8 by
+/// default), each with its own memory, and shares keyspace events out among
+/// them by key: all events of one key reach the same instance, in order,
+/// but an instance sees only its share of the keys. Deploy hooks and sweeps
+/// run on one instance while the others are idle. So keep state that
+/// matters in Redis, not in the policy's memory; a per-key cache in memory
+/// is fine, a global counter is not (or ask the operator for `lanes = 1`).
 pub trait Policy: Sized + 'static {
     /// Settings from the operator's config file, deserialized from JSON.
     /// `{}` when the operator gave none: use `#[serde(default)]` for

@@ -1,14 +1,18 @@
 //! Keyspace events end to end: the daemon (release build, the four bundled
 //! policies loaded) receiving `set` notifications and ttl-table applying
-//! `EXPIRE` for each, against a bare subscriber that only counts the same
-//! notifications under the same load.
+//! `EXPIRE` for each, against what a user would write instead (the
+//! hand-written [`crate::native`] daemon doing the same job), with a bare
+//! subscriber that only counts the same notifications for context.
 //!
 //! Completion is observed from outside: a separate subscriber counts the
 //! `expire` notifications the daemon's writes cause, so "handled" means the
 //! TTL is on the key in Redis. The same observer gives the event-to-action
-//! latency of a fixed-rate load, and the daemon's resident memory is
-//! sampled throughout.
+//! latency of a fixed-rate load and the lag after a `redis-benchmark`
+//! burst; each daemon's CPU time per handled event comes from
+//! `/proc/<pid>/stat`, and the daemon's resident memory is sampled
+//! throughout.
 
+use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
@@ -20,7 +24,9 @@ use crate::support::{Daemon, RedisServer, Setup, rss_kib};
 use crate::{Sizes, median, repeat};
 
 const POLICIES: [&str; 4] = ["ttl-table", "genre-invalidation", "file-cache-clear", "key-naming"];
-const TTL_CONFIG: &str = "[policies.ttl-table]\nconfig = { rows = [{ pattern = \"ev:*\", ttl = 3600 }, { pattern = \"lat:*\", ttl = 3600 }] }";
+/// The same rows as [`crate::native`]'s.
+const TTL_CONFIG: &str = "[policies.ttl-table]\nconfig = { rows = [{ pattern = \"ev:*\", ttl = 3600 }, \
+                          { pattern = \"lat:*\", ttl = 3600 }, { pattern = \"job:*\", ttl = 86400 }] }";
 
 /// Subscribe to `__keyevent@0__:<op>` and pass each key with `prefix` and
 /// the time it arrived to `seen`, until it returns false or `stop` is set.
@@ -139,6 +145,31 @@ fn latency(redis: &RedisServer, per_sec: u64, run: Duration) -> (f64, f64, u64) 
     (pct(0.5).unwrap_or(f64::NAN), pct(0.99).unwrap_or(f64::NAN), missing)
 }
 
+/// CPU seconds `pid` has used (user and system), from `/proc/<pid>/stat`.
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces): utime and
+    // stime are the 12th and 13th.
+    let rest = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = [11, 12].iter().filter_map(|&i| fields.get(i)?.parse::<u64>().ok()).sum();
+    ticks as f64 / clock_ticks_per_sec()
+}
+
+fn clock_ticks_per_sec() -> f64 {
+    let out = Command::new("getconf").arg("CLK_TCK").output();
+    out.ok().and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok()).unwrap_or(100.0)
+}
+
+/// A daemon doing ttl-table's job.
+trait Contender {
+    fn pid(&self) -> u32;
+    /// The log, to tell whether it had to sweep (cachepol only).
+    fn log(&self) -> String {
+        String::new()
+    }
+}
+
 /// The daemon with the four bundled policies, its RSS sampled throughout.
 struct Running {
     daemon: Daemon,
@@ -168,6 +199,124 @@ impl Running {
     }
 }
 
+impl Contender for Running {
+    fn pid(&self) -> u32 {
+        self.daemon.pid()
+    }
+
+    fn log(&self) -> String {
+        self.daemon.log_text()
+    }
+}
+
+/// The hand-written native daemon ([`crate::native`]), killed on drop.
+struct Native(Child);
+
+impl Native {
+    fn start(redis: &RedisServer) -> Native {
+        let mut child = Command::new(std::env::current_exe().expect("the bench binary"))
+            .args([crate::native::FLAG, &redis.url()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start the native daemon");
+        let mut ready = String::new();
+        let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+        std::io::BufRead::read_line(&mut stderr, &mut ready).unwrap();
+        assert!(ready.contains("ready"), "the native daemon did not start: {ready}");
+        Native(child)
+    }
+}
+
+impl Contender for Native {
+    fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for Native {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Bursts of `sizes.events` writes through `daemon`: events/s (median) and
+/// CPU microseconds per handled event (over all bursts).
+fn bursts(redis: &RedisServer, daemon: &dyn Contender, sizes: &Sizes, tag: &str) -> (f64, f64) {
+    let cpu = cpu_secs(daemon.pid());
+    let mut rep = 0;
+    let rate = repeat(sizes.reps, || {
+        rep += 1;
+        throughput(redis, "expire", &format!("ev:{tag}{rep}:"), sizes.events)
+    });
+    let used = cpu_secs(daemon.pid()) - cpu;
+    (rate, used * 1e6 / (sizes.events * sizes.reps as u64) as f64)
+}
+
+/// `redis-benchmark -P 16` writes `n` random `job:` keys as fast as it
+/// can; returns how long after it finished the last TTL was applied (from
+/// the `expire` notifications) and whether the daemon fell behind (and
+/// swept); fails if a key was left without a TTL.
+fn benchmark_burst(redis: &RedisServer, daemon: &dyn Contender, n: u64) -> (Duration, bool) {
+    redis.cmd::<()>(&["FLUSHALL"]);
+    let log_before = daemon.log().len();
+    let last = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let t0 = Instant::now();
+    let seen = last.clone();
+    let observer = observe(redis, "expire", "job:".into(), stop.clone(), move |_, at| {
+        seen.store((at - t0).as_micros() as u64, Ordering::Relaxed);
+        true
+    });
+    let status = Command::new("redis-benchmark")
+        .args(["-p", &redis.port.to_string(), "-n", &n.to_string(), "-P", "16", "-r", "1000000000", "-q"])
+        .args(["SET", "job:__rand_int__", "v"])
+        .stdout(Stdio::null())
+        .status()
+        .expect("redis-benchmark (installed with redis-server)");
+    assert!(status.success(), "redis-benchmark failed");
+    let ended = t0.elapsed();
+    // Done once no TTL has been applied for a second.
+    let mut quiet_since = Instant::now();
+    let mut seen_at = last.load(Ordering::Relaxed);
+    while quiet_since.elapsed() < Duration::from_secs(1) && t0.elapsed() < ended + Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(50));
+        let now = last.load(Ordering::Relaxed);
+        if now != seen_at {
+            seen_at = now;
+            quiet_since = Instant::now();
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let _ = observer.join();
+    let persistent = persistent_keys(redis, "job:*");
+    assert_eq!(persistent, 0, "keys left without a TTL after the burst");
+    let swept = daemon.log().get(log_before..).is_some_and(|log| log.contains("fell behind"));
+    (Duration::from_micros(seen_at).saturating_sub(ended), swept)
+}
+
+/// Keys matching `pattern` without a TTL.
+fn persistent_keys(redis: &RedisServer, pattern: &str) -> usize {
+    let mut conn = redis.conn();
+    let mut cursor = 0u64;
+    let mut persistent = 0;
+    loop {
+        let (next, keys): (u64, Vec<String>) =
+            redis::cmd("SCAN").arg(cursor).arg("MATCH").arg(pattern).arg("COUNT").arg(1000).query(&mut conn).unwrap();
+        let mut pipe = redis::pipe();
+        for key in &keys {
+            pipe.cmd("PTTL").arg(key);
+        }
+        let ttls: Vec<i64> = pipe.query(&mut conn).unwrap();
+        persistent += ttls.iter().filter(|t| **t == -1).count();
+        if next == 0 {
+            return persistent;
+        }
+        cursor = next;
+    }
+}
+
 pub fn run(redis: &RedisServer, sizes: &Sizes) -> Vec<Row> {
     redis.cmd::<()>(&["FLUSHALL"]);
     redis.cmd::<()>(&["CONFIG", "SET", "notify-keyspace-events", "E$g"]);
@@ -177,13 +326,17 @@ pub fn run(redis: &RedisServer, sizes: &Sizes) -> Vec<Row> {
         throughput(redis, "set", &format!("base:{rep}:"), sizes.events)
     });
 
-    // Bursts as fast as the writer can go: the daemon's queues overflow and
+    let native = Native::start(redis);
+    let (native_rate, native_cpu) = bursts(redis, &native, sizes, "native");
+    let (native_lag, _) = benchmark_burst(redis, &native, sizes.burst);
+    drop(native);
+
+    // Bursts as fast as the writer can go: if the daemon's queues overflow,
     // gap sweeps follow, as they would in production.
+    redis.cmd::<()>(&["FLUSHALL"]);
     let daemon = Running::start(redis);
-    let ours = repeat(sizes.reps, || {
-        rep += 1;
-        throughput(redis, "expire", &format!("ev:{rep}:"), sizes.events)
-    });
+    let (ours, our_cpu) = bursts(redis, &daemon, sizes, "cachepol");
+    let (our_lag, swept) = benchmark_burst(redis, &daemon, sizes.burst);
     let burst_mib = daemon.stop();
 
     // A steady 10k events/s on a fresh keyspace and daemon, so no sweep left
@@ -198,15 +351,39 @@ pub fn run(redis: &RedisServer, sizes: &Sizes) -> Vec<Row> {
     let p99 = median(runs.iter().map(|r| r.1).collect());
     let missing: u64 = runs.iter().map(|r| r.2).sum();
     let lost = if missing > 0 { format!(", {missing} without a TTL after 5 s") } else { String::new() };
-    let ratio = ours / bare;
+    let ratio = ours / native_rate;
+    let ms = |d: Duration| format!("{:.0} ms", d.as_secs_f64() * 1000.0);
     vec![
         Row {
             scenario: format!("keyspace events through ttl-table, bursts of {} writes (EXPIRE applied)", sizes.events),
             cachepol: rate(ours),
-            baseline: format!("bare Rust subscriber counting the same events: {}", rate(bare)),
+            baseline: format!(
+                "hand-written native daemon (RESP3, pipelined EXPIRE NX): {}; bare subscriber only counting: {}",
+                rate(native_rate),
+                rate(bare)
+            ),
             ratio: format!("{ratio:.2}x"),
             target: ">= 0.8x".into(),
             met: Some(ratio >= 0.8),
+        },
+        Row {
+            scenario: "daemon CPU per handled event, in those bursts".into(),
+            cachepol: format!("{our_cpu:.1} us"),
+            baseline: format!("native daemon: {native_cpu:.1} us"),
+            ratio: format!("{:.1}x the CPU", our_cpu / native_cpu),
+            target: "<= 5 us".into(),
+            met: Some(our_cpu <= 5.0),
+        },
+        Row {
+            scenario: format!(
+                "`redis-benchmark -P 16` burst of {} random job:* writes: last TTL applied after the burst ended",
+                sizes.burst
+            ),
+            cachepol: format!("{}{}", ms(our_lag), if swept { ", fell behind: gap sweep" } else { "" }),
+            baseline: format!("native daemon: {}", ms(native_lag)),
+            ratio: "-".into(),
+            target: "< 1 s, no gap sweep".into(),
+            met: Some(our_lag < Duration::from_secs(1) && !swept),
         },
         Row {
             scenario: format!("event -> action latency at 10k events/s for {} s", sizes.latency_run.as_secs()),

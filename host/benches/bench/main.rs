@@ -10,8 +10,10 @@
 //! Module map:
 //! - [`deletion`]: `delete-matching` against a naive SCAN+DEL loop and
 //!   `redis-cli --pipe`.
-//! - [`events`]: keyspace events through ttl-table against a bare
-//!   subscriber; event-to-action latency at a fixed rate; daemon memory.
+//! - [`events`]: keyspace events through ttl-table against a hand-written
+//!   [`native`] daemon and a bare subscriber; CPU per event; lag after a
+//!   `redis-benchmark` burst; event-to-action latency at a fixed rate;
+//!   daemon memory.
 //! - [`overhead`]: one WIT `handle` against the same logic compiled natively.
 //! - [`swap`]: hot swap, from rename to the new version handling events.
 //! - [`report`]: the table.
@@ -21,6 +23,7 @@ mod support;
 
 mod deletion;
 mod events;
+mod native;
 mod overhead;
 mod report;
 mod swap;
@@ -41,6 +44,8 @@ pub struct Sizes {
     pub reps: usize,
     /// Events written for the throughput scenario.
     pub events: u64,
+    /// Writes in the `redis-benchmark` burst.
+    pub burst: u64,
     /// How long the fixed-rate latency run lasts.
     pub latency_run: Duration,
     /// Policy calls for the overhead scenario.
@@ -56,6 +61,7 @@ impl Sizes {
                 naive_cap: Duration::from_secs(2),
                 reps: 1,
                 events: 20_000,
+                burst: 50_000,
                 latency_run: Duration::from_secs(2),
                 calls: 20_000,
             }
@@ -66,6 +72,7 @@ impl Sizes {
                 naive_cap: Duration::from_secs(15),
                 reps: 3,
                 events: 200_000,
+                burst: 200_000,
                 latency_run: Duration::from_secs(10),
                 calls: 200_000,
             }
@@ -93,6 +100,9 @@ fn main() {
     // `cargo bench` passes `--bench`; ours are `--quick` and `--only NAME`
     // (deletion, overhead, events, swap), for profiling one scenario.
     let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == native::FLAG) {
+        native::main(args.get(i + 1).expect("a Redis URL after the flag"));
+    }
     let quick = args.iter().any(|a| a == "--quick");
     let only = args.iter().position(|a| a == "--only").and_then(|i| args.get(i + 1)).cloned();
     let wanted = |name: &str| only.as_deref().is_none_or(|o| o == name);

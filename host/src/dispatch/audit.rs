@@ -1,22 +1,123 @@
-//! The audit trail: what each policy call did to the cache, one log line per
-//! call that changed (or, in dry-run, would have changed) something.
+//! The audit trail: what policy calls did to the cache.
+//!
+//! Each call that changed (or, in dry-run, would have changed) something
+//! gets a line with a sample of its keys. Keyspace events can come by the
+//! hundred thousand a second, though: past [`LINES_PER_WINDOW`] lines in a
+//! second, a policy's further key events are summed ([`Tally`]) and logged
+//! as one line at the end of the second, with exact counts.
 //!
 //! Lines go to the `cachepol::audit` target so they can be routed apart from
 //! operational logs (`RUST_LOG=cachepol::audit=info`).
 
+use std::time::{Duration, Instant};
+
 use crate::config::Mode;
 use crate::sandbox::runtime::CallReport;
 
-/// Log the effects of one call, if it had any.
-pub fn record(policy: &str, event_id: &str, mode: Mode, report: &CallReport) {
-    let e = &report.call.effects;
-    if e.deleted == 0 && e.expired == 0 && e.written == 0 && e.locks == 0 && report.call.denials_total == 0 {
-        return;
+/// The window over which key events' lines are counted.
+pub const TALLY_EVERY: Duration = Duration::from_secs(1);
+
+/// Key events logged one by one per policy per window; the rest are summed.
+pub const LINES_PER_WINDOW: u32 = 100;
+
+/// A policy's keyspace events in the current window.
+#[derive(Debug, Default)]
+pub struct Tally {
+    /// Lines written one by one in this window.
+    lines: u32,
+    /// When the window started.
+    window: Option<Instant>,
+    calls: u64,
+    failed: u64,
+    deleted: u64,
+    expired: u64,
+    written: u64,
+    locks: u64,
+    denied: u64,
+    /// When the first call not yet logged finished.
+    since: Option<Instant>,
+}
+
+impl Tally {
+    /// Log one key event's call, or add it to the window's sum.
+    pub fn add(&mut self, policy: &str, event_id: &str, mode: Mode, report: &CallReport) {
+        let now = Instant::now();
+        if self.window.is_none_or(|w| now >= w + TALLY_EVERY) {
+            self.flush(policy, mode);
+            self.window = Some(now);
+        }
+        if !changed(report) {
+            return;
+        }
+        if self.lines < LINES_PER_WINDOW {
+            self.lines += 1;
+            return record(policy, event_id, mode, report);
+        }
+        let e = &report.call.effects;
+        self.calls += 1;
+        self.failed += u64::from(report.result.is_err());
+        self.deleted += e.deleted;
+        self.expired += e.expired;
+        self.written += e.written;
+        self.locks += e.locks;
+        self.denied += u64::from(report.call.denials_total);
+        self.since.get_or_insert(now);
     }
-    let verb = match mode {
+
+    /// When the line for what is summed now is due (the window's end), if
+    /// anything is.
+    pub fn due(&self) -> Option<Instant> {
+        self.since.and(self.window).map(|w| w + TALLY_EVERY)
+    }
+
+    /// Write the sum (if anything was summed) and start a new window.
+    pub fn flush(&mut self, policy: &str, mode: Mode) {
+        let t = std::mem::take(self);
+        if t.deleted == 0 && t.expired == 0 && t.written == 0 && t.locks == 0 && t.denied == 0 {
+            return;
+        }
+        tracing::info!(
+            target: "cachepol::audit",
+            policy,
+            more_events = t.calls,
+            failed = t.failed,
+            dry_run = mode == Mode::DryRun,
+            deleted = t.deleted,
+            expired = t.expired,
+            written = t.written,
+            locks = t.locks,
+            denied = t.denied,
+            ms = t.since.map_or(0, |s| s.elapsed().as_millis() as u64),
+            "{}: {} deleted, {} expired, {} written{} in {} more keyspace events (past {LINES_PER_WINDOW} lines a second, summed)",
+            verb(mode),
+            t.deleted,
+            t.expired,
+            t.written,
+            if t.denied > 0 { format!(", {} denied", t.denied) } else { String::new() },
+            t.calls,
+        );
+    }
+}
+
+fn changed(report: &CallReport) -> bool {
+    let e = &report.call.effects;
+    e.deleted + e.expired + e.written + e.locks > 0 || report.call.denials_total > 0
+}
+
+fn verb(mode: Mode) -> &'static str {
+    match mode {
         Mode::Enforce => "did",
         Mode::DryRun => "would have",
-    };
+    }
+}
+
+/// Log the effects of one call, if it had any.
+pub fn record(policy: &str, event_id: &str, mode: Mode, report: &CallReport) {
+    if !changed(report) {
+        return;
+    }
+    let e = &report.call.effects;
+    let verb = verb(mode);
     let note = report.result.as_ref().ok().and_then(|o| o.note.as_deref()).unwrap_or("");
     tracing::info!(
         target: "cachepol::audit",

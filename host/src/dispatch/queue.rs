@@ -3,9 +3,13 @@
 //! The subscription socket must be drained at full speed (Redis drops a
 //! subscriber that falls 32 MB behind, and redis-rs would buffer without
 //! bound), so pushing never waits. Instead, per policy:
-//! - a keyspace event identical to one still waiting (same op, same key) is
+//! - a keyspace event identical to the last one still waiting for its key
+//!   (same op, same key, nothing else for that key queued after it) is
 //!   coalesced into it: the policy looks at the key's current state anyway
-//!   (the fewer hops of the two are kept);
+//!   (the fewer hops of the two are kept). A key's events are never
+//!   reordered: `SET k`, `DEL k`, `SET k` stay three events while they
+//!   wait, so the last op a policy hears for a key is the last one Redis
+//!   did;
 //! - past the capacity (a count of events and a size in bytes), a keyspace
 //!   event is dropped, and a `sweep(gap)` is queued behind the events
 //!   already waiting, for the policy to reconcile with Redis itself. It
@@ -110,13 +114,24 @@ fn event_bytes(event: &KeyNotification) -> usize {
     2 * (event.key.len() + event.op.len()) + EVENT_OVERHEAD_BYTES
 }
 
+/// The last waiting event of a key.
+struct Last {
+    op: String,
+    /// Its push number (see [`Inner::pushed`]).
+    at: u64,
+    /// Events of this key waiting in all.
+    count: u32,
+}
+
 struct Inner {
     items: VecDeque<Item>,
-    /// (op, key) of every keyspace event waiting, for coalescing, with the
-    /// fewest hops among the events folded into it: an application's write
-    /// coalesced into a policy's write of the same kind is still the
-    /// application's, and must not count toward the hop limit.
-    waiting: HashMap<(String, String), u8>,
+    /// Per key with events waiting: the last one, which later identical
+    /// events coalesce into.
+    waiting: HashMap<String, Last>,
+    /// Items pushed and popped so far: an item's position in `items` is
+    /// its push number minus `popped`.
+    pushed: u64,
+    popped: u64,
     keys_waiting: usize,
     bytes_waiting: usize,
     /// A `sweep(gap)` is waiting in `items`.
@@ -124,6 +139,13 @@ struct Inner {
     closed: bool,
     stats: QueueStats,
     overload: Overload,
+}
+
+impl Inner {
+    fn push_back(&mut self, item: Item) {
+        self.items.push_back(item);
+        self.pushed += 1;
+    }
 }
 
 /// The inbox of one policy.
@@ -141,6 +163,8 @@ impl PolicyQueue {
             inner: Mutex::new(Inner {
                 items: VecDeque::new(),
                 waiting: HashMap::new(),
+                pushed: 0,
+                popped: 0,
                 keys_waiting: 0,
                 bytes_waiting: 0,
                 gap_queued: false,
@@ -160,29 +184,46 @@ impl PolicyQueue {
 
     /// Queue a keyspace event without ever waiting.
     pub fn push_key(&self, event: KeyNotification) -> Pushed {
-        let mut inner = self.lock();
-        if inner.closed {
+        let mut guard = self.lock();
+        if guard.closed {
             return Pushed::Dropped;
         }
-        let id = (event.op.clone(), event.key.clone());
-        if let Some(hops) = inner.waiting.get_mut(&id) {
-            *hops = (*hops).min(event.hops);
-            inner.stats.coalesced += 1;
-            inner.overload.coalesced += 1;
+        let queued = &mut *guard;
+        if let Some(last) = queued.waiting.get(&event.key)
+            && last.op == event.op
+        {
+            // An application's write coalesced into a policy's write of the
+            // same kind is still the application's, and must not count
+            // toward the hop limit: keep the fewer hops.
+            if let Some(Item::Key(waiting)) = queued.items.get_mut((last.at - queued.popped) as usize) {
+                waiting.hops = waiting.hops.min(event.hops);
+            }
+            queued.stats.coalesced += 1;
+            queued.overload.coalesced += 1;
             return Pushed::Coalesced;
         }
         let bytes = event_bytes(&event);
-        if inner.keys_waiting >= self.capacity || inner.bytes_waiting + bytes > self.max_bytes {
-            drop(inner);
+        if queued.keys_waiting >= self.capacity || queued.bytes_waiting + bytes > self.max_bytes {
+            drop(guard);
             self.record_gap();
             return Pushed::Dropped;
         }
-        inner.waiting.insert(id, event.hops);
-        inner.keys_waiting += 1;
-        inner.bytes_waiting += bytes;
-        inner.stats.queued += 1;
-        inner.items.push_back(Item::Key(event));
-        drop(inner);
+        let at = queued.pushed;
+        match queued.waiting.get_mut(&event.key) {
+            Some(last) => {
+                last.op.clone_from(&event.op);
+                last.at = at;
+                last.count += 1;
+            }
+            None => {
+                queued.waiting.insert(event.key.clone(), Last { op: event.op.clone(), at, count: 1 });
+            }
+        }
+        queued.keys_waiting += 1;
+        queued.bytes_waiting += bytes;
+        queued.stats.queued += 1;
+        queued.push_back(Item::Key(event));
+        drop(guard);
         self.ready.notify_one();
         Pushed::Queued
     }
@@ -202,7 +243,7 @@ impl PolicyQueue {
         }
         inner.gap_queued = true;
         inner.stats.gaps += 1;
-        inner.items.push_back(Item::Sweep(SweepReason::Gap));
+        inner.push_back(Item::Sweep(SweepReason::Gap));
         drop(inner);
         self.ready.notify_one();
     }
@@ -229,7 +270,7 @@ impl PolicyQueue {
         if matches!(item, Item::Sweep(SweepReason::Gap)) {
             inner.gap_queued = true;
         }
-        inner.items.push_back(item);
+        inner.push_back(item);
         drop(inner);
         self.ready.notify_one();
         Ok(())
@@ -240,14 +281,16 @@ impl PolicyQueue {
         loop {
             {
                 let mut inner = self.lock();
-                if let Some(mut item) = inner.items.pop_front() {
-                    match &mut item {
+                if let Some(item) = inner.items.pop_front() {
+                    inner.popped += 1;
+                    match &item {
                         Item::Key(k) => {
-                            let id = (std::mem::take(&mut k.op), std::mem::take(&mut k.key));
-                            if let Some(hops) = inner.waiting.remove(&id) {
-                                k.hops = hops;
+                            if let Some(last) = inner.waiting.get_mut(&k.key) {
+                                last.count -= 1;
+                                if last.count == 0 {
+                                    inner.waiting.remove(&k.key);
+                                }
                             }
-                            (k.op, k.key) = id;
                             inner.keys_waiting -= 1;
                             inner.bytes_waiting -= event_bytes(k);
                         }
@@ -274,6 +317,7 @@ impl PolicyQueue {
         inner.closed = true;
         inner.gap_queued = false;
         inner.waiting.clear();
+        inner.popped = inner.pushed;
         inner.keys_waiting = 0;
         inner.bytes_waiting = 0;
         let rest = inner.items.drain(..).filter(|i| !matches!(i, Item::Key(_))).collect();
@@ -312,6 +356,7 @@ mod tests {
         assert_eq!(q.push_key(key("set", "b")), Pushed::Queued);
         assert_eq!(q.push_key(key("set", "a")), Pushed::Coalesced);
         assert_eq!(q.push_key(key("del", "a")), Pushed::Queued, "another op is another event");
+        assert_eq!(q.push_key(key("del", "a")), Pushed::Coalesced);
         let mut seen = Vec::new();
         while !q.is_empty() {
             if let Some(Item::Key(k)) = q.pop().await {
@@ -320,6 +365,21 @@ mod tests {
         }
         assert_eq!(seen, ["set a", "set b", "del a"]);
         assert_eq!(q.push_key(key("set", "a")), Pushed::Queued, "handled events no longer coalesce");
+    }
+
+    #[tokio::test]
+    async fn a_keys_events_are_never_reordered() {
+        let q = PolicyQueue::new(10, 1 << 20);
+        for op in ["set", "del", "set", "del", "del", "set"] {
+            q.push_key(key(op, "k"));
+        }
+        let mut seen = Vec::new();
+        while !q.is_empty() {
+            if let Some(Item::Key(k)) = q.pop().await {
+                seen.push(k.op);
+            }
+        }
+        assert_eq!(seen, ["set", "del", "set", "del", "set"], "only repeats in a row coalesce");
     }
 
     #[tokio::test]

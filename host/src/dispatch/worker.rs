@@ -131,6 +131,8 @@ pub struct Worker {
     sweep_failures: u32,
     /// Items taken so far: numbers the events in logs and audit lines.
     seq: u64,
+    /// Key events' effects not yet in the audit trail.
+    tally: audit::Tally,
     hasher: std::collections::hash_map::RandomState,
 }
 
@@ -164,6 +166,7 @@ impl Worker {
             owes_sweep: false,
             sweep_failures: 0,
             seq: 0,
+            tally: audit::Tally::default(),
             hasher: Default::default(),
         };
         worker.install(version);
@@ -173,6 +176,8 @@ impl Worker {
     /// Take `version`'s lanes; only called with every lane idle.
     fn install(&mut self, version: Version) {
         debug_assert!(self.calls.is_empty() && self.buffered == 0);
+        // What the old version did is logged under its own mode.
+        self.tally.flush(&self.name, self.mode);
         self.mode = version.mode;
         self.generation = version.generation;
         self.lanes = version.lanes.into_iter().map(Some).collect();
@@ -188,8 +193,10 @@ impl Worker {
             };
             self.advance(cooling.is_some());
             if self.closed && self.calls.is_empty() {
+                self.tally.flush(&self.name, self.mode);
                 return;
             }
+            let audit_due = self.tally.due().map(tokio::time::Instant::from_std);
             let taking = !self.closed
                 && self.barrier.is_none()
                 && !self.barrier_running
@@ -208,6 +215,9 @@ impl Worker {
                 }
                 _ = tokio::time::sleep_until(cooling.unwrap_or_else(tokio::time::Instant::now)), if cooling.is_some() => {
                     self.settle();
+                }
+                _ = tokio::time::sleep_until(audit_due.unwrap_or_else(tokio::time::Instant::now)), if audit_due.is_some() => {
+                    self.tally.flush(&self.name, self.mode);
                 }
                 item = self.queue.pop(), if taking => match item {
                     Some(item) => self.take(item),
@@ -362,7 +372,10 @@ impl Worker {
     /// A lane is back: audit, breaker, and the work's own follow-up.
     fn finish(&mut self, done: Finished) {
         let Finished { index, mut lane, work, report, id, resets } = done;
-        audit::record(&self.name, &id, self.mode, &report);
+        match work {
+            Work::Key => self.tally.add(&self.name, &id, self.mode, &report),
+            _ => audit::record(&self.name, &id, self.mode, &report),
+        }
         let result = classify(&report);
         if self.breaker.record(result.is_ok(), Instant::now()) {
             self.resets += 1;

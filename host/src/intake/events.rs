@@ -136,6 +136,22 @@ impl Channels {
         Channels::Ops(ops)
     }
 
+    /// The ops carried, for the echo ledger (`None`: every op).
+    fn ops(&self) -> Option<BTreeSet<String>> {
+        match self {
+            Channels::All => None,
+            Channels::Ops(ops) => Some(ops.clone()),
+        }
+    }
+
+    /// Both sets of channels at once.
+    fn union(&self, other: &Channels) -> Channels {
+        match (self, other) {
+            (Channels::Ops(a), Channels::Ops(b)) => Channels::Ops(a.union(b).cloned().collect()),
+            _ => Channels::All,
+        }
+    }
+
     fn names(&self, db: u32) -> Vec<String> {
         match self {
             Channels::All => vec![format!("__keyevent@{db}__:*")],
@@ -243,6 +259,7 @@ impl Subscriber {
         let config = AsyncConnectionConfig::new().set_push_sender(router);
         let mut conn = client.get_multiplexed_async_connection_with_config(&config).await.map_err(|e| e.to_string())?;
         conn.subscribe(&self.fence_channel).await.map_err(|e| e.to_string())?;
+        self.ledger.listen(channels.ops());
         self.listen(&mut conn, channels, true).await.map_err(|e| e.to_string())?;
         Ok((conn, link))
     }
@@ -269,6 +286,9 @@ impl Subscriber {
         if wanted == *current {
             return Ok(());
         }
+        // Writes are recorded for the echo ledger before their notifications
+        // can arrive, and while the old ones still can.
+        self.ledger.listen(wanted.union(current).ops());
         match (&wanted, &*current) {
             (Channels::Ops(now), Channels::Ops(then)) => {
                 let add = Channels::Ops(now.difference(then).cloned().collect());
@@ -281,6 +301,7 @@ impl Subscriber {
                 self.listen(conn, current, false).await?;
             }
         }
+        self.ledger.listen(wanted.ops());
         info!(ops = %wanted, "keyspace subscription follows the loaded policies");
         for route in routes.routes().iter().filter(|r| current.miss_any(&r.manifest)) {
             let _ = route.queue.push(crate::dispatch::queue::Item::Sweep(SweepReason::Reload));

@@ -25,12 +25,16 @@
 //! matched when it arrives; and a key a policy did not write is never
 //! mistaken for its own.
 //!
+//! Writes whose notifications the subscription does not carry (no loaded
+//! policy listens to that op: ttl-table's `EXPIRE`s, say) are not recorded
+//! at all: nothing would ever claim them.
+//!
 //! Only when the ledger is full (a bulk operation far ahead of a stalled
 //! subscriber) does a bulk operation fall back to a *window*: "P causes `del`
 //! on keys matching G" until a fence after it, which takes any application
 //! write of that kind on those keys for P's.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::future::Future;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
@@ -84,6 +88,9 @@ struct Ledger {
     next_id: u64,
     /// The id the next fence will carry.
     next_fence: u64,
+    /// The ops whose notifications the subscription carries; `None` for
+    /// every op (also until the subscriber says).
+    listened: Option<BTreeSet<String>>,
 }
 
 impl Ledger {
@@ -128,13 +135,27 @@ impl EchoLedger {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// `origin` is about to cause each of `ops` on `key`. Returns the ids
-    /// of the expectations.
+    /// The subscription carries notifications of `ops` (`None`: every op)
+    /// from now on. Called before subscribing to more, and after dropping
+    /// some, so that a write whose notification can arrive is recorded.
+    pub fn listen(&self, ops: Option<BTreeSet<String>>) {
+        self.lock().listened = ops;
+    }
+
+    /// Whether notifications of `op` can arrive.
+    pub fn listens(&self, op: &str) -> bool {
+        self.lock().listened.as_ref().is_none_or(|ops| ops.contains(op))
+    }
+
+    /// `origin` is about to cause each of `ops` on `key` (those it can
+    /// hear). Returns the ids of the expectations.
     pub fn expect(&self, key: &[u8], ops: &[&'static str], origin: &Origin) -> std::ops::Range<u64> {
         let mut ledger = self.lock();
         let first = ledger.next_id;
         for op in ops {
-            ledger.add(key, op, origin);
+            if ledger.listened.as_ref().is_none_or(|heard| heard.contains(*op)) {
+                ledger.add(key, op, origin);
+            }
         }
         first..ledger.next_id
     }
@@ -347,6 +368,9 @@ struct BulkEcho<'a> {
     /// The first id of the page in flight.
     page: Mutex<Option<u64>>,
     window: Mutex<Option<WindowGuard>>,
+    /// The subscription carries this op's notifications: else there is
+    /// nothing to expect.
+    heard: bool,
 }
 
 impl<'a> BulkEcho<'a> {
@@ -359,10 +383,14 @@ impl<'a> BulkEcho<'a> {
             origin: layer.origin(),
             page: Mutex::new(None),
             window: Mutex::new(None),
+            heard: layer.ledger.listens(op),
         }
     }
 
     fn step(&self, step: BulkStep<'_>) {
+        if !self.heard {
+            return;
+        }
         match step {
             BulkStep::Before(keys) => {
                 let mut window = self.window.lock().unwrap_or_else(|e| e.into_inner());
@@ -479,6 +507,19 @@ mod tests {
         assert_eq!(ledger.claim("expire", b"job:1"), None, "consumed");
         assert_eq!(ledger.claim("set", b"job:1"), Some(origin(1)));
         assert!(ledger.is_empty());
+    }
+
+    #[test]
+    fn writes_nobody_listens_to_are_not_recorded() {
+        let ledger = EchoLedger::new();
+        ledger.listen(Some(["set".to_owned()].into()));
+        let ids = ledger.expect(b"job:1", &["set", "expire"], &origin(1));
+        assert_eq!(ids.end - ids.start, 1, "only the op the subscription carries");
+        assert_eq!(ledger.len(), 1);
+        assert_eq!(ledger.claim("set", b"job:1"), Some(origin(1)));
+        ledger.listen(None);
+        ledger.expect(b"job:1", &["expire"], &origin(1));
+        assert_eq!(ledger.claim("expire", b"job:1"), Some(origin(1)), "every op once the subscription is a pattern");
     }
 
     #[test]
