@@ -29,8 +29,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
+use futures_util::StreamExt;
+use futures_util::future::BoxFuture;
+use futures_util::stream::FuturesUnordered;
 use tokio::sync::mpsc;
-use tokio::task::JoinSet;
 use tracing::Instrument;
 
 use crate::config::Mode;
@@ -112,7 +114,10 @@ pub struct Worker {
     /// Keyspace events taken and waiting for their lane, per lane.
     backlog: Vec<VecDeque<(u64, KeyNotification)>>,
     buffered: usize,
-    calls: JoinSet<Finished>,
+    /// The calls in flight, one per busy lane: futures of this task rather
+    /// than tasks of their own, so an event costs no thread wake-up to
+    /// start or to finish.
+    calls: FuturesUnordered<BoxFuture<'static, Finished>>,
     /// A hook or sweep taken, waiting for the lanes to be idle.
     barrier: Option<(u64, Item)>,
     barrier_running: bool,
@@ -153,7 +158,7 @@ impl Worker {
             lanes: Vec::new(),
             backlog: Vec::new(),
             buffered: 0,
-            calls: JoinSet::new(),
+            calls: FuturesUnordered::new(),
             barrier: None,
             barrier_running: false,
             next: None,
@@ -204,12 +209,7 @@ impl Worker {
                 && self.buffered < BACKLOG_PER_LANE * self.lanes.len();
             tokio::select! {
                 biased;
-                Some(done) = self.calls.join_next(), if !self.calls.is_empty() => match done {
-                    Ok(finished) => self.finish(finished),
-                    // A call task only ends early when the worker is being
-                    // torn down (aborted); nothing is left to report to.
-                    Err(e) => tracing::error!(policy = %self.name, error = %e, "a policy call task failed"),
-                },
+                Some(finished) = self.calls.next(), if !self.calls.is_empty() => self.finish(finished),
                 Some(Control::Swap(next)) = self.control.recv(), if self.next.is_none() => {
                     self.next = Some(next);
                 }
@@ -354,19 +354,18 @@ impl Worker {
         self.spawn(0, id, seq, event, work);
     }
 
-    /// Run one call on lane `index`, in a task of its own (so lanes of one
-    /// policy use every core), which hands the lane back when it is done.
+    /// Start one call on lane `index`; the lane comes back with its report.
     fn spawn(&mut self, index: usize, id: String, seq: u64, event: wit::Event, work: Work) {
         let mut lane = self.lanes[index].take().expect("an idle lane");
         let resets = self.resets;
         let span = tracing::debug_span!("event", policy = %self.name, seq, lane = index);
-        self.calls.spawn(
+        self.calls.push(Box::pin(
             async move {
                 let report = lane.policy.handle(&id, &event).await;
                 Finished { index, lane, work, report, id, resets }
             }
             .instrument(span),
-        );
+        ));
     }
 
     /// A lane is back: audit, breaker, and the work's own follow-up.
