@@ -88,8 +88,8 @@ pub mod __private {
 #[cfg(feature = "bindings")]
 pub mod redis {
     pub use crate::bindings::cachepol::policy::redis::{
-        del, delete_matching, exists, expire, expire_matching, get, key_type, lock_acquire, lock_release, persist,
-        scan, set, ttl,
+        del, delete_matching, exists, expire, expire_matching, expire_matching_rows, get, key_type, lock_acquire,
+        lock_release, persist, scan, set, ttl,
     };
     use crate::{Error, ExpireCondition, SetOptions};
     use std::time::Duration;
@@ -155,7 +155,7 @@ pub mod prelude {
     pub use crate::glob::{self, Glob};
     pub use crate::keys::{self, Template};
     pub use crate::{
-        DeployEvent, Error, Event, ExpireCondition, KeyEvent, KeyOps, Manifest, NoConfig, Outcome, Policy,
+        DeployEvent, Error, Event, ExpireCondition, ExpireRow, KeyEvent, KeyOps, Manifest, NoConfig, Outcome, Policy,
         SetCondition, SetOptions, SweepReason, export_policy, redis,
     };
     pub use serde::Deserialize;

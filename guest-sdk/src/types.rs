@@ -2,8 +2,8 @@
 //! so that policies read like the runbooks they replace.
 
 pub use crate::bindings::cachepol::policy::types::{
-    Denial, DeployEvent, Error, Event, ExpireCondition, Grant, KeyEvent, KeyOps, KeySubscription, KeyTtl, Manifest,
-    Outcome, ScanPage, SetCondition, SetOptions, Subscriptions, SweepEvent, SweepReason, ValueKind,
+    Denial, DeployEvent, Error, Event, ExpireCondition, ExpireRow, Grant, KeyEvent, KeyOps, KeySubscription, KeyTtl,
+    Manifest, Outcome, ScanPage, SetCondition, SetOptions, Subscriptions, SweepEvent, SweepReason, ValueKind,
 };
 
 impl Manifest {

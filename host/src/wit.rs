@@ -12,10 +12,28 @@ wasmtime::component::bindgen!({
 });
 
 pub use self::cachepol::policy::types::{
-    Denial, DeployEvent, ExpireCondition, Grant, KeyEvent, KeyOps, KeySubscription, KeyTtl, ScanPage, SetCondition,
-    SetOptions, Subscriptions, SweepEvent, SweepReason, ValueKind,
+    Denial, DeployEvent, ExpireCondition, ExpireRow, Grant, KeyEvent, KeyOps, KeySubscription, KeyTtl, ScanPage,
+    SetCondition, SetOptions, Subscriptions, SweepEvent, SweepReason, ValueKind,
 };
 pub use self::cachepol::policy::{clock, log, redis, types};
+
+/// The imports of policies built against contract 0.1.0, linked beside
+/// 0.2.0's so that they keep loading. Its types are 0.2.0's (unchanged
+/// since), so only the import traits are new; [`crate::sandbox::hostapi`]
+/// implements them by calling the 0.2.0 ones. The exports are the same
+/// functions with the same types, so one set of export bindings serves
+/// both.
+pub mod v0_1 {
+    wasmtime::component::bindgen!({
+        world: "cachepol:policy/policy@0.1.0",
+        path: "../wit/compat/policy-0.1.0.wit",
+        imports: { default: async | trappable },
+        exports: { default: async },
+        with: { "cachepol:policy/types@0.1.0": crate::wit::types },
+    });
+
+    pub use self::cachepol::policy::{clock, log, redis};
+}
 
 /// How a person reads a contract error: in log lines, dead-letter reasons
 /// and CLI output. (The generated `Display` of [`Error`] is its `Debug`.)

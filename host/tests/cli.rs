@@ -52,7 +52,7 @@ fn check_rejects_bad_files_with_one_clear_line() {
     }
     let other_world = common::fixture("not-a-policy");
     let out = cachepol(&["check", other_world.to_str().unwrap()]);
-    assert_bad(&out, "does not implement the cachepol:policy/policy@0.1.0 world", "not-a-policy");
+    assert_bad(&out, "does not implement the cachepol:policy/policy world (0.1.0 or 0.2.0)", "not-a-policy");
     let out = cachepol(&["check", dir.join("missing.wasm").to_str().unwrap()]);
     assert_bad(&out, "cannot read", "missing");
 }

@@ -23,7 +23,7 @@ use std::sync::Arc;
 use cachepol::fake::FakeRedis;
 use cachepol::store::backend::{Backend, BulkPlan};
 use cachepol::store::redis::RedisBackend;
-use cachepol::wit::{ExpireCondition, KeyTtl, SetCondition, SetOptions};
+use cachepol::wit::{ExpireCondition, ExpireRow, KeyTtl, SetCondition, SetOptions};
 use rand::rngs::StdRng;
 use rand::seq::IndexedRandom;
 use rand::{Rng, SeedableRng};
@@ -50,7 +50,8 @@ enum Op {
     Persist(&'static str),
     ScanAll(&'static str, u32),
     DeleteMatching(&'static str),
-    ExpireMatching(&'static str, u64, bool),
+    /// Rows (pattern, TTL, only if persistent), first match wins.
+    ExpireMatching(Vec<(&'static str, u64, bool)>),
     LockAcquire(&'static str, u64),
     /// Release with the token this side got (`true`) or a wrong one.
     LockRelease(&'static str, bool),
@@ -101,7 +102,9 @@ fn generate(seed: u64) -> Vec<Op> {
             62..66 => Op::Persist(key(&mut rng)),
             66..74 => Op::ScanAll(pattern(&mut rng), rng.random_range(1..20)),
             74..79 => Op::DeleteMatching(pattern(&mut rng)),
-            79..85 => Op::ExpireMatching(pattern(&mut rng), ttl(&mut rng), rng.random_bool(0.5)),
+            79..85 => Op::ExpireMatching(
+                (0..rng.random_range(1..4)).map(|_| (pattern(&mut rng), ttl(&mut rng), rng.random_bool(0.5))).collect(),
+            ),
             85..91 => Op::LockAcquire(key(&mut rng), ttl(&mut rng)),
             91..97 => Op::LockRelease(key(&mut rng), rng.random_bool(0.7)),
             _ => Op::Advance(key(&mut rng)),
@@ -176,8 +179,12 @@ impl Side {
             Op::Persist(k) => b.persist(k).await.map(Outcome::Bool),
             Op::ScanAll(p, count) => scan_all(b, p, *count).await.map(Outcome::Keys),
             Op::DeleteMatching(p) => b.delete_matching(p, &EVERYTHING).await.map(|r| Outcome::Count(r.affected)),
-            Op::ExpireMatching(p, ms, only) => {
-                b.expire_matching(p, *ms, *only, &EVERYTHING).await.map(|r| Outcome::Count(r.affected))
+            Op::ExpireMatching(rows) => {
+                let rows: Vec<ExpireRow> = rows
+                    .iter()
+                    .map(|(p, ms, only)| ExpireRow { pattern: p.to_string(), ttl_ms: *ms, only_if_persistent: *only })
+                    .collect();
+                b.expire_matching(&rows, &EVERYTHING).await.map(|r| Outcome::Count(r.affected))
             }
             Op::LockAcquire(k, ms) => b.lock_acquire(k, *ms).await.map(|token| {
                 let got = token.is_some();

@@ -24,7 +24,7 @@ fn events_of_one_key_are_handled_in_order_across_lanes() {
     for round in 0..ROUNDS {
         let mut pipe = redis::pipe();
         for k in 0..KEYS {
-            if round % 2 == 0 {
+            if round.is_multiple_of(2) {
                 pipe.cmd("SET").arg(format!("ord:{k}")).arg(round).ignore();
             } else {
                 pipe.cmd("DEL").arg(format!("ord:{k}")).ignore();
@@ -32,7 +32,7 @@ fn events_of_one_key_are_handled_in_order_across_lanes() {
         }
         pipe.query::<()>(&mut conn).unwrap();
     }
-    let last_op = if ROUNDS % 2 == 0 { "del" } else { "set" };
+    let last_op = if ROUNDS.is_multiple_of(2) { "del" } else { "set" };
     eventually(&daemon, "every key's last event handled", || {
         let last: Vec<Option<String>> = redis::cmd("MGET")
             .arg((0..KEYS).map(|k| format!("order:last:ord:{k}")).collect::<Vec<_>>())

@@ -4,10 +4,20 @@
 
 use std::time::Duration;
 
-use crate::support::{Daemon, RedisServer, Setup, deploy, eventually};
+use crate::support::{Daemon, RedisServer, Setup, deploy, eventually, workspace};
 
 fn pttl(redis: &RedisServer, key: &str) -> i64 {
     redis.cmd(&["PTTL", key])
+}
+
+/// `SCAN` commands Redis ran since its stats were reset.
+fn scan_calls(redis: &RedisServer) -> u64 {
+    let stats: String = redis.cmd(&["INFO", "commandstats"]);
+    stats
+        .lines()
+        .find_map(|l| l.strip_prefix("cmdstat_scan:calls="))
+        .and_then(|rest| rest.split(',').next()?.parse().ok())
+        .unwrap_or(0)
 }
 
 #[test]
@@ -19,11 +29,13 @@ fn ttl_table_gives_table_ttls_clamps_locks_and_fixes_keys_from_before_start() {
     redis.cmd::<()>(&["SET", "user:7", "not in the table"]);
     // Bound: dropping the setup deletes the policies directory (and so unloads the policy).
     let setup = Setup::new(&["ttl-table"]);
+    redis.cmd::<()>(&["CONFIG", "RESETSTAT"]);
     let daemon = Daemon::start(&redis, &setup);
     eventually(&daemon, "the start sweep set TTLs", || {
         (3_590_000..=3_600_000).contains(&pttl(&redis, "graph_data:old")) && pttl(&redis, "lock:stuck") > 0
     });
     assert!(pttl(&redis, "lock:stuck") <= 300_000);
+    assert_eq!(scan_calls(&redis), 1, "one SCAN pass for the whole ten-row table (three keys fit one page)");
 
     redis.cmd::<()>(&["SET", "playlist_data:dance", "p"]);
     redis.cmd::<()>(&["SET", "lock:import", "worker-1", "EX", "86400"]);
@@ -102,5 +114,23 @@ fn key_naming_clears_old_versions_on_a_bump_and_deletes_stale_writes() {
     );
     daemon
         .wait_for("`bisk:1:user:8` breaks `bisk:<version>:<key>`: version 1 is older than 2", Duration::from_secs(20));
+    assert_eq!(daemon.stop(), Some(0));
+}
+
+#[test]
+fn a_policy_built_against_contract_0_1_0_still_loads_and_runs() {
+    let redis = RedisServer::start();
+    redis.cmd::<()>(&["SET", "old:before", "v"]);
+    let setup =
+        Setup::new(&[]).config("[policies.old]\nconfig = { name = \"old\", patterns = [\"old:*\"], ttl_ms = 60000 }");
+    // The recorder fixture as built against cachepol:policy@0.1.0.
+    let old = workspace().join("tests/fixtures/compat/recorder-0.1.0.wasm");
+    std::fs::copy(old, setup.policies().join("old.wasm")).unwrap();
+    let daemon = Daemon::start(&redis, &setup);
+    // Its start sweep calls 0.1.0's `expire-matching`.
+    eventually(&daemon, "the start sweep through 0.1.0's imports", || pttl(&redis, "old:before") > 0);
+    redis.cmd::<()>(&["SET", "old:1", "v"]);
+    eventually(&daemon, "an event handled", || redis.recorded_events("old") == 1 && pttl(&redis, "old:1") > 0);
+    assert!(!daemon.log_text().contains("policy rejected"));
     assert_eq!(daemon.stop(), Some(0));
 }

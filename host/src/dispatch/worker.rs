@@ -24,7 +24,7 @@
 //! fail (the deploy reader retries, then dead-letters them).
 
 use std::collections::VecDeque;
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::BuildHasher;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant};
@@ -255,9 +255,7 @@ impl Worker {
         if self.lanes.len() == 1 {
             return 0;
         }
-        let mut h = self.hasher.build_hasher();
-        key.hash(&mut h);
-        (h.finish() % self.lanes.len() as u64) as usize
+        (self.hasher.hash_one(key) % self.lanes.len() as u64) as usize
     }
 
     /// Start whatever can start: each idle lane's next event; once every
@@ -412,7 +410,7 @@ impl Worker {
         self.sweep_failures += 1;
         let failures = self.sweep_failures;
         let delay = Duration::from_millis(500u64 << failures.min(10)).min(SWEEP_RETRY_MAX);
-        if failures >= SWEEP_RETRIES && (failures - SWEEP_RETRIES) % 10 == 0 {
+        if failures >= SWEEP_RETRIES && (failures - SWEEP_RETRIES).is_multiple_of(10) {
             tracing::error!(
                 policy = %self.name,
                 failures,

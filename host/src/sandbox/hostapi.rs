@@ -16,7 +16,7 @@ use crate::sandbox::budget::Budgets;
 use crate::sandbox::grants::{Grants, MAX_KEY_LEN};
 use crate::sandbox::guest_io::{LineVerdict, LogAllowance, log_truncated};
 use crate::store::backend::{Backend, BackendError, BulkPlan, BulkResult};
-use crate::wit::{self, Denial, Error, ExpireCondition, KeyOps, KeyTtl, ScanPage, SetOptions, ValueKind};
+use crate::wit::{self, Denial, Error, ExpireCondition, ExpireRow, KeyOps, KeyTtl, ScanPage, SetOptions, ValueKind};
 
 /// What a host function returns: a trap (`Err`) or a result for the guest.
 type HostResult<T> = wasmtime::Result<Result<T, Error>>;
@@ -219,32 +219,42 @@ impl HostApi {
         Ok(())
     }
 
-    async fn bulk(
-        &mut self,
-        op: &'static str,
-        need: KeyOps,
-        pattern: &str,
-        ttl: Option<(u64, bool)>,
-    ) -> Result<u64, Error> {
-        self.admit(op, need, Target::Pattern(pattern))?;
+    /// A host-side bulk operation: every pattern checked against the
+    /// grants first, every key Redis returns checked again.
+    async fn bulk(&mut self, op: &'static str, work: Bulk<'_>) -> Result<u64, Error> {
+        let need = match work {
+            Bulk::Delete(pattern) => {
+                self.admit(op, KeyOps::DELETE, Target::Pattern(pattern))?;
+                KeyOps::DELETE
+            }
+            Bulk::Expire(rows) => {
+                if rows.is_empty() {
+                    return Ok(0);
+                }
+                for row in rows {
+                    check_ttl(op, row.ttl_ms)?;
+                    self.admit(op, KeyOps::EXPIRE, Target::Pattern(&row.pattern))?;
+                }
+                KeyOps::EXPIRE
+            }
+        };
         let grants = self.grants.clone();
         let allow = move |key: &[u8]| grants.allows_key(need, key);
         let plan = BulkPlan::new(&allow, self.keys_left());
-        let result = match ttl {
-            None => self.backend.delete_matching(pattern, &plan).await,
-            Some((ttl_ms, only_if_persistent)) => {
-                self.backend.expire_matching(pattern, ttl_ms, only_if_persistent, &plan).await
-            }
+        let result = match work {
+            Bulk::Delete(pattern) => self.backend.delete_matching(pattern, &plan).await,
+            Bulk::Expire(rows) => self.backend.expire_matching(rows, &plan).await,
         }
         .map_err(|e| self.redis_failed(op, e))?;
         self.call.keys_touched += result.affected;
-        match ttl {
-            None => self.call.effects.deleted += result.affected,
-            Some(_) => self.call.effects.expired += result.affected,
+        match work {
+            Bulk::Delete(_) => self.call.effects.deleted += result.affected,
+            Bulk::Expire(_) => self.call.effects.expired += result.affected,
         }
         self.call.effects.note_keys(result.sample.iter().map(String::as_str));
+        let pattern = work.describe();
         if result.refused > 0 {
-            tracing::warn!(policy = %self.policy, op, pattern, refused = result.refused, "keys outside the grants were skipped");
+            tracing::warn!(policy = %self.policy, op, %pattern, refused = result.refused, "keys outside the grants were skipped");
         }
         if result.truncated {
             return Err(self.exceeded(format!(
@@ -254,6 +264,24 @@ impl HostApi {
             )));
         }
         Ok(result.affected)
+    }
+}
+
+/// What a bulk operation does.
+#[derive(Clone, Copy)]
+enum Bulk<'a> {
+    Delete(&'a str),
+    /// A TTL table's rows, in one pass.
+    Expire(&'a [ExpireRow]),
+}
+
+impl Bulk<'_> {
+    /// Its patterns, for log lines.
+    fn describe(&self) -> String {
+        match self {
+            Bulk::Delete(pattern) => (*pattern).to_owned(),
+            Bulk::Expire(rows) => rows.iter().map(|r| r.pattern.as_str()).collect::<Vec<_>>().join(" "),
+        }
     }
 }
 
@@ -386,15 +414,16 @@ impl wit::redis::Host for HostApi {
     }
 
     async fn delete_matching(&mut self, pattern: String) -> HostResult<u64> {
-        Ok(self.bulk("delete-matching", KeyOps::DELETE, &pattern, None).await)
+        Ok(self.bulk("delete-matching", Bulk::Delete(&pattern)).await)
     }
 
     async fn expire_matching(&mut self, pattern: String, ttl_ms: u64, only_if_persistent: bool) -> HostResult<u64> {
-        Ok(async {
-            check_ttl("expire-matching", ttl_ms)?;
-            self.bulk("expire-matching", KeyOps::EXPIRE, &pattern, Some((ttl_ms, only_if_persistent))).await
-        }
-        .await)
+        let row = ExpireRow { pattern, ttl_ms, only_if_persistent };
+        Ok(self.bulk("expire-matching", Bulk::Expire(std::slice::from_ref(&row))).await)
+    }
+
+    async fn expire_matching_rows(&mut self, rows: Vec<ExpireRow>) -> HostResult<u64> {
+        Ok(self.bulk("expire-matching-rows", Bulk::Expire(&rows)).await)
     }
 
     async fn lock_acquire(&mut self, name: String, ttl_ms: u64) -> HostResult<Option<String>> {
@@ -450,6 +479,76 @@ impl wit::log::Host for HostApi {
 impl wit::clock::Host for HostApi {
     async fn now_ms(&mut self) -> wasmtime::Result<u64> {
         Ok(self.backend.now_ms())
+    }
+}
+
+/// Contract 0.1.0's imports: the same functions as 0.2.0's, which serve
+/// them (see [`crate::wit::v0_1`]).
+mod v0_1 {
+    use super::{HostApi, HostResult};
+    use crate::wit::redis::Host as Current;
+    use crate::wit::v0_1::{clock, log, redis};
+    use crate::wit::{self, ExpireCondition, KeyTtl, ScanPage, SetOptions, ValueKind};
+
+    impl redis::Host for HostApi {
+        async fn get(&mut self, key: String) -> HostResult<Option<Vec<u8>>> {
+            Current::get(self, key).await
+        }
+        async fn exists(&mut self, key: String) -> HostResult<bool> {
+            Current::exists(self, key).await
+        }
+        async fn ttl(&mut self, key: String) -> HostResult<KeyTtl> {
+            Current::ttl(self, key).await
+        }
+        async fn key_type(&mut self, key: String) -> HostResult<Option<ValueKind>> {
+            Current::key_type(self, key).await
+        }
+        async fn scan(&mut self, cursor: u64, pattern: String, count: u32) -> HostResult<ScanPage> {
+            Current::scan(self, cursor, pattern, count).await
+        }
+        async fn set(&mut self, key: String, value: Vec<u8>, options: SetOptions) -> HostResult<bool> {
+            Current::set(self, key, value, options).await
+        }
+        async fn del(&mut self, keys: Vec<String>) -> HostResult<u64> {
+            Current::del(self, keys).await
+        }
+        async fn expire(&mut self, key: String, ttl_ms: u64, condition: ExpireCondition) -> HostResult<bool> {
+            Current::expire(self, key, ttl_ms, condition).await
+        }
+        async fn persist(&mut self, key: String) -> HostResult<bool> {
+            Current::persist(self, key).await
+        }
+        async fn delete_matching(&mut self, pattern: String) -> HostResult<u64> {
+            Current::delete_matching(self, pattern).await
+        }
+        async fn expire_matching(&mut self, pattern: String, ttl_ms: u64, only: bool) -> HostResult<u64> {
+            Current::expire_matching(self, pattern, ttl_ms, only).await
+        }
+        async fn lock_acquire(&mut self, name: String, ttl_ms: u64) -> HostResult<Option<String>> {
+            Current::lock_acquire(self, name, ttl_ms).await
+        }
+        async fn lock_release(&mut self, name: String, token: String) -> HostResult<bool> {
+            Current::lock_release(self, name, token).await
+        }
+    }
+
+    impl log::Host for HostApi {
+        async fn write(&mut self, level: log::Level, message: String) -> wasmtime::Result<()> {
+            let level = match level {
+                log::Level::Trace => wit::log::Level::Trace,
+                log::Level::Debug => wit::log::Level::Debug,
+                log::Level::Info => wit::log::Level::Info,
+                log::Level::Warn => wit::log::Level::Warn,
+                log::Level::Error => wit::log::Level::Error,
+            };
+            wit::log::Host::write(self, level, message).await
+        }
+    }
+
+    impl clock::Host for HostApi {
+        async fn now_ms(&mut self) -> wasmtime::Result<u64> {
+            wit::clock::Host::now_ms(self).await
+        }
     }
 }
 

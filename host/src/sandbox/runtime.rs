@@ -58,7 +58,7 @@ pub enum LoadError {
     Compile(String),
     #[error("the component needs imports cachepol does not provide: {0}")]
     Imports(String),
-    #[error("the component does not implement the cachepol:policy/policy@0.1.0 world: {0}")]
+    #[error("the component does not implement the cachepol:policy/policy world (0.1.0 or 0.2.0): {0}")]
     Exports(String),
     #[error("cannot instantiate the component: {0}")]
     Instantiate(String),
@@ -165,6 +165,14 @@ impl Runtime {
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
         Policy::add_to_linker::<_, HasSelf<HostApi>>(&mut linker, |state: &mut StoreState| &mut state.api)?;
+        // Policies built against contract 0.1.0 import these instead; their
+        // types and exports are 0.2.0's.
+        fn api(state: &mut StoreState) -> &mut HostApi {
+            &mut state.api
+        }
+        wit::v0_1::redis::add_to_linker::<_, HasSelf<HostApi>>(&mut linker, api)?;
+        wit::v0_1::log::add_to_linker::<_, HasSelf<HostApi>>(&mut linker, api)?;
+        wit::v0_1::clock::add_to_linker::<_, HasSelf<HostApi>>(&mut linker, api)?;
         Ok(Runtime { engine, linker: Arc::new(linker), max_memory_bytes: config.max_memory_bytes })
     }
 

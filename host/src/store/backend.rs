@@ -10,7 +10,9 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use crate::wit::{ExpireCondition, KeyTtl, SetOptions, ValueKind};
+use cachepol_guest_sdk::glob::{self, Glob};
+
+use crate::wit::{ExpireCondition, ExpireRow, KeyTtl, SetOptions, ValueKind};
 
 /// A failure of the store itself (not of the policy's arguments).
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
@@ -83,6 +85,47 @@ impl BulkResult {
     }
 }
 
+/// The rows of an `expire-matching` (a TTL table), compiled: each key gets
+/// the first row its name matches, and one `SCAN` pass serves them all.
+pub struct Rows<'a> {
+    rows: &'a [ExpireRow],
+    globs: Vec<Glob>,
+}
+
+impl<'a> Rows<'a> {
+    pub fn new(rows: &'a [ExpireRow]) -> Rows<'a> {
+        Rows { rows, globs: rows.iter().map(|r| Glob::new(&r.pattern)).collect() }
+    }
+
+    /// The first row `key` matches.
+    pub fn row_of(&self, key: &[u8]) -> Option<&'a ExpireRow> {
+        self.globs.iter().position(|g| g.matches_bytes(key)).map(|i| &self.rows[i])
+    }
+
+    /// The `SCAN MATCH` pattern of the one pass: a single row's own pattern,
+    /// else the literal prefix all rows share, followed by `*` (`*` when
+    /// they share none). Redis walks the whole keyspace for any pattern;
+    /// the prefix only saves sending keys no row can match.
+    pub fn scan_pattern(&self) -> String {
+        if let [row] = self.rows {
+            return row.pattern.clone();
+        }
+        let prefixes: Vec<String> =
+            self.globs.iter().map(|g| String::from_utf8_lossy(&g.literal_prefix()).into_owned()).collect();
+        let mut common: &str = prefixes.first().map_or("", String::as_str);
+        for p in &prefixes[1..] {
+            let shared = common.char_indices().zip(p.chars()).take_while(|((_, a), b)| a == b).count();
+            common = &common[..common.char_indices().nth(shared).map_or(common.len(), |(i, _)| i)];
+        }
+        format!("{}*", glob::escape(common))
+    }
+
+    /// The `PEXPIRE` condition of `row`.
+    pub fn condition(row: &ExpireRow) -> ExpireCondition {
+        if row.only_if_persistent { ExpireCondition::IfPersistent } else { ExpireCondition::Always }
+    }
+}
+
 /// One page of `SCAN`: the next cursor (0 at the end) and raw key names.
 pub type ScanResult = (u64, Vec<Vec<u8>>);
 
@@ -102,13 +145,9 @@ pub trait Backend: Send + Sync + 'static {
     async fn expire(&self, key: &str, ttl_ms: u64, condition: ExpireCondition) -> Result<bool, BackendError>;
     async fn persist(&self, key: &str) -> Result<bool, BackendError>;
     async fn delete_matching(&self, pattern: &str, plan: &BulkPlan<'_>) -> Result<BulkResult, BackendError>;
-    async fn expire_matching(
-        &self,
-        pattern: &str,
-        ttl_ms: u64,
-        only_if_persistent: bool,
-        plan: &BulkPlan<'_>,
-    ) -> Result<BulkResult, BackendError>;
+    /// Give every key matching one of `rows` the TTL of the first it
+    /// matches, in one `SCAN` pass ([`Rows`]).
+    async fn expire_matching(&self, rows: &[ExpireRow], plan: &BulkPlan<'_>) -> Result<BulkResult, BackendError>;
     /// `SET name token NX PX ttl` with a fresh token; `None` if held.
     async fn lock_acquire(&self, name: &str, ttl_ms: u64) -> Result<Option<String>, BackendError>;
     /// Delete `name` only if it holds `token`, atomically.
@@ -147,9 +186,7 @@ pub trait WriteLayer: Send + Sync + 'static {
     async fn expire_matching(
         &self,
         inner: &dyn Backend,
-        pattern: &str,
-        ttl_ms: u64,
-        only_if_persistent: bool,
+        rows: &[ExpireRow],
         plan: &BulkPlan<'_>,
     ) -> Result<BulkResult, BackendError>;
     async fn lock_acquire(&self, inner: &dyn Backend, name: &str, ttl_ms: u64) -> Result<Option<String>, BackendError>;
@@ -194,14 +231,8 @@ impl<L: WriteLayer> Backend for Layered<L> {
     async fn delete_matching(&self, pattern: &str, plan: &BulkPlan<'_>) -> Result<BulkResult, BackendError> {
         self.layer.delete_matching(&*self.inner, pattern, plan).await
     }
-    async fn expire_matching(
-        &self,
-        pattern: &str,
-        ttl_ms: u64,
-        only_if_persistent: bool,
-        plan: &BulkPlan<'_>,
-    ) -> Result<BulkResult, BackendError> {
-        self.layer.expire_matching(&*self.inner, pattern, ttl_ms, only_if_persistent, plan).await
+    async fn expire_matching(&self, rows: &[ExpireRow], plan: &BulkPlan<'_>) -> Result<BulkResult, BackendError> {
+        self.layer.expire_matching(&*self.inner, rows, plan).await
     }
     async fn lock_acquire(&self, name: &str, ttl_ms: u64) -> Result<Option<String>, BackendError> {
         self.layer.lock_acquire(&*self.inner, name, ttl_ms).await
@@ -256,5 +287,33 @@ pub async fn scan_each(
             return Ok(result);
         }
         cursor = next;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rows(patterns: &[&str]) -> Vec<ExpireRow> {
+        patterns.iter().map(|p| ExpireRow { pattern: (*p).into(), ttl_ms: 1000, only_if_persistent: true }).collect()
+    }
+
+    #[test]
+    fn one_pass_scans_the_prefix_the_rows_share() {
+        let scan = |patterns: &[&str]| Rows::new(&rows(patterns)).scan_pattern();
+        assert_eq!(scan(&["graph_data:[a-z]*"]), "graph_data:[a-z]*", "one row scans its own pattern");
+        assert_eq!(scan(&["svc:quiz:*", "svc:qa:*", "svc:quota"]), "svc:q*");
+        assert_eq!(scan(&["graph_data:*", "lock:*"]), "*");
+        assert_eq!(scan(&["a\\*b:*", "a\\*c:*"]), "a\\**", "a shared literal star stays literal");
+        assert_eq!(scan(&["é1:*", "é2:*"]), "é*", "cut on a character boundary");
+    }
+
+    #[test]
+    fn a_key_gets_the_first_row_it_matches() {
+        let table = rows(&["job:lock:*", "job:*", "lock:*"]);
+        let rows = Rows::new(&table);
+        assert_eq!(rows.row_of(b"job:lock:1").map(|r| r.pattern.as_str()), Some("job:lock:*"));
+        assert_eq!(rows.row_of(b"job:1").map(|r| r.pattern.as_str()), Some("job:*"));
+        assert_eq!(rows.row_of(b"user:1"), None);
     }
 }

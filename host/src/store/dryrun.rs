@@ -9,8 +9,8 @@
 
 use async_trait::async_trait;
 
-use crate::store::backend::{Backend, BackendError, BulkPlan, BulkResult, WriteLayer, expire_applies, scan_each};
-use crate::wit::{ExpireCondition, KeyTtl, SetCondition, SetOptions};
+use crate::store::backend::{Backend, BackendError, BulkPlan, BulkResult, Rows, WriteLayer, expire_applies, scan_each};
+use crate::wit::{ExpireCondition, ExpireRow, KeyTtl, SetCondition, SetOptions};
 
 /// The token a dry-run "acquires"; nothing is locked.
 const DRY_RUN_TOKEN: &str = "dry-run";
@@ -100,23 +100,28 @@ impl WriteLayer for DryRunLayer {
     async fn expire_matching(
         &self,
         inner: &dyn Backend,
-        pattern: &str,
-        ttl_ms: u64,
-        only_if_persistent: bool,
+        rows: &[ExpireRow],
         plan: &BulkPlan<'_>,
     ) -> Result<BulkResult, BackendError> {
+        let rows = Rows::new(rows);
+        let pattern = rows.scan_pattern();
+        // Keys no row matches are passed over, not refused.
+        let allow = |key: &[u8]| rows.row_of(key).is_none() || (plan.allow)(key);
         // Collect first: deciding per key needs a TTL lookup, which cannot
         // happen inside the scan's synchronous visitor.
         let mut keys = Vec::new();
-        let scanned = scan_each(inner, pattern, plan, |k| {
-            keys.push(String::from_utf8_lossy(k).into_owned());
-            true
+        let scanned = scan_each(inner, &pattern, &BulkPlan { allow: &allow, ..*plan }, |k| {
+            let row = rows.row_of(k);
+            if let Some(row) = row {
+                keys.push((String::from_utf8_lossy(k).into_owned(), row));
+            }
+            row.is_some()
         })
         .await?;
         let mut result = BulkResult { refused: scanned.refused, truncated: scanned.truncated, ..BulkResult::default() };
-        for key in keys {
+        for (key, row) in keys {
             let applies = match current_ttl(inner, &key).await? {
-                Ok(current) => !only_if_persistent || current.is_none(),
+                Ok(current) => !row.only_if_persistent || current.is_none(),
                 Err(()) => false,
             };
             if applies {
@@ -125,8 +130,8 @@ impl WriteLayer for DryRunLayer {
         }
         self.would(
             "expire-matching",
-            pattern,
-            format_args!("{} keys get a {ttl_ms} ms TTL, e.g. {}", result.affected, result.sample.join(" ")),
+            &pattern,
+            format_args!("{} keys get their row's TTL, e.g. {}", result.affected, result.sample.join(" ")),
         );
         Ok(result)
     }
@@ -166,7 +171,8 @@ mod tests {
         let plan = BulkPlan::new(&allow, u64::MAX);
 
         assert_eq!(dry.delete_matching("quiz:*", &plan).await.unwrap().affected, 2);
-        assert_eq!(dry.expire_matching("job:*", 1000, true, &plan).await.unwrap().affected, 1);
+        let row = ExpireRow { pattern: "job:*".into(), ttl_ms: 1000, only_if_persistent: true };
+        assert_eq!(dry.expire_matching(std::slice::from_ref(&row), &plan).await.unwrap().affected, 1);
         assert_eq!(dry.del(&["quiz:1".into(), "nope".into()]).await.unwrap(), 1);
         assert!(dry.expire("job:1", 10, ExpireCondition::IfPersistent).await.unwrap());
         assert!(!dry.expire("job:2", 10_000, ExpireCondition::IfShorter).await.unwrap());

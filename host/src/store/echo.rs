@@ -42,8 +42,8 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use cachepol_guest_sdk::glob::Glob;
 
-use crate::store::backend::{Backend, BackendError, BulkPlan, BulkResult, BulkStep, WriteLayer};
-use crate::wit::{ExpireCondition, SetOptions};
+use crate::store::backend::{Backend, BackendError, BulkPlan, BulkResult, BulkStep, Rows, WriteLayer};
+use crate::wit::{ExpireCondition, ExpireRow, SetOptions};
 
 /// Expectations kept at once (each about 200 bytes); past this a bulk
 /// operation falls back to a window (see the module doc), so memory stays
@@ -470,14 +470,14 @@ impl WriteLayer for EchoLayer {
     async fn expire_matching(
         &self,
         inner: &dyn Backend,
-        pattern: &str,
-        ttl_ms: u64,
-        only_if_persistent: bool,
+        rows: &[ExpireRow],
         plan: &BulkPlan<'_>,
     ) -> Result<BulkResult, BackendError> {
-        let echo = BulkEcho::new(self, "expire", pattern);
+        // A window, if the ledger fills, covers what the one pass scans.
+        let pattern = Rows::new(rows).scan_pattern();
+        let echo = BulkEcho::new(self, "expire", &pattern);
         let steps = |step: BulkStep<'_>| echo.step(step);
-        inner.expire_matching(pattern, ttl_ms, only_if_persistent, &BulkPlan { steps: Some(&steps), ..*plan }).await
+        inner.expire_matching(rows, &BulkPlan { steps: Some(&steps), ..*plan }).await
     }
 
     async fn lock_acquire(&self, inner: &dyn Backend, name: &str, ttl_ms: u64) -> Result<Option<String>, BackendError> {

@@ -21,8 +21,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use async_trait::async_trait;
 use cachepol_guest_sdk::glob::Glob;
 
-use crate::store::backend::{Backend, BackendError, BulkPlan, BulkResult, ScanResult, expire_applies};
-use crate::wit::{ExpireCondition, KeyTtl, SetCondition, SetOptions, ValueKind};
+use crate::store::backend::{Backend, BackendError, BulkPlan, BulkResult, Rows, ScanResult, expire_applies};
+use crate::wit::{ExpireCondition, ExpireRow, KeyTtl, SetCondition, SetOptions, ValueKind};
 
 /// The fake clock starts here (2024-01-01T00:00:00Z), so `now-ms` looks real.
 pub const EPOCH_MS: u64 = 1_704_067_200_000;
@@ -372,15 +372,13 @@ impl Backend for FakeClient {
         self.bulk(pattern, plan, |s, key, origin| s.del(&[key.to_owned()], origin) > 0)
     }
 
-    async fn expire_matching(
-        &self,
-        pattern: &str,
-        ttl_ms: u64,
-        only_if_persistent: bool,
-        plan: &BulkPlan<'_>,
-    ) -> Result<BulkResult, BackendError> {
-        let condition = if only_if_persistent { ExpireCondition::IfPersistent } else { ExpireCondition::Always };
-        self.bulk(pattern, plan, |s, key, origin| s.expire(key, ttl_ms, condition, origin))
+    async fn expire_matching(&self, rows: &[ExpireRow], plan: &BulkPlan<'_>) -> Result<BulkResult, BackendError> {
+        let rows = Rows::new(rows);
+        // Keys no row matches are passed over, not refused.
+        let allow = |key: &[u8]| rows.row_of(key).is_none() || (plan.allow)(key);
+        self.bulk(&rows.scan_pattern(), &BulkPlan { allow: &allow, ..*plan }, |s, key, origin| {
+            rows.row_of(key.as_bytes()).is_some_and(|row| s.expire(key, row.ttl_ms, Rows::condition(row), origin))
+        })
     }
 
     async fn lock_acquire(&self, name: &str, ttl_ms: u64) -> Result<Option<String>, BackendError> {
@@ -522,9 +520,22 @@ mod tests {
         redis.app_set("job:1", b"", None);
         redis.app_set("job:2", b"", Some(10));
         let plan = BulkPlan::new(&everything, u64::MAX);
-        let r = c.expire_matching("job:*", 86_400_000, true, &plan).await.unwrap();
+        let row = |pattern: &str, ttl_ms| ExpireRow { pattern: pattern.into(), ttl_ms, only_if_persistent: true };
+        let r = c.expire_matching(&[row("job:*", 86_400_000)], &plan).await.unwrap();
         assert_eq!(r.affected, 1, "only the persistent key gets a TTL");
         assert_eq!(redis.snapshot()["job:2"].ttl_ms, Some(10));
+        // Several rows, one pass, first match wins.
+        redis.app_set("job:lock:1", b"", None);
+        redis.app_set("lock:2", b"", None);
+        redis.app_set("other", b"", None);
+        let r =
+            c.expire_matching(&[row("job:lock:*", 300), row("job:*", 900), row("lock:*", 60)], &plan).await.unwrap();
+        assert_eq!(r.affected, 2);
+        let keys = redis.snapshot();
+        assert_eq!(
+            (keys["job:lock:1"].ttl_ms, keys["lock:2"].ttl_ms, keys["other"].ttl_ms),
+            (Some(300), Some(60), None)
+        );
     }
 
     #[tokio::test]

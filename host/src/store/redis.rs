@@ -18,8 +18,8 @@ use cachepol_guest_sdk::glob::Glob;
 use redis::aio::ConnectionManager;
 use redis::{Client, RedisError, Script, Value};
 
-use crate::store::backend::{Backend, BackendError, BulkPlan, BulkResult, BulkStep, ScanResult};
-use crate::wit::{ExpireCondition, KeyTtl, SetCondition, SetOptions, ValueKind};
+use crate::store::backend::{Backend, BackendError, BulkPlan, BulkResult, BulkStep, Rows, ScanResult};
+use crate::wit::{ExpireCondition, ExpireRow, KeyTtl, SetCondition, SetOptions, ValueKind};
 
 /// Keys asked for per `SCAN` page in bulk operations.
 pub const SCAN_BATCH: usize = 1000;
@@ -71,10 +71,14 @@ impl RedisBackend {
     /// nothing on a restarted server (its dict has a new hash seed), so
     /// going on would silently skip keys. Keys already deleted are not found
     /// again; keys whose TTL was set may be set (and counted) again.
+    /// `SCAN MATCH pattern` to the end; each page's keys that `wanted`
+    /// keeps (the others are passed over in silence) and the plan allows go
+    /// through `act` in the next round trip with the next `SCAN`.
     async fn bulk(
         &self,
         pattern: &str,
         plan: &BulkPlan<'_>,
+        wanted: impl Fn(&[u8]) -> bool,
         act: impl Fn(&mut redis::Pipeline, &[Vec<u8>]),
         tally: impl Fn(&Value) -> u64,
     ) -> Result<BulkResult, BackendError> {
@@ -84,7 +88,7 @@ impl RedisBackend {
         // An exact key needs no scan.
         if let Some(literal) = Glob::new(pattern).literal() {
             let exists: bool = self.query(redis::cmd("EXISTS").arg(&literal)).await?;
-            if exists && (plan.allow)(&literal) && plan.limit > 0 {
+            if exists && wanted(&literal) && (plan.allow)(&literal) && plan.limit > 0 {
                 let mut pipe = redis::pipe();
                 let keys = std::slice::from_ref(&literal);
                 act(&mut pipe, keys);
@@ -140,7 +144,7 @@ impl RedisBackend {
             let Some(scan) = scan else { break };
             let (next, keys): (u64, Vec<Vec<u8>>) =
                 redis::from_redis_value(scan).map_err(|e| BackendError::Command(e.to_string()))?;
-            for key in keys {
+            for key in keys.into_iter().filter(|k| wanted(k)) {
                 if !(plan.allow)(&key) {
                     result.refused += 1;
                 } else if result.affected + (pending.len() as u64) < plan.limit {
@@ -305,6 +309,7 @@ impl Backend for RedisBackend {
         self.bulk(
             pattern,
             plan,
+            |_| true,
             |pipe, keys| {
                 pipe.cmd("UNLINK").arg(keys);
             },
@@ -314,21 +319,17 @@ impl Backend for RedisBackend {
         .await
     }
 
-    async fn expire_matching(
-        &self,
-        pattern: &str,
-        ttl_ms: u64,
-        only_if_persistent: bool,
-        plan: &BulkPlan<'_>,
-    ) -> Result<BulkResult, BackendError> {
+    async fn expire_matching(&self, rows: &[ExpireRow], plan: &BulkPlan<'_>) -> Result<BulkResult, BackendError> {
+        let rows = Rows::new(rows);
         self.bulk(
-            pattern,
+            &rows.scan_pattern(),
             plan,
+            |key| rows.row_of(key).is_some(),
             |pipe, keys| {
-                for key in keys {
-                    let cmd = pipe.cmd("PEXPIRE").arg(key).arg(ttl_ms);
-                    if only_if_persistent {
-                        cmd.arg("NX");
+                for (key, row) in keys.iter().filter_map(|k| Some((k, rows.row_of(k)?))) {
+                    let cmd = pipe.cmd("PEXPIRE").arg(key).arg(row.ttl_ms);
+                    if let Some(flag) = expire_flag(Rows::condition(row)) {
+                        cmd.arg(flag);
                     }
                 }
             },
