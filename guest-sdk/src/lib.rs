@@ -79,7 +79,7 @@ pub mod bindings {
 #[cfg(feature = "bindings")]
 #[doc(hidden)]
 pub mod __private {
-    pub use crate::policy::{configure, describe, handle};
+    pub use crate::policy::{configure, describe, handle, handle_keys};
     pub use wit_bindgen;
 }
 
@@ -88,8 +88,8 @@ pub mod __private {
 #[cfg(feature = "bindings")]
 pub mod redis {
     pub use crate::bindings::cachepol::policy::redis::{
-        del, delete_matching, exists, expire, expire_matching, expire_matching_rows, get, key_type, lock_acquire,
-        lock_release, persist, scan, set, ttl,
+        del, delete_matching, exists, expire, expire_matching, expire_matching_rows, expire_queued, get, key_type,
+        lock_acquire, lock_release, persist, scan, set, ttl,
     };
     use crate::{Error, ExpireCondition, SetOptions};
     use std::time::Duration;
@@ -113,6 +113,13 @@ pub mod redis {
     /// `PEXPIRE key ttl` with a [`Duration`].
     pub fn expire_in(key: &str, ttl: Duration, condition: ExpireCondition) -> Result<bool, Error> {
         expire(key, duration_ms(ttl), condition)
+    }
+
+    /// [`expire_queued`] with a [`Duration`]: a TTL whose answer the policy
+    /// does not need, sent without waiting (pipelined with the call's
+    /// other queued writes).
+    pub fn expire_in_queued(key: &str, ttl: Duration, condition: ExpireCondition) -> Result<(), Error> {
+        expire_queued(key, duration_ms(ttl), condition)
     }
 
     /// Every key matching `pattern`, following `SCAN` cursors to the end.

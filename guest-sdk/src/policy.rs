@@ -94,6 +94,16 @@ pub fn handle<P: Policy>(slot: &'static Slot<P>, event: Event) -> Result<Outcome
     })
 }
 
+pub fn handle_keys<P: Policy>(slot: &'static Slot<P>, events: Vec<KeyEvent>) -> Vec<Result<Outcome, Error>> {
+    slot.with(|s| {
+        let mut guard = s.borrow_mut();
+        match guard.as_mut() {
+            Some(policy) => events.into_iter().map(|e| policy.on_key(e)).collect(),
+            None => events.iter().map(|_| Err(Error::policy("handle-keys called before configure"))).collect(),
+        }
+    })
+}
+
 /// Export a [`Policy`] implementation as the component's `policy` world.
 /// Use it once per policy crate.
 #[macro_export]
@@ -116,6 +126,11 @@ macro_rules! export_policy {
                 }
                 fn handle(event: $crate::Event) -> ::std::result::Result<$crate::Outcome, $crate::Error> {
                     $crate::__private::handle::<$policy>(&SLOT, event)
+                }
+                fn handle_keys(
+                    events: ::std::vec::Vec<$crate::KeyEvent>,
+                ) -> ::std::vec::Vec<::std::result::Result<$crate::Outcome, $crate::Error>> {
+                    $crate::__private::handle_keys::<$policy>(&SLOT, events)
                 }
             }
 

@@ -90,8 +90,10 @@ impl Default for Config {
             cache_dir: default_cache_dir(),
             configure_notifications: false,
             deploy: DeployConfig::default(),
-            queue_capacity: 10_000,
-            queue_bytes: 16 << 20,
+            // A 100k-write burst at Redis's full speed fits without a gap
+            // sweep (about 20 MB at most, in the one policy it concerns).
+            queue_capacity: 100_000,
+            queue_bytes: 32 << 20,
             lanes: DEFAULT_LANES,
             hop_limit: 2,
             shutdown_grace_ms: 10_000,

@@ -12,8 +12,8 @@ wasmtime::component::bindgen!({
 });
 
 pub use self::cachepol::policy::types::{
-    Denial, DeployEvent, ExpireCondition, ExpireRow, Grant, KeyEvent, KeyOps, KeySubscription, KeyTtl, ScanPage,
-    SetCondition, SetOptions, Subscriptions, SweepEvent, SweepReason, ValueKind,
+    Denial, DeployEvent, ExpireCondition, ExpireRow, Grant, KeyOps, KeySubscription, KeyTtl, ScanPage, SetCondition,
+    SetOptions, Subscriptions, SweepEvent, SweepReason, ValueKind,
 };
 pub use self::cachepol::policy::{clock, log, redis, types};
 

@@ -194,7 +194,7 @@ fn events_queued_across_a_swap_reach_the_new_version_only_if_it_subscribes() {
     // Each version hears `stamp:<its stamp>:*` only, and is slow, so events
     // for version 1's keys are still queued when version 2 takes over.
     let (setup, _cache) = setup_with(
-        "queue_capacity = 100000\n[policies.rec]\nconfig = { name = \"rec\", mark_prefix = \"mark:\", stamped_grant = true, work = 300000 }",
+        "queue_capacity = 100000\n[policies.rec]\nconfig = { name = \"rec\", mark_prefix = \"mark:\", stamped_grant = true, work = 3000000 }",
     );
     let daemon = Daemon::start(&redis, &setup);
     let mut pipe = redis::pipe();

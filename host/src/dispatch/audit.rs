@@ -39,8 +39,9 @@ pub struct Tally {
 }
 
 impl Tally {
-    /// Log one key event's call, or add it to the window's sum.
-    pub fn add(&mut self, policy: &str, event_id: &str, mode: Mode, report: &CallReport) {
+    /// Log one call for `events` keyspace events, or add it to the
+    /// window's sum.
+    pub fn add(&mut self, policy: &str, event_id: &str, events: usize, mode: Mode, report: &CallReport) {
         let now = Instant::now();
         if self.window.is_none_or(|w| now >= w + TALLY_EVERY) {
             self.flush(policy, mode);
@@ -54,7 +55,7 @@ impl Tally {
             return record(policy, event_id, mode, report);
         }
         let e = &report.call.effects;
-        self.calls += 1;
+        self.calls += events as u64;
         self.failed += u64::from(report.result.is_err());
         self.deleted += e.deleted;
         self.expired += e.expired;

@@ -50,9 +50,15 @@ const SWEEP_RETRIES: u32 = 3;
 const SWEEP_RETRY_MAX: Duration = Duration::from_secs(60);
 
 /// Keyspace events taken off the queue but not started, per lane: enough
-/// to keep every lane busy when keys are unevenly spread, few enough that
-/// repeats still coalesce in the queue.
-const BACKLOG_PER_LANE: usize = 4;
+/// for a batch each when keys are unevenly spread, few enough that repeats
+/// still coalesce in the queue.
+const BACKLOG_PER_LANE: usize = 32;
+
+/// The most keyspace events one call handles (`handle-keys`): a lane takes
+/// what waits for it, up to this many, so a busy policy makes one call and
+/// one pipelined round trip for many events, and an idle one gets each
+/// event alone at once.
+const MAX_BATCH: usize = 64;
 
 /// One instance of a policy version and its write path.
 pub struct Lane {
@@ -87,9 +93,16 @@ pub enum Control {
 
 /// A call handed to a lane.
 enum Work {
-    Key,
+    /// This many keyspace events.
+    Keys(usize),
     Sweep(SweepReason),
     Deploy(HookDone),
+}
+
+/// What a call delivers.
+enum Call {
+    One(wit::Event),
+    Keys(Vec<KeyEvent>),
 }
 
 /// A lane back from its call.
@@ -262,11 +275,8 @@ impl Worker {
     /// lane is idle, the waiting barrier, then the waiting version.
     fn advance(&mut self, cooling: bool) {
         for index in 0..self.lanes.len() {
-            while self.lanes[index].is_some()
-                && let Some((seq, k)) = self.backlog[index].pop_front()
-            {
-                self.buffered -= 1;
-                self.start_key(index, seq, k, cooling);
+            while self.lanes[index].is_some() && !self.backlog[index].is_empty() {
+                self.start_keys(index, cooling);
             }
         }
         if !self.calls.is_empty() || self.buffered > 0 {
@@ -290,22 +300,44 @@ impl Worker {
         }
     }
 
-    fn start_key(&mut self, index: usize, seq: u64, k: KeyNotification, cooling: bool) {
+    /// Start lane `index` on the events waiting for it: up to
+    /// [`MAX_BATCH`] in one call, as long as they are as many hops deep as
+    /// the first (the echo layer stamps the call's writes with one count).
+    /// Takes at least one event off the backlog.
+    fn start_keys(&mut self, index: usize, cooling: bool) {
         if self.held(cooling).is_some() {
+            self.buffered -= self.backlog[index].len();
+            self.backlog[index].clear();
             self.owes_sweep = true;
             return;
         }
         self.settle();
         let lane = self.lanes[index].as_ref().expect("an idle lane");
-        // Routed under another version's subscriptions (queued across a
-        // swap): only what this version subscribes to.
-        if k.generation != self.generation && !lane.policy.manifest().wants_key_event(&k.op, k.key.as_bytes()) {
-            tracing::debug!(policy = %self.name, op = %k.op, key = %k.key, "not for this version: its subscriptions changed");
-            return;
+        let manifest = lane.policy.manifest();
+        let (mut events, mut first, mut last, mut hops) = (Vec::new(), 0, 0, None);
+        while events.len() < MAX_BATCH
+            && let Some((_, k)) = self.backlog[index].front()
+            && hops.is_none_or(|h| h == k.hops)
+        {
+            let (seq, k) = self.backlog[index].pop_front().expect("checked");
+            self.buffered -= 1;
+            // Routed under another version's subscriptions (queued across
+            // a swap): only what this version subscribes to.
+            if k.generation != self.generation && !manifest.wants_key_event(&k.op, k.key.as_bytes()) {
+                tracing::debug!(policy = %self.name, op = %k.op, key = %k.key, "not for this version: its subscriptions changed");
+                continue;
+            }
+            if hops.is_none() {
+                (first, hops) = (seq, Some(k.hops));
+            }
+            last = seq;
+            events.push(KeyEvent { db: k.db, op: k.op, key: k.key });
         }
-        lane.hops.store(k.hops, Ordering::Relaxed);
-        let event = wit::Event::Key(KeyEvent { db: k.db, op: k.op, key: k.key });
-        self.spawn(index, format!("key-{seq}"), seq, event, Work::Key);
+        let Some(hops) = hops else { return };
+        lane.hops.store(hops, Ordering::Relaxed);
+        let id = if first == last { format!("key-{first}") } else { format!("keys-{first}-{last}") };
+        let work = Work::Keys(events.len());
+        self.spawn(index, id, first, Call::Keys(events), work);
     }
 
     fn start_barrier(&mut self, seq: u64, item: Item, cooling: bool) {
@@ -345,21 +377,26 @@ impl Worker {
             }
             Item::Key(k) => {
                 // Keys never become barriers; handled as an event anyway.
-                return self.start_key(0, seq, k, cooling);
+                self.backlog[0].push_back((seq, k));
+                self.buffered += 1;
+                return;
             }
         };
         self.barrier_running = true;
-        self.spawn(0, id, seq, event, work);
+        self.spawn(0, id, seq, Call::One(event), work);
     }
 
     /// Start one call on lane `index`; the lane comes back with its report.
-    fn spawn(&mut self, index: usize, id: String, seq: u64, event: wit::Event, work: Work) {
+    fn spawn(&mut self, index: usize, id: String, seq: u64, call: Call, work: Work) {
         let mut lane = self.lanes[index].take().expect("an idle lane");
         let resets = self.resets;
         let span = tracing::debug_span!("event", policy = %self.name, seq, lane = index);
         self.calls.push(Box::pin(
             async move {
-                let report = lane.policy.handle(&id, &event).await;
+                let report = match call {
+                    Call::One(event) => lane.policy.handle(&id, &event).await,
+                    Call::Keys(events) => lane.policy.handle_keys(&id, events).await,
+                };
                 Finished { index, lane, work, report, id, resets }
             }
             .instrument(span),
@@ -370,7 +407,7 @@ impl Worker {
     fn finish(&mut self, done: Finished) {
         let Finished { index, mut lane, work, report, id, resets } = done;
         match work {
-            Work::Key => self.tally.add(&self.name, &id, self.mode, &report),
+            Work::Keys(n) => self.tally.add(&self.name, &id, n, self.mode, &report),
             _ => audit::record(&self.name, &id, self.mode, &report),
         }
         let result = classify(&report);
@@ -383,7 +420,7 @@ impl Worker {
         }
         self.lanes[index] = Some(lane);
         match work {
-            Work::Key => {}
+            Work::Keys(_) => {}
             Work::Deploy(done) => {
                 self.barrier_running = false;
                 let _ = done.send(result);

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use crate::sandbox::budget::Budgets;
 use crate::sandbox::grants::{Grants, MAX_KEY_LEN};
 use crate::sandbox::guest_io::{LineVerdict, LogAllowance, log_truncated};
-use crate::store::backend::{Backend, BackendError, BulkPlan, BulkResult};
+use crate::store::backend::{Backend, BackendError, BulkPlan, BulkResult, QueuedExpire};
 use crate::wit::{self, Denial, Error, ExpireCondition, ExpireRow, KeyOps, KeyTtl, ScanPage, SetOptions, ValueKind};
 
 /// What a host function returns: a trap (`Err`) or a result for the guest.
@@ -97,6 +97,11 @@ pub struct HostApi {
     budgets: Budgets,
     log: LogAllowance,
     call: CallState,
+    /// Events in the current call (a batch of keyspace events counts each):
+    /// the per-event host-call and keys budgets scale with it.
+    events: u32,
+    /// `expire-queued` writes not sent yet, in order.
+    queued: Vec<QueuedExpire>,
 }
 
 /// What a gated call is about.
@@ -116,13 +121,37 @@ impl HostApi {
         budgets: Budgets,
         log: LogAllowance,
     ) -> HostApi {
-        HostApi { policy, grants, backend, budgets, log, call: CallState::default() }
+        HostApi { policy, grants, backend, budgets, log, call: CallState::default(), events: 1, queued: Vec::new() }
     }
 
-    /// Start a new call: fresh budgets and an empty report.
-    pub fn begin_call(&mut self) {
+    /// Start a new call for `events` events: fresh budgets and an empty
+    /// report.
+    pub fn begin_call(&mut self, events: u32) {
         self.call = CallState::default();
+        self.events = events.max(1);
+        self.queued.clear();
         self.log.reset();
+    }
+
+    /// Send the call's queued writes, as one pipeline where the store can:
+    /// before any other request of the call (so Redis sees the policy's
+    /// requests in the order it made them) and when the call returns.
+    pub async fn flush(&mut self) -> Result<(), Error> {
+        if self.queued.is_empty() {
+            return Ok(());
+        }
+        let queued = std::mem::take(&mut self.queued);
+        let set = self.backend.expire_many(&queued).await.map_err(|e| self.redis_failed("expire-queued", e))?;
+        for (item, _) in queued.iter().zip(&set).filter(|(_, set)| **set) {
+            self.call.effects.expired += 1;
+            self.call.effects.note_keys([item.key.as_str()]);
+        }
+        Ok(())
+    }
+
+    /// Host calls allowed in this call.
+    fn host_calls_limit(&self) -> u32 {
+        self.budgets.host_calls.saturating_mul(self.events)
     }
 
     /// The report of the call that just ended.
@@ -165,7 +194,7 @@ impl HostApi {
     /// The gate every Redis call passes: budget, arguments, grants.
     fn admit(&mut self, op: &'static str, need: KeyOps, target: Target<'_>) -> Result<(), Error> {
         self.call.host_calls += 1;
-        if self.call.host_calls > self.budgets.host_calls {
+        if self.call.host_calls > self.host_calls_limit() {
             return Err(self.exceeded(format!("more than {} host calls in one event", self.budgets.host_calls)));
         }
         match target {
@@ -205,7 +234,7 @@ impl HostApi {
 
     /// Keys-touched budget left for this call.
     fn keys_left(&self) -> u64 {
-        self.budgets.keys_limit().saturating_sub(self.call.keys_touched)
+        self.budgets.keys_limit().saturating_mul(u64::from(self.events)).saturating_sub(self.call.keys_touched)
     }
 
     /// Count keys touched by a single-key operation against the budget.
@@ -222,6 +251,7 @@ impl HostApi {
     /// A host-side bulk operation: every pattern checked against the
     /// grants first, every key Redis returns checked again.
     async fn bulk(&mut self, op: &'static str, work: Bulk<'_>) -> Result<u64, Error> {
+        self.flush().await?;
         let need = match work {
             Bulk::Delete(pattern) => {
                 self.admit(op, KeyOps::DELETE, Target::Pattern(pattern))?;
@@ -307,6 +337,7 @@ impl wit::types::Host for HostApi {}
 impl wit::redis::Host for HostApi {
     async fn get(&mut self, key: String) -> HostResult<Option<Vec<u8>>> {
         Ok(async {
+            self.flush().await?;
             self.admit("get", KeyOps::READ, Target::Key(&key))?;
             self.backend.get(&key).await.map_err(|e| self.redis_failed("get", e))
         }
@@ -315,6 +346,7 @@ impl wit::redis::Host for HostApi {
 
     async fn exists(&mut self, key: String) -> HostResult<bool> {
         Ok(async {
+            self.flush().await?;
             self.admit("exists", KeyOps::READ, Target::Key(&key))?;
             self.backend.exists(&key).await.map_err(|e| self.redis_failed("exists", e))
         }
@@ -323,6 +355,7 @@ impl wit::redis::Host for HostApi {
 
     async fn ttl(&mut self, key: String) -> HostResult<KeyTtl> {
         Ok(async {
+            self.flush().await?;
             self.admit("ttl", KeyOps::READ, Target::Key(&key))?;
             self.backend.ttl(&key).await.map_err(|e| self.redis_failed("ttl", e))
         }
@@ -331,6 +364,7 @@ impl wit::redis::Host for HostApi {
 
     async fn key_type(&mut self, key: String) -> HostResult<Option<ValueKind>> {
         Ok(async {
+            self.flush().await?;
             self.admit("key-type", KeyOps::READ, Target::Key(&key))?;
             self.backend.key_type(&key).await.map_err(|e| self.redis_failed("key-type", e))
         }
@@ -339,6 +373,7 @@ impl wit::redis::Host for HostApi {
 
     async fn scan(&mut self, cursor: u64, pattern: String, count: u32) -> HostResult<ScanPage> {
         Ok(async {
+            self.flush().await?;
             self.admit("scan", KeyOps::READ, Target::Pattern(&pattern))?;
             let count = count.clamp(1, MAX_SCAN_COUNT);
             let (cursor, raw) =
@@ -357,6 +392,7 @@ impl wit::redis::Host for HostApi {
 
     async fn set(&mut self, key: String, value: Vec<u8>, options: SetOptions) -> HostResult<bool> {
         Ok(async {
+            self.flush().await?;
             self.admit("set", KeyOps::WRITE, Target::Key(&key))?;
             if let Some(ttl) = options.ttl_ms {
                 check_ttl("set", ttl)?;
@@ -380,6 +416,7 @@ impl wit::redis::Host for HostApi {
 
     async fn del(&mut self, keys: Vec<String>) -> HostResult<u64> {
         Ok(async {
+            self.flush().await?;
             self.admit("del", KeyOps::DELETE, Target::Keys(&keys))?;
             self.touch("del", keys.len() as u64)?;
             let n = self.backend.del(&keys).await.map_err(|e| self.redis_failed("del", e))?;
@@ -392,6 +429,7 @@ impl wit::redis::Host for HostApi {
 
     async fn expire(&mut self, key: String, ttl_ms: u64, condition: ExpireCondition) -> HostResult<bool> {
         Ok(async {
+            self.flush().await?;
             self.admit("expire", KeyOps::EXPIRE, Target::Key(&key))?;
             check_ttl("expire", ttl_ms)?;
             self.touch("expire", 1)?;
@@ -405,8 +443,19 @@ impl wit::redis::Host for HostApi {
         .await)
     }
 
+    async fn expire_queued(&mut self, key: String, ttl_ms: u64, condition: ExpireCondition) -> HostResult<()> {
+        Ok((|| {
+            self.admit("expire-queued", KeyOps::EXPIRE, Target::Key(&key))?;
+            check_ttl("expire-queued", ttl_ms)?;
+            self.touch("expire-queued", 1)?;
+            self.queued.push(QueuedExpire { key, ttl_ms, condition });
+            Ok(())
+        })())
+    }
+
     async fn persist(&mut self, key: String) -> HostResult<bool> {
         Ok(async {
+            self.flush().await?;
             self.admit("persist", KeyOps::EXPIRE, Target::Key(&key))?;
             self.backend.persist(&key).await.map_err(|e| self.redis_failed("persist", e))
         }
@@ -428,6 +477,7 @@ impl wit::redis::Host for HostApi {
 
     async fn lock_acquire(&mut self, name: String, ttl_ms: u64) -> HostResult<Option<String>> {
         Ok(async {
+            self.flush().await?;
             self.admit("lock-acquire", KeyOps::LOCK, Target::Key(&name))?;
             check_ttl("lock-acquire", ttl_ms)?;
             let token =
@@ -442,6 +492,7 @@ impl wit::redis::Host for HostApi {
 
     async fn lock_release(&mut self, name: String, token: String) -> HostResult<bool> {
         Ok(async {
+            self.flush().await?;
             self.admit("lock-release", KeyOps::LOCK, Target::Key(&name))?;
             if token.is_empty() {
                 return Err(Error::InvalidArgument("lock-release: empty token".into()));

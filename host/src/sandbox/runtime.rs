@@ -91,6 +91,9 @@ pub enum CallFailure {
     Timeout(Duration),
     #[error("trapped: {0}")]
     Trap(String),
+    /// Redis failed the writes the policy queued (`expire-queued`).
+    #[error("queued writes failed: {0}")]
+    Queued(String),
     /// The instance died earlier and could not be re-created.
     #[error("could not re-create the instance: {0}")]
     Restart(String),
@@ -99,7 +102,7 @@ pub enum CallFailure {
 impl CallFailure {
     /// Whether the instance is unusable after this failure.
     fn kills_instance(&self) -> bool {
-        !matches!(self, CallFailure::Returned(_) | CallFailure::Budget(_))
+        !matches!(self, CallFailure::Returned(_) | CallFailure::Budget(_) | CallFailure::Queued(_))
     }
 }
 
@@ -137,7 +140,88 @@ pub struct Runtime {
 /// A compiled, import-checked component, ready to instantiate.
 #[derive(Clone)]
 pub struct Compiled {
-    pre: PolicyPre<StoreState>,
+    pre: Pre,
+}
+
+/// A component ready to instantiate, by the contract version it exports.
+#[derive(Clone)]
+enum Pre {
+    Current(PolicyPre<StoreState>),
+    /// Built against 0.1.0: no `handle-keys`.
+    V0_1(wit::v0_1::PolicyPre<StoreState>),
+}
+
+impl Pre {
+    fn engine(&self) -> &Engine {
+        match self {
+            Pre::Current(pre) => pre.engine(),
+            Pre::V0_1(pre) => pre.engine(),
+        }
+    }
+
+    async fn instantiate(&self, store: &mut Store<StoreState>) -> wasmtime::Result<Bindings> {
+        Ok(match self {
+            Pre::Current(pre) => Bindings::Current(pre.instantiate_async(store).await?),
+            Pre::V0_1(pre) => Bindings::V0_1(pre.instantiate_async(store).await?),
+        })
+    }
+}
+
+/// A live instance's exports. 0.1.0's take and return 0.2.0's types (the
+/// contract's types did not change), so only `handle-keys` differs.
+enum Bindings {
+    Current(Policy),
+    V0_1(wit::v0_1::Policy),
+}
+
+impl Bindings {
+    async fn call_configure(
+        &self,
+        store: &mut Store<StoreState>,
+        config: &str,
+    ) -> wasmtime::Result<Result<(), String>> {
+        match self {
+            Bindings::Current(b) => b.call_configure(store, config).await,
+            Bindings::V0_1(b) => b.call_configure(store, config).await,
+        }
+    }
+
+    async fn call_describe(&self, store: &mut Store<StoreState>) -> wasmtime::Result<wit::Manifest> {
+        match self {
+            Bindings::Current(b) => b.call_describe(store).await,
+            Bindings::V0_1(b) => b.call_describe(store).await,
+        }
+    }
+
+    async fn call_handle(
+        &self,
+        store: &mut Store<StoreState>,
+        event: &wit::Event,
+    ) -> wasmtime::Result<Result<wit::Outcome, wit::Error>> {
+        match self {
+            Bindings::Current(b) => b.call_handle(store, event).await,
+            Bindings::V0_1(b) => b.call_handle(store, event).await,
+        }
+    }
+
+    /// Keyspace events in one call where the policy exports `handle-keys`;
+    /// one `handle` after another where it does not.
+    async fn call_handle_keys(
+        &self,
+        store: &mut Store<StoreState>,
+        events: &[wit::KeyEvent],
+    ) -> wasmtime::Result<Vec<Result<wit::Outcome, wit::Error>>> {
+        match self {
+            Bindings::Current(b) => b.call_handle_keys(store, events).await,
+            Bindings::V0_1(b) => {
+                let mut results = Vec::with_capacity(events.len());
+                for event in events {
+                    results.push(b.call_handle(&mut *store, &wit::Event::Key(event.clone())).await?);
+                }
+                Ok(results)
+            }
+        }
+    }
 }
 
 /// How fuel is handed out: the guest yields to the async executor after
@@ -222,7 +306,13 @@ impl Runtime {
     /// Check imports and exports against the world.
     fn link(&self, component: &Component) -> Result<Compiled, LoadError> {
         let pre = self.linker.instantiate_pre(component).map_err(|e| LoadError::Imports(format!("{e:#}")))?;
-        let pre = PolicyPre::new(pre).map_err(|e| LoadError::Exports(format!("{e:#}")))?;
+        let pre = match PolicyPre::new(pre.clone()) {
+            Ok(current) => Pre::Current(current),
+            Err(e) => match wit::v0_1::PolicyPre::new(pre) {
+                Ok(old) => Pre::V0_1(old),
+                Err(_) => return Err(LoadError::Exports(format!("{e:#}"))),
+            },
+        };
         Ok(Compiled { pre })
     }
 
@@ -388,7 +478,7 @@ impl ResourceLimiter for MemoryLimiter {
 /// Everything needed to (re-)create a policy's instance.
 #[derive(Clone)]
 struct Setup {
-    pre: PolicyPre<StoreState>,
+    pre: Pre,
     label: Arc<str>,
     config: String,
     backend: Arc<dyn Backend>,
@@ -420,7 +510,7 @@ impl Setup {
         store.limiter(|s| &mut s.limiter);
         store.fuel_async_yield_interval(Some(FUEL_YIELD_INTERVAL)).map_err(|e| format!("{e:#}"))?;
         store.set_fuel(self.budgets.fuel).map_err(|e| format!("{e:#}"))?;
-        let bindings = self.pre.instantiate_async(&mut store).await.map_err(|e| {
+        let bindings = self.pre.instantiate(&mut store).await.map_err(|e| {
             if let Some(wanted) = store.data().limiter.exceeded {
                 format!("memory limit of {} bytes exceeded (wanted {wanted})", self.budgets.memory_bytes)
             } else {
@@ -434,7 +524,7 @@ impl Setup {
 /// One live instance of a policy.
 struct Instance {
     store: Store<StoreState>,
-    bindings: Policy,
+    bindings: Bindings,
     budgets: Budgets,
 }
 
@@ -446,21 +536,45 @@ impl Instance {
     /// deleted before it trapped was still deleted).
     async fn call<R>(
         &mut self,
-        f: impl for<'a> FnOnce(&'a Policy, &'a mut Store<StoreState>) -> CallFuture<'a, R>,
+        f: impl for<'a> FnOnce(&'a Bindings, &'a mut Store<StoreState>) -> CallFuture<'a, R>,
     ) -> (Result<R, CallFailure>, CallState) {
-        if let Err(e) = self.store.set_fuel(self.budgets.fuel) {
+        self.call_for(1, f).await
+    }
+
+    /// [`Instance::call`] for `events` events at once: the per-event
+    /// budgets (fuel, host calls, keys, wall time) scale with it. The
+    /// call's queued writes are sent when it returns, within its time.
+    async fn call_for<R>(
+        &mut self,
+        events: u32,
+        f: impl for<'a> FnOnce(&'a Bindings, &'a mut Store<StoreState>) -> CallFuture<'a, R>,
+    ) -> (Result<R, CallFailure>, CallState) {
+        let events = events.max(1);
+        let fuel = self.budgets.fuel.saturating_mul(u64::from(events));
+        if let Err(e) = self.store.set_fuel(fuel) {
             return (Err(CallFailure::Trap(format!("{e:#}"))), CallState::default());
         }
         let state = self.store.data_mut();
-        state.api.begin_call();
+        state.api.begin_call(events);
         state.limiter.exceeded = None;
         state.stderr.take_recent();
-        let outcome = tokio::time::timeout(self.budgets.wall_time, f(&self.bindings, &mut self.store)).await;
+        let wall_time = self.budgets.wall_time.saturating_mul(events);
+        let (bindings, store) = (&self.bindings, &mut self.store);
+        let outcome = tokio::time::timeout(wall_time, async move {
+            let outcome = f(bindings, &mut *store).await;
+            // What the policy queued was accepted: it is sent even if the
+            // policy trapped afterwards, as a write it waited for would
+            // have been.
+            let flushed = store.data_mut().api.flush().await;
+            (outcome, flushed)
+        })
+        .await;
         let call = self.store.data_mut().api.take_call();
         let result = match outcome {
-            Err(_) => Err(CallFailure::Timeout(self.budgets.wall_time)),
-            Ok(Err(e)) => Err(self.classify(e)),
-            Ok(Ok(value)) => match &call.budget_exceeded {
+            Err(_) => Err(CallFailure::Timeout(wall_time)),
+            Ok((Err(e), _)) => Err(self.classify(e)),
+            Ok((Ok(_), Err(e))) => Err(CallFailure::Queued(wit::Shown(&e).to_string())),
+            Ok((Ok(value), Ok(()))) => match &call.budget_exceeded {
                 Some(what) => Err(CallFailure::Budget(what.clone())),
                 None => Ok(value),
             },
@@ -519,6 +633,21 @@ pub struct CallReport {
     /// trapped call: whatever happened before the trap).
     pub call: CallState,
     pub elapsed: Duration,
+}
+
+/// What one call delivers.
+enum Delivery {
+    One(wit::Event),
+    Keys(Vec<wit::KeyEvent>),
+}
+
+/// A batch's results as one: its first error, or what the events deferred.
+fn merge(results: Vec<Result<wit::Outcome, wit::Error>>) -> Result<wit::Outcome, wit::Error> {
+    let mut deferred = 0u32;
+    for result in results {
+        deferred = deferred.saturating_add(result?.deferred);
+    }
+    Ok(wit::Outcome { deferred, note: None })
 }
 
 /// A configured policy with a validated manifest.
@@ -582,12 +711,23 @@ impl LoadedPolicy {
     /// Deliver one event. Never panics and never propagates a guest fault:
     /// the report says what happened.
     pub async fn handle(&mut self, event_id: &str, event: &wit::Event) -> CallReport {
+        self.deliver(event_id, Delivery::One(event.clone())).await
+    }
+
+    /// Deliver keyspace events in one call (`handle-keys`; one `handle`
+    /// after another for a 0.1.0 policy), budgets scaled to their number.
+    /// The report sums the batch: its effects, and its first failure.
+    pub async fn handle_keys(&mut self, event_id: &str, events: Vec<wit::KeyEvent>) -> CallReport {
+        self.deliver(event_id, Delivery::Keys(events)).await
+    }
+
+    async fn deliver(&mut self, event_id: &str, delivery: Delivery) -> CallReport {
         // Debug level: at 100k calls a second, recording a span per call
         // would cost more than the call; lines logged here name the policy
         // and the event themselves.
         let span = tracing::debug_span!("policy_call", policy = %self.manifest.name, event = %event_id);
         let started = Instant::now();
-        let (result, call) = self.handle_inner(event).instrument(span.clone()).await;
+        let (result, call) = self.handle_inner(delivery).instrument(span.clone()).await;
         let report = CallReport { result, call, elapsed: started.elapsed() };
         self.stats.calls += 1;
         self.stats.denials += u64::from(report.call.denials_total);
@@ -603,7 +743,7 @@ impl LoadedPolicy {
         report
     }
 
-    async fn handle_inner(&mut self, event: &wit::Event) -> (Result<wit::Outcome, CallFailure>, CallState) {
+    async fn handle_inner(&mut self, delivery: Delivery) -> (Result<wit::Outcome, CallFailure>, CallState) {
         let mut instance = match self.instance.take() {
             Some(instance) => instance,
             None => match self.restart().await {
@@ -611,9 +751,19 @@ impl LoadedPolicy {
                 Err(failure) => return (Err(failure), CallState::default()),
             },
         };
-        let event = event.clone();
+        let events = match &delivery {
+            Delivery::One(_) => 1,
+            Delivery::Keys(events) => u32::try_from(events.len()).unwrap_or(u32::MAX),
+        };
         let (result, call) = instance
-            .call(move |bindings, store| Box::pin(async move { bindings.call_handle(store, &event).await }))
+            .call_for(events, move |bindings, store| {
+                Box::pin(async move {
+                    match delivery {
+                        Delivery::One(event) => bindings.call_handle(store, &event).await,
+                        Delivery::Keys(events) => bindings.call_handle_keys(store, &events).await.map(merge),
+                    }
+                })
+            })
             .await;
         let result = match result {
             Ok(Ok(outcome)) => Ok(outcome),

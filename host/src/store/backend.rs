@@ -85,6 +85,14 @@ impl BulkResult {
     }
 }
 
+/// One `expire-queued` of a policy call, waiting to be sent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QueuedExpire {
+    pub key: String,
+    pub ttl_ms: u64,
+    pub condition: ExpireCondition,
+}
+
 /// The rows of an `expire-matching` (a TTL table), compiled: each key gets
 /// the first row its name matches, and one `SCAN` pass serves them all.
 pub struct Rows<'a> {
@@ -144,6 +152,15 @@ pub trait Backend: Send + Sync + 'static {
     async fn del(&self, keys: &[String]) -> Result<u64, BackendError>;
     async fn expire(&self, key: &str, ttl_ms: u64, condition: ExpireCondition) -> Result<bool, BackendError>;
     async fn persist(&self, key: &str) -> Result<bool, BackendError>;
+    /// A call's queued `PEXPIRE`s, in order; whether each set a TTL. Sent
+    /// one by one unless the store can pipeline them.
+    async fn expire_many(&self, items: &[QueuedExpire]) -> Result<Vec<bool>, BackendError> {
+        let mut set = Vec::with_capacity(items.len());
+        for item in items {
+            set.push(self.expire(&item.key, item.ttl_ms, item.condition).await?);
+        }
+        Ok(set)
+    }
     async fn delete_matching(&self, pattern: &str, plan: &BulkPlan<'_>) -> Result<BulkResult, BackendError>;
     /// Give every key matching one of `rows` the TTL of the first it
     /// matches, in one `SCAN` pass ([`Rows`]).
@@ -177,6 +194,13 @@ pub trait WriteLayer: Send + Sync + 'static {
         condition: ExpireCondition,
     ) -> Result<bool, BackendError>;
     async fn persist(&self, inner: &dyn Backend, key: &str) -> Result<bool, BackendError>;
+    async fn expire_many(&self, inner: &dyn Backend, items: &[QueuedExpire]) -> Result<Vec<bool>, BackendError> {
+        let mut set = Vec::with_capacity(items.len());
+        for item in items {
+            set.push(self.expire(inner, &item.key, item.ttl_ms, item.condition).await?);
+        }
+        Ok(set)
+    }
     async fn delete_matching(
         &self,
         inner: &dyn Backend,
@@ -227,6 +251,9 @@ impl<L: WriteLayer> Backend for Layered<L> {
     }
     async fn persist(&self, key: &str) -> Result<bool, BackendError> {
         self.layer.persist(&*self.inner, key).await
+    }
+    async fn expire_many(&self, items: &[QueuedExpire]) -> Result<Vec<bool>, BackendError> {
+        self.layer.expire_many(&*self.inner, items).await
     }
     async fn delete_matching(&self, pattern: &str, plan: &BulkPlan<'_>) -> Result<BulkResult, BackendError> {
         self.layer.delete_matching(&*self.inner, pattern, plan).await

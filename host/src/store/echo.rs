@@ -42,7 +42,7 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use cachepol_guest_sdk::glob::Glob;
 
-use crate::store::backend::{Backend, BackendError, BulkPlan, BulkResult, BulkStep, Rows, WriteLayer};
+use crate::store::backend::{Backend, BackendError, BulkPlan, BulkResult, BulkStep, QueuedExpire, Rows, WriteLayer};
 use crate::wit::{ExpireCondition, ExpireRow, SetOptions};
 
 /// Expectations kept at once (each about 200 bytes); past this a bulk
@@ -454,6 +454,19 @@ impl WriteLayer for EchoLayer {
 
     async fn persist(&self, inner: &dyn Backend, key: &str) -> Result<bool, BackendError> {
         self.expecting(key.as_bytes(), &["persist"], inner.persist(key), |p| *p).await
+    }
+
+    async fn expire_many(&self, inner: &dyn Backend, items: &[QueuedExpire]) -> Result<Vec<bool>, BackendError> {
+        let origin = self.origin();
+        let ids: Vec<_> = items.iter().map(|i| self.ledger.expect(i.key.as_bytes(), &["expire"], &origin)).collect();
+        let result = inner.expire_many(items).await;
+        for (index, (item, ids)) in items.iter().zip(ids).enumerate() {
+            match &result {
+                Ok(set) if !set.get(index).copied().unwrap_or(true) => self.ledger.withdraw(item.key.as_bytes(), ids),
+                _ => self.ledger.written(item.key.as_bytes(), ids),
+            }
+        }
+        result
     }
 
     async fn delete_matching(

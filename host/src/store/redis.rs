@@ -18,7 +18,7 @@ use cachepol_guest_sdk::glob::Glob;
 use redis::aio::ConnectionManager;
 use redis::{Client, RedisError, Script, Value};
 
-use crate::store::backend::{Backend, BackendError, BulkPlan, BulkResult, BulkStep, Rows, ScanResult};
+use crate::store::backend::{Backend, BackendError, BulkPlan, BulkResult, BulkStep, QueuedExpire, Rows, ScanResult};
 use crate::wit::{ExpireCondition, ExpireRow, KeyTtl, SetCondition, SetOptions, ValueKind};
 
 /// Keys asked for per `SCAN` page in bulk operations.
@@ -303,6 +303,19 @@ impl Backend for RedisBackend {
     async fn persist(&self, key: &str) -> Result<bool, BackendError> {
         let n: i64 = self.query(redis::cmd("PERSIST").arg(key)).await?;
         Ok(n == 1)
+    }
+
+    /// One pipeline, one round trip.
+    async fn expire_many(&self, items: &[QueuedExpire]) -> Result<Vec<bool>, BackendError> {
+        let mut pipe = redis::pipe();
+        for item in items {
+            let cmd = pipe.cmd("PEXPIRE").arg(&item.key).arg(item.ttl_ms);
+            if let Some(flag) = expire_flag(item.condition) {
+                cmd.arg(flag);
+            }
+        }
+        let replies: Vec<Value> = retrying(|| async { pipe.query_async(&mut self.conn.clone()).await }).await?;
+        Ok(replies.iter().map(is_one).collect())
     }
 
     async fn delete_matching(&self, pattern: &str, plan: &BulkPlan<'_>) -> Result<BulkResult, BackendError> {

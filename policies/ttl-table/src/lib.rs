@@ -149,18 +149,19 @@ impl Policy for TtlTable {
             return Ok(Outcome::done());
         };
         let key = event.key.as_str();
-        // `LT` treats a persistent key as infinite: one call both gives a
-        // max-only row's TTL to a key without one and cuts a longer one.
-        let given = match rule.ttl {
-            Some(ttl) => redis::expire_in(key, ttl, ExpireCondition::IfPersistent)?,
-            None => false,
-        };
-        let clamped = match rule.max {
-            Some(max) if !given => redis::expire_in(key, max, ExpireCondition::IfShorter)?,
-            _ => false,
-        };
-        let set = given || clamped;
-        Ok(if set { Outcome::done().with_note(format!("`{key}` under row `{}`", rule.glob)) } else { Outcome::done() })
+        // Queued, not waited for: the answers are not needed, and a batch
+        // of events goes to Redis as one pipeline. `NX` gives the row's TTL
+        // to a key without one; then `LT` cuts a longer one to `max` (a
+        // persistent key counts as infinite, so a max-only row gives its
+        // `max` to a key without a TTL; after the `NX`, `ttl <= max` makes
+        // it a no-op).
+        if let Some(ttl) = rule.ttl {
+            redis::expire_in_queued(key, ttl, ExpireCondition::IfPersistent)?;
+        }
+        if let Some(max) = rule.max {
+            redis::expire_in_queued(key, max, ExpireCondition::IfShorter)?;
+        }
+        Ok(Outcome::done())
     }
 
     fn on_sweep(&mut self, reason: SweepReason) -> Result<Outcome, Error> {
