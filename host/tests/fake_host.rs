@@ -49,3 +49,38 @@ async fn expiry_on_the_virtual_clock_is_delivered_as_expired() {
     assert_eq!(host.deliveries().len(), 1);
     assert!(host.redis().snapshot().is_empty());
 }
+
+/// ttl-table queues its `EXPIRE`s (`expire-queued`): a batch of events is
+/// one call, its writes one pipeline, and the report counts each TTL set.
+#[tokio::test]
+async fn a_batch_of_key_events_is_one_call_with_exact_effects() {
+    let runtime = common::runtime();
+    let compiled = common::compile(&runtime, &common::policy("ttl-table"));
+    let redis = cachepol::fake::FakeRedis::new();
+    for key in ["job:1", "job:2", "lock:3"] {
+        redis.app_set(key, b"v", None);
+    }
+    redis.app_set("job:4", b"v", Some(1_000));
+    let backend = std::sync::Arc::new(redis.client("ttl-table"));
+    let mut policy = runtime.load(&compiled, backend, &Default::default()).await.unwrap();
+    let event = |key: &str| cachepol::wit::KeyEvent { db: 0, op: "set".into(), key: key.into() };
+    let events = ["job:1", "job:2", "lock:3", "job:4", "user:5"].map(event).to_vec();
+    let report = policy.handle_keys("keys-1-5", events).await;
+    assert!(report.result.is_ok(), "{}", report.result.unwrap_err());
+    assert_eq!(report.call.effects.expired, 3, "job:4 kept the TTL it had; user:5 has no row");
+    let keys = redis.snapshot();
+    assert_eq!(keys["job:1"].ttl_ms, Some(86_400_000));
+    assert_eq!(keys["lock:3"].ttl_ms, Some(300_000), "a max-only row gives its max");
+    assert_eq!(keys["job:4"].ttl_ms, Some(1_000));
+    assert_eq!(report.call.host_calls, 4, "one queued EXPIRE per event with a row");
+
+    // Redis gone when the queue is sent: the call fails and says why.
+    redis.app_set("job:6", b"v", None);
+    redis.set_unavailable(Some("connection refused"));
+    let report = policy.handle_keys("key-6", vec![event("job:6")]).await;
+    let failure = report.result.unwrap_err().to_string();
+    assert!(failure.starts_with("queued writes failed: redis: redis unavailable"), "{failure}");
+    assert!(report.call.redis_unavailable > 0, "counted as Redis being away, not the policy's fault");
+    redis.set_unavailable(None);
+    assert_eq!(redis.snapshot()["job:6"].ttl_ms, None);
+}
