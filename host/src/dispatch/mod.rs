@@ -3,9 +3,11 @@
 //! Receives keyspace events, deploy hooks and sweeps from
 //! [`crate::intake`]. [`routes`] and its [`matcher`] decide which policies
 //! want an event; each policy has a bounded, coalescing [`queue`] and a
-//! [`worker`] that takes it in order, asks the policy's circuit [`breaker`]
-//! and the operator's [`switches`], calls the policy through
-//! [`crate::sandbox`], and writes the [`audit`] line. The [`registry`] holds
+//! [`worker`] that takes it in order and shares it out to the policy's
+//! lanes (one key's events stay on one lane, in order; hooks and sweeps
+//! are barriers), asks the policy's circuit [`breaker`] and the operator's
+//! [`switches`], calls the policy through [`crate::sandbox`], and writes the
+//! [`audit`] trail. The [`registry`] holds
 //! the loaded policies and [`reload`] swaps them between two events when a
 //! file in `policies/` changes.
 //!
