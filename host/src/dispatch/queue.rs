@@ -114,9 +114,8 @@ fn event_bytes(event: &KeyNotification) -> usize {
     2 * (event.key.len() + event.op.len()) + EVENT_OVERHEAD_BYTES
 }
 
-/// The last waiting event of a key.
+/// The last waiting event of a key (its op is read from the item itself).
 struct Last {
-    op: String,
     /// Its push number (see [`Inner::pushed`]).
     at: u64,
     /// Events of this key waiting in all.
@@ -190,14 +189,13 @@ impl PolicyQueue {
         }
         let queued = &mut *guard;
         if let Some(last) = queued.waiting.get(&event.key)
-            && last.op == event.op
+            && let Some(Item::Key(waiting)) = queued.items.get_mut((last.at - queued.popped) as usize)
+            && waiting.op == event.op
         {
             // An application's write coalesced into a policy's write of the
             // same kind is still the application's, and must not count
             // toward the hop limit: keep the fewer hops.
-            if let Some(Item::Key(waiting)) = queued.items.get_mut((last.at - queued.popped) as usize) {
-                waiting.hops = waiting.hops.min(event.hops);
-            }
+            waiting.hops = waiting.hops.min(event.hops);
             queued.stats.coalesced += 1;
             queued.overload.coalesced += 1;
             return Pushed::Coalesced;
@@ -211,12 +209,11 @@ impl PolicyQueue {
         let at = queued.pushed;
         match queued.waiting.get_mut(&event.key) {
             Some(last) => {
-                last.op.clone_from(&event.op);
                 last.at = at;
                 last.count += 1;
             }
             None => {
-                queued.waiting.insert(event.key.clone(), Last { op: event.op.clone(), at, count: 1 });
+                queued.waiting.insert(event.key.clone(), Last { at, count: 1 });
             }
         }
         queued.keys_waiting += 1;
