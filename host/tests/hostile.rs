@@ -168,6 +168,21 @@ async fn a_host_call_flood_fails_even_when_the_errors_are_swallowed() {
 }
 
 #[tokio::test]
+async fn queued_writes_without_end_fail_on_the_host_call_budget() {
+    // Each queued key is 10 KB: the host sends the queue every 1 MiB
+    // rather than holding what the budget allows (1,000 keys, 10 MB here;
+    // 640 MB for a batch of 64 events).
+    let mut a = arena("queue-flood", Budgets::default()).await;
+    match a.provoke().await {
+        CallFailure::Budget(why) => assert_eq!(why, "more than 1000 host calls in one event"),
+        other => panic!("expected a budget failure, got {other:?}"),
+    }
+    let report = &a.hostile.deliveries().last().unwrap().report;
+    assert_eq!(report.call.host_calls, 1_001);
+    a.assert_everyone_recovers().await;
+}
+
+#[tokio::test]
 async fn grant_checks_built_to_be_slow_run_out_of_their_allowance() {
     // 1,000 distinct patterns, each as costly to check as the limit of one
     // check allows: the event's allowance ends the game after a few.

@@ -32,6 +32,13 @@ const MAX_DENIALS_KEPT: usize = 100;
 /// outside the guest's fuel, so their total per event is bounded too.
 const GRANT_WORK_PER_CALL: usize = 40_000_000;
 
+/// Queued writes (`expire-queued`) held at most before they are sent, by
+/// count and by key bytes: a pipeline this size is one round trip, and a
+/// call queuing without end (a batch of 64 events has 64,000 host calls)
+/// cannot grow the host's memory with it.
+const MAX_QUEUED: usize = 1_000;
+const MAX_QUEUED_BYTES: usize = 1 << 20;
+
 /// What a policy's calls did during one event, for the audit trail.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Effects {
@@ -100,8 +107,9 @@ pub struct HostApi {
     /// Events in the current call (a batch of keyspace events counts each):
     /// the per-event host-call and keys budgets scale with it.
     events: u32,
-    /// `expire-queued` writes not sent yet, in order.
+    /// `expire-queued` writes not sent yet, in order, and their keys' bytes.
     queued: Vec<QueuedExpire>,
+    queued_bytes: usize,
 }
 
 /// What a gated call is about.
@@ -121,7 +129,17 @@ impl HostApi {
         budgets: Budgets,
         log: LogAllowance,
     ) -> HostApi {
-        HostApi { policy, grants, backend, budgets, log, call: CallState::default(), events: 1, queued: Vec::new() }
+        HostApi {
+            policy,
+            grants,
+            backend,
+            budgets,
+            log,
+            call: CallState::default(),
+            events: 1,
+            queued: Vec::new(),
+            queued_bytes: 0,
+        }
     }
 
     /// Start a new call for `events` events: fresh budgets and an empty
@@ -130,6 +148,7 @@ impl HostApi {
         self.call = CallState::default();
         self.events = events.max(1);
         self.queued.clear();
+        self.queued_bytes = 0;
         self.log.reset();
     }
 
@@ -141,6 +160,7 @@ impl HostApi {
             return Ok(());
         }
         let queued = std::mem::take(&mut self.queued);
+        self.queued_bytes = 0;
         let set = self.backend.expire_many(&queued).await.map_err(|e| self.redis_failed("expire-queued", e))?;
         for (item, _) in queued.iter().zip(&set).filter(|(_, set)| **set) {
             self.call.effects.expired += 1;
@@ -444,13 +464,20 @@ impl wit::redis::Host for HostApi {
     }
 
     async fn expire_queued(&mut self, key: String, ttl_ms: u64, condition: ExpireCondition) -> HostResult<()> {
-        Ok((|| {
+        Ok(async {
             self.admit("expire-queued", KeyOps::EXPIRE, Target::Key(&key))?;
             check_ttl("expire-queued", ttl_ms)?;
             self.touch("expire-queued", 1)?;
+            self.queued_bytes += key.len();
             self.queued.push(QueuedExpire { key, ttl_ms, condition });
+            // What waits is bounded whatever the call's budgets (a batch
+            // of long keys): past this, the queue goes out now.
+            if self.queued.len() >= MAX_QUEUED || self.queued_bytes >= MAX_QUEUED_BYTES {
+                self.flush().await?;
+            }
             Ok(())
-        })())
+        }
+        .await)
     }
 
     async fn persist(&mut self, key: String) -> HostResult<bool> {
