@@ -83,6 +83,9 @@ pub struct Breaker {
     health: Health,
     /// Trips in a row (reset by a success).
     trips: u32,
+    /// Trips ever: a call that started before the last one says nothing
+    /// about the policy since (see [`Breaker::epoch`]).
+    epoch: u64,
     open_until: Option<Instant>,
 }
 
@@ -94,6 +97,7 @@ impl Breaker {
             failures: VecDeque::new(),
             health: Health::Healthy,
             trips: 0,
+            epoch: 0,
             open_until: None,
         }
     }
@@ -108,6 +112,13 @@ impl Breaker {
             Some(until) if now < until => Admit::Wait(until),
             _ => Admit::Deliver,
         }
+    }
+
+    /// Changes whenever the breaker trips. A policy with several calls in
+    /// flight records only those that started after the last trip: one
+    /// that began before and succeeds after must not lift a quarantine.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
     }
 
     /// Record a call's result. Returns `true` when this failure tripped a
@@ -133,6 +144,7 @@ impl Breaker {
             return false;
         }
         self.trips += 1;
+        self.epoch += 1;
         self.failures.clear();
         let cooldown = Duration::from_secs(self.settings.cooldown_secs)
             .saturating_mul(1 << (self.trips - 1).min(16))

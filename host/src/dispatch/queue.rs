@@ -131,6 +131,9 @@ struct Inner {
     /// its push number minus `popped`.
     pushed: u64,
     popped: u64,
+    /// The push number after the last hook or sweep: events before it are
+    /// not coalesced into, or they would move ahead of the barrier.
+    barrier_at: u64,
     keys_waiting: usize,
     bytes_waiting: usize,
     /// A `sweep(gap)` is waiting in `items`.
@@ -142,8 +145,12 @@ struct Inner {
 
 impl Inner {
     fn push_back(&mut self, item: Item) {
+        let barrier = !matches!(item, Item::Key(_));
         self.items.push_back(item);
         self.pushed += 1;
+        if barrier {
+            self.barrier_at = self.pushed;
+        }
     }
 }
 
@@ -164,6 +171,7 @@ impl PolicyQueue {
                 waiting: HashMap::new(),
                 pushed: 0,
                 popped: 0,
+                barrier_at: 0,
                 keys_waiting: 0,
                 bytes_waiting: 0,
                 gap_queued: false,
@@ -189,6 +197,7 @@ impl PolicyQueue {
         }
         let queued = &mut *guard;
         if let Some(last) = queued.waiting.get(&event.key)
+            && last.at >= queued.barrier_at
             && let Some(Item::Key(waiting)) = queued.items.get_mut((last.at - queued.popped) as usize)
             && waiting.op == event.op
         {
@@ -377,6 +386,22 @@ mod tests {
             }
         }
         assert_eq!(seen, ["set", "del", "set", "del", "set"], "only repeats in a row coalesce");
+    }
+
+    #[tokio::test]
+    async fn events_after_a_hook_are_not_coalesced_into_events_before_it() {
+        let q = PolicyQueue::new(10, 1 << 20);
+        q.push_key(key("set", "k"));
+        let (tx, _rx) = oneshot::channel();
+        let hook = DeployEvent { id: "1".into(), service: "s".into(), files: vec![], tags: vec![] };
+        q.push(Item::Deploy(hook, tx)).unwrap();
+        assert_eq!(q.push_key(key("set", "k")), Pushed::Queued, "it must stay after the hook");
+        assert_eq!(q.push_key(key("set", "k")), Pushed::Coalesced, "repeats after the hook still coalesce");
+        let mut kinds = Vec::new();
+        while !q.is_empty() {
+            kinds.push(kind(q.pop().await.unwrap()));
+        }
+        assert_eq!(kinds, ["key", "deploy", "key"]);
     }
 
     #[tokio::test]

@@ -207,7 +207,12 @@ impl Registry {
         policy.rebind_backend(backend);
         let manifest = Arc::new(policy.manifest().clone());
         let mut lanes = Vec::new();
-        for _ in 1..self.config.lanes_for(&section) {
+        // A policy built against 0.1.0 was written for one instance.
+        let count = match section.lanes {
+            None if policy.is_v0_1() => 1,
+            _ => self.config.lanes_for(&section),
+        };
+        for _ in 1..count {
             let (backend, hops) = write_path();
             lanes.push(Lane { policy: policy.lane(backend), hops });
         }

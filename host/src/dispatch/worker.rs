@@ -115,6 +115,8 @@ struct Finished {
     /// The breaker's reset count when the call started: an instance that
     /// was out while the breaker tripped is re-created on its return.
     resets: u64,
+    /// The breaker's epoch when the call started.
+    epoch: u64,
 }
 
 /// A loaded policy and everything its dispatcher needs.
@@ -196,6 +198,8 @@ impl Worker {
         debug_assert!(self.calls.is_empty() && self.buffered == 0);
         // What the old version did is logged under its own mode.
         self.tally.flush(&self.name, self.mode);
+        // A new version starts with a clean record, under its own settings.
+        self.breaker = Breaker::new(&self.name, version.failure.clone());
         self.mode = version.mode;
         self.generation = version.generation;
         self.lanes = version.lanes.into_iter().map(Some).collect();
@@ -236,6 +240,12 @@ impl Worker {
                     Some(item) => self.take(item),
                     None => self.close(),
                 },
+                // Every branch off would be a state `advance` leaves behind
+                // by mistake; a pause beats a panicking dispatcher.
+                else => {
+                    tracing::error!(policy = %self.name, "dispatcher found nothing to wait for; retrying");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
             }
         }
     }
@@ -279,12 +289,18 @@ impl Worker {
                 self.start_keys(index, cooling);
             }
         }
+        // With every lane idle: the barrier, then (if the barrier did not
+        // start a call: the policy is held back) the new version.
         if !self.calls.is_empty() || self.buffered > 0 {
             return;
         }
         if let Some((seq, item)) = self.barrier.take() {
             self.start_barrier(seq, item, cooling);
-        } else if let Some(next) = self.next.take() {
+            if !self.calls.is_empty() || self.buffered > 0 {
+                return;
+            }
+        }
+        if let Some(next) = self.next.take() {
             self.install(next);
         }
     }
@@ -389,7 +405,7 @@ impl Worker {
     /// Start one call on lane `index`; the lane comes back with its report.
     fn spawn(&mut self, index: usize, id: String, seq: u64, call: Call, work: Work) {
         let mut lane = self.lanes[index].take().expect("an idle lane");
-        let resets = self.resets;
+        let (resets, epoch) = (self.resets, self.breaker.epoch());
         let span = tracing::debug_span!("event", policy = %self.name, seq, lane = index);
         self.calls.push(Box::pin(
             async move {
@@ -397,7 +413,7 @@ impl Worker {
                     Call::One(event) => lane.policy.handle(&id, &event).await,
                     Call::Keys(events) => lane.policy.handle_keys(&id, events).await,
                 };
-                Finished { index, lane, work, report, id, resets }
+                Finished { index, lane, work, report, id, resets, epoch }
             }
             .instrument(span),
         ));
@@ -405,15 +421,20 @@ impl Worker {
 
     /// A lane is back: audit, breaker, and the work's own follow-up.
     fn finish(&mut self, done: Finished) {
-        let Finished { index, mut lane, work, report, id, resets } = done;
+        let Finished { index, mut lane, work, report, id, resets, epoch } = done;
         match work {
             Work::Keys(n) => self.tally.add(&self.name, &id, n, self.mode, &report),
             _ => audit::record(&self.name, &id, self.mode, &report),
         }
         let result = classify(&report);
-        if self.breaker.record(result.is_ok(), Instant::now()) {
+        if epoch == self.breaker.epoch() && self.breaker.record(result.is_ok(), Instant::now()) {
             self.resets += 1;
             self.lanes.iter_mut().flatten().for_each(|l| l.policy.reset_instance());
+        }
+        // A batch that failed part-way left its later events unhandled:
+        // a sweep reconciles them.
+        if matches!(work, Work::Keys(n) if n > 1) && result.is_err() {
+            self.owes_sweep = true;
         }
         if resets != self.resets {
             lane.policy.reset_instance();

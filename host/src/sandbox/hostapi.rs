@@ -290,7 +290,9 @@ impl HostApi {
         };
         let grants = self.grants.clone();
         let allow = move |key: &[u8]| grants.allows_key(need, key);
-        let plan = BulkPlan::new(&allow, self.keys_left());
+        // One bulk operation stays within one event's keys budget, however
+        // many events share the call: it is a limit on blast radius.
+        let plan = BulkPlan::new(&allow, self.keys_left().min(self.budgets.keys_limit()));
         let result = match work {
             Bulk::Delete(pattern) => self.backend.delete_matching(pattern, &plan).await,
             Bulk::Expire(rows) => self.backend.expire_matching(rows, &plan).await,

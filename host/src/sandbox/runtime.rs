@@ -558,7 +558,10 @@ impl Instance {
         state.api.begin_call(events);
         state.limiter.exceeded = None;
         state.stderr.take_recent();
-        let wall_time = self.budgets.wall_time.saturating_mul(events);
+        // A batch's wall time grows with it, up to a minute (or one
+        // event's, if longer): barriers and shutdown wait for it.
+        let wall_time =
+            self.budgets.wall_time.saturating_mul(events).min(self.budgets.wall_time.max(Duration::from_secs(60)));
         let (bindings, store) = (&self.bindings, &mut self.store);
         let outcome = tokio::time::timeout(wall_time, async move {
             let outcome = f(bindings, &mut *store).await;
@@ -641,13 +644,16 @@ enum Delivery {
     Keys(Vec<wit::KeyEvent>),
 }
 
-/// A batch's results as one: its first error, or what the events deferred.
+/// A batch's results as one: its first error, or what the events deferred
+/// and the first note.
 fn merge(results: Vec<Result<wit::Outcome, wit::Error>>) -> Result<wit::Outcome, wit::Error> {
-    let mut deferred = 0u32;
+    let mut merged = wit::Outcome { deferred: 0, note: None };
     for result in results {
-        deferred = deferred.saturating_add(result?.deferred);
+        let outcome = result?;
+        merged.deferred = merged.deferred.saturating_add(outcome.deferred);
+        merged.note = merged.note.or(outcome.note);
     }
-    Ok(wit::Outcome { deferred, note: None })
+    Ok(merged)
 }
 
 /// A configured policy with a validated manifest.
@@ -677,6 +683,12 @@ impl LoadedPolicy {
 
     pub fn stats(&self) -> PolicyStats {
         self.stats
+    }
+
+    /// Built against contract 0.1.0 (written for one instance, no
+    /// batches).
+    pub fn is_v0_1(&self) -> bool {
+        matches!(self.setup.pre, Pre::V0_1(_))
     }
 
     /// Another instance of the same version, writing through `backend`:
