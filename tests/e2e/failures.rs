@@ -95,3 +95,20 @@ fn the_kill_switch_disables_a_policy_without_losing_what_it_missed() {
     daemon.wait_for("policy disabled by the operator", Duration::from_secs(10));
     assert_eq!(daemon.stop(), Some(0));
 }
+
+#[test]
+fn a_sweep_that_keeps_failing_is_retried_and_logged_as_an_error() {
+    let redis = RedisServer::start();
+    let setup = Setup::new(&["hostile"]).config("[policies.hostile]\nconfig = { fail_sweeps = true }");
+    let daemon = Daemon::start(&redis, &setup);
+    // The start sweep fails, is tried again 1, 2 and 4 s later; the third
+    // failure in a row is an error, with what it means.
+    daemon.wait_for("sweep failed; trying again later", Duration::from_secs(10));
+    daemon.wait_for("sweep(start) failed 3 times in a row", Duration::from_secs(30));
+    let log = daemon.log_text();
+    assert!(log.contains("ERROR"), "logged as an error: {log}");
+    // The policy still gets its events meanwhile.
+    redis.cmd::<()>(&["SET", "hostile:in:a", "v"]);
+    eventually(&daemon, "events still delivered", || redis.exists("hostile:seen:a"));
+    assert_eq!(daemon.stop(), Some(0));
+}

@@ -285,3 +285,53 @@ fn the_subscription_follows_the_ops_the_loaded_policies_listen_to() {
     eventually(&daemon, "its channel dropped", || channels() == ["__keyevent@0__:set"]);
     assert_eq!(daemon.stop(), Some(0));
 }
+
+#[test]
+fn switching_between_a_pattern_and_channels_delivers_each_event_once() {
+    let redis = RedisServer::start();
+    // The echoer copies each `echo:*` write to `echo:copy:<key>`, which it
+    // hears too: an event delivered twice would be counted twice, and a
+    // duplicate of its own write would slip past echo suppression.
+    let (setup, _cache) = setup_with(
+        "[policies.echoer]\nconfig = { name = \"echoer\", ops = [\"set\"], patterns = [\"echo:*\"], \
+         copy_prefix = \"echo:copy:\" }\n[policies.every]\nconfig = { name = \"every\", ops = [], patterns = [\"other:*\"] }",
+    );
+    std::fs::remove_file(setup.policies().join("rec.wasm")).unwrap();
+    std::fs::copy(wasm("recorder"), setup.policies().join("echoer.wasm")).unwrap();
+    let daemon = Daemon::start(&redis, &setup);
+    daemon.wait_for("subscribed to keyspace notifications ops=set", Duration::from_secs(20));
+    // Writes all along, while a policy listening to every op comes (one
+    // pattern replaces the channels) and goes (channels replace it): for a
+    // moment both are subscribed and Redis sends each event twice.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (url, stop) = (redis.url(), stop.clone());
+        std::thread::spawn(move || {
+            let mut conn = redis::Client::open(url).unwrap().get_connection().unwrap();
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let mut pipe = redis::pipe();
+                for _ in 0..20 {
+                    n += 1;
+                    pipe.cmd("SET").arg(format!("echo:{n:06}")).arg("v").ignore();
+                }
+                pipe.query::<()>(&mut conn).unwrap();
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            n
+        })
+    };
+    std::fs::copy(wasm("recorder"), setup.policies().join("every.wasm")).unwrap();
+    daemon.wait_for("keyspace subscription follows the loaded policies ops=every op", Duration::from_secs(30));
+    std::thread::sleep(Duration::from_millis(200));
+    std::fs::remove_file(setup.policies().join("every.wasm")).unwrap();
+    daemon.wait_for("keyspace subscription follows the loaded policies ops=set", Duration::from_secs(30));
+    std::thread::sleep(Duration::from_millis(200));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let written = writer.join().unwrap();
+    eventually(&daemon, "every write copied", || redis.keys("echo:copy:*").len() as u64 == written);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(redis.recorded_events("echoer"), written, "one event per write, none twice, no echo");
+    assert!(redis.keys("echo:copy:echo:copy:*").is_empty(), "its own copies were not copied again");
+    assert_eq!(daemon.stop(), Some(0));
+}

@@ -284,6 +284,12 @@ impl Worker {
     /// Start whatever can start: each idle lane's next event; once every
     /// lane is idle, the waiting barrier, then the waiting version.
     fn advance(&mut self, cooling: bool) {
+        // A sweep owed (events dropped while held back, a batch that
+        // failed part-way) is queued as soon as the policy may have it,
+        // not only when the next event comes.
+        if self.owes_sweep && self.held(cooling).is_none() {
+            self.settle();
+        }
         for index in 0..self.lanes.len() {
             while self.lanes[index].is_some() && !self.backlog[index].is_empty() {
                 self.start_keys(index, cooling);
@@ -431,9 +437,12 @@ impl Worker {
             self.resets += 1;
             self.lanes.iter_mut().flatten().for_each(|l| l.policy.reset_instance());
         }
-        // A batch that failed part-way left its later events unhandled:
-        // a sweep reconciles them.
-        if matches!(work, Work::Keys(n) if n > 1) && result.is_err() {
+        // A batch cut short (a trap, a budget, its queued writes lost) left
+        // later events unhandled: a sweep reconciles them. (An error the
+        // policy returned for one event did not stop the others.)
+        if matches!(work, Work::Keys(n) if n > 1)
+            && report.result.as_ref().is_err_and(|f| !matches!(f, CallFailure::Returned(_)))
+        {
             self.owes_sweep = true;
         }
         if resets != self.resets {

@@ -27,7 +27,7 @@
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -247,6 +247,8 @@ impl Subscriber {
             );
         }
         let router = Router {
+            keyevent_pattern: Channels::All.names(self.db).remove(0),
+            pattern_on: AtomicBool::new(false),
             lag,
             fence_channel: self.fence_channel.clone(),
             routes: self.routes.clone(),
@@ -392,6 +394,10 @@ impl Link {
 
 /// Routes notifications inside the subscription connection's reader.
 struct Router {
+    /// `__keyevent@<db>__:*`, and whether it is subscribed (as confirmed on
+    /// the connection): then keyevent channel messages are duplicates.
+    keyevent_pattern: String,
+    pattern_on: AtomicBool,
     /// See [`LAG_ENV`].
     lag: Option<Duration>,
     fence_channel: String,
@@ -424,9 +430,21 @@ impl AsyncPushSender for Router {
                         if let Some(id) = crate::store::echo::parse_fence(payload) {
                             self.ledger.fence_seen(id);
                         }
-                    } else {
+                    } else if !self.pattern_on.load(Ordering::Relaxed) {
+                        // (While the pattern is on too, during a switch
+                        // between the two, its copy is the one routed.)
                         self.deliver(channel, payload);
                     }
+                }
+            }
+            // Confirmations arrive in order with the messages: from the
+            // pattern's until its removal's, every keyevent message comes
+            // twice if its channel is subscribed as well.
+            PushKind::PSubscribe | PushKind::PUnsubscribe => {
+                if let [Value::BulkString(pattern), ..] = push.data.as_slice()
+                    && pattern.as_slice() == self.keyevent_pattern.as_bytes()
+                {
+                    self.pattern_on.store(push.kind == PushKind::PSubscribe, Ordering::Relaxed);
                 }
             }
             // A permit is stored if nobody waits yet.

@@ -75,6 +75,9 @@ pub struct CallState {
     pub budget_exceeded: Option<String>,
     /// Redis calls that failed because Redis could not be reached.
     pub redis_unavailable: u32,
+    /// Queued writes Redis failed (the call fails, even if the policy
+    /// ignored the error it was given).
+    pub queued_failed: Option<String>,
     /// Grant-check work left for this call.
     grant_work_left: usize,
 }
@@ -91,6 +94,7 @@ impl Default for CallState {
             effects: Effects::default(),
             budget_exceeded: None,
             redis_unavailable: 0,
+            queued_failed: None,
             grant_work_left: GRANT_WORK_PER_CALL,
         }
     }
@@ -161,7 +165,14 @@ impl HostApi {
         }
         let queued = std::mem::take(&mut self.queued);
         self.queued_bytes = 0;
-        let set = self.backend.expire_many(&queued).await.map_err(|e| self.redis_failed("expire-queued", e))?;
+        let set = match self.backend.expire_many(&queued).await {
+            Ok(set) => set,
+            Err(e) => {
+                let error = self.redis_failed("expire-queued", e);
+                self.call.queued_failed.get_or_insert_with(|| wit::Shown(&error).to_string());
+                return Err(error);
+            }
+        };
         for (item, _) in queued.iter().zip(&set).filter(|(_, set)| **set) {
             self.call.effects.expired += 1;
             self.call.effects.note_keys([item.key.as_str()]);

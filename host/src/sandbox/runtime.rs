@@ -577,9 +577,11 @@ impl Instance {
             Err(_) => Err(CallFailure::Timeout(wall_time)),
             Ok((Err(e), _)) => Err(self.classify(e)),
             Ok((Ok(_), Err(e))) => Err(CallFailure::Queued(wit::Shown(&e).to_string())),
-            Ok((Ok(value), Ok(()))) => match &call.budget_exceeded {
-                Some(what) => Err(CallFailure::Budget(what.clone())),
-                None => Ok(value),
+            Ok((Ok(value), Ok(()))) => match (&call.budget_exceeded, &call.queued_failed) {
+                (Some(what), _) => Err(CallFailure::Budget(what.clone())),
+                // Sent before a later request, failed, and the policy went on.
+                (None, Some(why)) => Err(CallFailure::Queued(why.clone())),
+                (None, None) => Ok(value),
             },
         };
         (result, call)
