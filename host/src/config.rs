@@ -68,6 +68,11 @@ pub struct Config {
     /// with lanes until the CPU is busy. Deploy hooks and sweeps use one
     /// lane and wait for the others. `[policies.NAME] lanes` overrides it.
     pub lanes: usize,
+    /// Policy instances that can be alive at once: every lane of every
+    /// policy, and a policy's new version beside the old during a swap. A
+    /// load that would not fit is refused. Slots are address space
+    /// reserved at start, not memory used.
+    pub instance_pool: u32,
     /// How many policy-to-policy steps a chain of writes may take.
     pub hop_limit: u8,
     /// How long shutdown waits for in-flight policy calls, in milliseconds.
@@ -95,6 +100,7 @@ impl Default for Config {
             queue_capacity: 100_000,
             queue_bytes: 32 << 20,
             lanes: DEFAULT_LANES,
+            instance_pool: 512,
             hop_limit: 2,
             shutdown_grace_ms: 10_000,
             budgets: Budgets::default(),
@@ -250,6 +256,9 @@ impl Config {
         check_lanes(config.lanes)?;
         if config.queue_capacity == 0 {
             return Err("queue_capacity must be at least 1".into());
+        }
+        if !(16..=8192).contains(&config.instance_pool) {
+            return Err("instance_pool must be between 16 and 8192".into());
         }
         if config.queue_bytes < 1024 {
             return Err("queue_bytes must be at least 1024".into());

@@ -62,7 +62,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
         .map_err(|e| DaemonError::RedisUrl { url: config.redis_url.clone(), error: e.to_string() })?;
     let db = u32::try_from(client.get_connection_info().redis_settings().db()).unwrap_or(0);
     let Some(redis) = connect(&client, &shutdown).await else { return Ok(()) };
-    let runtime = Runtime::new(RuntimeConfig::default())?;
+    let runtime = Runtime::new(RuntimeConfig { max_instances: config.instance_pool, ..RuntimeConfig::default() })?;
     let ledger = Arc::new(EchoLedger::new());
     let fence_channel = echo::fence_channel();
 

@@ -127,3 +127,20 @@ fn an_invalid_config_file_is_an_error_with_its_line() {
     assert_eq!(code, Some(1), "{text}");
     assert!(text.contains("line 2") && text.contains("queue_capacty"), "{text}");
 }
+
+#[test]
+fn a_policy_whose_lanes_do_not_fit_the_instance_pool_is_refused_and_the_others_run() {
+    let redis = RedisServer::start();
+    seed(&redis);
+    let setup =
+        Setup::new(&["ttl-table", "genre-invalidation"]).config("instance_pool = 20\n[policies.ttl-table]\nlanes = 32");
+    let daemon = Daemon::start(&redis, &setup);
+    let log = daemon.log_text();
+    assert!(
+        log.contains("needs 32 lanes, but the instance pool has") && log.contains("slots free"),
+        "refused at load with what to change, not failing later: {log}"
+    );
+    redis.cmd::<()>(&["SET", "last_updated:dance", "x"]);
+    eventually(&daemon, "the policy that fits works", || !redis.exists("graph_data:dance"));
+    assert_eq!(daemon.stop(), Some(0));
+}

@@ -44,6 +44,10 @@ pub enum RejectError {
     Renamed { path: PathBuf, held: String, declared: String },
     #[error("declares policy `{name}`, which {} already provides", other.display())]
     Duplicate { name: String, other: PathBuf },
+    #[error(
+        "needs {lanes} lanes, but the instance pool has {free} of its {pool} slots free: set `lanes` lower for this policy or `instance_pool` higher"
+    )]
+    Pool { lanes: usize, free: usize, pool: usize },
 }
 
 impl RejectError {
@@ -83,6 +87,8 @@ struct Entry {
     manifest: Arc<Manifest>,
     queue: Arc<PolicyQueue>,
     control: mpsc::UnboundedSender<Control>,
+    /// Instances its version may use.
+    lanes: usize,
 }
 
 /// The loaded policies and what they need to be (re)loaded.
@@ -212,6 +218,15 @@ impl Registry {
             None if policy.is_v0_1() => 1,
             _ => self.config.lanes_for(&section),
         };
+        // Every lane of every policy must fit in the pool, the running
+        // version of this one included until the swap: a lane created past
+        // it would fail its calls instead.
+        let pool = self.runtime.max_instances();
+        let in_use: usize = self.entries.values().map(|e| e.lanes).sum();
+        let free = pool.saturating_sub(in_use);
+        if count > free {
+            return Err(RejectError::Pool { lanes: count, free, pool });
+        }
         for _ in 1..count {
             let (backend, hops) = write_path();
             lanes.push(Lane { policy: policy.lane(backend), hops });
@@ -244,6 +259,7 @@ impl Registry {
                 let old = entry.manifest.clone();
                 entry.generation += 1;
                 version.generation = entry.generation;
+                entry.lanes = version.lanes.len();
                 let _ = entry.control.send(Control::Swap(version));
                 entry.hash = hash;
                 entry.manifest = manifest.clone();
@@ -266,6 +282,7 @@ impl Registry {
             }
             None => {
                 let queue = Arc::new(PolicyQueue::new(self.config.queue_capacity, self.config.queue_bytes));
+                let version_lanes = version.lanes.len();
                 let (worker, control) = Worker::new(version, queue.clone(), self.switches.clone());
                 self.workers.spawn(worker.run());
                 self.entries.insert(
@@ -277,6 +294,7 @@ impl Registry {
                         manifest: manifest.clone(),
                         queue: queue.clone(),
                         control,
+                        lanes: version_lanes,
                     },
                 );
                 self.publish();

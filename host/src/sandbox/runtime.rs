@@ -135,6 +135,7 @@ pub struct Runtime {
     engine: Engine,
     linker: Arc<Linker<StoreState>>,
     max_memory_bytes: usize,
+    max_instances: u32,
 }
 
 /// A compiled, import-checked component, ready to instantiate.
@@ -257,7 +258,17 @@ impl Runtime {
         wit::v0_1::redis::add_to_linker::<_, HasSelf<HostApi>>(&mut linker, api)?;
         wit::v0_1::log::add_to_linker::<_, HasSelf<HostApi>>(&mut linker, api)?;
         wit::v0_1::clock::add_to_linker::<_, HasSelf<HostApi>>(&mut linker, api)?;
-        Ok(Runtime { engine, linker: Arc::new(linker), max_memory_bytes: config.max_memory_bytes })
+        Ok(Runtime {
+            engine,
+            linker: Arc::new(linker),
+            max_memory_bytes: config.max_memory_bytes,
+            max_instances: config.max_instances,
+        })
+    }
+
+    /// Instances that can be alive at once (see [`RuntimeConfig`]).
+    pub fn max_instances(&self) -> usize {
+        self.max_instances as usize
     }
 
     /// Check and compile a component from bytes.
