@@ -21,7 +21,7 @@
 //!   only acknowledged once handled).
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::{Notify, oneshot};
 
@@ -31,8 +31,10 @@ use crate::wit::{DeployEvent, SweepReason};
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KeyNotification {
     pub db: u32,
-    pub op: String,
-    pub key: String,
+    /// Shared by the queues of every policy the event is routed to, and
+    /// with the coalescing index of each.
+    pub op: Arc<str>,
+    pub key: Arc<str>,
     /// Policy writes deep (0: the application's own write).
     pub hops: u8,
     /// The version of the policy's subscriptions it was routed under: a
@@ -126,7 +128,7 @@ struct Inner {
     items: VecDeque<Item>,
     /// Per key with events waiting: the last one, which later identical
     /// events coalesce into.
-    waiting: HashMap<String, Last>,
+    waiting: HashMap<Arc<str>, Last>,
     /// Items pushed and popped so far: an item's position in `items` is
     /// its push number minus `popped`.
     pushed: u64,
@@ -196,7 +198,7 @@ impl PolicyQueue {
             return Pushed::Dropped;
         }
         let queued = &mut *guard;
-        if let Some(last) = queued.waiting.get(&event.key)
+        if let Some(last) = queued.waiting.get(&*event.key)
             && last.at >= queued.barrier_at
             && let Some(Item::Key(waiting)) = queued.items.get_mut((last.at - queued.popped) as usize)
             && waiting.op == event.op
@@ -216,7 +218,7 @@ impl PolicyQueue {
             return Pushed::Dropped;
         }
         let at = queued.pushed;
-        match queued.waiting.get_mut(&event.key) {
+        match queued.waiting.get_mut(&*event.key) {
             Some(last) => {
                 last.at = at;
                 last.count += 1;
@@ -291,10 +293,10 @@ impl PolicyQueue {
                     inner.popped += 1;
                     match &item {
                         Item::Key(k) => {
-                            if let Some(last) = inner.waiting.get_mut(&k.key) {
+                            if let Some(last) = inner.waiting.get_mut(&*k.key) {
                                 last.count -= 1;
                                 if last.count == 0 {
-                                    inner.waiting.remove(&k.key);
+                                    inner.waiting.remove(&*k.key);
                                 }
                             }
                             inner.keys_waiting -= 1;
@@ -382,7 +384,7 @@ mod tests {
         let mut seen = Vec::new();
         while !q.is_empty() {
             if let Some(Item::Key(k)) = q.pop().await {
-                seen.push(k.op);
+                seen.push(k.op.to_string());
             }
         }
         assert_eq!(seen, ["set", "del", "set", "del", "set"], "only repeats in a row coalesce");

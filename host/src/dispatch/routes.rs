@@ -69,6 +69,9 @@ impl Routes {
         let mut routed = Routed::default();
         let hops = origin.map_or(0, |o| o.hops);
         let text = if key.len() > MAX_KEY_LEN { None } else { std::str::from_utf8(key).ok() };
+        // Made once, on the first policy that gets the event, and shared by
+        // every queue it joins.
+        let mut shared: Option<(Arc<str>, Arc<str>)> = None;
         for index in self.matcher.matching(op, key) {
             let route = &self.routes[index];
             if origin.is_some_and(|o| o.policy == route.name) {
@@ -84,8 +87,8 @@ impl Routes {
                 routed.swept_instead += 1;
                 continue;
             };
-            let event =
-                KeyNotification { db, op: op.to_owned(), key: text.to_owned(), hops, generation: route.generation };
+            let (op, key) = shared.get_or_insert_with(|| (Arc::from(op), Arc::from(text))).clone();
+            let event = KeyNotification { db, op, key, hops, generation: route.generation };
             match route.queue.push_key(event) {
                 Pushed::Queued => routed.queued += 1,
                 Pushed::Coalesced => routed.coalesced += 1,

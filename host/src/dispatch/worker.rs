@@ -353,7 +353,7 @@ impl Worker {
                 (first, hops) = (seq, Some(k.hops));
             }
             last = seq;
-            events.push(KeyEvent { db: k.db, op: k.op, key: k.key });
+            events.push(KeyEvent { db: k.db, op: k.op.to_string(), key: k.key.to_string() });
         }
         let Some(hops) = hops else { return };
         lane.hops.store(hops, Ordering::Relaxed);
