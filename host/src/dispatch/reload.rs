@@ -191,6 +191,9 @@ impl Reloader {
                 Ok(w) => {
                     info!(dir = %self.dir.display(), "watching for policy changes");
                     watcher = Some(w);
+                    // A file changed between the first load and now raised
+                    // no event: look once more, now that changes are seen.
+                    let _ = self.sync_all().await;
                 }
                 Err(e) => {
                     error!(dir = %self.dir.display(), error = %e, "cannot watch the policies directory; use SIGHUP to reload")
