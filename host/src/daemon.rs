@@ -74,6 +74,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
     let routes = registry.routes();
     let mut reloader = Reloader::new(registry, &config.policies_dir)
         .map_err(|error| DaemonError::PoliciesDir { path: config.policies_dir.clone(), error })?;
+    if config.watch {
+        // Before the first load: a file dropped during it is reported.
+        reloader.watch();
+    }
     reloader.sync_all().await.map_err(DaemonError::Widening)?;
     // From now on the subscription is (being) set up: a policy loaded later
     // sweeps as it starts.
@@ -129,7 +133,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
         routes.clone(),
         intake.clone(),
     ));
-    let reloading = tokio::spawn(reloader.run(config.watch, intake.clone()));
+    let reloading = tokio::spawn(reloader.run(intake.clone()));
 
     tokio::select! {
         _ = shutdown.cancelled() => {}

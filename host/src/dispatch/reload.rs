@@ -78,12 +78,36 @@ pub struct Reloader {
     /// Files rejected because another file provides the same policy: tried
     /// again when a file is removed (the other may have been it).
     duplicates: BTreeSet<PathBuf>,
+    /// The directory's watcher, once armed, and where it reports.
+    watcher: Option<(notify::RecommendedWatcher, Events)>,
 }
+
+type Events = mpsc::UnboundedReceiver<notify::Result<notify::Event>>;
 
 impl Reloader {
     /// `dir` is made absolute so that watcher paths compare equal.
     pub fn new(registry: Registry, dir: &Path) -> std::io::Result<Reloader> {
-        Ok(Reloader { registry, dir: std::fs::canonicalize(dir)?, duplicates: BTreeSet::new() })
+        Ok(Reloader { registry, dir: std::fs::canonicalize(dir)?, duplicates: BTreeSet::new(), watcher: None })
+    }
+
+    /// Start watching the directory. Called before the first
+    /// [`Reloader::sync_all`], so that a file changed while that load runs
+    /// is reported too; [`Reloader::run`] applies what it reports.
+    pub fn watch(&mut self) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let watcher = notify::recommended_watcher(move |event| {
+            let _ = tx.send(event);
+        })
+        .and_then(|mut w| w.watch(&self.dir, RecursiveMode::NonRecursive).map(|_| w));
+        match watcher {
+            Ok(w) => {
+                info!(dir = %self.dir.display(), "watching for policy changes");
+                self.watcher = Some((w, rx));
+            }
+            Err(e) => {
+                error!(dir = %self.dir.display(), error = %e, "cannot watch the policies directory; use SIGHUP to reload")
+            }
+        }
     }
 
     pub fn dir(&self) -> &Path {
@@ -178,28 +202,16 @@ impl Reloader {
         }
     }
 
-    /// Watch until `shutdown`, then hand the registry back.
-    pub async fn run(mut self, watch: bool, shutdown: CancellationToken) -> Registry {
-        let (tx, mut rx) = mpsc::unbounded_channel::<notify::Result<notify::Event>>();
-        let mut watcher = None;
-        if watch {
-            let w = notify::recommended_watcher(move |event| {
-                let _ = tx.send(event);
-            })
-            .and_then(|mut w| w.watch(&self.dir, RecursiveMode::NonRecursive).map(|_| w));
-            match w {
-                Ok(w) => {
-                    info!(dir = %self.dir.display(), "watching for policy changes");
-                    watcher = Some(w);
-                    // A file changed between the first load and now raised
-                    // no event: look once more, now that changes are seen.
-                    let _ = self.sync_all().await;
-                }
-                Err(e) => {
-                    error!(dir = %self.dir.display(), error = %e, "cannot watch the policies directory; use SIGHUP to reload")
-                }
-            }
-        }
+    /// Apply what the watcher (if armed) and SIGHUP report until
+    /// `shutdown`, then hand the registry back.
+    pub async fn run(mut self, shutdown: CancellationToken) -> Registry {
+        // Without a watcher, a channel nothing is ever sent on: only
+        // SIGHUP reloads.
+        let (_idle, idle) = mpsc::unbounded_channel();
+        let (watcher, mut rx) = match self.watcher.take() {
+            Some((w, rx)) => (Some(w), rx),
+            None => (None, idle),
+        };
         let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
         let mut pending: HashMap<PathBuf, Instant> = HashMap::new();
         loop {
