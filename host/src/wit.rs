@@ -51,7 +51,17 @@ impl std::fmt::Display for Shown<'_> {
     }
 }
 
-/// A sweep's reason as the WIT spells it, for log lines.
+/// Every sweep reason, in the WIT's order.
+pub const SWEEP_REASONS: [SweepReason; 6] = [
+    SweepReason::Start,
+    SweepReason::Reconnect,
+    SweepReason::Gap,
+    SweepReason::Periodic,
+    SweepReason::Manual,
+    SweepReason::Reload,
+];
+
+/// A sweep's reason as the WIT spells it, for log lines and scenario files.
 pub fn sweep_reason_name(reason: SweepReason) -> &'static str {
     match reason {
         SweepReason::Start => "start",

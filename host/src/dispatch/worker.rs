@@ -333,7 +333,6 @@ impl Worker {
             self.owes_sweep = true;
             return;
         }
-        self.settle();
         let lane = self.lanes[index].as_ref().expect("an idle lane");
         let manifest = lane.policy.manifest();
         let (mut events, mut first, mut last, mut hops) = (Vec::new(), 0, 0, None);
@@ -393,10 +392,7 @@ impl Worker {
                 }
                 (format!("sweep-{seq}"), wit::Event::Sweep(SweepEvent { reason }), Work::Sweep(reason))
             }
-            Item::Deploy(hook, done) => {
-                self.settle();
-                (hook.id.clone(), wit::Event::Deploy(hook), Work::Deploy(done))
-            }
+            Item::Deploy(hook, done) => (hook.id.clone(), wit::Event::Deploy(hook), Work::Deploy(done)),
             Item::Key(k) => {
                 // Keys never become barriers; handled as an event anyway.
                 self.backlog[0].push_back((seq, k));

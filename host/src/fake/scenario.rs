@@ -35,7 +35,7 @@ use crate::fake::{FakeHost, FakeRedis, KeySnapshot};
 use crate::sandbox::budget::Budgets;
 use crate::sandbox::grants::{GrantConfig, Grants};
 use crate::sandbox::runtime::{Compiled, LoadOptions, Runtime};
-use crate::wit::SweepReason;
+use crate::wit::{SWEEP_REASONS, SweepReason, sweep_reason_name};
 
 /// A parsed scenario file.
 #[derive(Debug, Clone, Deserialize)]
@@ -262,16 +262,9 @@ impl Scenario {
 }
 
 fn sweep_reason(name: &str) -> Result<SweepReason, String> {
-    Ok(match name {
-        "start" => SweepReason::Start,
-        "reconnect" => SweepReason::Reconnect,
-        "gap" => SweepReason::Gap,
-        "periodic" => SweepReason::Periodic,
-        "manual" => SweepReason::Manual,
-        "reload" => SweepReason::Reload,
-        other => {
-            return Err(format!("unknown sweep reason `{other}` (start, reconnect, gap, periodic, manual, reload)"));
-        }
+    SWEEP_REASONS.into_iter().find(|r| sweep_reason_name(*r) == name).ok_or_else(|| {
+        let known: Vec<&str> = SWEEP_REASONS.into_iter().map(sweep_reason_name).collect();
+        format!("unknown sweep reason `{name}` ({})", known.join(", "))
     })
 }
 

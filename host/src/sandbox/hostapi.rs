@@ -222,6 +222,14 @@ impl HostApi {
         Error::Denied(denial)
     }
 
+    /// The gate of a call that goes to Redis now: the call's queued writes
+    /// go first (Redis sees the policy's requests in its order), then
+    /// [`HostApi::admit`].
+    async fn request(&mut self, op: &'static str, need: KeyOps, target: Target<'_>) -> Result<(), Error> {
+        self.flush().await?;
+        self.admit(op, need, target)
+    }
+
     /// The gate every Redis call passes: budget, arguments, grants.
     fn admit(&mut self, op: &'static str, need: KeyOps, target: Target<'_>) -> Result<(), Error> {
         self.call.host_calls += 1;
@@ -370,8 +378,7 @@ impl wit::types::Host for HostApi {}
 impl wit::redis::Host for HostApi {
     async fn get(&mut self, key: String) -> HostResult<Option<Vec<u8>>> {
         Ok(async {
-            self.flush().await?;
-            self.admit("get", KeyOps::READ, Target::Key(&key))?;
+            self.request("get", KeyOps::READ, Target::Key(&key)).await?;
             self.backend.get(&key).await.map_err(|e| self.redis_failed("get", e))
         }
         .await)
@@ -379,8 +386,7 @@ impl wit::redis::Host for HostApi {
 
     async fn exists(&mut self, key: String) -> HostResult<bool> {
         Ok(async {
-            self.flush().await?;
-            self.admit("exists", KeyOps::READ, Target::Key(&key))?;
+            self.request("exists", KeyOps::READ, Target::Key(&key)).await?;
             self.backend.exists(&key).await.map_err(|e| self.redis_failed("exists", e))
         }
         .await)
@@ -388,8 +394,7 @@ impl wit::redis::Host for HostApi {
 
     async fn ttl(&mut self, key: String) -> HostResult<KeyTtl> {
         Ok(async {
-            self.flush().await?;
-            self.admit("ttl", KeyOps::READ, Target::Key(&key))?;
+            self.request("ttl", KeyOps::READ, Target::Key(&key)).await?;
             self.backend.ttl(&key).await.map_err(|e| self.redis_failed("ttl", e))
         }
         .await)
@@ -397,8 +402,7 @@ impl wit::redis::Host for HostApi {
 
     async fn key_type(&mut self, key: String) -> HostResult<Option<ValueKind>> {
         Ok(async {
-            self.flush().await?;
-            self.admit("key-type", KeyOps::READ, Target::Key(&key))?;
+            self.request("key-type", KeyOps::READ, Target::Key(&key)).await?;
             self.backend.key_type(&key).await.map_err(|e| self.redis_failed("key-type", e))
         }
         .await)
@@ -406,8 +410,7 @@ impl wit::redis::Host for HostApi {
 
     async fn scan(&mut self, cursor: u64, pattern: String, count: u32) -> HostResult<ScanPage> {
         Ok(async {
-            self.flush().await?;
-            self.admit("scan", KeyOps::READ, Target::Pattern(&pattern))?;
+            self.request("scan", KeyOps::READ, Target::Pattern(&pattern)).await?;
             let count = count.clamp(1, MAX_SCAN_COUNT);
             let (cursor, raw) =
                 self.backend.scan(cursor, &pattern, count).await.map_err(|e| self.redis_failed("scan", e))?;
@@ -425,8 +428,7 @@ impl wit::redis::Host for HostApi {
 
     async fn set(&mut self, key: String, value: Vec<u8>, options: SetOptions) -> HostResult<bool> {
         Ok(async {
-            self.flush().await?;
-            self.admit("set", KeyOps::WRITE, Target::Key(&key))?;
+            self.request("set", KeyOps::WRITE, Target::Key(&key)).await?;
             if let Some(ttl) = options.ttl_ms {
                 check_ttl("set", ttl)?;
             }
@@ -449,8 +451,7 @@ impl wit::redis::Host for HostApi {
 
     async fn del(&mut self, keys: Vec<String>) -> HostResult<u64> {
         Ok(async {
-            self.flush().await?;
-            self.admit("del", KeyOps::DELETE, Target::Keys(&keys))?;
+            self.request("del", KeyOps::DELETE, Target::Keys(&keys)).await?;
             self.touch("del", keys.len() as u64)?;
             let n = self.backend.del(&keys).await.map_err(|e| self.redis_failed("del", e))?;
             self.call.effects.deleted += n;
@@ -462,8 +463,7 @@ impl wit::redis::Host for HostApi {
 
     async fn expire(&mut self, key: String, ttl_ms: u64, condition: ExpireCondition) -> HostResult<bool> {
         Ok(async {
-            self.flush().await?;
-            self.admit("expire", KeyOps::EXPIRE, Target::Key(&key))?;
+            self.request("expire", KeyOps::EXPIRE, Target::Key(&key)).await?;
             check_ttl("expire", ttl_ms)?;
             self.touch("expire", 1)?;
             let set = self.backend.expire(&key, ttl_ms, condition).await.map_err(|e| self.redis_failed("expire", e))?;
@@ -495,8 +495,7 @@ impl wit::redis::Host for HostApi {
 
     async fn persist(&mut self, key: String) -> HostResult<bool> {
         Ok(async {
-            self.flush().await?;
-            self.admit("persist", KeyOps::EXPIRE, Target::Key(&key))?;
+            self.request("persist", KeyOps::EXPIRE, Target::Key(&key)).await?;
             self.backend.persist(&key).await.map_err(|e| self.redis_failed("persist", e))
         }
         .await)
@@ -517,8 +516,7 @@ impl wit::redis::Host for HostApi {
 
     async fn lock_acquire(&mut self, name: String, ttl_ms: u64) -> HostResult<Option<String>> {
         Ok(async {
-            self.flush().await?;
-            self.admit("lock-acquire", KeyOps::LOCK, Target::Key(&name))?;
+            self.request("lock-acquire", KeyOps::LOCK, Target::Key(&name)).await?;
             check_ttl("lock-acquire", ttl_ms)?;
             let token =
                 self.backend.lock_acquire(&name, ttl_ms).await.map_err(|e| self.redis_failed("lock-acquire", e))?;
@@ -532,8 +530,7 @@ impl wit::redis::Host for HostApi {
 
     async fn lock_release(&mut self, name: String, token: String) -> HostResult<bool> {
         Ok(async {
-            self.flush().await?;
-            self.admit("lock-release", KeyOps::LOCK, Target::Key(&name))?;
+            self.request("lock-release", KeyOps::LOCK, Target::Key(&name)).await?;
             if token.is_empty() {
                 return Err(Error::InvalidArgument("lock-release: empty token".into()));
             }
