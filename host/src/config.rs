@@ -8,6 +8,9 @@
 //! [deploy]
 //! stream = "cachepol:deploys"
 //!
+//! [index]              # the key index serving bulk operations
+//! max_keys = 5000000
+//!
 //! [budgets]            # defaults for every policy
 //! wall_time = 30000
 //!
@@ -84,6 +87,29 @@ pub struct Config {
     /// The Redis Set of policy names an operator disabled
     /// (`cachepol disable NAME`).
     pub control_key: String,
+    /// The key index that serves bulk operations.
+    pub index: IndexConfig,
+}
+
+/// `[index]`: the key index ([`crate::store::index`]).
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct IndexConfig {
+    /// Keep it (on by default): the patterns of the policies' wildcard
+    /// grants that allow `delete` or `expire`, and `patterns`.
+    pub enabled: bool,
+    /// Keys one pattern's index holds at most (about 45 bytes each for
+    /// 30-byte names); past this that pattern's index is dropped and its
+    /// bulk operations scan Redis.
+    pub max_keys: usize,
+    /// More patterns to index, besides those the grants imply.
+    pub patterns: Vec<String>,
+}
+
+impl Default for IndexConfig {
+    fn default() -> IndexConfig {
+        IndexConfig { enabled: true, max_keys: 5_000_000, patterns: Vec::new() }
+    }
 }
 
 impl Default for Config {
@@ -106,6 +132,7 @@ impl Default for Config {
             budgets: Budgets::default(),
             policies: BTreeMap::new(),
             control_key: "cachepol:control:disabled".into(),
+            index: IndexConfig::default(),
         }
     }
 }

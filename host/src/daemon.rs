@@ -36,6 +36,7 @@ use crate::intake::events::{Backoff, Subscriber};
 use crate::intake::notify::{self, NotifyError};
 use crate::sandbox::runtime::{Runtime, RuntimeConfig, RuntimeError};
 use crate::store::echo::{self, EchoLedger};
+use crate::store::index::KeyIndex;
 use crate::store::redis::RedisBackend;
 use crate::wit::SweepReason;
 
@@ -61,10 +62,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
     let client = redis::Client::open(config.redis_url.as_str())
         .map_err(|e| DaemonError::RedisUrl { url: config.redis_url.clone(), error: e.to_string() })?;
     let db = u32::try_from(client.get_connection_info().redis_settings().db()).unwrap_or(0);
-    let Some(redis) = connect(&client, &shutdown).await else { return Ok(()) };
+    let fence_channel = echo::fence_channel();
+    let index = Arc::new(KeyIndex::new(config.index.max_keys, fence_channel.clone()));
+    let Some(redis) = connect(&client, &index, &shutdown).await else { return Ok(()) };
     let runtime = Runtime::new(RuntimeConfig { max_instances: config.instance_pool, ..RuntimeConfig::default() })?;
     let ledger = Arc::new(EchoLedger::new());
-    let fence_channel = echo::fence_channel();
 
     let switches = Arc::new(Switches::default());
     if let Err(e) = control::read_at_start(&switches, &mut redis.connection(), &config.control_key).await {
@@ -114,6 +116,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
         configure_notifications: config.configure_notifications,
         changes: reloader.registry.changes(),
         fence_channel: fence_channel.clone(),
+        index: index.clone(),
+        index_config: config.index.clone(),
     };
     sources.spawn(subscriber.run(intake.clone(), ready_tx));
     match RedisBackend::connect(&client).await {
@@ -125,6 +129,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
         Err(e) => warn!(error = %e, "no connection for deploy hooks; restart once Redis is reachable"),
     }
     sources.spawn(periodic_sweeps(routes.clone(), intake.clone()));
+    sources.spawn(index.clone().run_builder(redis.connection(), intake.clone()));
     sources.spawn(echo::send_fences(ledger.clone(), redis.connection(), fence_channel.clone(), intake.clone()));
     sources.spawn(control::watch(
         switches,
@@ -159,7 +164,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
 
 /// Connect to Redis, retrying with backoff (logged once) until it answers or
 /// shutdown is asked for.
-async fn connect(client: &redis::Client, shutdown: &CancellationToken) -> Option<Arc<RedisBackend>> {
+async fn connect(
+    client: &redis::Client,
+    index: &Arc<KeyIndex>,
+    shutdown: &CancellationToken,
+) -> Option<Arc<RedisBackend>> {
     let mut backoff = Backoff::new();
     let mut logged = false;
     loop {
@@ -168,7 +177,7 @@ async fn connect(client: &redis::Client, shutdown: &CancellationToken) -> Option
                 if logged {
                     info!("connected to Redis");
                 }
-                return Some(Arc::new(backend));
+                return Some(Arc::new(backend.with_index(index.clone())));
             }
             Err(e) => {
                 if !logged {

@@ -37,10 +37,12 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::config::IndexConfig;
 use crate::dispatch::routes::Routes;
 use crate::intake::notify;
 use crate::sandbox::manifest::Manifest;
 use crate::store::echo::EchoLedger;
+use crate::store::index::KeyIndex;
 use crate::wit::SweepReason;
 
 /// Fault injection for tests: with this set (milliseconds), the reader
@@ -65,10 +67,14 @@ pub struct Subscriber {
     pub configure_notifications: bool,
     /// Changes whenever the routes are republished.
     pub changes: tokio::sync::watch::Receiver<u64>,
-    /// Where the echo ledger's fences come back ([`crate::store::echo`]):
-    /// subscribed on the same connection, so they arrive in order with the
-    /// notifications.
+    /// Where the echo ledger's and the key index's fences come back
+    /// ([`crate::store::echo`], [`crate::store::index`]): subscribed on the
+    /// same connection, so they arrive in order with the notifications.
     pub fence_channel: String,
+    /// Fed every notification before it is routed; while it indexes any
+    /// pattern, the subscription carries every op.
+    pub index: Arc<KeyIndex>,
+    pub index_config: IndexConfig,
 }
 
 /// Exponential backoff with jitter: 100 ms doubling to 10 s, each wait
@@ -122,8 +128,12 @@ pub enum Channels {
 }
 
 impl Channels {
-    /// What the loaded policies listen to.
-    pub fn needed(routes: &Routes) -> Channels {
+    /// What the loaded policies listen to, and every op while the key
+    /// index is kept.
+    pub fn needed(routes: &Routes, indexing: bool) -> Channels {
+        if indexing {
+            return Channels::All;
+        }
         let mut ops = BTreeSet::new();
         for manifest in routes.manifests() {
             for subscription in &manifest.key_subscriptions {
@@ -176,6 +186,19 @@ impl std::fmt::Display for Channels {
     }
 }
 
+/// The patterns the key index keeps for these policies (see
+/// [`crate::store::index`] for why these).
+pub fn index_patterns(routes: &Routes, config: &IndexConfig) -> Vec<String> {
+    if !config.enabled {
+        return Vec::new();
+    }
+    let mut patterns: Vec<String> = config.patterns.clone();
+    for manifest in routes.manifests() {
+        patterns.extend(manifest.bulk_patterns().map(|g| g.to_string()));
+    }
+    patterns
+}
+
 /// Parse a keyevent channel name: `__keyevent@<db>__:<op>` -> (db, op).
 pub fn parse_channel(channel: &str) -> Option<(u32, &str)> {
     let rest = channel.strip_prefix("__keyevent@")?;
@@ -193,7 +216,7 @@ impl Subscriber {
         loop {
             // Read before subscribing: a change after this is acted on by
             // `watch`, whose receiver has not marked it seen.
-            let channels = Channels::needed(&self.routes.load());
+            let channels = self.follow_policies();
             let subscribed = tokio::select! {
                 _ = shutdown.cancelled() => return,
                 s = self.subscribe(&channels) => s,
@@ -219,6 +242,7 @@ impl Subscriber {
                 info!(ops = %channels, "subscribed to keyspace notifications");
             }
             down_since_logged = false;
+            self.cover_index(&conn, &channels).await;
             self.routes.load().sweep_all(reason);
             if let Some(tx) = ready.take() {
                 let _ = tx.send(());
@@ -226,6 +250,7 @@ impl Subscriber {
             if self.watch(conn, channels, &link, &shutdown).await {
                 return;
             }
+            self.index.gap();
             warn!("keyspace subscription lost; reconnecting (notifications meanwhile are reconciled by a sweep)");
         }
     }
@@ -253,6 +278,7 @@ impl Subscriber {
             fence_channel: self.fence_channel.clone(),
             routes: self.routes.clone(),
             ledger: self.ledger.clone(),
+            index: self.index.clone(),
             hop_limit: self.hop_limit,
             link: link.clone(),
             skipped: AtomicU64::new(0),
@@ -284,7 +310,7 @@ impl Subscriber {
     /// before it).
     async fn resubscribe(&self, conn: &mut MultiplexedConnection, current: &mut Channels) -> redis::RedisResult<()> {
         let routes = self.routes.load();
-        let wanted = Channels::needed(&routes);
+        let wanted = self.follow_policies();
         if wanted == *current {
             return Ok(());
         }
@@ -310,6 +336,42 @@ impl Subscriber {
         }
         *current = wanted;
         Ok(())
+    }
+
+    /// Give the key index the patterns of the loaded policies; the channels
+    /// they need then. While the subscription may not carry every op, the
+    /// index is not known complete (nothing is built before it does).
+    fn follow_policies(&self) -> Channels {
+        let patterns = index_patterns(&self.routes.load(), &self.index_config);
+        let wanted = Channels::needed(&self.routes.load(), !patterns.is_empty());
+        if wanted != Channels::All && self.index.is_covering() {
+            self.index.gap();
+        }
+        self.index.set_patterns(&patterns);
+        wanted
+    }
+
+    /// The subscription carries `channels`: if that is every op and Redis
+    /// reports every key type (setting the flags if allowed), the key index
+    /// may build. Otherwise it stays unused (bulk operations scan), said
+    /// once per subscription.
+    async fn cover_index(&self, conn: &MultiplexedConnection, channels: &Channels) {
+        if !self.index.is_active() || *channels != Channels::All || self.index.is_covering() {
+            return;
+        }
+        match notify::ensure(&mut conn.clone(), &notify::for_index(), self.configure_notifications).await {
+            Ok(added) => {
+                if !added.is_empty() {
+                    info!(added = %notify::text(&added), "enabled keyspace notification flags for the key index");
+                }
+                self.index.covered();
+            }
+            Err(e) => {
+                if self.index.first_unusable() {
+                    warn!(error = %e, "the key index stays unused (bulk operations scan Redis) until notifications cover every key type");
+                }
+            }
+        }
     }
 
     /// Make sure Redis emits what the loaded policies need (setting the
@@ -353,6 +415,7 @@ impl Subscriber {
                         warn!(error = %e, "cannot change the keyspace subscription; reconnecting");
                         return false;
                     }
+                    self.cover_index(&conn, &channels).await;
                 }
                 _ = ping.tick() => {
                     let alive = tokio::time::timeout(PING_EVERY, redis::cmd("PING").query_async::<Value>(&mut conn)).await;
@@ -362,6 +425,8 @@ impl Subscriber {
                     if !matches!(alive, Ok(Ok(_))) && !link.heard_within(PING_EVERY) {
                         return false;
                     }
+                    // Flags turned back on, say.
+                    self.cover_index(&conn, &channels).await;
                 }
             }
         }
@@ -403,6 +468,7 @@ struct Router {
     fence_channel: String,
     routes: Arc<ArcSwap<Routes>>,
     ledger: Arc<EchoLedger>,
+    index: Arc<KeyIndex>,
     hop_limit: u8,
     /// Told when redis-rs reports the connection closed; knows when the last
     /// push arrived.
@@ -429,6 +495,8 @@ impl AsyncPushSender for Router {
                     if channel.as_slice() == self.fence_channel.as_bytes() {
                         if let Some(id) = crate::store::echo::parse_fence(payload) {
                             self.ledger.fence_seen(id);
+                        } else {
+                            self.index.fence_seen(payload);
                         }
                     } else if !self.pattern_on.load(Ordering::Relaxed) {
                         // (While the pattern is on too, during a switch
@@ -448,7 +516,10 @@ impl AsyncPushSender for Router {
                 }
             }
             // A permit is stored if nobody waits yet.
-            PushKind::Disconnection => self.link.closed.notify_one(),
+            PushKind::Disconnection => {
+                self.index.gap();
+                self.link.closed.notify_one();
+            }
             _ => {}
         }
         Ok(())
@@ -472,6 +543,7 @@ impl Router {
     /// Route one notification; `false` if it was not routable.
     fn route(&self, channel: &str, payload: &[u8]) -> bool {
         let Some((db, op)) = parse_channel(channel) else { return false };
+        self.index.observe(op, payload);
         let origin = self.ledger.claim(op, payload);
         let routed = self.routes.load().key_event(db, op, payload, origin.as_ref(), self.hop_limit);
         if routed.swept_instead > 0 {

@@ -11,8 +11,7 @@ use std::collections::BTreeSet;
 
 use crate::sandbox::manifest::Manifest;
 
-/// Every class flag; `A` in Redis's syntax.
-const ALL_CLASSES: &str = "g$lshzxet";
+use crate::store::index::EVERY_CLASS as ALL_CLASSES;
 
 /// The class flag that makes Redis emit `op`, or `None` if unknown (then
 /// every class is needed).
@@ -31,6 +30,11 @@ pub fn class_of(op: &str) -> Option<char> {
         op if op.starts_with('x') => 't',
         _ => return None,
     })
+}
+
+/// The flags the key index needs: every class, on keyevent channels.
+pub fn for_index() -> BTreeSet<char> {
+    ALL_CLASSES.chars().chain(['E']).collect()
 }
 
 /// The flags needed for these manifests' key subscriptions (empty if none

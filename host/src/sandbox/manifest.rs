@@ -47,6 +47,17 @@ impl fmt::Display for ManifestError {
 const MAX_NAME_LEN: usize = 64;
 
 impl Manifest {
+    /// The patterns this policy's bulk operations can reach, which the key
+    /// index keeps ([`crate::store::index`]): its wildcard grants allowing
+    /// `delete` or `expire`.
+    pub fn bulk_patterns(&self) -> impl Iterator<Item = &Glob> {
+        self.grants
+            .rules()
+            .iter()
+            .filter(|r| r.ops.intersects(KeyOps::DELETE | KeyOps::EXPIRE) && r.pattern.literal().is_none())
+            .map(|r| &r.pattern)
+    }
+
     /// Validate what `describe` returned.
     pub fn validate(raw: wit::Manifest) -> Result<Manifest, ManifestError> {
         let mut problems = Vec::new();

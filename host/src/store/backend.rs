@@ -110,28 +110,38 @@ impl<'a> Rows<'a> {
         self.globs.iter().position(|g| g.matches_bytes(key)).map(|i| &self.rows[i])
     }
 
-    /// The `SCAN MATCH` pattern of the one pass: a single row's own pattern,
-    /// else the literal prefix all rows share, followed by `*` (`*` when
-    /// they share none). Redis walks the whole keyspace for any pattern;
-    /// the prefix only saves sending keys no row can match.
+    /// The `SCAN MATCH` pattern of the one pass ([`scan_pattern_for`]).
     pub fn scan_pattern(&self) -> String {
-        if let [row] = self.rows {
-            return row.pattern.clone();
-        }
-        let prefixes: Vec<String> =
-            self.globs.iter().map(|g| String::from_utf8_lossy(&g.literal_prefix()).into_owned()).collect();
-        let mut common: &str = prefixes.first().map_or("", String::as_str);
-        for p in &prefixes[1..] {
-            let shared = common.char_indices().zip(p.chars()).take_while(|((_, a), b)| a == b).count();
-            common = &common[..common.char_indices().nth(shared).map_or(common.len(), |(i, _)| i)];
-        }
-        format!("{}*", glob::escape(common))
+        scan_pattern_for(&self.globs.iter().collect::<Vec<_>>())
+    }
+
+    /// Each row's pattern, compiled.
+    pub fn globs(&self) -> &[Glob] {
+        &self.globs
     }
 
     /// The `PEXPIRE` condition of `row`.
     pub fn condition(row: &ExpireRow) -> ExpireCondition {
         if row.only_if_persistent { ExpireCondition::IfPersistent } else { ExpireCondition::Always }
     }
+}
+
+/// The `SCAN MATCH` pattern of one pass serving every glob of `globs`: a
+/// single glob's own pattern, else the literal prefix all share, followed by
+/// `*` (`*` when they share none). Redis walks the whole keyspace for any
+/// pattern; the prefix only saves sending keys no glob can match.
+pub fn scan_pattern_for(globs: &[&Glob]) -> String {
+    if let [glob] = globs {
+        return glob.as_str().to_owned();
+    }
+    let prefixes: Vec<String> =
+        globs.iter().map(|g| String::from_utf8_lossy(&g.literal_prefix()).into_owned()).collect();
+    let mut common: &str = prefixes.first().map_or("", String::as_str);
+    for p in prefixes.iter().skip(1) {
+        let shared = common.char_indices().zip(p.chars()).take_while(|((_, a), b)| a == b).count();
+        common = &common[..common.char_indices().nth(shared).map_or(common.len(), |(i, _)| i)];
+    }
+    format!("{}*", glob::escape(common))
 }
 
 /// One page of `SCAN`: the next cursor (0 at the end) and raw key names.

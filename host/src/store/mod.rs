@@ -13,5 +13,7 @@
 pub mod backend;
 pub(crate) mod dryrun;
 pub(crate) mod echo;
+pub mod index;
+pub mod keyset;
 pub mod memory;
 pub mod redis;

@@ -11,6 +11,9 @@
 //! page, so a page costs one round trip. Every key Redis returns is checked
 //! against the policy's grants before it is touched, and `KEYS` is never used.
 
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -18,7 +21,10 @@ use cachepol_guest_sdk::glob::Glob;
 use redis::aio::ConnectionManager;
 use redis::{Client, RedisError, Script, Value};
 
-use crate::store::backend::{Backend, BackendError, BulkPlan, BulkResult, BulkStep, QueuedExpire, Rows, ScanResult};
+use crate::store::backend::{
+    Backend, BackendError, BulkPlan, BulkResult, BulkStep, QueuedExpire, Rows, ScanResult, scan_pattern_for,
+};
+use crate::store::index::{self, KeyIndex, Lease};
 use crate::wit::{ExpireCondition, ExpireRow, KeyTtl, SetCondition, SetOptions, ValueKind};
 
 /// Keys asked for per `SCAN` page in bulk operations.
@@ -36,6 +42,8 @@ const RELEASE: &str =
 pub struct RedisBackend {
     conn: ConnectionManager,
     release: Script,
+    /// Serves bulk operations when complete ([`crate::store::index`]).
+    index: Option<Arc<KeyIndex>>,
 }
 
 impl RedisBackend {
@@ -46,7 +54,13 @@ impl RedisBackend {
             .set_response_timeout(Some(std::time::Duration::from_secs(30)))
             .set_max_delay(std::time::Duration::from_secs(5));
         let conn = ConnectionManager::new_with_config(client.clone(), config).await.map_err(failed)?;
-        Ok(RedisBackend { conn, release: Script::new(RELEASE) })
+        Ok(RedisBackend { conn, release: Script::new(RELEASE), index: None })
+    }
+
+    /// Serve bulk operations from `index` when it is complete.
+    pub fn with_index(mut self, index: Arc<KeyIndex>) -> RedisBackend {
+        self.index = Some(index);
+        self
     }
 
     /// A clone of the connection, for host-side commands outside the
@@ -59,36 +73,42 @@ impl RedisBackend {
         retrying(|| async { cmd.query_async(&mut self.conn.clone()).await }).await
     }
 
-    /// Walk `SCAN MATCH pattern`, handing each page's allowed keys (at most
-    /// the plan's remaining limit) to `act`, which adds its commands for them
-    /// to the pipeline that also asks for the next page. `tally` says how
-    /// many keys each of those commands' replies counts for; replies are
-    /// counted page by page, never kept (a bulk operation may touch
-    /// millions of keys).
+    /// Walk the keys matching any of `walks` (each key handled by the first
+    /// that matches it), handing each page's allowed keys (at most the
+    /// plan's remaining limit) to `act`, which adds its commands for them to
+    /// a pipeline. `tally` says how many keys each of those commands'
+    /// replies counts for; replies are counted page by page, never kept (a
+    /// bulk operation may touch millions of keys).
+    ///
+    /// The keys come from the key index when it is complete for every walk
+    /// ([`crate::store::index`]), else from `SCAN MATCH`, whose request for
+    /// the next page rides in the same pipeline as the current page's
+    /// commands, so a page costs one round trip.
     ///
     /// If the connection breaks mid-way, the scan starts over from cursor 0
     /// once it is back: Redis may have restarted, and a `SCAN` cursor means
     /// nothing on a restarted server (its dict has a new hash seed), so
     /// going on would silently skip keys. Keys already deleted are not found
-    /// again; keys whose TTL was set may be set (and counted) again.
-    /// `SCAN MATCH pattern` to the end; each page's keys that `wanted`
-    /// keeps (the others are passed over in silence) and the plan allows go
-    /// through `act` in the next round trip with the next `SCAN`.
+    /// again; keys whose TTL was set may be set (and counted) again. An index
+    /// walk goes on where it was unless the index lost its completeness
+    /// meanwhile (a restart is a gap in the subscription), then it scans.
     async fn bulk(
         &self,
-        pattern: &str,
+        walks: &[Glob],
         plan: &BulkPlan<'_>,
-        wanted: impl Fn(&[u8]) -> bool,
         act: impl Fn(&mut redis::Pipeline, &[Vec<u8>]),
         tally: impl Fn(&Value) -> u64,
     ) -> Result<BulkResult, BackendError> {
         let mut result = BulkResult::default();
         let mut affected = 0;
         let conn = self.conn.clone();
+        let first_walk = |key: &[u8]| walks.iter().position(|w| w.matches_bytes(key));
         // An exact key needs no scan.
-        if let Some(literal) = Glob::new(pattern).literal() {
+        if let [walk] = walks
+            && let Some(literal) = walk.literal()
+        {
             let exists: bool = self.query(redis::cmd("EXISTS").arg(&literal)).await?;
-            if exists && wanted(&literal) && (plan.allow)(&literal) && plan.limit > 0 {
+            if exists && (plan.allow)(&literal) && plan.limit > 0 {
                 let mut pipe = redis::pipe();
                 let keys = std::slice::from_ref(&literal);
                 act(&mut pipe, keys);
@@ -102,16 +122,49 @@ impl RedisBackend {
             }
             return Ok(result);
         }
+        let scan_pattern = scan_pattern_for(&walks.iter().collect::<Vec<_>>());
+        let mut source = match self.leases(walks, &scan_pattern).await {
+            Some(leases) => Source::Index { leases, walk: 0, after: None },
+            None => Source::Scan { cursor: Some(0) },
+        };
         let mut pending: Vec<Vec<u8>> = Vec::new();
-        let mut cursor: Option<u64> = Some(0);
         let mut restarts = 0;
         loop {
+            if let (Source::Index { leases, walk, after }, Some(index)) = (&mut source, self.index.as_deref()) {
+                let mut stale = false;
+                while *walk < leases.len() && pending.len() < SCAN_BATCH && !result.truncated {
+                    let i = *walk;
+                    let room = SCAN_BATCH - pending.len();
+                    let Ok((keys, done)) =
+                        index.page(leases[i], &walks[i], after.as_deref(), room, |k| first_walk(k) == Some(i))
+                    else {
+                        stale = true;
+                        break;
+                    };
+                    *after = if done { None } else { keys.last().cloned() };
+                    *walk += usize::from(done);
+                    for key in keys {
+                        take(key, plan, &mut result, &mut pending);
+                    }
+                }
+                if stale {
+                    tracing::info!(
+                        pattern = %scan_pattern,
+                        "the key index went incomplete during a bulk operation; scanning for the rest"
+                    );
+                    source = Source::Scan { cursor: Some(0) };
+                }
+            }
             let mut pipe = redis::pipe();
             if !pending.is_empty() {
                 act(&mut pipe, &pending);
             }
+            let cursor = match source {
+                Source::Scan { cursor } => cursor,
+                Source::Index { .. } => None,
+            };
             if let Some(c) = cursor {
-                pipe.cmd("SCAN").arg(c).arg("MATCH").arg(pattern).arg("COUNT").arg(SCAN_BATCH);
+                pipe.cmd("SCAN").arg(c).arg("MATCH").arg(&scan_pattern).arg("COUNT").arg(SCAN_BATCH);
             }
             if pending.is_empty() && cursor.is_none() {
                 break;
@@ -127,36 +180,108 @@ impl RedisBackend {
             for key in pending.drain(..) {
                 result.record(&key);
             }
-            if broke && !result.truncated {
+            if broke && !result.truncated && matches!(source, Source::Scan { .. }) {
                 restarts += 1;
                 if restarts > MAX_SCAN_RESTARTS {
                     return Err(BackendError::Unavailable(format!(
-                        "the connection broke {restarts} times during a bulk operation on `{pattern}`"
+                        "the connection broke {restarts} times during a bulk operation on `{scan_pattern}`"
                     )));
                 }
                 tracing::warn!(
-                    pattern,
+                    pattern = %scan_pattern,
                     "the connection to Redis broke during a bulk operation; starting its scan over"
                 );
-                cursor = Some(0);
+                source = Source::Scan { cursor: Some(0) };
+                continue;
+            }
+            if let Source::Index { leases, walk, .. } = &source {
+                if *walk >= leases.len() && pending.is_empty() || result.truncated {
+                    break;
+                }
                 continue;
             }
             let Some(scan) = scan else { break };
             let (next, keys): (u64, Vec<Vec<u8>>) =
                 redis::from_redis_value(scan).map_err(|e| BackendError::Command(e.to_string()))?;
-            for key in keys.into_iter().filter(|k| wanted(k)) {
-                if !(plan.allow)(&key) {
-                    result.refused += 1;
-                } else if result.affected + (pending.len() as u64) < plan.limit {
-                    pending.push(key);
-                } else {
-                    result.truncated = true;
-                }
+            for key in keys.into_iter().filter(|k| first_walk(k).is_some()) {
+                take(key, plan, &mut result, &mut pending);
             }
-            cursor = if next == 0 || result.truncated { None } else { Some(next) };
+            source = Source::Scan { cursor: if next == 0 || result.truncated { None } else { Some(next) } };
         }
         result.affected = affected;
         Ok(result)
+    }
+
+    /// Leases on the key index for every walk, once a fence says the index
+    /// holds every write answered before now; `None`: scan instead.
+    async fn leases(&self, walks: &[Glob], pattern: &str) -> Option<Vec<Lease>> {
+        let index = self.index.as_deref()?;
+        if !index.is_active() {
+            return None;
+        }
+        let scan = |why: &str| {
+            index.scanned.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(pattern, "bulk operation scans: {why}");
+            None
+        };
+        let Some(leases) = walks.iter().map(|w| index.serve(w)).collect::<Option<Vec<Lease>>>() else {
+            return scan("no complete key index covers it");
+        };
+        let (payload, back) = index.fence();
+        let mut pipe = redis::pipe();
+        pipe.cmd("CONFIG").arg("GET").arg("notify-keyspace-events");
+        pipe.cmd("PUBLISH").arg(&index.fence_channel).arg(payload);
+        let sent =
+            retrying(|| async { pipe.query_async::<(HashMap<String, String>, i64)>(&mut self.conn.clone()).await });
+        let (flags, listeners) = match sent.await {
+            Ok(replies) => replies,
+            Err(e) => return scan(&format!("cannot fence the subscription: {e}")),
+        };
+        if !flags.get("notify-keyspace-events").is_some_and(|f| index::flags_cover_every_key(f)) {
+            // Writes may have gone unnotified: the index is no longer known
+            // complete, until the subscriber finds the flags back.
+            index.gap();
+            return scan("notify-keyspace-events no longer covers every key type");
+        }
+        if listeners == 0 {
+            return scan("the subscription is not listening");
+        }
+        match tokio::time::timeout(index::FENCE_WAIT, back).await {
+            Ok(Ok(())) if leases.iter().all(|l| index.holds(*l)) => {
+                index.served.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(pattern, "bulk operation served by the key index");
+                Some(leases)
+            }
+            Ok(Ok(())) => scan("the key index went incomplete while fencing"),
+            Ok(Err(_)) => scan("the subscription had a gap while fencing"),
+            Err(_) => scan("the subscription is too far behind to fence"),
+        }
+    }
+}
+
+/// Where a bulk operation's keys come from.
+enum Source {
+    Scan {
+        /// `None` once the scan is over.
+        cursor: Option<u64>,
+    },
+    Index {
+        leases: Vec<Lease>,
+        /// The walk in progress, and the last key it gave.
+        walk: usize,
+        after: Option<Vec<u8>>,
+    },
+}
+
+/// Queue `key` for the next pipeline if the plan allows it and its limit
+/// has room; count it as refused or as cut off otherwise.
+fn take(key: Vec<u8>, plan: &BulkPlan<'_>, result: &mut BulkResult, pending: &mut Vec<Vec<u8>>) {
+    if !(plan.allow)(&key) {
+        result.refused += 1;
+    } else if result.affected + (pending.len() as u64) < plan.limit {
+        pending.push(key);
+    } else {
+        result.truncated = true;
     }
 }
 
@@ -320,9 +445,8 @@ impl Backend for RedisBackend {
 
     async fn delete_matching(&self, pattern: &str, plan: &BulkPlan<'_>) -> Result<BulkResult, BackendError> {
         self.bulk(
-            pattern,
+            std::slice::from_ref(&Glob::new(pattern)),
             plan,
-            |_| true,
             |pipe, keys| {
                 pipe.cmd("UNLINK").arg(keys);
             },
@@ -335,9 +459,8 @@ impl Backend for RedisBackend {
     async fn expire_matching(&self, rows: &[ExpireRow], plan: &BulkPlan<'_>) -> Result<BulkResult, BackendError> {
         let rows = Rows::new(rows);
         self.bulk(
-            &rows.scan_pattern(),
+            rows.globs(),
             plan,
-            |key| rows.row_of(key).is_some(),
             |pipe, keys| {
                 for (key, row) in keys.iter().filter_map(|k| Some((k, rows.row_of(k)?))) {
                     let cmd = pipe.cmd("PEXPIRE").arg(key).arg(row.ttl_ms);
