@@ -10,6 +10,7 @@ mod echo;
 mod failures;
 mod faults;
 mod grants;
+mod index;
 mod lanes;
 mod policies;
 mod reload;

@@ -68,6 +68,11 @@ pub fn flags_cover_every_key(value: &str) -> bool {
     value.contains('E') && (value.contains('A') || EVERY_CLASS.chars().all(|c| value.contains(c)))
 }
 
+/// Fault injection for tests: with this set (milliseconds), every build
+/// waits that long before its scan, so a test can act while the index is
+/// incomplete. Never set in production.
+const BUILD_DELAY_ENV: &str = "CACHEPOL_FAULT_INDEX_BUILD_DELAY_MS";
+
 /// How long a bulk operation waits for its fence before scanning instead.
 pub const FENCE_WAIT: Duration = Duration::from_secs(2);
 
@@ -425,10 +430,23 @@ impl KeyIndex {
         stop: tokio_util::sync::CancellationToken,
     ) {
         let mut failures = 0u32;
+        let delay = std::env::var(BUILD_DELAY_ENV).ok().and_then(|ms| ms.parse().ok()).map(Duration::from_millis);
+        if let Some(delay) = delay {
+            warn!(
+                delay_ms = delay.as_millis() as u64,
+                "{BUILD_DELAY_ENV} is set: key index builds start late (a test fault)"
+            );
+        }
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = self.build.notified() => {}
+            }
+            if let Some(delay) = delay {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(delay) => {}
+                }
             }
             while let Some((epoch, pattern)) = self.start_build() {
                 let scanned = tokio::select! {
