@@ -14,6 +14,8 @@
 //!   [`native`] daemon and a bare subscriber; CPU per event; lag after a
 //!   `redis-benchmark` burst; event-to-action latency at a fixed rate;
 //!   daemon memory.
+//! - [`index`]: invalidation through the key index (100 keys among 2M, 1M
+//!   of 2M) against the `SCAN` path and `redis-cli --pipe`; its memory.
 //! - [`overhead`]: one WIT `handle` against the same logic compiled natively.
 //! - [`swap`]: hot swap, from rename to the new version handling events.
 //! - [`report`]: the table.
@@ -23,6 +25,7 @@ mod support;
 
 mod deletion;
 mod events;
+mod index;
 mod native;
 mod overhead;
 mod report;
@@ -98,7 +101,7 @@ pub fn secs(t: Instant) -> f64 {
 
 fn main() {
     // `cargo bench` passes `--bench`; ours are `--quick` and `--only NAME`
-    // (deletion, overhead, events, swap), for profiling one scenario.
+    // (deletion, index, overhead, events, swap), for profiling one scenario.
     let args: Vec<String> = std::env::args().collect();
     if let Some(i) = args.iter().position(|a| a == native::FLAG) {
         native::main(args.get(i + 1).expect("a Redis URL after the flag"));
@@ -114,6 +117,10 @@ fn main() {
     if wanted("deletion") {
         eprintln!("bench: deletion");
         rows.extend(deletion::run(&redis, &sizes, &tokio));
+    }
+    if wanted("index") {
+        eprintln!("bench: invalidation through the key index");
+        rows.extend(index::run(&redis, &sizes));
     }
     if wanted("overhead") {
         eprintln!("bench: policy call overhead");

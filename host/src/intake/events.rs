@@ -146,11 +146,17 @@ impl Channels {
         Channels::Ops(ops)
     }
 
-    /// The ops carried, for the echo ledger (`None`: every op).
-    fn ops(&self) -> Option<BTreeSet<String>> {
-        match self {
-            Channels::All => None,
-            Channels::Ops(ops) => Some(ops.clone()),
+    /// What the echo ledger records while these channels are subscribed
+    /// (`None`: every op): writes whose notifications can arrive *and* may
+    /// be delivered to a policy. The key index makes the subscription carry
+    /// every op, but a write no policy listens to (ttl-table's `EXPIRE`s)
+    /// would only be recorded to be thrown away.
+    fn recorded(&self, routes: &Routes) -> Option<BTreeSet<String>> {
+        match (self, Channels::needed(routes, false)) {
+            (Channels::All, Channels::All) => None,
+            (Channels::All, Channels::Ops(heard)) => Some(heard),
+            (Channels::Ops(ops), Channels::All) => Some(ops.clone()),
+            (Channels::Ops(ops), Channels::Ops(heard)) => Some(ops.intersection(&heard).cloned().collect()),
         }
     }
 
@@ -287,7 +293,7 @@ impl Subscriber {
         let config = AsyncConnectionConfig::new().set_push_sender(router);
         let mut conn = client.get_multiplexed_async_connection_with_config(&config).await.map_err(|e| e.to_string())?;
         conn.subscribe(&self.fence_channel).await.map_err(|e| e.to_string())?;
-        self.ledger.listen(channels.ops());
+        self.ledger.listen(channels.recorded(&self.routes.load()));
         self.listen(&mut conn, channels, true).await.map_err(|e| e.to_string())?;
         Ok((conn, link))
     }
@@ -312,11 +318,12 @@ impl Subscriber {
         let routes = self.routes.load();
         let wanted = self.follow_policies();
         if wanted == *current {
+            self.ledger.listen(wanted.recorded(&routes));
             return Ok(());
         }
         // Writes are recorded for the echo ledger before their notifications
         // can arrive, and while the old ones still can.
-        self.ledger.listen(wanted.union(current).ops());
+        self.ledger.listen(wanted.union(current).recorded(&routes));
         match (&wanted, &*current) {
             (Channels::Ops(now), Channels::Ops(then)) => {
                 let add = Channels::Ops(now.difference(then).cloned().collect());
@@ -329,7 +336,7 @@ impl Subscriber {
                 self.listen(conn, current, false).await?;
             }
         }
-        self.ledger.listen(wanted.ops());
+        self.ledger.listen(wanted.recorded(&routes));
         info!(ops = %wanted, "keyspace subscription follows the loaded policies");
         for route in routes.routes().iter().filter(|r| current.miss_any(&r.manifest)) {
             let _ = route.queue.push(crate::dispatch::queue::Item::Sweep(SweepReason::Reload));

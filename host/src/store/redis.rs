@@ -27,8 +27,20 @@ use crate::store::backend::{
 use crate::store::index::{self, KeyIndex, Lease};
 use crate::wit::{ExpireCondition, ExpireRow, KeyTtl, SetCondition, SetOptions, ValueKind};
 
-/// Keys asked for per `SCAN` page in bulk operations.
+/// Keys asked for per `SCAN` page in bulk operations (and per page taken
+/// from the key index).
 pub const SCAN_BATCH: usize = 1000;
+
+/// Pipelines of a bulk operation over the key index in flight at once:
+/// with one, Redis idles while the daemon prepares the next page.
+const IN_FLIGHT: usize = 4;
+
+/// Pages a bulk operation over the key index may run ahead of the keyspace
+/// subscription: each deleted key is a notification queued in Redis for the
+/// subscriber, and past `client-output-buffer-limit pubsub` (32 MB by
+/// default, about 400k such notifications) Redis cuts it. 64 pages are about
+/// 5 MB of them.
+const PAGES_AHEAD: usize = 64;
 
 /// Compare-and-delete: release a lock only if it still holds our token.
 /// `UNLINK`, like every delete the daemon sends: Redis checks the commands a
@@ -81,17 +93,9 @@ impl RedisBackend {
     /// bulk operation may touch millions of keys).
     ///
     /// The keys come from the key index when it is complete for every walk
-    /// ([`crate::store::index`]), else from `SCAN MATCH`, whose request for
-    /// the next page rides in the same pipeline as the current page's
-    /// commands, so a page costs one round trip.
-    ///
-    /// If the connection breaks mid-way, the scan starts over from cursor 0
-    /// once it is back: Redis may have restarted, and a `SCAN` cursor means
-    /// nothing on a restarted server (its dict has a new hash seed), so
-    /// going on would silently skip keys. Keys already deleted are not found
-    /// again; keys whose TTL was set may be set (and counted) again. An index
-    /// walk goes on where it was unless the index lost its completeness
-    /// meanwhile (a restart is a gap in the subscription), then it scans.
+    /// ([`crate::store::index`]), else from `SCAN MATCH`. If the index goes
+    /// incomplete on the way (a gap in the subscription, as a Redis restart
+    /// causes), the operation goes on with a scan from the start.
     async fn bulk(
         &self,
         walks: &[Glob],
@@ -100,9 +104,6 @@ impl RedisBackend {
         tally: impl Fn(&Value) -> u64,
     ) -> Result<BulkResult, BackendError> {
         let mut result = BulkResult::default();
-        let mut affected = 0;
-        let conn = self.conn.clone();
-        let first_walk = |key: &[u8]| walks.iter().position(|w| w.matches_bytes(key));
         // An exact key needs no scan.
         if let [walk] = walks
             && let Some(literal) = walk.literal()
@@ -113,7 +114,7 @@ impl RedisBackend {
                 let keys = std::slice::from_ref(&literal);
                 act(&mut pipe, keys);
                 plan.step(BulkStep::Before(keys));
-                let replies = retrying(|| async { pipe.query_async::<Vec<Value>>(&mut conn.clone()).await });
+                let replies = retrying(|| async { pipe.query_async::<Vec<Value>>(&mut self.conn.clone()).await });
                 let replies = replies.await;
                 plan.step(BulkStep::After(keys));
                 let replies = replies?;
@@ -123,51 +124,139 @@ impl RedisBackend {
             return Ok(result);
         }
         let scan_pattern = scan_pattern_for(&walks.iter().collect::<Vec<_>>());
-        let mut source = match self.leases(walks, &scan_pattern).await {
-            Some(leases) => Source::Index { leases, walk: 0, after: None },
-            None => Source::Scan { cursor: Some(0) },
-        };
-        let mut pending: Vec<Vec<u8>> = Vec::new();
-        let mut restarts = 0;
+        let mut affected = 0;
+        if let Some(leases) = self.leases(walks, &scan_pattern).await {
+            let (walked, complete) = self.walk_index(walks, &leases, plan, &act, &tally, &mut result).await?;
+            if complete {
+                result.affected = walked;
+                return Ok(result);
+            }
+            tracing::info!(
+                pattern = %scan_pattern,
+                "the key index went incomplete during a bulk operation; scanning for the rest"
+            );
+            affected = walked;
+        }
+        let scanned = self.scan(walks, &scan_pattern, plan, &act, &tally, &mut result).await?;
+        result.affected = affected + scanned;
+        Ok(result)
+    }
+
+    /// [`RedisBackend::bulk`] over the key index: pages of keys taken from
+    /// it under `leases`, [`IN_FLIGHT`] pipelines at a time. Returns the
+    /// keys Redis says were affected, and `false` if the walk stopped short
+    /// because the index went stale (what was sent is in `result`).
+    async fn walk_index(
+        &self,
+        walks: &[Glob],
+        leases: &[Lease],
+        plan: &BulkPlan<'_>,
+        act: &impl Fn(&mut redis::Pipeline, &[Vec<u8>]),
+        tally: &impl Fn(&Value) -> u64,
+        result: &mut BulkResult,
+    ) -> Result<(u64, bool), BackendError> {
+        let index = self.index.as_deref().expect("leases come from the index");
+        let first_walk = |key: &[u8]| walks.iter().position(|w| w.matches_bytes(key));
+        let (mut walk, mut after): (usize, Option<Vec<u8>>) = (0, None);
+        let mut stale = false;
+        let mut failed = None;
+        let mut affected = 0;
+        let mut in_flight = futures_util::stream::FuturesOrdered::new();
+        let mut fences = std::collections::VecDeque::new();
         loop {
-            if let (Source::Index { leases, walk, after }, Some(index)) = (&mut source, self.index.as_deref()) {
-                let mut stale = false;
-                while *walk < leases.len() && pending.len() < SCAN_BATCH && !result.truncated {
-                    let i = *walk;
-                    let room = SCAN_BATCH - pending.len();
+            while in_flight.len() < IN_FLIGHT && failed.is_none() && !stale && !result.truncated {
+                // Each deleted key comes back as a notification: stay within
+                // [`PAGES_AHEAD`] pages of what the subscription has read,
+                // or Redis's output buffer for it overflows and it is cut.
+                if fences.len() >= PAGES_AHEAD {
+                    let oldest: tokio::sync::oneshot::Receiver<()> = fences.pop_front().expect("checked");
+                    if !matches!(tokio::time::timeout(index::FENCE_WAIT * 5, oldest).await, Ok(Ok(()))) {
+                        stale = true;
+                        break;
+                    }
+                }
+                let mut page = Vec::new();
+                while walk < leases.len() && page.len() < SCAN_BATCH && !result.truncated {
+                    let room = SCAN_BATCH - page.len();
                     let Ok((keys, done)) =
-                        index.page(leases[i], &walks[i], after.as_deref(), room, |k| first_walk(k) == Some(i))
+                        index.page(leases[walk], &walks[walk], after.as_deref(), room, |k| first_walk(k) == Some(walk))
                     else {
                         stale = true;
                         break;
                     };
-                    *after = if done { None } else { keys.last().cloned() };
-                    *walk += usize::from(done);
+                    after = if done { None } else { keys.last().cloned() };
+                    walk += usize::from(done);
                     for key in keys {
-                        take(key, plan, &mut result, &mut pending);
+                        take(key, plan, result, &mut page);
                     }
                 }
-                if stale {
-                    tracing::info!(
-                        pattern = %scan_pattern,
-                        "the key index went incomplete during a bulk operation; scanning for the rest"
-                    );
-                    source = Source::Scan { cursor: Some(0) };
+                if page.is_empty() {
+                    break;
                 }
+                let mut pipe = redis::pipe();
+                act(&mut pipe, &page);
+                let (fence, back) = index.fence();
+                pipe.cmd("PUBLISH").arg(&index.fence_channel).arg(fence);
+                fences.push_back(back);
+                plan.step(BulkStep::Before(&page));
+                for key in &page {
+                    result.record(key);
+                }
+                let conn = self.conn.clone();
+                in_flight.push_back(async move {
+                    let replies = retrying(|| async { pipe.query_async::<Vec<Value>>(&mut conn.clone()).await });
+                    (replies.await, page)
+                });
             }
+            let Some((replies, page)) = futures_util::StreamExt::next(&mut in_flight).await else { break };
+            // Answered, or failed: either way a write may have reached Redis.
+            plan.step(BulkStep::After(&page));
+            match replies {
+                // The last reply is the fence's.
+                Ok(replies) => affected += replies[..replies.len() - 1].iter().map(tally).sum::<u64>(),
+                Err(e) => failed = Some(e),
+            }
+        }
+        match failed {
+            Some(e) => Err(e),
+            None => Ok((affected, !stale)),
+        }
+    }
+
+    /// [`RedisBackend::bulk`] by `SCAN MATCH`: each page's request for the
+    /// next rides in the same pipeline as the commands for the current
+    /// one, so a page costs one round trip. Returns the keys Redis says
+    /// were affected.
+    ///
+    /// If the connection breaks mid-way, the scan starts over from cursor 0
+    /// once it is back: Redis may have restarted, and a `SCAN` cursor means
+    /// nothing on a restarted server (its dict has a new hash seed), so
+    /// going on would silently skip keys. Keys already deleted are not found
+    /// again; keys whose TTL was set may be set (and counted) again.
+    async fn scan(
+        &self,
+        walks: &[Glob],
+        pattern: &str,
+        plan: &BulkPlan<'_>,
+        act: &impl Fn(&mut redis::Pipeline, &[Vec<u8>]),
+        tally: &impl Fn(&Value) -> u64,
+        result: &mut BulkResult,
+    ) -> Result<u64, BackendError> {
+        let mut affected = 0;
+        let conn = self.conn.clone();
+        let mut pending: Vec<Vec<u8>> = Vec::new();
+        let mut cursor: Option<u64> = Some(0);
+        let mut restarts = 0;
+        loop {
             let mut pipe = redis::pipe();
             if !pending.is_empty() {
                 act(&mut pipe, &pending);
             }
-            let cursor = match source {
-                Source::Scan { cursor } => cursor,
-                Source::Index { .. } => None,
-            };
             if let Some(c) = cursor {
-                pipe.cmd("SCAN").arg(c).arg("MATCH").arg(&scan_pattern).arg("COUNT").arg(SCAN_BATCH);
+                pipe.cmd("SCAN").arg(c).arg("MATCH").arg(pattern).arg("COUNT").arg(SCAN_BATCH);
             }
             if pending.is_empty() && cursor.is_none() {
-                break;
+                return Ok(affected);
             }
             let mut broke = false;
             plan.step(BulkStep::Before(&pending));
@@ -176,40 +265,32 @@ impl RedisBackend {
             plan.step(BulkStep::After(&pending));
             let mut replies: Vec<Value> = replies?;
             let scan = if cursor.is_some() { replies.pop() } else { None };
-            affected += replies.iter().map(&tally).sum::<u64>();
+            affected += replies.iter().map(tally).sum::<u64>();
             for key in pending.drain(..) {
                 result.record(&key);
             }
-            if broke && !result.truncated && matches!(source, Source::Scan { .. }) {
+            if broke && !result.truncated {
                 restarts += 1;
                 if restarts > MAX_SCAN_RESTARTS {
                     return Err(BackendError::Unavailable(format!(
-                        "the connection broke {restarts} times during a bulk operation on `{scan_pattern}`"
+                        "the connection broke {restarts} times during a bulk operation on `{pattern}`"
                     )));
                 }
                 tracing::warn!(
-                    pattern = %scan_pattern,
+                    pattern,
                     "the connection to Redis broke during a bulk operation; starting its scan over"
                 );
-                source = Source::Scan { cursor: Some(0) };
+                cursor = Some(0);
                 continue;
             }
-            if let Source::Index { leases, walk, .. } = &source {
-                if *walk >= leases.len() && pending.is_empty() || result.truncated {
-                    break;
-                }
-                continue;
-            }
-            let Some(scan) = scan else { break };
+            let Some(scan) = scan else { return Ok(affected) };
             let (next, keys): (u64, Vec<Vec<u8>>) =
                 redis::from_redis_value(scan).map_err(|e| BackendError::Command(e.to_string()))?;
-            for key in keys.into_iter().filter(|k| first_walk(k).is_some()) {
-                take(key, plan, &mut result, &mut pending);
+            for key in keys.into_iter().filter(|k| walks.iter().any(|w| w.matches_bytes(k))) {
+                take(key, plan, result, &mut pending);
             }
-            source = Source::Scan { cursor: if next == 0 || result.truncated { None } else { Some(next) } };
+            cursor = if next == 0 || result.truncated { None } else { Some(next) };
         }
-        result.affected = affected;
-        Ok(result)
     }
 
     /// Leases on the key index for every walk, once a fence says the index
@@ -257,20 +338,6 @@ impl RedisBackend {
             Err(_) => scan("the subscription is too far behind to fence"),
         }
     }
-}
-
-/// Where a bulk operation's keys come from.
-enum Source {
-    Scan {
-        /// `None` once the scan is over.
-        cursor: Option<u64>,
-    },
-    Index {
-        leases: Vec<Lease>,
-        /// The walk in progress, and the last key it gave.
-        walk: usize,
-        after: Option<Vec<u8>>,
-    },
 }
 
 /// Queue `key` for the next pipeline if the plan allows it and its limit
