@@ -247,3 +247,31 @@ fn used_memory(redis: &RedisServer) -> u64 {
         .and_then(|v| v.trim().parse().ok())
         .expect("used_memory in INFO")
 }
+
+/// `SCAN` commands Redis ran since its stats were reset.
+fn scan_calls(redis: &RedisServer) -> u64 {
+    let stats: String = redis.cmd(&["INFO", "commandstats"]);
+    stats
+        .lines()
+        .find_map(|l| l.strip_prefix("cmdstat_scan:calls="))
+        .and_then(|rest| rest.split(',').next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn ttl_table_sweeps_walk_the_index_instead_of_scanning() {
+    let redis = RedisServer::start();
+    let setup =
+        Setup::new(&["ttl-table"]).config("[policies.ttl-table]\nconfig = { sweep_every_secs = 1, ops = [\"set\"] }");
+    let daemon = Daemon::start(&redis, &setup);
+    eventually(&daemon, "a sweep served by the index", || daemon.log_text().contains(SERVED));
+    redis.cmd::<()>(&["CONFIG", "RESETSTAT"]);
+    redis.cmd::<()>(&["SET", "graph_data:x", "g"]);
+    eventually(&daemon, "the write got its TTL", || redis.cmd::<i64>(&["PTTL", "graph_data:x"]) > 0);
+    // Told to hear only `set`, ttl-table misses the `PERSIST`: only its
+    // periodic sweep finds the key without a TTL again.
+    let _: i64 = redis.cmd(&["PERSIST", "graph_data:x"]);
+    eventually(&daemon, "the sweep gave the TTL back", || redis.cmd::<i64>(&["PTTL", "graph_data:x"]) > 0);
+    assert_eq!(scan_calls(&redis), 0, "the sweeps walked the index: no SCAN\n{}", daemon.log_text());
+    assert_eq!(daemon.stop(), Some(0));
+}
