@@ -275,3 +275,44 @@ fn ttl_table_sweeps_walk_the_index_instead_of_scanning() {
     assert_eq!(scan_calls(&redis), 0, "the sweeps walked the index: no SCAN\n{}", daemon.log_text());
     assert_eq!(daemon.stop(), Some(0));
 }
+
+/// A wipe over several pages in flight at once, where some names are of
+/// keys Redis expires lazily on the `UNLINK` (no `del` notification comes
+/// for them): the policy's own deletes are not delivered back to it, and
+/// no expectation is left behind to swallow the application's later
+/// deletes of those names.
+#[test]
+fn a_bulk_delete_over_many_pages_leaves_no_echo_behind() {
+    let redis = RedisServer::start_with(&["--enable-debug-command", "yes"]);
+    let setup = Setup::new(&["recorder"]).config(
+        "[policies.recorder]\nconfig = { name = \"idx\", ops = [\"del\"], patterns = [\"idx:*\"], wipe = \"idx:a:*\" }",
+    );
+    let daemon = Daemon::start(&redis, &setup);
+    daemon.wait_for(INDEX_COMPLETE, Duration::from_secs(20));
+    // Expired keys stay until touched.
+    let _: () = redis.cmd(&["DEBUG", "SET-ACTIVE-EXPIRE", "0"]);
+    let mut conn = redis.conn();
+    let mut pipe = redis::pipe();
+    for i in 0..5000 {
+        pipe.cmd("SET").arg(format!("idx:a:{i:05}")).arg("v").ignore();
+        if i % 2 == 0 {
+            pipe.cmd("SET").arg(format!("idx:a:{i:05}:x")).arg("v").arg("PX").arg(1).ignore();
+        }
+    }
+    pipe.query::<()>(&mut conn).unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    assert_eq!(wipe(&redis, &daemon), 5000, "the expired keys are not counted");
+    assert_eq!(count(&daemon, SERVED), 1);
+    assert!(redis.keys("idx:a:*").is_empty());
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(redis.recorded_events("idx"), 0, "its own deletes are not delivered to it");
+    // The application reuses the names whose deletes never notified.
+    let mut pipe = redis::pipe();
+    for i in (0..5000).step_by(2) {
+        pipe.cmd("SET").arg(format!("idx:a:{i:05}:x")).arg("v").ignore();
+        pipe.cmd("DEL").arg(format!("idx:a:{i:05}:x")).ignore();
+    }
+    pipe.query::<()>(&mut conn).unwrap();
+    eventually(&daemon, "every application delete delivered", || redis.recorded_events("idx") == 2500);
+    assert_eq!(daemon.stop(), Some(0));
+}

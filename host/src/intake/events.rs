@@ -363,22 +363,46 @@ impl Subscriber {
     /// may build. Otherwise it stays unused (bulk operations scan), said
     /// once per subscription.
     async fn cover_index(&self, conn: &MultiplexedConnection, channels: &Channels) {
-        if !self.index.is_active() || *channels != Channels::All || self.index.is_covering() {
+        if !self.index.is_active() || *channels != Channels::All {
             return;
         }
-        match notify::ensure(&mut conn.clone(), &notify::for_index(), self.configure_notifications).await {
-            Ok(added) => {
+        if self.index.is_covering() {
+            // Flags turned off at run time lose notifications: the index is
+            // no longer known complete, and is rebuilt once they are back.
+            match self.index_flags(conn, false).await {
+                Some(Err(notify::NotifyError::Missing { current, .. })) => {
+                    warn!(flags = %current, "notify-keyspace-events no longer covers every key type: the key index is rebuilt once it does");
+                    self.index.gap();
+                }
+                _ => return,
+            }
+        }
+        match self.index_flags(conn, self.configure_notifications).await {
+            None => {}
+            Some(Ok(added)) => {
                 if !added.is_empty() {
                     info!(added = %notify::text(&added), "enabled keyspace notification flags for the key index");
                 }
                 self.index.covered();
             }
-            Err(e) => {
+            Some(Err(e)) => {
                 if self.index.first_unusable() {
                     warn!(error = %e, "the key index stays unused (bulk operations scan Redis) until notifications cover every key type");
                 }
             }
         }
+    }
+
+    /// [`notify::ensure`] of the key index's flags on the subscription
+    /// connection; `None` if the answer is stuck behind a backlog of
+    /// notifications (the next ping tries again).
+    async fn index_flags(
+        &self,
+        conn: &MultiplexedConnection,
+        configure: bool,
+    ) -> Option<Result<std::collections::BTreeSet<char>, notify::NotifyError>> {
+        let (mut conn, flags) = (conn.clone(), notify::for_index());
+        tokio::time::timeout(PING_EVERY, notify::ensure(&mut conn, &flags, configure)).await.ok()
     }
 
     /// Make sure Redis emits what the loaded policies need (setting the
@@ -432,7 +456,7 @@ impl Subscriber {
                     if !matches!(alive, Ok(Ok(_))) && !link.heard_within(PING_EVERY) {
                         return false;
                     }
-                    // Flags turned back on, say.
+                    // Flags turned off, or back on.
                     self.cover_index(&conn, &channels).await;
                 }
             }

@@ -158,7 +158,7 @@ mod tests {
 
     #[test]
     fn parse_expands_a() {
-        assert_eq!(text(&parse("KEA")), "EK$eghlstxz");
+        assert_eq!(text(&parse("KEA")), "EK$deghlstxz");
         assert_eq!(text(&parse("")), "");
     }
 }

@@ -365,8 +365,9 @@ struct BulkEcho<'a> {
     op: &'static str,
     pattern: &'a str,
     origin: Origin,
-    /// The first id of the page in flight.
-    page: Mutex<Option<u64>>,
+    /// The first id of each page in flight, oldest first: a walk of the key
+    /// index keeps several pipelines in flight, answered in order.
+    pages: Mutex<VecDeque<Option<u64>>>,
     window: Mutex<Option<WindowGuard>>,
     /// The subscription carries this op's notifications: else there is
     /// nothing to expect.
@@ -381,7 +382,7 @@ impl<'a> BulkEcho<'a> {
             op,
             pattern,
             origin: layer.origin(),
-            page: Mutex::new(None),
+            pages: Mutex::new(VecDeque::new()),
             window: Mutex::new(None),
             heard: layer.ledger.listens(op),
         }
@@ -394,18 +395,15 @@ impl<'a> BulkEcho<'a> {
         match step {
             BulkStep::Before(keys) => {
                 let mut window = self.window.lock().unwrap_or_else(|e| e.into_inner());
-                if window.is_some() {
-                    return;
-                }
-                let first = self.ledger.expect_each(keys, self.op, &self.origin);
-                if first.is_none() {
+                let first = if window.is_some() { None } else { self.ledger.expect_each(keys, self.op, &self.origin) };
+                if first.is_none() && window.is_none() {
                     tracing::warn!(policy = %self.policy, pattern = %self.pattern, "echo ledger full: the rest of this bulk operation is covered by a window");
                     *window = Some(self.ledger.open_window(self.pattern, self.op, &self.origin));
                 }
-                *self.page.lock().unwrap_or_else(|e| e.into_inner()) = first;
+                self.pages.lock().unwrap_or_else(|e| e.into_inner()).push_back(first);
             }
             BulkStep::After(keys) => {
-                if let Some(first) = self.page.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                if let Some(Some(first)) = self.pages.lock().unwrap_or_else(|e| e.into_inner()).pop_front() {
                     self.ledger.written_each(keys, first);
                 }
             }
@@ -533,6 +531,30 @@ mod tests {
         ledger.listen(None);
         ledger.expect(b"job:1", &["expire"], &origin(1));
         assert_eq!(ledger.claim("expire", b"job:1"), Some(origin(1)), "every op once the subscription is a pattern");
+    }
+
+    #[test]
+    fn pages_in_flight_are_each_retired_by_a_fence_once_answered() {
+        let ledger = Arc::new(EchoLedger::new());
+        let (layer, _) = EchoLayer::new(ledger.clone(), "wiper".into());
+        let echo = BulkEcho::new(&layer, "del", "k:*");
+        let pages: Vec<Vec<Vec<u8>>> =
+            (0..3).map(|p| (0..2).map(|k| format!("k:{p}:{k}").into_bytes()).collect()).collect();
+        // Three pipelines sent before the first is answered (a walk of the
+        // key index), answered in order.
+        for page in &pages {
+            echo.step(BulkStep::Before(page));
+        }
+        for page in &pages {
+            echo.step(BulkStep::After(page));
+        }
+        // No notification came (the keys were gone already): a fence
+        // retires every page's marks, none is left to swallow a later
+        // application delete.
+        let fence = ledger.fence_to_send().expect("written marks want a fence");
+        ledger.fence_seen(fence);
+        assert!(ledger.is_empty(), "{} marks left", ledger.len());
+        assert_eq!(ledger.claim("del", b"k:0:0"), None);
     }
 
     #[test]

@@ -60,7 +60,7 @@ const TOMBSTONES_MAX: usize = 1 << 20;
 
 /// Every class of `notify-keyspace-events` (`A`): the index needs them
 /// all, or a key of some type could be created unnoticed.
-pub const EVERY_CLASS: &str = "g$lshzxet";
+pub const EVERY_CLASS: &str = "g$lshzxetd";
 
 /// Whether a `notify-keyspace-events` value makes Redis report every key
 /// written or removed, on keyevent channels.

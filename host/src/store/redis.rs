@@ -38,9 +38,9 @@ const IN_FLIGHT: usize = 4;
 /// Pages a bulk operation over the key index may run ahead of the keyspace
 /// subscription: each deleted key is a notification queued in Redis for the
 /// subscriber, and past `client-output-buffer-limit pubsub` (32 MB by
-/// default, about 400k such notifications) Redis cuts it. 64 pages are about
+/// default, about 400k such notifications) Redis cuts it. 32 pages are about
 /// 5 MB of them.
-const PAGES_AHEAD: usize = 64;
+const PAGES_AHEAD: usize = 32;
 
 /// Compare-and-delete: release a lock only if it still holds our token.
 /// `UNLINK`, like every delete the daemon sends: Redis checks the commands a
@@ -204,18 +204,39 @@ impl RedisBackend {
                 }
                 let conn = self.conn.clone();
                 in_flight.push_back(async move {
-                    let replies = retrying(|| async { pipe.query_async::<Vec<Value>>(&mut conn.clone()).await });
-                    (replies.await, page)
+                    let mut broke = false;
+                    let replies = retrying_noting(&mut broke, || async {
+                        pipe.query_async::<Vec<Value>>(&mut conn.clone()).await
+                    });
+                    (replies.await, page, broke)
                 });
             }
-            let Some((replies, page)) = futures_util::StreamExt::next(&mut in_flight).await else { break };
+            let Some((replies, page, broke)) = futures_util::StreamExt::next(&mut in_flight).await else { break };
             // Answered, or failed: either way a write may have reached Redis.
             plan.step(BulkStep::After(&page));
             match replies {
-                // The last reply is the fence's.
-                Ok(replies) => affected += replies[..replies.len() - 1].iter().map(tally).sum::<u64>(),
+                Ok(mut replies) => {
+                    // The last reply is the fence's: how many subscribers
+                    // it reached (none: the subscription is gone).
+                    let listeners = replies.pop();
+                    affected += replies.iter().map(tally).sum::<u64>();
+                    // A broken connection may be a restarted Redis, whose
+                    // keys the index no longer describes (deleted keys back
+                    // from a snapshot): the rest is scanned.
+                    stale |= broke || !matches!(listeners, Some(Value::Int(n)) if n > 0);
+                }
                 Err(e) => failed = Some(e),
             }
+        }
+        // Done only once the subscription has read past the last page with
+        // no gap: else a restart during the walk could go unnoticed.
+        if failed.is_none() && !stale {
+            let last = fences.pop_back();
+            let back = match last {
+                Some(last) => matches!(tokio::time::timeout(index::FENCE_WAIT * 5, last).await, Ok(Ok(()))),
+                None => true,
+            };
+            stale = !back || !leases.iter().all(|l| index.holds(*l));
         }
         match failed {
             Some(e) => Err(e),
