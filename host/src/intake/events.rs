@@ -378,18 +378,16 @@ impl Subscriber {
             }
         }
         match self.index_flags(conn, self.configure_notifications).await {
-            None => {}
             Some(Ok(added)) => {
                 if !added.is_empty() {
                     info!(added = %notify::text(&added), "enabled keyspace notification flags for the key index");
                 }
                 self.index.covered();
             }
-            Some(Err(e)) => {
-                if self.index.first_unusable() {
-                    warn!(error = %e, "the key index stays unused (bulk operations scan Redis) until notifications cover every key type");
-                }
+            Some(Err(e)) if self.index.first_unusable() => {
+                warn!(error = %e, "the key index stays unused (bulk operations scan Redis) until notifications cover every key type");
             }
+            _ => {}
         }
     }
 
