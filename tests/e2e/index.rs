@@ -87,7 +87,7 @@ fn after_a_gap_the_next_operation_scans_and_the_index_comes_back() {
         &redis,
         &setup,
         &["--configure-notifications"],
-        &[("CACHEPOL_FAULT_INDEX_BUILD_DELAY_MS", "1500")],
+        &[("CACHEPOL_FAULT_INDEX_BUILD_DELAY_MS", "3000")],
     );
     daemon.wait_for(INDEX_COMPLETE, Duration::from_secs(30));
     for i in 0..50 {
@@ -103,7 +103,7 @@ fn after_a_gap_the_next_operation_scans_and_the_index_comes_back() {
         let _: () = redis.cmd(&["SET", &format!("idx:a:gap:{i}"), "v"]);
     }
     daemon.wait_for("keyspace subscription restored", Duration::from_secs(20));
-    // The rebuild waits 1.5 s: this hook comes before it and scans.
+    // The rebuild waits 3 s: this hook comes before it and scans.
     assert_eq!(wipe(&redis, &daemon), 30, "keys written during the gap are deleted");
     assert!(redis.keys("idx:a:*").is_empty());
     assert_eq!(count(&daemon, SERVED), 1, "{}", daemon.log_text());
@@ -235,7 +235,8 @@ fn index_and_scan_leave_the_same_keyspace() {
             assert_eq!(after.0, after.1, "seed {seed} round {round}");
         }
     }
-    assert!(count(&indexed, SERVED) > 0, "seed {seed}: the index served none of the wipes");
+    let served = count(&indexed, SERVED);
+    assert!(served >= rounds / 2, "seed {seed}: the index served only {served} of {rounds} wipes");
     assert_eq!(count(&scanned, SERVED), 0);
 }
 

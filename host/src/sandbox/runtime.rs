@@ -370,6 +370,9 @@ impl Runtime {
             }
         };
         let name: Arc<str> = Arc::from(manifest.name.as_str());
+        // From here on the manifest says what the policy may do, as narrowed
+        // (what the key index keeps, say).
+        let manifest = Manifest { grants: grants.clone(), ..manifest };
         let grants = Arc::new(grants);
         instance.adopt(name.clone(), grants.clone());
         Ok(LoadedPolicy {

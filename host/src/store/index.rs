@@ -49,7 +49,7 @@ use tokio::sync::{Notify, oneshot};
 use tracing::{info, warn};
 
 use crate::store::backend::scan_pattern_for;
-use crate::store::keyset::KeySet;
+use crate::store::keyset::{KeySet, Page};
 
 /// Events that take a key away; every other op means the key exists.
 pub const REMOVALS: [&str; 6] = ["del", "unlink", "expired", "evicted", "rename_from", "move_from"];
@@ -72,6 +72,18 @@ pub fn flags_cover_every_key(value: &str) -> bool {
 /// waits that long before its scan, so a test can act while the index is
 /// incomplete. Never set in production.
 const BUILD_DELAY_ENV: &str = "CACHEPOL_FAULT_INDEX_BUILD_DELAY_MS";
+
+/// Patterns indexed at most (after those covered by others are left out);
+/// the rest are not indexed, said once per change. Every notification is
+/// matched against each, under the lock the subscriber needs.
+pub const MAX_PATTERNS: usize = 64;
+
+/// Work allowed to decide which patterns cover which
+/// ([`glob::covers_within`]), for all of them together.
+const COVERAGE_WORK: usize = 4_000_000;
+
+/// Names a page of a walk looks at, at most, while holding the lock.
+const EXAMINE: usize = 16_384;
 
 /// How long a bulk operation waits for its fence before scanning instead.
 pub const FENCE_WAIT: Duration = Duration::from_secs(2);
@@ -195,7 +207,14 @@ impl KeyIndex {
     /// The patterns to index from now on. Kept patterns keep their keys;
     /// new ones wait for a build; a pattern covered by another is left out.
     pub fn set_patterns(&self, patterns: &[String]) {
-        let globs: Vec<Glob> = minimal(patterns);
+        let mut globs: Vec<Glob> = minimal(patterns);
+        if globs.len() > MAX_PATTERNS {
+            let skipped: Vec<String> = globs.drain(MAX_PATTERNS..).map(|g| g.to_string()).collect();
+            warn!(
+                patterns = %skipped.join(" "),
+                "more than {MAX_PATTERNS} patterns to index: these are not (their bulk operations scan Redis)"
+            );
+        }
         let mut st = self.lock();
         let mut old = std::mem::take(&mut st.patterns);
         for glob in globs {
@@ -281,12 +300,19 @@ impl KeyIndex {
     }
 
     /// The index serving `query`, if one is complete and covers it.
+    /// (Coverage is decided outside the lock the subscriber needs.)
     pub fn serve(&self, query: &Glob) -> Option<Lease> {
-        let st = self.lock();
-        st.patterns.iter().find_map(|p| match p.status {
-            Status::Complete { lease } if glob::covers(&[&p.glob], query) == Coverage::Covered => Some(Lease(lease)),
-            _ => None,
-        })
+        let complete: Vec<(Glob, u64)> = {
+            let st = self.lock();
+            st.patterns
+                .iter()
+                .filter_map(|p| match p.status {
+                    Status::Complete { lease } => Some((p.glob.clone(), lease)),
+                    _ => None,
+                })
+                .collect()
+        };
+        complete.into_iter().find(|(glob, _)| glob::covers(&[glob], query) == Coverage::Covered).map(|(_, l)| Lease(l))
     }
 
     /// Whether `lease` still holds.
@@ -323,7 +349,9 @@ impl KeyIndex {
     }
 
     /// Up to `max` keys of the leased index matching `query` that `keep`
-    /// accepts, after `after`; and whether that was the last page.
+    /// accepts, after `after`; and where to go on from (`None`: done). Looks
+    /// at a bounded number of names per call: the subscriber waits for the
+    /// same lock.
     pub fn page(
         &self,
         lease: Lease,
@@ -331,14 +359,14 @@ impl KeyIndex {
         after: Option<&[u8]>,
         max: usize,
         mut keep: impl FnMut(&[u8]) -> bool,
-    ) -> Result<(Vec<Vec<u8>>, bool), Stale> {
+    ) -> Result<Page, Stale> {
         let st = self.lock();
         let p = st
             .patterns
             .iter()
             .find(|p| matches!(p.status, Status::Complete { lease: l } if l == lease.0))
             .ok_or(Stale)?;
-        Ok(p.keys.page(&query.literal_prefix(), after, max, |k| query.matches_bytes(k) && keep(k)))
+        Ok(p.keys.page(&query.literal_prefix(), after, max, EXAMINE, |k| query.matches_bytes(k) && keep(k)))
     }
 
     /// What each pattern holds.
@@ -511,7 +539,9 @@ fn add(p: &mut Pattern, key: &[u8], max_keys: usize) {
     }
 }
 
-/// `patterns` without duplicates and without those another one covers.
+/// `patterns` without duplicates and without those another one covers
+/// (within [`COVERAGE_WORK`] for all checks: past it, patterns are kept
+/// as they are, which only costs memory).
 fn minimal(patterns: &[String]) -> Vec<Glob> {
     let mut globs: Vec<Glob> = Vec::new();
     for p in patterns {
@@ -520,15 +550,17 @@ fn minimal(patterns: &[String]) -> Vec<Glob> {
             globs.push(g);
         }
     }
-    let covered = |i: usize| {
-        globs.iter().enumerate().any(|(j, other)| {
+    let mut work = COVERAGE_WORK;
+    let mut covers = |by: &Glob, what: &Glob| glob::covers_within(&[by], what, &mut work) == Coverage::Covered;
+    let mut keep = vec![true; globs.len()];
+    for i in 0..globs.len() {
+        keep[i] = !(0..globs.len()).any(|j| {
             j != i
-                && glob::covers(&[other], &globs[i]) == Coverage::Covered
+                && covers(&globs[j], &globs[i])
                 // Of two that cover each other, the first is kept.
-                && (j < i || glob::covers(&[&globs[i]], other) != Coverage::Covered)
-        })
-    };
-    let keep: Vec<bool> = (0..globs.len()).map(|i| !covered(i)).collect();
+                && (j < i || !covers(&globs[i], &globs[j]))
+        });
+    }
     globs.into_iter().zip(keep).filter_map(|(g, k)| k.then_some(g)).collect()
 }
 
@@ -553,8 +585,8 @@ mod tests {
     fn all(index: &KeyIndex, query: &str) -> Result<Vec<String>, Stale> {
         let query = Glob::new(query);
         let lease = index.serve(&query).ok_or(Stale)?;
-        let (keys, done) = index.page(lease, &query, None, usize::MAX, |_| true)?;
-        assert!(done);
+        let (keys, next) = index.page(lease, &query, None, usize::MAX, |_| true)?;
+        assert!(next.is_none());
         Ok(keys.into_iter().map(|k| String::from_utf8(k).unwrap()).collect())
     }
 

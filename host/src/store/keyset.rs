@@ -39,6 +39,9 @@ pub const MAX_KEY_LEN: usize = u16::MAX as usize;
 /// the allocator's header of the block.
 const PER_BLOCK_OVERHEAD: usize = 80;
 
+/// A page of keys, and the key to go on after (`None`: the range is done).
+pub type Page = (Vec<Vec<u8>>, Option<Vec<u8>>);
+
 /// A key longer than [`MAX_KEY_LEN`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("a key of {0} bytes is longer than the index stores ({MAX_KEY_LEN} bytes)")]
@@ -169,12 +172,18 @@ impl KeySet {
         let (block, at) = if block.len() + size > BLOCK_MAX && !block.is_empty() {
             // Split: at the insertion point when it is the end (ascending
             // writes), else in the middle.
-            let cut = if at == block.len() { at } else { middle(block) };
+            // (A block holding one long key is cut before it, so a key
+            // inserted in front gets a block of its own.)
+            let cut = match middle(block) {
+                _ if at == block.len() => at,
+                m if m == block.len() => at,
+                m => m,
+            };
             let mut tail = Vec::with_capacity(rounded(block.len() - cut + size));
             tail.extend_from_slice(&block[cut..]);
             block.truncate(cut);
             block.shrink_to(rounded(cut));
-            if at < cut {
+            if at < cut || cut == 0 {
                 let tail_first: Option<Box<[u8]>> = entries(&tail).next().map(|(_, k)| k.into());
                 if let Some(tail_first) = tail_first {
                     self.blocks.insert(tail_first, tail);
@@ -236,15 +245,18 @@ impl KeySet {
     }
 
     /// Up to `max` keys that start with `prefix` and that `keep` accepts, in
-    /// order, after `after` (exclusive) if given. Also says whether the walk
-    /// reached the end of the prefix's range.
+    /// order, after `after` (exclusive) if given, looking at no more than
+    /// `examine` keys (a selective filter over a long range must not hold
+    /// the caller's lock for the whole range). Also returns where to go on
+    /// from (`None`: the prefix's range is done).
     pub fn page(
         &self,
         prefix: &[u8],
         after: Option<&[u8]>,
         max: usize,
+        examine: usize,
         mut keep: impl FnMut(&[u8]) -> bool,
-    ) -> (Vec<Vec<u8>>, bool) {
+    ) -> Page {
         let from: &[u8] = match after {
             Some(after) if after > prefix => after,
             _ => prefix,
@@ -260,24 +272,32 @@ impl KeySet {
             }
             None => Box::new(self.blocks.values()),
         };
-        let mut out = Vec::new();
+        let mut out: Vec<Vec<u8>> = Vec::new();
+        let mut examined = 0;
+        let mut last: Option<&[u8]> = None;
         for block in blocks {
             for (_, key) in entries(block) {
                 if key < from || after == Some(key) {
                     continue;
                 }
                 if !key.starts_with(prefix) {
-                    return (out, true);
+                    return (out, None);
                 }
+                if examined == examine {
+                    return (out, last.map(<[u8]>::to_vec));
+                }
+                examined += 1;
+                last = Some(key);
                 if keep(key) {
-                    if out.len() == max {
-                        return (out, false);
-                    }
                     out.push(key.to_vec());
+                    if out.len() == max {
+                        let resume = out.last().cloned();
+                        return (out, resume);
+                    }
                 }
             }
         }
-        (out, true)
+        (out, None)
     }
 
     /// Every key, in order (tests and rebuild checks).
@@ -328,10 +348,10 @@ mod tests {
             }
             check(&set, &model);
             let prefix = b"k:7:";
-            let (page, done) = set.page(prefix, None, usize::MAX, |_| true);
+            let (page, next) = set.page(prefix, None, usize::MAX, usize::MAX, |_| true);
             let want: Vec<Vec<u8>> = model.iter().filter(|k| k.starts_with(prefix)).cloned().collect();
             assert_eq!(page, want, "seed {seed}");
-            assert!(done);
+            assert!(next.is_none());
         }
     }
 
@@ -342,21 +362,26 @@ mod tests {
             set.insert(format!("a:{i:05}").as_bytes()).unwrap();
             set.insert(format!("b:{i:05}").as_bytes()).unwrap();
         }
+        // Pages of at most 333 keys, each call looking at no more than 700:
+        // some calls find nothing and say where to go on.
         let mut after: Option<Vec<u8>> = None;
         let mut all = Vec::new();
+        let mut calls = 0;
         loop {
-            let (page, done) = set.page(b"a:", after.as_deref(), 333, |k| k.ends_with(b"7"));
-            after = page.last().cloned().or(after);
+            calls += 1;
+            let (page, next) = set.page(b"a:", after.as_deref(), 333, 700, |k| k.ends_with(b"7"));
             all.extend(page);
-            if done {
-                break;
+            match next {
+                Some(next) => after = Some(next),
+                None => break,
             }
         }
         assert_eq!(all.len(), 500);
+        assert!(calls >= 5000 / 700, "{calls} calls");
         assert!(all.iter().all(|k| k.starts_with(b"a:") && k.ends_with(b"7")));
         assert!(all.windows(2).all(|w| w[0] < w[1]));
-        let (none, done) = set.page(b"c:", None, 10, |_| true);
-        assert!(none.is_empty() && done);
+        let (none, next) = set.page(b"c:", None, 10, 10, |_| true);
+        assert!(none.is_empty() && next.is_none());
     }
 
     #[test]
@@ -392,6 +417,8 @@ mod tests {
         assert!(set.insert(b"z").unwrap());
         assert!(set.contains(&long));
         assert_eq!(set.insert(&vec![b'y'; MAX_KEY_LEN + 1]), Err(TooLong(MAX_KEY_LEN + 1)));
+        let model: BTreeSet<Vec<u8>> = [long.clone(), b"a".to_vec(), b"z".to_vec()].into();
+        check(&set, &model);
         assert!(set.remove(&long));
         assert_eq!(set.iter().collect::<Vec<_>>(), vec![b"a".as_slice(), b"z"]);
     }

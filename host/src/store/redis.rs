@@ -178,14 +178,14 @@ impl RedisBackend {
                 let mut page = Vec::new();
                 while walk < leases.len() && page.len() < SCAN_BATCH && !result.truncated {
                     let room = SCAN_BATCH - page.len();
-                    let Ok((keys, done)) =
+                    let Ok((keys, next)) =
                         index.page(leases[walk], &walks[walk], after.as_deref(), room, |k| first_walk(k) == Some(walk))
                     else {
                         stale = true;
                         break;
                     };
-                    after = if done { None } else { keys.last().cloned() };
-                    walk += usize::from(done);
+                    walk += usize::from(next.is_none());
+                    after = next;
                     for key in keys {
                         take(key, plan, result, &mut page);
                     }
