@@ -54,6 +54,11 @@ use crate::store::keyset::{KeySet, Page};
 /// Events that take a key away; every other op means the key exists.
 pub const REMOVALS: [&str; 6] = ["del", "unlink", "expired", "evicted", "rename_from", "move_from"];
 
+/// Events only a key that exists already can have (its creation was
+/// notified, or the build's scan finds it): nothing to do. The frequent
+/// ones: ttl-table's own `EXPIRE`s are one per write.
+const ON_EXISTING: [&str; 2] = ["expire", "persist"];
+
 /// Removals remembered while a build runs, at most; past that the build
 /// starts over (a scan running through a storm of expiries).
 const TOMBSTONES_MAX: usize = 1 << 20;
@@ -114,11 +119,24 @@ impl Status {
 
 struct Pattern {
     glob: Glob,
+    /// The glob's literal prefix, and whether the glob is just that and a
+    /// `*`: most keys are told apart by a prefix compare.
+    prefix: Vec<u8>,
+    prefix_only: bool,
     keys: KeySet,
     status: Status,
 }
 
 impl Pattern {
+    fn new(glob: Glob) -> Pattern {
+        let (prefix, prefix_only) = (glob.literal_prefix(), glob.is_prefix_pattern());
+        Pattern { glob, prefix, prefix_only, keys: KeySet::new(), status: Status::Waiting }
+    }
+
+    fn matches(&self, key: &[u8]) -> bool {
+        key.starts_with(&self.prefix) && (self.prefix_only && !key.is_empty() || self.glob.matches_bytes(key))
+    }
+
     fn drop_index(&mut self, why: &str) {
         warn!(
             pattern = %self.glob,
@@ -222,7 +240,7 @@ impl KeyIndex {
                 Some(i) => st.patterns.push(old.swap_remove(i)),
                 None => {
                     info!(pattern = %glob, "indexing the keys of this pattern");
-                    st.patterns.push(Pattern { glob, keys: KeySet::new(), status: Status::Waiting });
+                    st.patterns.push(Pattern::new(glob));
                 }
             }
         }
@@ -235,13 +253,13 @@ impl KeyIndex {
     /// A keyspace notification (called by the subscriber for every one,
     /// before it is routed to policies).
     pub fn observe(&self, op: &str, key: &[u8]) {
-        if !self.is_active() {
+        if !self.is_active() || ON_EXISTING.contains(&op) {
             return;
         }
         let removal = REMOVALS.contains(&op);
         let mut st = self.lock();
         for p in st.patterns.iter_mut() {
-            if matches!(p.status, Status::Dropped) || !p.glob.matches_bytes(key) {
+            if matches!(p.status, Status::Dropped) || !p.matches(key) {
                 continue;
             }
             if removal {
@@ -411,7 +429,7 @@ impl KeyIndex {
             for p in st.patterns.iter_mut() {
                 if let Status::Building { tombstones, .. } = &p.status
                     && !tombstones.contains(key.as_slice())
-                    && p.glob.matches_bytes(key)
+                    && p.matches(key)
                 {
                     add(p, key, self.max_keys);
                 }
@@ -608,6 +626,9 @@ mod tests {
         index.observe("del", b"sp:dance:1");
         index.observe("rename_to", b"sp:dance:3");
         index.observe("hset", b"sp:rock:2");
+        // An `expire` is of a key that exists, whose creation was notified:
+        // nothing new (here, a key the index never heard of stays unheard).
+        index.observe("expire", b"sp:dance:9");
         assert_eq!(all(&index, "sp:dance:*").unwrap(), ["sp:dance:2", "sp:dance:3"]);
         assert_eq!(all(&index, "sp:r?ck:*").unwrap(), ["sp:rock:1", "sp:rock:2"]);
         let lease = index.serve(&Glob::new("sp:*")).unwrap();
