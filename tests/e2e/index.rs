@@ -317,3 +317,31 @@ fn a_bulk_delete_over_many_pages_leaves_no_echo_behind() {
     eventually(&daemon, "every application delete delivered", || redis.recorded_events("idx") == 2500);
     assert_eq!(daemon.stop(), Some(0));
 }
+
+/// Redis restarts (durable: what was written comes back from its AOF): the
+/// index is let go with the subscription and rebuilt from the restarted
+/// server, and the next wipe is exact again.
+#[test]
+fn a_redis_restart_makes_the_index_rebuild_from_the_restarted_server() {
+    let mut redis = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
+    let setup = wiper("");
+    let daemon = Daemon::start(&redis, &setup);
+    daemon.wait_for(INDEX_COMPLETE, Duration::from_secs(20));
+    for i in 0..30 {
+        let _: () = redis.cmd(&["SET", &format!("idx:a:before:{i}"), "v"]);
+    }
+    assert_eq!(wipe(&redis, &daemon), 30);
+    for i in 0..40 {
+        let _: () = redis.cmd(&["SET", &format!("idx:a:kept:{i}"), "v"]);
+    }
+    redis.restart();
+    assert_eq!(redis.keys("idx:a:*").len(), 40, "the AOF brought the keys back");
+    eventually(&daemon, "the rebuild", || count(&daemon, INDEX_COMPLETE) >= 2);
+    // The recorder restarts its counts with a new instance if it was
+    // re-created; compare against what Redis holds now.
+    let before = get(&redis, "recorder:idx:wiped_keys");
+    let _: String = redis.cmd(&["XADD", "cachepol:deploys", "*", "service", "web"]);
+    eventually(&daemon, "the wipe after the restart", || redis.keys("idx:a:*").is_empty());
+    eventually(&daemon, "its count", || get(&redis, "recorder:idx:wiped_keys") == before + 40);
+    assert_eq!(count(&daemon, SERVED), 2, "both wipes walked the index\n{}", daemon.log_text());
+}

@@ -6,6 +6,8 @@
 //! policies would not be given (ttl-table's own `EXPIRE`s cause `expire`
 //! events nobody wants, as many as the writes it handles). A policy that
 //! listens to every op turns this into `PSUBSCRIBE __keyevent@<db>__:*`.
+//! The key index ([`crate::store::index`]) adds its own: `new` (a key
+//! created) and the removals.
 //! Keyevent channels rather than keyspace channels: the event name is the
 //! (ASCII) channel suffix and the key is the payload, so keys are taken
 //! binary-safe as they are, with no parsing of key bytes out of a channel
@@ -42,7 +44,7 @@ use crate::dispatch::routes::Routes;
 use crate::intake::notify;
 use crate::sandbox::manifest::Manifest;
 use crate::store::echo::EchoLedger;
-use crate::store::index::KeyIndex;
+use crate::store::index::{self, KeyIndex};
 use crate::wit::SweepReason;
 
 /// Fault injection for tests: with this set (milliseconds), the reader
@@ -72,7 +74,7 @@ pub struct Subscriber {
     /// same connection, so they arrive in order with the notifications.
     pub fence_channel: String,
     /// Fed every notification before it is routed; while it indexes any
-    /// pattern, the subscription carries every op.
+    /// pattern, the subscription carries its events (`new` and removals).
     pub index: Arc<KeyIndex>,
     pub index_config: IndexConfig,
 }
@@ -128,13 +130,13 @@ pub enum Channels {
 }
 
 impl Channels {
-    /// What the loaded policies listen to, and every op while the key
-    /// index is kept.
+    /// What the loaded policies listen to, and the key index's events
+    /// while it is kept.
     pub fn needed(routes: &Routes, indexing: bool) -> Channels {
+        let mut ops: BTreeSet<String> = BTreeSet::new();
         if indexing {
-            return Channels::All;
+            ops.extend(index::OPS.iter().map(|op| op.to_string()));
         }
-        let mut ops = BTreeSet::new();
         for manifest in routes.manifests() {
             for subscription in &manifest.key_subscriptions {
                 if subscription.ops.is_empty() {
@@ -148,15 +150,23 @@ impl Channels {
 
     /// What the echo ledger records while these channels are subscribed
     /// (`None`: every op): writes whose notifications can arrive *and* may
-    /// be delivered to a policy. The key index makes the subscription carry
-    /// every op, but a write no policy listens to (ttl-table's `EXPIRE`s)
-    /// would only be recorded to be thrown away.
+    /// be delivered to a policy. The key index adds channels (`del`, say)
+    /// whose notifications of a write no policy listens to would only be
+    /// recorded to be thrown away.
     fn recorded(&self, routes: &Routes) -> Option<BTreeSet<String>> {
         match (self, Channels::needed(routes, false)) {
             (Channels::All, Channels::All) => None,
             (Channels::All, Channels::Ops(heard)) => Some(heard),
             (Channels::Ops(ops), Channels::All) => Some(ops.clone()),
             (Channels::Ops(ops), Channels::Ops(heard)) => Some(ops.intersection(&heard).cloned().collect()),
+        }
+    }
+
+    /// Whether the key index's events arrive on these channels.
+    fn carry_index(&self) -> bool {
+        match self {
+            Channels::All => true,
+            Channels::Ops(ops) => index::OPS.iter().all(|op| ops.contains(*op)),
         }
     }
 
@@ -346,24 +356,24 @@ impl Subscriber {
     }
 
     /// Give the key index the patterns of the loaded policies; the channels
-    /// they need then. While the subscription may not carry every op, the
-    /// index is not known complete (nothing is built before it does).
+    /// they need then. While the subscription may not carry the index's
+    /// events, the index is not known complete (nothing is built before).
     fn follow_policies(&self) -> Channels {
         let patterns = index_patterns(&self.routes.load(), &self.index_config);
         let wanted = Channels::needed(&self.routes.load(), !patterns.is_empty());
-        if wanted != Channels::All && self.index.is_covering() {
+        if !wanted.carry_index() && self.index.is_covering() {
             self.index.gap();
         }
         self.index.set_patterns(&patterns);
         wanted
     }
 
-    /// The subscription carries `channels`: if that is every op and Redis
-    /// reports every key type (setting the flags if allowed), the key index
+    /// The subscription carries `channels`: if they carry the index's events
+    /// and Redis sends them (setting the flags if allowed), the key index
     /// may build. Otherwise it stays unused (bulk operations scan), said
     /// once per subscription.
     async fn cover_index(&self, conn: &MultiplexedConnection, channels: &Channels) {
-        if !self.index.is_active() || *channels != Channels::All {
+        if !self.index.is_active() || !channels.carry_index() {
             return;
         }
         if self.index.is_covering() {
@@ -371,7 +381,7 @@ impl Subscriber {
             // no longer known complete, and is rebuilt once they are back.
             match self.index_flags(conn, false).await {
                 Some(Err(notify::NotifyError::Missing { current, .. })) => {
-                    warn!(flags = %current, "notify-keyspace-events no longer covers every key type: the key index is rebuilt once it does");
+                    warn!(flags = %current, "notify-keyspace-events no longer reports created keys and removals: the key index is rebuilt once it does");
                     self.index.gap();
                 }
                 _ => return,
@@ -385,7 +395,7 @@ impl Subscriber {
                 self.index.covered();
             }
             Some(Err(e)) if self.index.first_unusable() => {
-                warn!(error = %e, "the key index stays unused (bulk operations scan Redis) until notifications cover every key type");
+                warn!(error = %e, "the key index stays unused (bulk operations scan Redis) until notifications report created keys and removals");
             }
             _ => {}
         }

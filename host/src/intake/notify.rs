@@ -11,7 +11,8 @@ use std::collections::BTreeSet;
 
 use crate::sandbox::manifest::Manifest;
 
-use crate::store::index::EVERY_CLASS as ALL_CLASSES;
+/// Every class flag; `A` in Redis 7's syntax.
+const ALL_CLASSES: &str = "g$lshzxetd";
 
 /// The class flag that makes Redis emit `op`, or `None` if unknown (then
 /// every class is needed).
@@ -32,9 +33,9 @@ pub fn class_of(op: &str) -> Option<char> {
     })
 }
 
-/// The flags the key index needs: every class, on keyevent channels.
+/// The flags the key index needs ([`crate::store::index::FLAGS`]).
 pub fn for_index() -> BTreeSet<char> {
-    ALL_CLASSES.chars().chain(['E']).collect()
+    crate::store::index::FLAGS.chars().collect()
 }
 
 /// The flags needed for these manifests' key subscriptions (empty if none

@@ -20,16 +20,16 @@
 //!
 //! **Exact or not used.** A pattern's index serves a bulk operation only
 //! while it is complete: built by a `SCAN` started once the subscription
-//! carried every op, with no gap since (a lost subscription, a daemon start,
-//! notifications flags that do not cover every key type, a pattern newly
-//! added). Before serving, the operation *fences* the subscription: it
+//! carried the index's events ([`OPS`]: `new`, which Redis sends for every
+//! key created, and the removals), with no gap since (a lost subscription,
+//! a daemon start, notification flags without `n`, a pattern newly added). Before serving, the operation *fences* the subscription: it
 //! publishes a marker on the daemon's fence channel and waits for it to come
 //! back through the subscription connection, after every notification Redis
 //! queued before it, so every write answered before the operation started is
 //! in the index. Otherwise the operation scans, as before.
 //!
-//! Writes (any op but the removals) add a key, `del`/`expired`/`evicted`/
-//! `rename_from`/`move_from` remove it. The index may hold keys Redis no
+//! `new` adds a key, `del`/`expired`/`evicted`/`rename_from`/`move_from`
+//! remove it; other events change nothing (the key's creation was told). The index may hold keys Redis no
 //! longer has (`FLUSHALL`, an expired key not yet reaped), never the reverse:
 //! a stale name costs a no-op in the bulk operation, whose counts come from
 //! Redis's answers, so results are the same as the scan's. A stale name
@@ -51,26 +51,29 @@ use tracing::{info, warn};
 use crate::store::backend::scan_pattern_for;
 use crate::store::keyset::{KeySet, Page};
 
-/// Events that take a key away; every other op means the key exists.
-pub const REMOVALS: [&str; 6] = ["del", "unlink", "expired", "evicted", "rename_from", "move_from"];
+/// Events that take a key away.
+pub const REMOVALS: [&str; 5] = ["del", "expired", "evicted", "rename_from", "move_from"];
 
-/// Events only a key that exists already can have (its creation was
-/// notified, or the build's scan finds it): nothing to do. The frequent
-/// ones: ttl-table's own `EXPIRE`s are one per write.
-const ON_EXISTING: [&str; 2] = ["expire", "persist"];
+/// The event Redis (7.0 and later) sends when a key is created, whatever
+/// the command (`SET`, `HSET`, `RESTORE`, a copy's or a rename's target, a
+/// module's type...): flag `n`, which `A` does not include.
+pub const NEW: &str = "new";
+
+/// The keyevent channels the index needs: creations, and the removals that
+/// keep it from holding names Redis dropped. Not every op: ttl-table's own
+/// `EXPIRE`s alone are as many notifications as the writes they follow.
+pub const OPS: [&str; 6] = [NEW, "del", "expired", "evicted", "rename_from", "move_from"];
 
 /// Removals remembered while a build runs, at most; past that the build
 /// starts over (a scan running through a storm of expiries).
 const TOMBSTONES_MAX: usize = 1 << 20;
 
-/// Every class of `notify-keyspace-events` (`A`): the index needs them
-/// all, or a key of some type could be created unnoticed.
-pub const EVERY_CLASS: &str = "g$lshzxetd";
+/// The `notify-keyspace-events` flags for [`OPS`] on keyevent channels.
+pub const FLAGS: &str = "Engxe";
 
-/// Whether a `notify-keyspace-events` value makes Redis report every key
-/// written or removed, on keyevent channels.
-pub fn flags_cover_every_key(value: &str) -> bool {
-    value.contains('E') && (value.contains('A') || EVERY_CLASS.chars().all(|c| value.contains(c)))
+/// Whether a `notify-keyspace-events` value carries [`OPS`].
+pub fn flags_cover_index(value: &str) -> bool {
+    FLAGS.chars().all(|c| value.contains(c) || c != 'n' && c != 'E' && value.contains('A'))
 }
 
 /// Fault injection for tests: with this set (milliseconds), every build
@@ -253,10 +256,10 @@ impl KeyIndex {
     /// A keyspace notification (called by the subscriber for every one,
     /// before it is routed to policies).
     pub fn observe(&self, op: &str, key: &[u8]) {
-        if !self.is_active() || ON_EXISTING.contains(&op) {
+        let removal = REMOVALS.contains(&op);
+        if !self.is_active() || !removal && op != NEW {
             return;
         }
-        let removal = REMOVALS.contains(&op);
         let mut st = self.lock();
         for p in st.patterns.iter_mut() {
             if matches!(p.status, Status::Dropped) || !p.matches(key) {
@@ -618,16 +621,17 @@ mod tests {
     #[test]
     fn serves_only_complete_covering_indexes() {
         let index = index(&["sp:*"]);
-        index.observe("set", b"sp:dance:1");
+        index.observe("new", b"sp:dance:1");
         assert_eq!(all(&index, "sp:dance:*"), Err(Stale), "not built yet");
         complete(&index, &["sp:dance:2", "sp:rock:1", "other:1"]);
         assert_eq!(all(&index, "sp:dance:*").unwrap(), ["sp:dance:1", "sp:dance:2"]);
         assert_eq!(all(&index, "sp*"), Err(Stale), "`sp*` is wider than `sp:*`");
         index.observe("del", b"sp:dance:1");
-        index.observe("rename_to", b"sp:dance:3");
-        index.observe("hset", b"sp:rock:2");
-        // An `expire` is of a key that exists, whose creation was notified:
-        // nothing new (here, a key the index never heard of stays unheard).
+        index.observe("new", b"sp:dance:3");
+        index.observe("new", b"sp:rock:2");
+        index.observe("hset", b"sp:rock:3");
+        // Other events are of keys that exist, whose creation was told:
+        // nothing new (here, keys the index never heard of stay unheard).
         index.observe("expire", b"sp:dance:9");
         assert_eq!(all(&index, "sp:dance:*").unwrap(), ["sp:dance:2", "sp:dance:3"]);
         assert_eq!(all(&index, "sp:r?ck:*").unwrap(), ["sp:rock:1", "sp:rock:2"]);
@@ -646,9 +650,9 @@ mod tests {
         let (epoch, pattern) = index.start_build().unwrap();
         assert_eq!(pattern, "k:*");
         index.observe("expired", b"k:1");
-        index.observe("set", b"k:2");
+        index.observe("new", b"k:2");
         index.observe("del", b"k:2");
-        index.observe("set", b"k:2");
+        index.observe("new", b"k:2");
         index.add_scanned(epoch, &[b"k:1".to_vec(), b"k:2".to_vec(), b"k:3".to_vec()]);
         index.end_build(epoch, true);
         assert_eq!(all(&index, "k:*").unwrap(), ["k:2", "k:3"]);
@@ -671,9 +675,9 @@ mod tests {
         let index = KeyIndex::new(3, "f".into());
         index.set_patterns(&["k:*".into(), "j:*".into()]);
         complete(&index, &["k:1", "k:2", "j:1"]);
-        index.observe("set", b"k:3");
+        index.observe("new", b"k:3");
         assert_eq!(all(&index, "k:*").unwrap().len(), 3);
-        index.observe("set", b"k:4");
+        index.observe("new", b"k:4");
         assert_eq!(all(&index, "k:*"), Err(Stale));
         assert_eq!(all(&index, "j:*").unwrap(), ["j:1"], "other patterns keep theirs");
         let stats = index.stats();
@@ -681,6 +685,16 @@ mod tests {
         index.gap();
         index.covered();
         assert_eq!(index.stats()[0].status, "dropped", "a dropped pattern stays dropped");
+    }
+
+    #[test]
+    fn a_policy_cannot_make_the_index_match_without_end() {
+        // Two hundred grants that do not cover each other (a hostile
+        // manifest): only the first 64 are indexed.
+        let patterns: Vec<String> = (0..200).map(|i| format!("p{i:03}:*")).collect();
+        let index = KeyIndex::new(1000, "f".into());
+        index.set_patterns(&patterns);
+        assert_eq!(index.stats().len(), MAX_PATTERNS);
     }
 
     #[test]

@@ -339,11 +339,11 @@ impl RedisBackend {
             Ok(replies) => replies,
             Err(e) => return scan(&format!("cannot fence the subscription: {e}")),
         };
-        if !flags.get("notify-keyspace-events").is_some_and(|f| index::flags_cover_every_key(f)) {
-            // Writes may have gone unnotified: the index is no longer known
-            // complete, until the subscriber finds the flags back.
+        if !flags.get("notify-keyspace-events").is_some_and(|f| index::flags_cover_index(f)) {
+            // Keys may have been created unnotified: the index is no longer
+            // known complete, until the subscriber finds the flags back.
             index.gap();
-            return scan("notify-keyspace-events no longer covers every key type");
+            return scan("notify-keyspace-events no longer reports created keys (`n`)");
         }
         if listeners == 0 {
             return scan("the subscription is not listening");
