@@ -146,7 +146,7 @@ fn latency(redis: &RedisServer, per_sec: u64, run: Duration) -> (f64, f64, u64) 
 }
 
 /// CPU seconds `pid` has used (user and system), from `/proc/<pid>/stat`.
-fn cpu_secs(pid: u32) -> f64 {
+pub fn cpu_secs(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the command name (which may hold spaces): utime and
     // stime are the 12th and 13th.
