@@ -10,8 +10,8 @@
 //!   the registry of loaded policies and hot reload.
 //! - [`sandbox`]: wasmtime runtime, budgets, manifests, grants and the
 //!   restricted host API a policy calls.
-//! - [`store`]: the `Backend` seam: real Redis, the in-memory store, and the
-//!   echo and dry-run write layers.
+//! - [`store`]: the `Backend` seam: real Redis, the in-memory store, the
+//!   echo and dry-run write layers, and the key index bulk operations walk.
 //!
 //! Beside the stages:
 //! - [`daemon`]: `cachepol run`, wiring the stages together, with start-up

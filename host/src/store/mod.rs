@@ -6,8 +6,12 @@
 //! semantics ([`memory`], the fake host's keyspace). Write layers wrap a
 //! backend: [`echo`] records each write so its own notification does not
 //! wake the policy again, [`dryrun`] only logs what a write would do.
+//! [`index`] keeps the names of the keys bulk operations can reach, fed by
+//! the keyspace subscriber, so that they walk names instead of scanning
+//! Redis ([`keyset`] stores them).
 //!
-//! Receives calls from the sandbox's host API; hands back Redis's answers.
+//! Receives calls from the sandbox's host API, and every notification from
+//! intake (for the index); hands back Redis's answers.
 //! May call: nothing above it (only the contract types in [`crate::wit`]).
 
 pub mod backend;
