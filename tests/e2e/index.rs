@@ -40,6 +40,14 @@ fn wipe(redis: &RedisServer, daemon: &Daemon) -> u64 {
     get(redis, "recorder:idx:wiped_keys") - before.1
 }
 
+/// A daemon started with a test fault (an environment variable), once its
+/// index of `idx:*` is built.
+fn indexed_with_fault(redis: &RedisServer, setup: &Setup, fault: (&str, &str)) -> Daemon {
+    let daemon = Daemon::spawn_with_env(redis, setup, &["--configure-notifications"], &[fault]);
+    daemon.wait_for(INDEX_COMPLETE, Duration::from_secs(30));
+    daemon
+}
+
 #[test]
 fn a_key_written_just_before_the_operation_is_deleted() {
     let redis = RedisServer::start();
@@ -47,13 +55,7 @@ fn a_key_written_just_before_the_operation_is_deleted() {
     // Every notification is routed 20 ms late, as by a subscriber behind
     // Redis: the hook is handled long before the write's notification is
     // routed, unless the wipe waits for it.
-    let daemon = Daemon::spawn_with_env(
-        &redis,
-        &setup,
-        &["--configure-notifications"],
-        &[("CACHEPOL_FAULT_SUBSCRIBER_LAG_MS", "20")],
-    );
-    daemon.wait_for(INDEX_COMPLETE, Duration::from_secs(20));
+    let daemon = indexed_with_fault(&redis, &setup, ("CACHEPOL_FAULT_SUBSCRIBER_LAG_MS", "20"));
     let mut conn = redis.conn();
     let rounds = 20;
     for i in 0..rounds {
@@ -83,13 +85,7 @@ fn a_key_written_just_before_the_operation_is_deleted() {
 fn after_a_gap_the_next_operation_scans_and_the_index_comes_back() {
     let redis = RedisServer::start();
     let setup = wiper("");
-    let daemon = Daemon::spawn_with_env(
-        &redis,
-        &setup,
-        &["--configure-notifications"],
-        &[("CACHEPOL_FAULT_INDEX_BUILD_DELAY_MS", "3000")],
-    );
-    daemon.wait_for(INDEX_COMPLETE, Duration::from_secs(30));
+    let daemon = indexed_with_fault(&redis, &setup, ("CACHEPOL_FAULT_INDEX_BUILD_DELAY_MS", "3000"));
     for i in 0..50 {
         let _: () = redis.cmd(&["SET", &format!("idx:a:{i}"), "v"]);
     }
@@ -249,16 +245,6 @@ fn used_memory(redis: &RedisServer) -> u64 {
         .expect("used_memory in INFO")
 }
 
-/// `SCAN` commands Redis ran since its stats were reset.
-fn scan_calls(redis: &RedisServer) -> u64 {
-    let stats: String = redis.cmd(&["INFO", "commandstats"]);
-    stats
-        .lines()
-        .find_map(|l| l.strip_prefix("cmdstat_scan:calls="))
-        .and_then(|rest| rest.split(',').next()?.parse().ok())
-        .unwrap_or(0)
-}
-
 #[test]
 fn ttl_table_sweeps_walk_the_index_instead_of_scanning() {
     let redis = RedisServer::start();
@@ -273,7 +259,7 @@ fn ttl_table_sweeps_walk_the_index_instead_of_scanning() {
     // periodic sweep finds the key without a TTL again.
     let _: i64 = redis.cmd(&["PERSIST", "graph_data:x"]);
     eventually(&daemon, "the sweep gave the TTL back", || redis.cmd::<i64>(&["PTTL", "graph_data:x"]) > 0);
-    assert_eq!(scan_calls(&redis), 0, "the sweeps walked the index: no SCAN\n{}", daemon.log_text());
+    assert_eq!(redis.scan_calls(), 0, "the sweeps walked the index: no SCAN\n{}", daemon.log_text());
     assert_eq!(daemon.stop(), Some(0));
 }
 

@@ -10,16 +10,6 @@ fn pttl(redis: &RedisServer, key: &str) -> i64 {
     redis.cmd(&["PTTL", key])
 }
 
-/// `SCAN` commands Redis ran since its stats were reset.
-fn scan_calls(redis: &RedisServer) -> u64 {
-    let stats: String = redis.cmd(&["INFO", "commandstats"]);
-    stats
-        .lines()
-        .find_map(|l| l.strip_prefix("cmdstat_scan:calls="))
-        .and_then(|rest| rest.split(',').next()?.parse().ok())
-        .unwrap_or(0)
-}
-
 #[test]
 fn ttl_table_gives_table_ttls_clamps_locks_and_fixes_keys_from_before_start() {
     let redis = RedisServer::start();
@@ -37,7 +27,7 @@ fn ttl_table_gives_table_ttls_clamps_locks_and_fixes_keys_from_before_start() {
         (3_590_000..=3_600_000).contains(&pttl(&redis, "graph_data:old")) && pttl(&redis, "lock:stuck") > 0
     });
     assert!(pttl(&redis, "lock:stuck") <= 300_000);
-    assert_eq!(scan_calls(&redis), 1, "one SCAN pass for the whole ten-row table (three keys fit one page)");
+    assert_eq!(redis.scan_calls(), 1, "one SCAN pass for the whole ten-row table (three keys fit one page)");
 
     redis.cmd::<()>(&["SET", "playlist_data:dance", "p"]);
     redis.cmd::<()>(&["SET", "lock:import", "worker-1", "EX", "86400"]);

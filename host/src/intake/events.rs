@@ -359,8 +359,9 @@ impl Subscriber {
     /// they need then. While the subscription may not carry the index's
     /// events, the index is not known complete (nothing is built before).
     fn follow_policies(&self) -> Channels {
-        let patterns = index_patterns(&self.routes.load(), &self.index_config);
-        let wanted = Channels::needed(&self.routes.load(), !patterns.is_empty());
+        let routes = self.routes.load();
+        let patterns = index_patterns(&routes, &self.index_config);
+        let wanted = Channels::needed(&routes, !patterns.is_empty());
         if !wanted.carry_index() && self.index.is_covering() {
             self.index.gap();
         }

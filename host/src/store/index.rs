@@ -40,7 +40,7 @@
 //! (one log line) and its bulk operations scan.
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -164,6 +164,29 @@ struct State {
     fences: Vec<(u64, oneshot::Sender<()>)>,
 }
 
+/// A fence on its way through the subscription ([`KeyIndex::fence`]).
+pub struct Fence(oneshot::Receiver<()>);
+
+/// Why a fence did not come back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum FenceLost {
+    #[error("the subscription had a gap while fencing")]
+    Gap,
+    #[error("the subscription is too far behind to fence")]
+    Late,
+}
+
+impl Fence {
+    /// Wait up to `within` for it to come back.
+    pub async fn back(self, within: Duration) -> Result<(), FenceLost> {
+        match tokio::time::timeout(within, self.0).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(FenceLost::Gap),
+            Err(_) => Err(FenceLost::Late),
+        }
+    }
+}
+
 /// A complete pattern index granted to a bulk operation; void once the
 /// index is rebuilt or dropped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -191,11 +214,7 @@ pub struct KeyIndex {
     max_keys: usize,
     /// The daemon's fence channel, subscribed on the same connection as
     /// the notifications.
-    pub fence_channel: String,
-    /// Bulk operations served from the index, and those that scanned
-    /// although a pattern was indexed.
-    pub served: AtomicU64,
-    pub scanned: AtomicU64,
+    fence_channel: String,
     /// Said that the index cannot be used (flags missing) since the last
     /// time it could.
     unusable_said: AtomicBool,
@@ -209,8 +228,6 @@ impl KeyIndex {
             build: Notify::new(),
             max_keys,
             fence_channel,
-            served: AtomicU64::new(0),
-            scanned: AtomicU64::new(0),
             unusable_said: AtomicBool::new(false),
         }
     }
@@ -341,9 +358,17 @@ impl KeyIndex {
         self.lock().patterns.iter().any(|p| matches!(p.status, Status::Complete { lease: l } if l == lease.0))
     }
 
+    /// A fence published by `pipe` (added to it): it comes back once the
+    /// subscription has read every notification Redis queued before it.
+    pub fn fence(&self, pipe: &mut redis::Pipeline) -> Fence {
+        let (payload, back) = self.new_fence();
+        pipe.cmd("PUBLISH").arg(&self.fence_channel).arg(payload);
+        Fence(back)
+    }
+
     /// A fence to publish: its payload, and what fires when it comes back
     /// (dropped, never fired, if a gap comes first).
-    pub fn fence(&self) -> (String, oneshot::Receiver<()>) {
+    fn new_fence(&self) -> (String, oneshot::Receiver<()>) {
         let mut st = self.lock();
         // Those whose operation stopped waiting (timed out).
         st.fences.retain(|(_, tx)| !tx.is_closed());
@@ -700,8 +725,8 @@ mod tests {
     #[test]
     fn fences_release_their_own_waiter() {
         let index = index(&["k:*"]);
-        let (a, mut rx_a) = index.fence();
-        let (b, mut rx_b) = index.fence();
+        let (a, mut rx_a) = index.new_fence();
+        let (b, mut rx_b) = index.new_fence();
         assert!(index.fence_seen(b.as_bytes()));
         assert!(rx_b.try_recv().is_ok());
         assert!(rx_a.try_recv().is_err());

@@ -55,8 +55,6 @@ pub struct KeySet {
     /// its map key as it is.
     blocks: BTreeMap<Box<[u8]>, Vec<u8>>,
     len: usize,
-    /// Bytes of entries (keys and their lengths) in all blocks.
-    used: usize,
 }
 
 /// The entries of a block: (offset, key).
@@ -204,7 +202,6 @@ impl KeySet {
         reserve(block, size);
         block.splice(at..at, entry(key));
         self.len += 1;
-        self.used += size;
         Ok(true)
     }
 
@@ -216,7 +213,6 @@ impl KeySet {
         let size = 2 + key.len();
         block.drain(at..at + size);
         self.len -= 1;
-        self.used -= size;
         if block.is_empty() {
             self.blocks.remove(&first);
             return true;

@@ -13,7 +13,6 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -24,7 +23,7 @@ use redis::{Client, RedisError, Script, Value};
 use crate::store::backend::{
     Backend, BackendError, BulkPlan, BulkResult, BulkStep, QueuedExpire, Rows, ScanResult, scan_pattern_for,
 };
-use crate::store::index::{self, KeyIndex, Lease};
+use crate::store::index::{self, Fence, KeyIndex, Lease};
 use crate::wit::{ExpireCondition, ExpireRow, KeyTtl, SetCondition, SetOptions, ValueKind};
 
 /// Keys asked for per `SCAN` page in bulk operations (and per page taken
@@ -169,8 +168,8 @@ impl RedisBackend {
                 // [`PAGES_AHEAD`] pages of what the subscription has read,
                 // or Redis's output buffer for it overflows and it is cut.
                 if fences.len() >= PAGES_AHEAD {
-                    let oldest: tokio::sync::oneshot::Receiver<()> = fences.pop_front().expect("checked");
-                    if !matches!(tokio::time::timeout(index::FENCE_WAIT * 5, oldest).await, Ok(Ok(()))) {
+                    let oldest: Fence = fences.pop_front().expect("checked");
+                    if oldest.back(index::FENCE_WAIT * 5).await.is_err() {
                         stale = true;
                         break;
                     }
@@ -195,9 +194,7 @@ impl RedisBackend {
                 }
                 let mut pipe = redis::pipe();
                 act(&mut pipe, &page);
-                let (fence, back) = index.fence();
-                pipe.cmd("PUBLISH").arg(&index.fence_channel).arg(fence);
-                fences.push_back(back);
+                fences.push_back(index.fence(&mut pipe));
                 plan.step(BulkStep::Before(&page));
                 for key in &page {
                     result.record(key);
@@ -231,9 +228,8 @@ impl RedisBackend {
         // Done only once the subscription has read past the last page with
         // no gap: else a restart during the walk could go unnoticed.
         if failed.is_none() && !stale {
-            let last = fences.pop_back();
-            let back = match last {
-                Some(last) => matches!(tokio::time::timeout(index::FENCE_WAIT * 5, last).await, Ok(Ok(()))),
+            let back = match fences.pop_back() {
+                Some(last) => last.back(index::FENCE_WAIT * 5).await.is_ok(),
                 None => true,
             };
             stale = !back || !leases.iter().all(|l| index.holds(*l));
@@ -322,17 +318,15 @@ impl RedisBackend {
             return None;
         }
         let scan = |why: &str| {
-            index.scanned.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(pattern, "bulk operation scans: {why}");
             None
         };
         let Some(leases) = walks.iter().map(|w| index.serve(w)).collect::<Option<Vec<Lease>>>() else {
             return scan("no complete key index covers it");
         };
-        let (payload, back) = index.fence();
         let mut pipe = redis::pipe();
         pipe.cmd("CONFIG").arg("GET").arg("notify-keyspace-events");
-        pipe.cmd("PUBLISH").arg(&index.fence_channel).arg(payload);
+        let fence = index.fence(&mut pipe);
         let sent =
             retrying(|| async { pipe.query_async::<(HashMap<String, String>, i64)>(&mut self.conn.clone()).await });
         let (flags, listeners) = match sent.await {
@@ -348,15 +342,13 @@ impl RedisBackend {
         if listeners == 0 {
             return scan("the subscription is not listening");
         }
-        match tokio::time::timeout(index::FENCE_WAIT, back).await {
-            Ok(Ok(())) if leases.iter().all(|l| index.holds(*l)) => {
-                index.served.fetch_add(1, Ordering::Relaxed);
+        match fence.back(index::FENCE_WAIT).await {
+            Ok(()) if leases.iter().all(|l| index.holds(*l)) => {
                 tracing::debug!(pattern, "bulk operation served by the key index");
                 Some(leases)
             }
-            Ok(Ok(())) => scan("the key index went incomplete while fencing"),
-            Ok(Err(_)) => scan("the subscription had a gap while fencing"),
-            Err(_) => scan("the subscription is too far behind to fence"),
+            Ok(()) => scan("the key index went incomplete while fencing"),
+            Err(lost) => scan(&lost.to_string()),
         }
     }
 }

@@ -145,6 +145,17 @@ impl RedisServer {
         self.cmd::<i64>(&["EXISTS", key]) == 1
     }
 
+    /// `SCAN` commands this server ran since its stats were reset
+    /// (`CONFIG RESETSTAT`).
+    pub fn scan_calls(&self) -> u64 {
+        let stats: String = self.cmd(&["INFO", "commandstats"]);
+        stats
+            .lines()
+            .find_map(|l| l.strip_prefix("cmdstat_scan:calls="))
+            .and_then(|rest| rest.split(',').next()?.parse().ok())
+            .unwrap_or(0)
+    }
+
     /// Keyspace events the `recorder` fixture named `name` handled: the sum
     /// of its instances' (its lanes') counts.
     pub fn recorded_events(&self, name: &str) -> u64 {
