@@ -52,6 +52,9 @@ const RELEASE: &str =
 #[derive(Clone)]
 pub struct RedisBackend {
     conn: ConnectionManager,
+    /// For the connections of `SCAN`-based bulk operations (see
+    /// [`RedisBackend::scan`]).
+    client: Client,
     release: Script,
     /// Serves bulk operations when complete ([`crate::store::index`]).
     index: Option<Arc<KeyIndex>>,
@@ -60,12 +63,8 @@ pub struct RedisBackend {
 impl RedisBackend {
     /// Connect (the connection manager reconnects by itself afterwards).
     pub async fn connect(client: &Client) -> Result<RedisBackend, BackendError> {
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(std::time::Duration::from_secs(5)))
-            .set_response_timeout(Some(std::time::Duration::from_secs(30)))
-            .set_max_delay(std::time::Duration::from_secs(5));
-        let conn = ConnectionManager::new_with_config(client.clone(), config).await.map_err(failed)?;
-        Ok(RedisBackend { conn, release: Script::new(RELEASE), index: None })
+        let conn = manager(client).await?;
+        Ok(RedisBackend { conn, client: client.clone(), release: Script::new(RELEASE), index: None })
     }
 
     /// Serve bulk operations from `index` when it is complete.
@@ -260,7 +259,11 @@ impl RedisBackend {
         result: &mut BulkResult,
     ) -> Result<u64, BackendError> {
         let mut affected = 0;
-        let conn = self.conn.clone();
+        // A connection of its own: on the shared one, another user (the
+        // echo fences, the index builder) may be the first to find it broken
+        // after a Redis restart and reconnect it, and this scan would go on
+        // with a cursor the restarted server knows nothing of.
+        let conn = manager(&self.client).await?;
         let mut pending: Vec<Vec<u8>> = Vec::new();
         let mut cursor: Option<u64> = Some(0);
         let mut restarts = 0;
@@ -363,6 +366,15 @@ fn take(key: Vec<u8>, plan: &BulkPlan<'_>, result: &mut BulkResult, pending: &mu
     } else {
         result.truncated = true;
     }
+}
+
+/// A self-reconnecting connection to `client`'s Redis.
+async fn manager(client: &Client) -> Result<ConnectionManager, BackendError> {
+    let config = redis::aio::ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(std::time::Duration::from_secs(5)))
+        .set_response_timeout(Some(std::time::Duration::from_secs(30)))
+        .set_max_delay(std::time::Duration::from_secs(5));
+    ConnectionManager::new_with_config(client.clone(), config).await.map_err(failed)
 }
 
 /// Retry delays when the connection was found broken. The connection manager
