@@ -39,6 +39,10 @@ use crate::sandbox::runtime::LoadOptions;
 /// used), so 16 is the default and a busy policy can ask for more.
 pub const DEFAULT_LANES: usize = 16;
 
+/// The admin server's address unless configured: loopback only, since
+/// `/status` shows grants and key patterns.
+pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:9477";
+
 /// More lanes than this buys nothing and costs an instance each.
 pub const MAX_LANES: usize = 64;
 
@@ -87,6 +91,14 @@ pub struct Config {
     /// The Redis Set of policy names an operator disabled
     /// (`cachepol disable NAME`).
     pub control_key: String,
+    /// The Redis Hash of sweep requests (`cachepol sweep NAME`).
+    pub sweep_key: String,
+    /// Where the admin server listens (`/metrics`, `/livez`, `/readyz`,
+    /// `/status`, `POST /deploys`); `none` turns it off.
+    pub admin_addr: String,
+    /// The bearer token `POST /deploys` requires; without one (here or in
+    /// `CACHEPOL_DEPLOY_TOKEN`) the webhook is off.
+    pub deploy_token: Option<String>,
     /// The key index that serves bulk operations.
     pub index: IndexConfig,
 }
@@ -132,6 +144,9 @@ impl Default for Config {
             budgets: Budgets::default(),
             policies: BTreeMap::new(),
             control_key: "cachepol:control:disabled".into(),
+            sweep_key: "cachepol:control:sweeps".into(),
+            admin_addr: DEFAULT_ADMIN_ADDR.into(),
+            deploy_token: None,
             index: IndexConfig::default(),
         }
     }
@@ -290,10 +305,63 @@ impl Config {
         if config.queue_bytes < 1024 {
             return Err("queue_bytes must be at least 1024".into());
         }
+        config.admin()?;
+        if config.deploy_token.as_deref().is_some_and(|t| t.trim().len() < 16) {
+            return Err("deploy_token must be at least 16 characters (a guessable token guards nothing)".into());
+        }
         Ok(config)
     }
 
     /// How many lanes the policy with `section` runs.
+    /// The admin server's address, or `None` when it is off.
+    pub fn admin(&self) -> Result<Option<std::net::SocketAddr>, String> {
+        if self.admin_addr == "none" {
+            return Ok(None);
+        }
+        self.admin_addr
+            .parse()
+            .map(Some)
+            .map_err(|_| format!("admin_addr `{}` is not host:port (or `none`)", self.admin_addr))
+    }
+
+    /// The settings SIGHUP cannot change in a running daemon, that differ
+    /// between `self` and `new`: they take effect at the next start.
+    pub fn restart_only_changes(&self, new: &Config) -> Vec<&'static str> {
+        let d = |c: &Config| (c.deploy.stream.clone(), c.deploy.group.clone(), c.deploy.dead_letter.clone());
+        let checks: [(&'static str, bool); 15] = [
+            ("redis_url", self.redis_url != new.redis_url),
+            ("policies_dir", self.policies_dir != new.policies_dir),
+            ("cache_dir", self.cache_dir != new.cache_dir),
+            ("deploy", d(self) != d(new)),
+            ("queue_capacity", self.queue_capacity != new.queue_capacity),
+            ("queue_bytes", self.queue_bytes != new.queue_bytes),
+            ("instance_pool", self.instance_pool != new.instance_pool),
+            ("hop_limit", self.hop_limit != new.hop_limit),
+            ("control_key", self.control_key != new.control_key),
+            ("sweep_key", self.sweep_key != new.sweep_key),
+            ("admin_addr", self.admin_addr != new.admin_addr),
+            ("index", self.index != new.index),
+            ("deploy_token", self.deploy_token != new.deploy_token),
+            ("shutdown_grace_ms", self.shutdown_grace_ms != new.shutdown_grace_ms),
+            ("configure_notifications", self.configure_notifications != new.configure_notifications),
+        ];
+        checks.into_iter().filter(|(_, changed)| *changed).map(|(name, _)| name).collect()
+    }
+
+    /// `self` with what SIGHUP applies taken from `new`: the policies'
+    /// sections (mode, config, grant narrowing, budgets, failure policy,
+    /// lanes), the default budgets and lanes.
+    pub fn reloaded(&self, new: &Config) -> Config {
+        Config { policies: new.policies.clone(), budgets: new.budgets.clone(), lanes: new.lanes, ..self.clone() }
+    }
+
+    /// Everything this config decides about the policy in file `stem`: two
+    /// loads with equal fingerprints load it the same way.
+    pub fn fingerprint(&self, stem: &str) -> String {
+        let section = self.policy(stem);
+        format!("{:?}", (&section, self.budgets_for(&section), self.lanes_for(&section)))
+    }
+
     pub fn lanes_for(&self, section: &PolicySection) -> usize {
         section.lanes.unwrap_or(self.lanes)
     }

@@ -1,6 +1,8 @@
 //! `cachepol run`: the daemon, wired together.
 //!
-//! Start-up, in order: connect to Redis (retrying until it answers), load
+//! Start-up, in order: bind the admin server (so liveness answers from
+//! the first moment; readiness says what is missing until the end of
+//! start-up), connect to Redis (retrying until it answers), load
 //! every `*.wasm` in the policies directory (a file that fails is logged and
 //! skipped; the others run; an operator grant wider than what a policy asks
 //! for stops start-up), check `notify-keyspace-events`, then start the
@@ -8,10 +10,10 @@
 //! `sweep(start)`), the deploy-hook consumer, the periodic sweeps and the
 //! reloader that watches the policies directory.
 //!
-//! Shutdown, on SIGINT/SIGTERM: stop intake (subscriber, deploy reader,
+//! Shutdown, on SIGINT/SIGTERM: report not ready, stop intake (subscriber, deploy reader,
 //! reloader; a hook being handled is finished and acknowledged), close the
 //! queues so each worker finishes the event in hand, wait for them up to the
-//! grace period, and return. Unhandled keyspace events are reconciled by the
+//! grace period, stop the admin server, and return. Unhandled keyspace events are reconciled by the
 //! `sweep(start)` of the next run; unacknowledged hooks are re-read by it.
 
 use std::collections::BTreeMap;
@@ -24,16 +26,18 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::admin::{self, Admin, Wired};
 use crate::config::Config;
 use crate::dispatch::queue::Item;
 use crate::dispatch::registry::{Registry, RejectError};
-use crate::dispatch::reload::Reloader;
+use crate::dispatch::reload::{ConfigSource, Reloader};
 use crate::dispatch::routes::Routes;
 use crate::dispatch::switches::Switches;
 use crate::intake::control;
 use crate::intake::deploy::DeployConsumer;
 use crate::intake::events::{Backoff, Subscriber};
 use crate::intake::notify::{self, NotifyError};
+use crate::metrics::{Readiness, metrics};
 use crate::sandbox::runtime::{Runtime, RuntimeConfig, RuntimeError};
 use crate::store::echo::{self, EchoLedger};
 use crate::store::index::KeyIndex;
@@ -55,10 +59,44 @@ pub enum DaemonError {
     /// start beats silently running with other rights than configured.
     #[error(transparent)]
     Widening(RejectError),
+    #[error("invalid config: {0}")]
+    Config(String),
+    #[error("cannot listen on the admin address {addr}: {error} (set admin_addr, or `--admin none`)")]
+    Admin { addr: std::net::SocketAddr, error: std::io::Error },
 }
 
-/// Run the daemon until `shutdown` is cancelled.
-pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), DaemonError> {
+/// Run the daemon until `shutdown` is cancelled. `reload` reads the config
+/// again on SIGHUP.
+pub async fn run(config: Config, reload: Option<ConfigSource>, shutdown: CancellationToken) -> Result<(), DaemonError> {
+    let ready = &metrics().ready;
+    let admin_stop = CancellationToken::new();
+    let admin = Admin::new(config.deploy.clone(), config.deploy_token.clone());
+    let admin_task = match config.admin().map_err(DaemonError::Config)? {
+        Some(addr) => {
+            let listener = admin::bind(addr).await.map_err(|error| DaemonError::Admin { addr, error })?;
+            let bound = listener.local_addr().unwrap_or(addr);
+            let webhook = if config.deploy_token.is_some() { "on" } else { "off (no deploy_token)" };
+            info!(addr = %bound, webhook, "admin server listening on http://{bound}");
+            Some(tokio::spawn(admin::serve(listener, admin.clone(), admin_stop.clone())))
+        }
+        None => None,
+    };
+    let result = run_wired(config, reload, &admin, shutdown).await;
+    Readiness::set(&ready.shutting_down, true);
+    admin_stop.cancel();
+    if let Some(task) = admin_task {
+        let _ = task.await;
+    }
+    result
+}
+
+async fn run_wired(
+    config: Config,
+    reload: Option<ConfigSource>,
+    admin: &Admin,
+    shutdown: CancellationToken,
+) -> Result<(), DaemonError> {
+    let ready = &metrics().ready;
     let client = redis::Client::open(config.redis_url.as_str())
         .map_err(|e| DaemonError::RedisUrl { url: config.redis_url.clone(), error: e.to_string() })?;
     let db = u32::try_from(client.get_connection_info().redis_settings().db()).unwrap_or(0);
@@ -74,13 +112,23 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
     }
     let registry = Registry::new(runtime, config.clone(), redis.clone(), ledger.clone(), switches.clone());
     let routes = registry.routes();
+    admin.wire(Wired {
+        routes: routes.clone(),
+        switches: switches.clone(),
+        index: index.clone(),
+        redis: redis.connection(),
+    });
     let mut reloader = Reloader::new(registry, &config.policies_dir)
         .map_err(|error| DaemonError::PoliciesDir { path: config.policies_dir.clone(), error })?;
     if config.watch {
         // Before the first load: a file dropped during it is reported.
         reloader.watch();
     }
+    if let Some(source) = reload {
+        reloader.reload_config_with(source);
+    }
     reloader.sync_all().await.map_err(DaemonError::Widening)?;
+    Readiness::set(&ready.policies_loaded, true);
     // From now on the subscription is (being) set up: a policy loaded later
     // sweeps as it starts.
     reloader.registry.sweep_new = true;
@@ -135,6 +183,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
         switches,
         redis.connection(),
         config.control_key.clone(),
+        config.sweep_key.clone(),
         routes.clone(),
         intake.clone(),
     ));
@@ -147,6 +196,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
     shutdown.cancelled().await;
 
     info!("shutting down: stopping intake");
+    Readiness::set(&ready.shutting_down, true);
     intake.cancel();
     let grace = Duration::from_millis(config.shutdown_grace_ms);
     if tokio::time::timeout(grace, async { while sources.join_next().await.is_some() {} }).await.is_err() {

@@ -16,6 +16,10 @@
 //! Beside the stages:
 //! - [`daemon`]: `cachepol run`, wiring the stages together, with start-up
 //!   and graceful shutdown spelled out.
+//! - [`admin`]: the admin HTTP server (metrics, health, status, the deploy
+//!   webhook), which reads every stage.
+//! - [`metrics`]: the counters and readiness every stage records and the
+//!   admin server shows.
 //! - [`config`]: the daemon's settings file, read by the stages above the
 //!   sandbox.
 //! - [`wit`]: the bindings of the contract in `wit/`, whose types every
@@ -25,11 +29,13 @@
 //!
 //! The `cachepol` binary's subcommands (`src/cli/`) sit on top of all this.
 
+pub mod admin;
 pub mod config;
 pub mod daemon;
 pub mod dispatch;
 pub mod fake;
 pub mod intake;
+pub mod metrics;
 pub mod sandbox;
 pub mod store;
 pub mod wit;

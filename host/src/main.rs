@@ -10,7 +10,7 @@ use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
-    let log_writer = init_logging(cli.verbose, cli.command.is_daemon());
+    let log_writer = init_logging(cli.verbose, cli.log_format, cli.command.is_daemon());
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     let result = runtime.block_on(cli.command.run());
     // Flush the log before the last word, so it comes last.
@@ -29,10 +29,15 @@ fn main() -> ExitCode {
 /// lines are written in batches. Never lossy: when the writer falls far
 /// behind, callers wait rather than drop audit lines. The guard flushes on
 /// drop.
-fn init_logging(verbose: u8, daemon: bool) -> tracing_appender::non_blocking::WorkerGuard {
+///
+/// At `-v` the daemon also logs every policy call that changed nothing
+/// (`cachepol::audit` at debug), to see a policy at work.
+fn init_logging(verbose: u8, format: cli::LogFormat, daemon: bool) -> tracing_appender::non_blocking::WorkerGuard {
     let default = match (verbose, daemon) {
         (0, false) => "error",
-        (0, true) | (1, _) => "info",
+        (0, true) => "info",
+        (1, false) => "info",
+        (1, true) => "info,cachepol::audit=debug",
         _ => "debug",
     };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
@@ -40,6 +45,12 @@ fn init_logging(verbose: u8, daemon: bool) -> tracing_appender::non_blocking::Wo
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .lossy(false)
         .finish(std::io::BufWriter::new(std::io::stderr()));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer).with_ansi(ansi).init();
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer);
+    match format {
+        cli::LogFormat::Text => logs.with_ansi(ansi).init(),
+        // One JSON object per line, with the fields of the event and of
+        // every span it is in (policy, event, deploy entry).
+        cli::LogFormat::Json => logs.json().flatten_event(true).with_current_span(true).with_span_list(true).init(),
+    }
     guard
 }

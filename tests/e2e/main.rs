@@ -4,6 +4,7 @@
 mod support;
 
 mod acl;
+mod admin;
 mod daemon;
 mod deploy_hooks;
 mod echo;
@@ -12,6 +13,7 @@ mod faults;
 mod grants;
 mod index;
 mod lanes;
+mod ops;
 mod policies;
 mod reload;
 mod resync;

@@ -9,13 +9,19 @@
 //! | `test`                | [`test`]      | run scenario files on the fake host            |
 //! | `disable` / `enable`  | [`switch`]    | the kill switch                                |
 //! | `acl`                 | [`acl`]       | the Redis ACL rule for the loaded policies     |
+//! | `status`              | [`status`]    | a running daemon's status, as a table          |
+//! | `dead-letter`         | [`dead_letter`] | list, replay or drop dead-lettered hooks     |
+//! | `sweep`               | [`sweep`]     | ask running daemons to sweep a policy          |
 //!
 //! Errors reach `main` as `anyhow` errors and are shown with their causes.
 
 mod acl;
 mod check;
+mod dead_letter;
 mod deploy;
 mod run;
+mod status;
+mod sweep;
 mod switch;
 mod test;
 
@@ -32,8 +38,18 @@ pub struct Cli {
     /// More log output (-v: info, -vv: debug). RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     pub verbose: u8,
+    /// Log lines as text, or as one JSON object per line (with span fields).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -58,6 +74,15 @@ pub enum Command {
     /// Run scenario files against a policy on the fake host.
     #[command(after_help = test::AFTER_HELP)]
     Test(test::TestArgs),
+    /// Show a running daemon's status (from its admin server).
+    #[command(after_help = status::AFTER_HELP)]
+    Status(status::StatusArgs),
+    /// List, replay or drop deploy hooks that were dead-lettered.
+    #[command(subcommand, name = "dead-letter")]
+    DeadLetter(dead_letter::DeadLetterCommand),
+    /// Ask every running daemon to sweep a policy now.
+    #[command(after_help = sweep::AFTER_HELP)]
+    Sweep(sweep::SweepArgs),
 }
 
 impl Command {
@@ -76,12 +101,15 @@ impl Command {
             Command::Enable(args) => switch::run(args, false).await,
             Command::Check(args) => check::run(args).await,
             Command::Test(args) => test::run(args).await,
+            Command::Status(args) => status::run(args).await,
+            Command::DeadLetter(command) => dead_letter::run(command).await,
+            Command::Sweep(args) => sweep::run(args).await,
         }
     }
 }
 
 /// Settings shared by the commands that talk to Redis.
-#[derive(Args)]
+#[derive(Args, Clone)]
 struct CommonArgs {
     /// Config file (cachepol.toml).
     #[arg(long)]
@@ -112,7 +140,7 @@ impl CommonArgs {
 
 /// What decides the loaded policy set: shared by `run` and `acl`, so that
 /// `acl` describes exactly what `run` will load.
-#[derive(Args)]
+#[derive(Args, Clone)]
 struct PolicySetArgs {
     #[command(flatten)]
     common: CommonArgs,
@@ -140,4 +168,21 @@ impl PolicySetArgs {
 async fn connect(url: &str) -> Result<redis::aio::ConnectionManager> {
     let client = redis::Client::open(url).context("invalid Redis URL")?;
     redis::aio::ConnectionManager::new(client).await.with_context(|| format!("cannot connect to {url}"))
+}
+
+/// Rows under a header, each column as wide as its widest cell.
+fn table<const N: usize>(header: &[String; N], rows: &[[String; N]]) -> String {
+    let mut widths = header.each_ref().map(|h| h.chars().count());
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for row in std::iter::once(header).chain(rows) {
+        let cells: Vec<String> = row.iter().zip(widths).map(|(cell, w)| format!("{cell:<w$}")).collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
 }

@@ -48,7 +48,7 @@ impl Tally {
             self.window = Some(now);
         }
         if !changed(report) {
-            return;
+            return unchanged(policy, event_id, report);
         }
         if self.lines < LINES_PER_WINDOW {
             self.lines += 1;
@@ -112,10 +112,27 @@ fn verb(mode: Mode) -> &'static str {
     }
 }
 
+/// A call that changed nothing: a debug line (shown at `-v`), so a policy
+/// can be watched at work without filling the audit trail.
+fn unchanged(policy: &str, event_id: &str, report: &CallReport) {
+    tracing::debug!(
+        target: "cachepol::audit",
+        policy,
+        event = event_id,
+        ok = report.result.is_ok(),
+        elapsed_ms = report.elapsed.as_millis() as u64,
+        "no change{}",
+        match &report.result {
+            Ok(outcome) => outcome.note.as_deref().map(|n| format!(" ({n})")).unwrap_or_default(),
+            Err(e) => format!(": {e}"),
+        }
+    );
+}
+
 /// Log the effects of one call, if it had any.
 pub fn record(policy: &str, event_id: &str, mode: Mode, report: &CallReport) {
     if !changed(report) {
-        return;
+        return unchanged(policy, event_id, report);
     }
     let e = &report.call.effects;
     let verb = verb(mode);

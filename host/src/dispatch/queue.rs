@@ -25,6 +25,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::{Notify, oneshot};
 
+use crate::metrics::PolicyMetrics;
 use crate::wit::{DeployEvent, SweepReason};
 
 /// A keyspace event as the daemon routes it.
@@ -40,6 +41,8 @@ pub struct KeyNotification {
     /// The version of the policy's subscriptions it was routed under: a
     /// version swapped in later re-checks it against its own.
     pub generation: u64,
+    /// When the notification arrived: the start of the event's lag.
+    pub received: std::time::Instant,
 }
 
 /// Why a policy did not handle a deploy hook, and what retrying would do.
@@ -162,6 +165,8 @@ pub struct PolicyQueue {
     ready: Notify,
     capacity: usize,
     max_bytes: usize,
+    /// Where coalesced and dropped events are counted.
+    metrics: Option<Arc<PolicyMetrics>>,
 }
 
 impl PolicyQueue {
@@ -184,7 +189,19 @@ impl PolicyQueue {
             ready: Notify::new(),
             capacity,
             max_bytes,
+            metrics: None,
         }
+    }
+
+    /// Count coalesced and dropped events in `metrics`.
+    pub fn counted(mut self, metrics: Arc<PolicyMetrics>) -> PolicyQueue {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// Bytes the waiting keyspace events hold.
+    pub fn bytes(&self) -> usize {
+        self.lock().bytes_waiting
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -209,6 +226,9 @@ impl PolicyQueue {
             waiting.hops = waiting.hops.min(event.hops);
             queued.stats.coalesced += 1;
             queued.overload.coalesced += 1;
+            if let Some(m) = &self.metrics {
+                m.coalesced.inc();
+            }
             return Pushed::Coalesced;
         }
         let bytes = event_bytes(&event);
@@ -246,6 +266,9 @@ impl PolicyQueue {
         }
         inner.stats.dropped += 1;
         inner.overload.dropped += 1;
+        if let Some(m) = &self.metrics {
+            m.dropped.inc();
+        }
         if inner.gap_queued {
             return;
         }
@@ -354,7 +377,14 @@ mod tests {
     use super::*;
 
     fn key(op: &str, key: &str) -> KeyNotification {
-        KeyNotification { db: 0, op: op.into(), key: key.into(), hops: 0, generation: 0 }
+        KeyNotification {
+            db: 0,
+            op: op.into(),
+            key: key.into(),
+            hops: 0,
+            generation: 0,
+            received: std::time::Instant::now(),
+        }
     }
 
     #[tokio::test]

@@ -23,9 +23,10 @@ use tracing::{info, warn};
 
 use crate::config::{Config, Mode};
 use crate::dispatch::queue::PolicyQueue;
-use crate::dispatch::routes::{Route, Routes};
+use crate::dispatch::routes::{Origin, Route, Routes};
 use crate::dispatch::switches::Switches;
 use crate::dispatch::worker::{Control, Lane, Version, Worker};
+use crate::metrics::{Metrics, metrics};
 use crate::sandbox::grants::{Grants, ops_to_string};
 use crate::sandbox::manifest::Manifest;
 use crate::sandbox::runtime::{ContentHash, LoadError, Runtime};
@@ -68,6 +69,7 @@ pub struct Prepared {
     manifest: Arc<Manifest>,
     from_cache: bool,
     started: Instant,
+    settings: String,
 }
 
 /// What a commit did.
@@ -89,6 +91,10 @@ struct Entry {
     control: mpsc::UnboundedSender<Control>,
     /// Instances its version may use.
     lanes: usize,
+    mode: Mode,
+    /// What the config said about it when it was loaded
+    /// ([`Config::fingerprint`]): a change reloads it.
+    settings: String,
 }
 
 /// The loaded policies and what they need to be (re)loaded.
@@ -158,17 +164,30 @@ impl Registry {
         self.entries.contains_key(path)
     }
 
-    /// Whether `path` is loaded with exactly the contents hashed `hash`.
+    /// Whether `path` is loaded with exactly the contents hashed `hash`,
+    /// under the settings the config has for it now.
     pub fn is_current(&self, path: &Path, hash: &ContentHash) -> bool {
-        self.entries.get(path).is_some_and(|e| e.hash == *hash)
+        self.entries.get(path).is_some_and(|e| e.hash == *hash && e.settings == self.config.fingerprint(&stem(path)))
+    }
+
+    /// The config policies are loaded under.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Load under `config` from now on; the policies it changes are
+    /// reloaded by the next sync (see [`Registry::is_current`]).
+    pub fn set_config(&mut self, config: Config) {
+        self.config = config;
     }
 
     /// Every step of loading `path` (contents `bytes`, hashed `hash`)
     /// except the swap.
     pub async fn prepare(&mut self, path: &Path, bytes: &[u8], hash: ContentHash) -> Result<Prepared, RejectError> {
         let started = Instant::now();
-        let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        let stem = stem(path);
         let section = self.config.policy(&stem);
+        let settings = self.config.fingerprint(&stem);
         // Compiling takes from milliseconds to seconds of CPU: off the async
         // workers, which also drive the event path.
         let (runtime, owned, cache_dir) = (self.runtime.clone(), bytes.to_vec(), self.config.cache_dir.clone());
@@ -240,13 +259,14 @@ impl Registry {
             manifest,
             from_cache,
             started,
+            settings,
         })
     }
 
     /// Swap a prepared version in (or start a new policy), republish the
     /// routes, and sweep if it now subscribes to more than before.
     pub fn commit(&mut self, prepared: Prepared) -> Change {
-        let Prepared { path, renamed_from, hash, mut version, manifest, from_cache, started } = prepared;
+        let Prepared { path, renamed_from, hash, mut version, manifest, from_cache, started, settings } = prepared;
         let name: Arc<str> = Arc::from(version.policy().name());
         let grants = version.policy().grants().clone();
         let mode = version.mode;
@@ -257,9 +277,12 @@ impl Registry {
         match self.entries.get_mut(&path) {
             Some(entry) => {
                 let old = entry.manifest.clone();
+                let same_file = entry.hash == hash;
                 entry.generation += 1;
                 version.generation = entry.generation;
                 entry.lanes = version.lanes.len();
+                entry.mode = version.mode;
+                entry.settings = settings;
                 let _ = entry.control.send(Control::Swap(version));
                 entry.hash = hash;
                 entry.manifest = manifest.clone();
@@ -272,16 +295,26 @@ impl Registry {
                     policy = %name,
                     from = %old.version,
                     to = %manifest.version,
+                    mode = %mode,
                     grants_added = %describe_grants(&grants, &old.grants),
                     grants_removed = %describe_grants(&old.grants, &grants),
                     compile_cache = from_cache,
                     ms = started.elapsed().as_millis() as u64,
-                    "policy reloaded: {} -> {}", old.version, manifest.version
+                    "{}",
+                    if same_file {
+                        format!("policy reloaded with new settings from the config ({mode})")
+                    } else {
+                        format!("policy reloaded: {} -> {}", old.version, manifest.version)
+                    }
                 );
+                Metrics::count(&metrics().reloads, "replaced");
                 Change::Replaced { name: name.to_string() }
             }
             None => {
-                let queue = Arc::new(PolicyQueue::new(self.config.queue_capacity, self.config.queue_bytes));
+                let queue = Arc::new(
+                    PolicyQueue::new(self.config.queue_capacity, self.config.queue_bytes)
+                        .counted(crate::metrics::metrics().policy(&name)),
+                );
                 let version_lanes = version.lanes.len();
                 let (worker, control) = Worker::new(version, queue.clone(), self.switches.clone());
                 self.workers.spawn(worker.run());
@@ -295,6 +328,8 @@ impl Registry {
                         queue: queue.clone(),
                         control,
                         lanes: version_lanes,
+                        mode,
+                        settings,
                     },
                 );
                 self.publish();
@@ -311,6 +346,7 @@ impl Registry {
                     ms = started.elapsed().as_millis() as u64,
                     "policy loaded"
                 );
+                Metrics::count(&metrics().reloads, "loaded");
                 Change::Loaded { name: name.to_string() }
             }
         }
@@ -324,6 +360,7 @@ impl Registry {
     pub fn remove(&mut self, path: &Path) -> Option<String> {
         let entry = self.entries.remove(path)?;
         self.publish();
+        Metrics::count(&metrics().reloads, "unloaded");
         let dropped = entry.queue.len();
         entry.queue.close();
         info!(policy = %entry.name, file = %path.display(), discarded = dropped, "policy unloaded: its file was deleted");
@@ -338,12 +375,13 @@ impl Registry {
     fn publish(&self) {
         let routes = self
             .entries
-            .values()
-            .map(|e| Route {
+            .iter()
+            .map(|(path, e)| Route {
                 name: e.name.clone(),
                 manifest: e.manifest.clone(),
                 queue: e.queue.clone(),
                 generation: e.generation,
+                origin: Arc::new(Origin { file: path.clone(), hash: hex(&e.hash), mode: e.mode }),
             })
             .collect();
         self.routes.store(Arc::new(Routes::new(routes)));
@@ -368,6 +406,15 @@ impl Registry {
             self.workers.abort_all();
         }
     }
+}
+
+/// A policy file's stem: the key of its `[policies.NAME]` section.
+fn stem(path: &Path) -> String {
+    path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// `pattern(ops)` of the rules in `a` that `b` does not have, or `-`.

@@ -14,9 +14,16 @@
 //! `cp new.wasm policies/.name.tmp && mv policies/.name.tmp policies/name.wasm`
 //! (hidden files are ignored, and the rename is a single event).
 //!
-//! Only top-level `*.wasm` files count. SIGHUP re-scans the whole directory;
-//! `--no-watch` turns the watcher off for immutable deployments (SIGHUP
-//! still works).
+//! Only top-level `*.wasm` files count. SIGHUP re-reads the config file
+//! (when there is one) and re-scans the whole directory; `--no-watch` turns
+//! the watcher off for immutable deployments (SIGHUP still works). The new
+//! config is validated whole before anything changes: an invalid file is
+//! logged with why, and the running config stays. A valid one applies the
+//! policy settings (mode, config, grant narrowing, budgets, failure policy,
+//! lanes): each policy whose settings changed is reloaded, with the same
+//! swap and rejection rules as a new file. Settings a running daemon cannot
+//! change (the Redis URL, stream names, the admin address, ...) are named
+//! in the log as waiting for a restart.
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -28,7 +35,9 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
+use crate::config::Config;
 use crate::dispatch::registry::{Registry, RejectError};
+use crate::metrics::{Metrics, metrics};
 use crate::sandbox::runtime::{LoadError, content_hash};
 
 /// Quiet time after a file's last change before it is loaded.
@@ -80,14 +89,58 @@ pub struct Reloader {
     duplicates: BTreeSet<PathBuf>,
     /// The directory's watcher, once armed, and where it reports.
     watcher: Option<(notify::RecommendedWatcher, Events)>,
+    /// Reads the config again on SIGHUP (none without a config file).
+    config_source: Option<ConfigSource>,
 }
+
+/// Reads the daemon's config again, flags and environment applied as at
+/// start, or says why it cannot.
+pub type ConfigSource = Box<dyn Fn() -> Result<Config, String> + Send + Sync>;
 
 type Events = mpsc::UnboundedReceiver<notify::Result<notify::Event>>;
 
 impl Reloader {
     /// `dir` is made absolute so that watcher paths compare equal.
     pub fn new(registry: Registry, dir: &Path) -> std::io::Result<Reloader> {
-        Ok(Reloader { registry, dir: std::fs::canonicalize(dir)?, duplicates: BTreeSet::new(), watcher: None })
+        Ok(Reloader {
+            registry,
+            dir: std::fs::canonicalize(dir)?,
+            duplicates: BTreeSet::new(),
+            watcher: None,
+            config_source: None,
+        })
+    }
+
+    /// Re-read the config with `source` on SIGHUP.
+    pub fn reload_config_with(&mut self, source: ConfigSource) {
+        self.config_source = Some(source);
+    }
+
+    /// SIGHUP: take the config file's policy settings if it is valid, then
+    /// bring every policy in line with the directory and the settings.
+    async fn hangup(&mut self) {
+        if let Some(source) = &self.config_source {
+            match source() {
+                Ok(new) => {
+                    let waiting = self.registry.config().restart_only_changes(&new);
+                    if !waiting.is_empty() {
+                        warn!(settings = %waiting.join(" "), "SIGHUP: these settings changed but take effect only at the next start");
+                    }
+                    let applied = self.registry.config().reloaded(&new);
+                    self.registry.set_config(applied);
+                    info!(
+                        "SIGHUP: config re-read; applying the policy settings and re-scanning the policies directory"
+                    );
+                }
+                Err(why) => {
+                    error!(error = %why, "SIGHUP: the config file is invalid; the running config stays (fix the file and send SIGHUP again)");
+                    Metrics::count(&metrics().reloads, "config_rejected");
+                }
+            }
+        } else {
+            info!("SIGHUP: re-scanning the policies directory");
+        }
+        let _ = self.sync_all().await;
     }
 
     /// Start watching the directory. Called before the first
@@ -195,6 +248,7 @@ impl Reloader {
                 if matches!(e, RejectError::Duplicate { .. }) {
                     self.duplicates.insert(path.to_owned());
                 }
+                Metrics::count(&metrics().reloads, "rejected");
                 let keeps = if self.registry.is_loaded(path) { "; the running version keeps serving" } else { "" };
                 error!(file = %path.display(), error = %e, "policy rejected{keeps}");
                 Err(e)
@@ -242,8 +296,7 @@ impl Reloader {
                     }
                 }
                 Some(()) = async { match hangup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
-                    info!("SIGHUP: re-scanning the policies directory");
-                    let _ = self.sync_all().await;
+                    self.hangup().await;
                 }
             }
         }

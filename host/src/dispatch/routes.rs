@@ -10,7 +10,7 @@ use crate::dispatch::matcher::Matcher;
 use crate::dispatch::queue::{HookFailure, Item, KeyNotification, PolicyQueue, Pushed};
 use crate::sandbox::grants::MAX_KEY_LEN;
 use crate::sandbox::manifest::Manifest;
-use crate::store::echo::Origin;
+use crate::store::echo::Origin as EchoOrigin;
 use crate::wit::{DeployEvent, SweepReason};
 
 /// One policy as routed to.
@@ -21,6 +21,17 @@ pub struct Route {
     /// Which version of the policy (counted per policy) these routes are
     /// for; stamped on every event routed to it.
     pub generation: u64,
+    /// Where it was loaded from, for `/status`.
+    pub origin: Arc<Origin>,
+}
+
+/// A policy version's file and settings, as `/status` shows them.
+#[derive(Debug)]
+pub struct Origin {
+    pub file: std::path::PathBuf,
+    /// SHA-256 of the file, in hex.
+    pub hash: String,
+    pub mode: crate::config::Mode,
 }
 
 /// What became of one keyspace event.
@@ -65,13 +76,14 @@ impl Routes {
     /// [`MAX_KEY_LEN`]) owes each of those policies a `sweep(gap)` instead,
     /// which reaches the key on Redis's side; the echo and hop rules are the
     /// same, so a sweep's own writes never owe it another sweep.
-    pub fn key_event(&self, db: u32, op: &str, key: &[u8], origin: Option<&Origin>, hop_limit: u8) -> Routed {
+    pub fn key_event(&self, db: u32, op: &str, key: &[u8], origin: Option<&EchoOrigin>, hop_limit: u8) -> Routed {
         let mut routed = Routed::default();
         let hops = origin.map_or(0, |o| o.hops);
         let text = if key.len() > MAX_KEY_LEN { None } else { std::str::from_utf8(key).ok() };
         // Made once, on the first policy that gets the event, and shared by
         // every queue it joins.
         let mut shared: Option<(Arc<str>, Arc<str>)> = None;
+        let received = std::time::Instant::now();
         for index in self.matcher.matching(op, key) {
             let route = &self.routes[index];
             if origin.is_some_and(|o| o.policy == route.name) {
@@ -88,7 +100,7 @@ impl Routes {
                 continue;
             };
             let (op, key) = shared.get_or_insert_with(|| (Arc::from(op), Arc::from(text))).clone();
-            let event = KeyNotification { db, op, key, hops, generation: route.generation };
+            let event = KeyNotification { db, op, key, hops, generation: route.generation, received };
             match route.queue.push_key(event) {
                 Pushed::Queued => routed.queued += 1,
                 Pushed::Coalesced => routed.coalesced += 1,

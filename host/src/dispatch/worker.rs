@@ -37,9 +37,10 @@ use tracing::Instrument;
 
 use crate::config::Mode;
 use crate::dispatch::audit;
-use crate::dispatch::breaker::{Admit, Breaker, FailurePolicy};
+use crate::dispatch::breaker::{Admit, Breaker, FailurePolicy, Health};
 use crate::dispatch::queue::{FailureKind, HookDone, HookFailure, Item, KeyNotification, PolicyQueue};
 use crate::dispatch::switches::Switches;
+use crate::metrics::{PolicyMetrics, SweepRecord, metrics};
 use crate::sandbox::runtime::{CallFailure, CallReport, LoadedPolicy};
 use crate::wit::{self, KeyEvent, SweepEvent, SweepReason};
 
@@ -93,8 +94,8 @@ pub enum Control {
 
 /// A call handed to a lane.
 enum Work {
-    /// This many keyspace events.
-    Keys(usize),
+    /// Keyspace events, by when each arrived.
+    Keys(Vec<Instant>),
     Sweep(SweepReason),
     Deploy(HookDone),
 }
@@ -154,6 +155,7 @@ pub struct Worker {
     /// Key events' effects not yet in the audit trail.
     tally: audit::Tally,
     hasher: std::collections::hash_map::RandomState,
+    metrics: Arc<PolicyMetrics>,
 }
 
 impl Worker {
@@ -166,6 +168,7 @@ impl Worker {
         let (tx, control) = mpsc::unbounded_channel();
         let name: Arc<str> = Arc::from(version.policy().name());
         let breaker = Breaker::new(&name, version.failure.clone());
+        let name_for_metrics = name.clone();
         let mut worker = Worker {
             name,
             mode: version.mode,
@@ -188,6 +191,7 @@ impl Worker {
             seq: 0,
             tally: audit::Tally::default(),
             hasher: Default::default(),
+            metrics: metrics().policy(&name_for_metrics),
         };
         worker.install(version);
         (worker, tx)
@@ -200,6 +204,7 @@ impl Worker {
         self.tally.flush(&self.name, self.mode);
         // A new version starts with a clean record, under its own settings.
         self.breaker = Breaker::new(&self.name, version.failure.clone());
+        self.metrics.set_health(health_name(Health::Healthy));
         self.mode = version.mode;
         self.generation = version.generation;
         self.lanes = version.lanes.into_iter().map(Some).collect();
@@ -335,7 +340,7 @@ impl Worker {
         }
         let lane = self.lanes[index].as_ref().expect("an idle lane");
         let manifest = lane.policy.manifest();
-        let (mut events, mut first, mut last, mut hops) = (Vec::new(), 0, 0, None);
+        let (mut events, mut received, mut first, mut last, mut hops) = (Vec::new(), Vec::new(), 0, 0, None);
         while events.len() < MAX_BATCH
             && let Some((_, k)) = self.backlog[index].front()
             && hops.is_none_or(|h| h == k.hops)
@@ -352,12 +357,14 @@ impl Worker {
                 (first, hops) = (seq, Some(k.hops));
             }
             last = seq;
+            received.push(k.received);
             events.push(KeyEvent { db: k.db, op: k.op.to_string(), key: k.key.to_string() });
         }
         let Some(hops) = hops else { return };
         lane.hops.store(hops, Ordering::Relaxed);
         let id = if first == last { format!("key-{first}") } else { format!("keys-{first}-{last}") };
-        let work = Work::Keys(events.len());
+        self.metrics.delivered.inc_by(events.len() as u64);
+        let work = Work::Keys(received);
         self.spawn(index, id, first, Call::Keys(events), work);
     }
 
@@ -424,19 +431,22 @@ impl Worker {
     /// A lane is back: audit, breaker, and the work's own follow-up.
     fn finish(&mut self, done: Finished) {
         let Finished { index, mut lane, work, report, id, resets, epoch } = done;
-        match work {
-            Work::Keys(n) => self.tally.add(&self.name, &id, n, self.mode, &report),
+        match &work {
+            Work::Keys(received) => self.tally.add(&self.name, &id, received.len(), self.mode, &report),
             _ => audit::record(&self.name, &id, self.mode, &report),
         }
+        let (kind, budget) = result_kind(&report);
+        self.metrics.call(kind, budget, report.call.denials_total);
         let result = classify(&report);
         if epoch == self.breaker.epoch() && self.breaker.record(result.is_ok(), Instant::now()) {
             self.resets += 1;
             self.lanes.iter_mut().flatten().for_each(|l| l.policy.reset_instance());
         }
+        self.metrics.set_health(health_name(self.breaker.health()));
         // A batch cut short (a trap, a budget, its queued writes lost) left
         // later events unhandled: a sweep reconciles them. (An error the
         // policy returned for one event did not stop the others.)
-        if matches!(work, Work::Keys(n) if n > 1)
+        if matches!(&work, Work::Keys(received) if received.len() > 1)
             && report.result.as_ref().is_err_and(|f| !matches!(f, CallFailure::Returned(_)))
         {
             self.owes_sweep = true;
@@ -446,13 +456,25 @@ impl Worker {
         }
         self.lanes[index] = Some(lane);
         match work {
-            Work::Keys(_) => {}
+            Work::Keys(received) => {
+                let now = Instant::now();
+                self.metrics.handled(received.iter().map(|r| now.saturating_duration_since(*r)));
+            }
             Work::Deploy(done) => {
                 self.barrier_running = false;
                 let _ = done.send(result);
             }
             Work::Sweep(reason) => {
                 self.barrier_running = false;
+                let effects = &report.call.effects;
+                self.metrics.swept(SweepRecord {
+                    reason: wit::sweep_reason_name(reason).to_owned(),
+                    at_ms: 0,
+                    ok: result.is_ok(),
+                    error: result.as_ref().err().map(|e| e.reason.clone()),
+                    deleted: effects.deleted,
+                    expired: effects.expired,
+                });
                 self.sweep_done(reason, result.is_ok());
             }
         }
@@ -496,6 +518,32 @@ impl Worker {
         if std::mem::take(&mut self.owes_sweep) {
             let _ = self.queue.push(Item::Sweep(SweepReason::Gap));
         }
+    }
+}
+
+/// The `kind` label of a call's result in `cachepol_calls_total`, and the
+/// budget it ran out of, if any.
+fn result_kind(report: &CallReport) -> (&'static str, Option<&'static str>) {
+    match &report.result {
+        Ok(_) => ("ok", None),
+        Err(CallFailure::Returned(wit::Error::Denied(_))) => ("denied", None),
+        Err(CallFailure::Returned(_)) => ("error", None),
+        Err(CallFailure::Budget(_)) => ("budget", report.call.budget_kind),
+        Err(CallFailure::OutOfFuel(_)) => ("fuel", Some("fuel")),
+        Err(CallFailure::Memory { .. }) => ("memory", Some("memory")),
+        Err(CallFailure::Timeout(_)) => ("timeout", Some("wall_time")),
+        Err(CallFailure::Panic(_)) => ("panic", None),
+        Err(CallFailure::Trap(_)) => ("trap", None),
+        Err(CallFailure::Queued(_)) => ("queued", None),
+        Err(CallFailure::Restart(_)) => ("restart", None),
+    }
+}
+
+fn health_name(health: Health) -> &'static str {
+    match health {
+        Health::Healthy => "healthy",
+        Health::Degraded => "degraded",
+        Health::Tripped => "tripped",
     }
 }
 

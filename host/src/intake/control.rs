@@ -11,8 +11,15 @@
 //! and owed as a sweep, deploy hooks fail (so the deploy reader retries and
 //! then dead-letters them: nothing is lost). When it is enabled again it is
 //! swept, to reconcile what it missed.
+//!
+//! Sweep requests (`cachepol sweep NAME`) travel the same way: a Redis Hash
+//! (default `cachepol:control:sweeps`) counts the requests per policy, with
+//! the reason asked for beside it (field `NAME.reason`). Every daemon reads
+//! it with the disabled set; a count that went up since its last reading
+//! queues one sweep of that policy. The first reading is only a baseline: a
+//! daemon starting does not replay old requests (it sweeps at start anyway).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,7 +31,7 @@ use tracing::{info, warn};
 use crate::dispatch::queue::Item;
 use crate::dispatch::routes::Routes;
 use crate::dispatch::switches::Switches;
-use crate::wit::SweepReason;
+use crate::wit::{SWEEP_REASONS, SweepReason, sweep_reason_name};
 
 /// How often the disabled set is read.
 pub const POLL_EVERY: Duration = Duration::from_secs(1);
@@ -46,17 +53,88 @@ async fn read(switches: &Switches, conn: &mut ConnectionManager, key: &str) -> r
     Ok(enabled)
 }
 
-/// Read the disabled set every [`POLL_EVERY`] until `stop`; a policy
-/// enabled again is swept to catch up.
+/// A sweep reason by its WIT name.
+pub fn sweep_reason(name: &str) -> Option<SweepReason> {
+    SWEEP_REASONS.into_iter().find(|r| sweep_reason_name(*r) == name)
+}
+
+/// Ask every daemon running policy `name` to sweep it (what `cachepol
+/// sweep` does); returns how many requests that policy has had.
+pub async fn request_sweep(
+    conn: &mut ConnectionManager,
+    key: &str,
+    name: &str,
+    reason: SweepReason,
+) -> redis::RedisResult<i64> {
+    let (count,): (i64,) = redis::pipe()
+        .atomic()
+        .cmd("HINCRBY")
+        .arg(key)
+        .arg(name)
+        .arg(1)
+        .cmd("HSET")
+        .arg(key)
+        .arg(format!("{name}.reason"))
+        .arg(sweep_reason_name(reason))
+        .ignore()
+        .query_async(conn)
+        .await?;
+    Ok(count)
+}
+
+/// The sweep requests since the last reading: counts per policy, and what
+/// to queue for those whose count went up.
+#[derive(Default)]
+struct SweepRequests {
+    seen: Option<HashMap<String, i64>>,
+}
+
+impl SweepRequests {
+    fn update(&mut self, now: HashMap<String, String>) -> Vec<(String, SweepReason)> {
+        let counts: HashMap<String, i64> = now
+            .iter()
+            .filter(|(field, _)| !field.ends_with(".reason"))
+            .filter_map(|(field, count)| Some((field.clone(), count.parse().ok()?)))
+            .collect();
+        let Some(seen) = self.seen.replace(counts.clone()) else { return Vec::new() };
+        counts
+            .into_iter()
+            .filter(|(name, count)| seen.get(name).is_none_or(|before| count > before))
+            .map(|(name, _)| {
+                let reason = now.get(&format!("{name}.reason")).and_then(|r| sweep_reason(r));
+                (name, reason.unwrap_or(SweepReason::Manual))
+            })
+            .collect()
+    }
+}
+
+/// Read the disabled set (and the sweep requests at `sweep_key`) every
+/// [`POLL_EVERY`] until `stop`; a policy enabled again is swept to catch
+/// up, and one an operator asked to sweep is swept.
 pub async fn watch(
     switches: Arc<Switches>,
     mut conn: ConnectionManager,
     key: String,
+    sweep_key: String,
     routes: Arc<ArcSwap<Routes>>,
     stop: CancellationToken,
 ) {
     let mut failing = false;
+    let mut requests = SweepRequests::default();
     loop {
+        let asked = redis::cmd("HGETALL").arg(&sweep_key).query_async::<HashMap<String, String>>(&mut conn).await;
+        if let Ok(now) = asked {
+            for (name, reason) in requests.update(now) {
+                let reason_name = sweep_reason_name(reason);
+                match routes.load().get(&name) {
+                    Some(route) => {
+                        info!(policy = %name, reason = reason_name, "sweep requested by the operator: queued");
+                        let _ = route.queue.push(Item::Sweep(reason));
+                    }
+                    None => info!(policy = %name, "sweep requested by the operator for a policy not loaded here"),
+                }
+            }
+        }
         match read(&switches, &mut conn, &key).await {
             Ok(enabled) => {
                 failing = false;
@@ -78,5 +156,24 @@ pub async fn watch(
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(POLL_EVERY) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reading(fields: &[(&str, &str)]) -> HashMap<String, String> {
+        fields.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn sweep_requests_count_from_the_first_reading() {
+        let mut requests = SweepRequests::default();
+        assert!(requests.update(reading(&[("a", "3"), ("a.reason", "manual")])).is_empty(), "a baseline");
+        assert!(requests.update(reading(&[("a", "3"), ("a.reason", "manual")])).is_empty(), "nothing new");
+        let mut asked = requests.update(reading(&[("a", "4"), ("a.reason", "gap"), ("b", "1"), ("c", "x")]));
+        asked.sort_by(|x, y| x.0.cmp(&y.0));
+        assert_eq!(asked, vec![("a".to_owned(), SweepReason::Gap), ("b".to_owned(), SweepReason::Manual)]);
     }
 }

@@ -48,6 +48,7 @@ use crate::config::DeployConfig;
 use crate::dispatch::queue::{FailureKind, HookFailure};
 use crate::dispatch::routes::Routes;
 use crate::intake::events::Backoff;
+use crate::metrics::{OutcomeLabel, Readiness, metrics};
 use crate::store::redis::is_connection_error;
 use crate::wit::DeployEvent;
 
@@ -92,6 +93,12 @@ pub fn parse_entry(entry: &StreamId) -> Result<DeployEvent, String> {
 
 fn parse_tags(text: &str) -> Result<Vec<(String, String)>, String> {
     let value: serde_json::Value = serde_json::from_str(text).map_err(|e| format!("field `tags` is not JSON: {e}"))?;
+    tags_from_json(value)
+}
+
+/// Tags given as JSON: an object of strings, or a list of `"name=value"`
+/// strings (when a name repeats). Shared with the deploy webhook.
+pub fn tags_from_json(value: serde_json::Value) -> Result<Vec<(String, String)>, String> {
     let bad = || "field `tags` must be a JSON object of strings or a list of \"name=value\" strings".to_owned();
     match value {
         serde_json::Value::Object(map) => {
@@ -171,8 +178,9 @@ impl DeployConsumer {
         info!(stream = %self.settings.stream, group = %self.settings.group, consumer = %self.settings.consumer, "reading deploy hooks");
         while !shutdown.is_cancelled() {
             match self.round(&mut catch_up, &mut last_claim, &shutdown).await {
-                Ok(Handled::Interrupted) => return,
+                Ok(Handled::Interrupted) => break,
                 Ok(Handled::Done) => {
+                    Readiness::set(&metrics().ready.deploy_reader, true);
                     if failing {
                         info!(stream = %self.settings.stream, "deploy stream reachable again");
                         failing = false;
@@ -181,6 +189,7 @@ impl DeployConsumer {
                 }
                 Err(e) => {
                     catch_up = true;
+                    Readiness::set(&metrics().ready.deploy_reader, false);
                     if !failing {
                         let why = if e.code() == Some("NOGROUP") {
                             "the deploy stream or its group is gone (Redis restarted empty, FLUSHALL, eviction); creating it again"
@@ -191,11 +200,12 @@ impl DeployConsumer {
                         failing = true;
                     }
                     if let Handled::Interrupted = pause(&shutdown, backoff.next_delay()).await {
-                        return;
+                        break;
                     }
                 }
             }
         }
+        Readiness::set(&metrics().ready.deploy_reader, false);
     }
 
     /// One round: catch up if needed, claim stale entries when due, then
@@ -369,19 +379,19 @@ impl DeployConsumer {
         if entry.map.is_empty() {
             let reason = "deleted from the stream before it was handled (trimmed past deploy.max_len, or XDEL)";
             warn!(reason, "deploy hook lost its contents: moved to the dead-letter stream");
-            return self.dead_letter(&entry, reason, shutdown).await;
+            return self.dead_letter(&entry, reason, Failed::none(attempts_before), shutdown).await;
         }
         let event = match parse_entry(&entry) {
             Ok(event) => event,
             Err(reason) => {
                 warn!(%reason, "malformed deploy hook: moved to the dead-letter stream");
-                return self.dead_letter(&entry, &reason, shutdown).await;
+                return self.dead_letter(&entry, &reason, Failed::none(attempts_before), shutdown).await;
             }
         };
         let max = self.settings.max_attempts.max(1);
         if attempts_before >= max {
             let reason = format!("gave up after {attempts_before} deliveries (the last ones were interrupted)");
-            return self.dead_letter(&entry, &reason, shutdown).await;
+            return self.dead_letter(&entry, &reason, Failed::none(attempts_before), shutdown).await;
         }
         let mut remaining: Vec<Arc<str>> =
             self.routes.load().deploy_targets(&event.service).iter().map(|r| r.name.clone()).collect();
@@ -403,10 +413,11 @@ impl DeployConsumer {
             remaining = retry.iter().map(|(n, _)| n.clone()).collect();
             if retry.is_empty() {
                 if denied.is_empty() {
+                    count_hook("acked");
                     return self.ack(&entry, shutdown).await;
                 }
                 let reason = format!("refused by a grant (not retried): {}", reasons(&denied));
-                return self.dead_letter(&entry, &reason, shutdown).await;
+                return self.dead_letter(&entry, &reason, Failed::of(&denied, attempt), shutdown).await;
             }
             if retry.iter().all(|(_, f)| f.kind == FailureKind::RedisUnavailable)
                 && unavailable_retries < MAX_UNAVAILABLE_RETRIES
@@ -427,8 +438,9 @@ impl DeployConsumer {
             if attempt >= max {
                 let all: Vec<_> = retry.into_iter().chain(denied).collect();
                 let reason = format!("failed {max} times: {}", reasons(&all));
-                return self.dead_letter(&entry, &reason, shutdown).await;
+                return self.dead_letter(&entry, &reason, Failed::of(&all, max), shutdown).await;
             }
+            count_hook("retried");
             if let Handled::Interrupted = pause(shutdown, backoff).await {
                 return Ok(Handled::Interrupted);
             }
@@ -521,12 +533,15 @@ impl DeployConsumer {
         &mut self,
         entry: &StreamId,
         reason: &str,
+        failed: Failed,
         shutdown: &CancellationToken,
     ) -> RedisResult<Handled> {
         let mut fields: Vec<(String, Value)> = vec![
             ("reason".into(), Value::SimpleString(reason.to_owned())),
             ("entry".into(), Value::SimpleString(entry.id.clone())),
             ("stream".into(), Value::SimpleString(self.settings.stream.clone())),
+            ("policies".into(), Value::SimpleString(failed.policies)),
+            ("attempts".into(), Value::Int(i64::from(failed.attempts))),
         ];
         let mut original: Vec<(&String, &Value)> = entry.map.iter().collect();
         original.sort_by(|a, b| a.0.cmp(b.0));
@@ -557,8 +572,14 @@ impl DeployConsumer {
             Err(e) => return Err(e),
         };
         warn!(dead_letter = %self.settings.dead_letter, id = %id, %reason, "deploy hook dead-lettered");
+        count_hook("dead_lettered");
         self.ack(entry, shutdown).await
     }
+}
+
+/// Count a deploy hook's outcome (`cachepol_deploy_hooks_total`).
+fn count_hook(outcome: &str) {
+    metrics().deploy_hooks.get_or_create(&OutcomeLabel { outcome: outcome.to_owned() }).inc();
 }
 
 /// Sleep `delay`, unless shutdown comes first.
@@ -570,6 +591,26 @@ async fn pause(shutdown: &CancellationToken, delay: Duration) -> Handled {
 }
 
 /// `policy: reason; policy: reason`.
+/// Who failed a dead-lettered hook, and after how many deliveries: the
+/// `policies` and `attempts` fields of its dead letter.
+struct Failed {
+    /// Space-separated names; empty when no policy was at fault (a
+    /// malformed entry).
+    policies: String,
+    attempts: u32,
+}
+
+impl Failed {
+    fn none(attempts: u32) -> Failed {
+        Failed { policies: String::new(), attempts }
+    }
+
+    fn of(failures: &[(Arc<str>, HookFailure)], attempts: u32) -> Failed {
+        let names: Vec<&str> = failures.iter().map(|(name, _)| &**name).collect();
+        Failed { policies: names.join(" "), attempts }
+    }
+}
+
 fn reasons(failures: &[(Arc<str>, HookFailure)]) -> String {
     failures.iter().map(|(name, f)| format!("{name}: {f}")).collect::<Vec<_>>().join("; ")
 }

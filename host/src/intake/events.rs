@@ -42,6 +42,7 @@ use tracing::{info, warn};
 use crate::config::IndexConfig;
 use crate::dispatch::routes::Routes;
 use crate::intake::notify;
+use crate::metrics::{Readiness, metrics};
 use crate::sandbox::manifest::Manifest;
 use crate::store::echo::EchoLedger;
 use crate::store::index::{self, KeyIndex};
@@ -252,7 +253,10 @@ impl Subscriber {
             };
             backoff.reset();
             let reason = if ready.is_some() { SweepReason::Start } else { SweepReason::Reconnect };
+            let m = metrics();
             if reason == SweepReason::Reconnect {
+                m.reconnects.inc();
+                m.gaps.inc();
                 info!(ops = %channels, "keyspace subscription restored; sweeping every policy to reconcile");
             } else {
                 info!(ops = %channels, "subscribed to keyspace notifications");
@@ -263,7 +267,10 @@ impl Subscriber {
             if let Some(tx) = ready.take() {
                 let _ = tx.send(());
             }
-            if self.watch(conn, channels, &link, &shutdown).await {
+            Readiness::set(&m.ready.subscribed, true);
+            let stopped = self.watch(conn, channels, &link, &shutdown).await;
+            Readiness::set(&m.ready.subscribed, false);
+            if stopped {
                 return;
             }
             self.index.gap();

@@ -2,8 +2,9 @@
 //!
 //! Receives Redis keyspace notifications ([`events`], one RESP3
 //! subscription routed inside its reader), deploy hooks ([`deploy`], a Redis
-//! Stream read through a consumer group), and the operator's kill switch
-//! ([`control`], a Redis Set polled every second); makes sure Redis emits
+//! Stream read through a consumer group, and the hooks it gave up on,
+//! [`dead_letters`]), and the operator's kill switch and sweep requests
+//! ([`control`], polled every second); makes sure Redis emits
 //! the notifications the policies need ([`notify`]). Hands on typed work
 //! items to the policies' queues through [`crate::dispatch`]'s routes, never
 //! waiting on a policy: the subscription socket is drained at full speed.
@@ -11,7 +12,8 @@
 //! May call: `dispatch` (routes, queues), `sandbox` (key limits), `store`
 //! (the echo ledger). Called by: the daemon's wiring and the CLI.
 
-pub(crate) mod control;
+pub mod control;
+pub mod dead_letters;
 pub mod deploy;
 pub mod events;
 pub(crate) mod notify;

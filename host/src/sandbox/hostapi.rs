@@ -73,6 +73,9 @@ pub struct CallState {
     pub effects: Effects,
     /// The first budget the call ran out of.
     pub budget_exceeded: Option<String>,
+    /// Which budget that was (`host_calls`, `grant_work`, `keys`,
+    /// `value_bytes`), for metrics.
+    pub budget_kind: Option<&'static str>,
     /// Redis calls that failed because Redis could not be reached.
     pub redis_unavailable: u32,
     /// Queued writes Redis failed (the call fails, even if the policy
@@ -93,6 +96,7 @@ impl Default for CallState {
             denials_total: 0,
             effects: Effects::default(),
             budget_exceeded: None,
+            budget_kind: None,
             redis_unavailable: 0,
             queued_failed: None,
             grant_work_left: GRANT_WORK_PER_CALL,
@@ -202,12 +206,13 @@ impl HostApi {
         self.backend = backend;
     }
 
-    fn exceeded(&mut self, what: String) -> Error {
+    fn exceeded(&mut self, kind: &'static str, what: String) -> Error {
         // Once per call: a policy retrying past its budget must not flood
         // the log through the host's own warnings either.
         if self.call.budget_exceeded.is_none() {
             tracing::warn!(policy = %self.policy, budget = %what, "budget exceeded");
             self.call.budget_exceeded = Some(what.clone());
+            self.call.budget_kind = Some(kind);
         }
         Error::BudgetExceeded(what)
     }
@@ -234,7 +239,9 @@ impl HostApi {
     fn admit(&mut self, op: &'static str, need: KeyOps, target: Target<'_>) -> Result<(), Error> {
         self.call.host_calls += 1;
         if self.call.host_calls > self.host_calls_limit() {
-            return Err(self.exceeded(format!("more than {} host calls in one event", self.budgets.host_calls)));
+            return Err(
+                self.exceeded("host_calls", format!("more than {} host calls in one event", self.budgets.host_calls))
+            );
         }
         match target {
             Target::Key(key) => self.admit_key(op, need, key),
@@ -247,9 +254,12 @@ impl HostApi {
             Target::Pattern(pattern) => {
                 check_length(op, pattern)?;
                 if self.call.grant_work_left == 0 {
-                    return Err(self.exceeded(format!(
-                        "{op}: the grant checks of this event used up their work allowance (patterns too intricate)"
-                    )));
+                    return Err(self.exceeded(
+                        "grant_work",
+                        format!(
+                            "{op}: the grant checks of this event used up their work allowance (patterns too intricate)"
+                        ),
+                    ));
                 }
                 self.grants
                     .check_pattern_within(need, pattern, &mut self.call.grant_work_left)
@@ -265,6 +275,7 @@ impl HostApi {
 
     fn redis_failed(&mut self, op: &str, e: BackendError) -> Error {
         tracing::warn!(policy = %self.policy, op, error = %e, "redis call failed");
+        crate::metrics::metrics().redis_errors.inc();
         if matches!(e, BackendError::Unavailable(_)) {
             self.call.redis_unavailable += 1;
         }
@@ -279,9 +290,10 @@ impl HostApi {
     /// Count keys touched by a single-key operation against the budget.
     fn touch(&mut self, op: &str, n: u64) -> Result<(), Error> {
         if n > self.keys_left() {
-            return Err(
-                self.exceeded(format!("{op} would touch more than {} keys in one event", self.budgets.keys_limit()))
-            );
+            return Err(self.exceeded(
+                "keys",
+                format!("{op} would touch more than {} keys in one event", self.budgets.keys_limit()),
+            ));
         }
         self.call.keys_touched += n;
         Ok(())
@@ -318,21 +330,31 @@ impl HostApi {
         }
         .map_err(|e| self.redis_failed(op, e))?;
         self.call.keys_touched += result.affected;
-        match work {
-            Bulk::Delete(_) => self.call.effects.deleted += result.affected,
-            Bulk::Expire(_) => self.call.effects.expired += result.affected,
-        }
+        let kind = match work {
+            Bulk::Delete(_) => {
+                self.call.effects.deleted += result.affected;
+                "deleted"
+            }
+            Bulk::Expire(_) => {
+                self.call.effects.expired += result.affected;
+                "expired"
+            }
+        };
+        crate::metrics::metrics().policy(&self.policy).bulk(kind, result.affected);
         self.call.effects.note_keys(result.sample.iter().map(String::as_str));
         let pattern = work.describe();
         if result.refused > 0 {
             tracing::warn!(policy = %self.policy, op, %pattern, refused = result.refused, "keys outside the grants were skipped");
         }
         if result.truncated {
-            return Err(self.exceeded(format!(
-                "{op}({pattern}) stopped after {} keys: keys-touched budget of {} per event",
-                result.affected,
-                self.budgets.keys_limit()
-            )));
+            return Err(self.exceeded(
+                "keys",
+                format!(
+                    "{op}({pattern}) stopped after {} keys: keys-touched budget of {} per event",
+                    result.affected,
+                    self.budgets.keys_limit()
+                ),
+            ));
         }
         Ok(result.affected)
     }
@@ -433,11 +455,10 @@ impl wit::redis::Host for HostApi {
                 check_ttl("set", ttl)?;
             }
             if value.len() > self.budgets.value_bytes {
-                return Err(self.exceeded(format!(
-                    "set of {} bytes: values are limited to {} bytes",
-                    value.len(),
-                    self.budgets.value_bytes
-                )));
+                return Err(self.exceeded(
+                    "value_bytes",
+                    format!("set of {} bytes: values are limited to {} bytes", value.len(), self.budgets.value_bytes),
+                ));
             }
             let written = self.backend.set(&key, &value, &options).await.map_err(|e| self.redis_failed("set", e))?;
             if written {

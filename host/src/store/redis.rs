@@ -127,6 +127,7 @@ impl RedisBackend {
             let (walked, complete) = self.walk_index(walks, &leases, plan, &act, &tally, &mut result).await?;
             if complete {
                 result.affected = walked;
+                bulk_served_by("index");
                 return Ok(result);
             }
             tracing::info!(
@@ -136,6 +137,7 @@ impl RedisBackend {
             affected = walked;
         }
         let scanned = self.scan(walks, &scan_pattern, plan, &act, &tally, &mut result).await?;
+        bulk_served_by("scan");
         result.affected = affected + scanned;
         Ok(result)
     }
@@ -354,6 +356,12 @@ impl RedisBackend {
             Err(lost) => scan(&lost.to_string()),
         }
     }
+}
+
+/// Count a bulk operation under how its keys were found.
+fn bulk_served_by(how: &str) {
+    let label = crate::metrics::OutcomeLabel { outcome: how.to_owned() };
+    crate::metrics::metrics().bulk_operations.get_or_create(&label).inc();
 }
 
 /// Queue `key` for the next pipeline if the plan allows it and its limit

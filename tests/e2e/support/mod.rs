@@ -248,6 +248,9 @@ impl Daemon {
     }
 
     fn spawn_env(url: &str, setup: &Setup, extra: &[&str], rust_log: &str, env: &[(&str, &str)]) -> Daemon {
+        // Tests run side by side: each admin server on a port of its own
+        // (see `Daemon::admin`), unless the test chose one.
+        let admin: &[&str] = if extra.contains(&"--admin") { &[] } else { &["--admin", "127.0.0.1:0"] };
         let log_dir = TempDir::new("log");
         let log = log_dir.path().join("daemon.log");
         let out = std::fs::File::create(&log).unwrap();
@@ -259,6 +262,7 @@ impl Daemon {
             .arg(setup.policies())
             .arg("--config")
             .arg(setup.config_file())
+            .args(admin)
             .args(extra)
             .env("RUST_LOG", rust_log)
             .envs(env.iter().copied())
@@ -268,6 +272,14 @@ impl Daemon {
             .spawn()
             .expect("start cachepol");
         Daemon { child, log, _dir: Some(log_dir) }
+    }
+
+    /// The admin server's address, from its log line.
+    pub fn admin(&self) -> String {
+        self.wait_for("admin server listening", Duration::from_secs(60));
+        let text = self.log_text();
+        let line = text.lines().find(|l| l.contains("admin server listening")).unwrap();
+        line.split("http://").nth(1).unwrap().split_whitespace().next().unwrap().to_owned()
     }
 
     pub fn log_text(&self) -> String {
@@ -396,4 +408,33 @@ pub fn pending(redis: &RedisServer) -> usize {
 pub fn dead_letters(redis: &RedisServer) -> Vec<String> {
     let reply: redis::streams::StreamRangeReply = redis.cmd(&["XRANGE", "cachepol:deploys:dead", "-", "+"]);
     reply.ids.iter().map(|e| e.get::<String>("reason").unwrap_or_default()).collect()
+}
+
+/// One HTTP/1.1 request to `addr`; returns the status code and the body.
+pub fn http(addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
+    stream.write_all(request.as_bytes()).unwrap();
+    // The server may answer (413, 401) and close before the whole body is sent.
+    let _ = stream.write_all(body);
+    let mut raw = Vec::new();
+    let _ = stream.read_to_end(&mut raw);
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let code = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    (code, body)
+}
+
+/// The value of one sample in a `/metrics` text, 0 if absent.
+pub fn metric(text: &str, sample: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(sample).and_then(|rest| rest.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
 }

@@ -1,0 +1,123 @@
+//! `cachepol status`: a running daemon's `/status`, as a table.
+
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, bail};
+use cachepol::admin::status::{PolicyStatus, Status};
+use cachepol::config::DEFAULT_ADMIN_ADDR;
+use clap::Args;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::dead_letter::human;
+
+pub const AFTER_HELP: &str = "Examples:
+  cachepol status
+  cachepol status --admin 10.0.0.5:9477
+  cachepol status --json | jq '.policies[].counters'";
+
+#[derive(Args)]
+pub struct StatusArgs {
+    /// The daemon's admin address (its admin_addr).
+    #[arg(long, default_value = DEFAULT_ADMIN_ADDR)]
+    admin: String,
+    /// Print the JSON as the daemon gave it.
+    #[arg(long)]
+    json: bool,
+}
+
+pub async fn run(args: StatusArgs) -> Result<ExitCode> {
+    let body = get(&args.admin, "/status").await?;
+    if args.json {
+        println!("{body}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let status: Status = serde_json::from_str(&body).context("the daemon's /status is not what this cachepol reads")?;
+    print!("{}", render(&status, SystemTime::now()));
+    Ok(if status.ready { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// One HTTP/1.1 GET on loopback or a private network: the admin server's
+/// answers are small and never chunked, so a plain socket is enough.
+async fn get(addr: &str, path: &str) -> Result<String> {
+    let mut stream = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr))
+        .await
+        .map_err(|_| anyhow::anyhow!("no answer from {addr} within 5 s"))?
+        .with_context(|| {
+            format!("cannot reach the admin server at {addr} (is the daemon running, with admin_addr {addr}?)")
+        })?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await?;
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut raw))
+        .await
+        .map_err(|_| anyhow::anyhow!("{addr} did not finish its answer within 10 s"))??;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text.split_once("\r\n\r\n").context("not an HTTP answer")?;
+    let status_line = head.lines().next().unwrap_or_default();
+    if !status_line.contains(" 200 ") {
+        bail!("{addr}{path} answered {status_line}: {}", body.trim());
+    }
+    Ok(body.to_owned())
+}
+
+/// The status as a person reads it.
+pub fn render(s: &Status, now: SystemTime) -> String {
+    let mut out = String::new();
+    let ready = if s.ready { "ready".to_owned() } else { format!("NOT READY: {}", s.not_ready.join("; ")) };
+    out.push_str(&format!("cachepol {}, up {}, {ready}\n", s.version, human(Duration::from_secs(s.uptime_secs))));
+    let r = &s.redis;
+    match &r.error {
+        Some(e) => out.push_str(&format!("redis: {e}\n")),
+        None => out.push_str(&format!(
+            "redis {}: hit rate {} ({} hits, {} misses), used memory {}, notify-keyspace-events {}\n",
+            r.version.as_deref().unwrap_or("?"),
+            r.hit_rate.map_or_else(|| "-".into(), |h| format!("{:.1}%", h * 100.0)),
+            r.keyspace_hits.unwrap_or(0),
+            r.keyspace_misses.unwrap_or(0),
+            r.used_memory.map_or_else(|| "?".into(), mib),
+            r.notify_keyspace_events.as_deref().filter(|f| !f.is_empty()).unwrap_or("(off)"),
+        )),
+    }
+    for p in &s.index {
+        out.push_str(&format!("key index {}: {} ({} keys)\n", p.pattern, p.status, p.keys));
+    }
+    out.push('\n');
+    if s.policies.is_empty() {
+        out.push_str("no policy loaded\n");
+        return out;
+    }
+    let header = ["POLICY", "VERSION", "MODE", "HEALTH", "QUEUE", "EVENTS", "CALLS", "LAST EVENT", "LAST SWEEP"]
+        .map(str::to_owned);
+    let rows: Vec<[String; 9]> = s.policies.iter().map(|p| policy_row(p, now)).collect();
+    out.push_str(&super::table(&header, &rows));
+    out
+}
+
+fn policy_row(p: &PolicyStatus, now: SystemTime) -> [String; 9] {
+    let ago = |ms: u64| {
+        let at = UNIX_EPOCH + Duration::from_millis(ms);
+        format!("{} ago", human(now.duration_since(at).unwrap_or_default()))
+    };
+    let ok = p.counters.calls.get("ok").copied().unwrap_or(0);
+    let failed: u64 = p.counters.calls.iter().filter(|(k, _)| *k != "ok").map(|(_, n)| n).sum();
+    let health = if p.disabled { format!("{} (disabled)", p.health) } else { p.health.clone() };
+    [
+        p.name.clone(),
+        p.version.clone(),
+        p.mode.clone(),
+        health,
+        p.queue.depth.to_string(),
+        format!("{} ({} dropped)", p.counters.delivered, p.counters.dropped),
+        format!("{ok} ok, {failed} failed"),
+        p.activity.last_event_ms.map_or_else(|| "-".into(), ago),
+        p.activity.last_sweep.as_ref().map_or_else(
+            || "-".into(),
+            |w| format!("{} {} {}", w.reason, if w.ok { "ok" } else { "FAILED" }, ago(w.at_ms)),
+        ),
+    ]
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1 << 20) as f64)
+}

@@ -1,0 +1,414 @@
+//! The daemon's counters and readiness, as the admin server shows them.
+//!
+//! Every stage records here (a keyspace event queued or dropped in intake, a
+//! call's result in dispatch, keys a bulk operation deleted in the
+//! sandbox), and only the admin server ([`crate::admin`]) reads. A process
+//! runs one daemon, so the registry is process-wide ([`metrics`]) rather
+//! than threaded through every constructor; the per-policy handles
+//! ([`PolicyMetrics`]) are looked up once, when a policy's queue or worker
+//! is made, so the event path pays an atomic add per counter and no lookup.
+//!
+//! Names follow Prometheus conventions: `cachepol_` prefix, `_total` on
+//! counters, the unit in the name (`_seconds`, `_bytes`). A policy that is
+//! unloaded and loaded again keeps its counters: they never go backwards
+//! while the process lives.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, LazyLock, Mutex};
+use std::time::{Duration, SystemTime};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::{Registry, Unit};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PolicyLabel {
+    pub policy: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PolicyKindLabels {
+    pub policy: String,
+    /// The result of a call, the budget tripped, the kind of key change,
+    /// or the sweep's reason, depending on the family.
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    pub outcome: String,
+}
+
+/// Buckets of the event lag histogram: 100 us to about 26 s.
+fn lag_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.0001, 2.0, 19))
+}
+
+/// Every metric the daemon exports.
+pub struct Metrics {
+    registry: Registry,
+    policies: Mutex<HashMap<String, Arc<PolicyMetrics>>>,
+    delivered: Family<PolicyLabel, Counter>,
+    coalesced: Family<PolicyLabel, Counter>,
+    dropped: Family<PolicyLabel, Counter>,
+    calls: Family<PolicyKindLabels, Counter>,
+    denials: Family<PolicyLabel, Counter>,
+    budget_trips: Family<PolicyKindLabels, Counter>,
+    bulk_keys: Family<PolicyKindLabels, Counter>,
+    sweeps: Family<PolicyKindLabels, Counter>,
+    health: Family<PolicyLabel, Gauge>,
+    lag: Family<PolicyLabel, Histogram, fn() -> Histogram>,
+    /// Set at each scrape from the queues themselves.
+    pub queue_depth: Family<PolicyLabel, Gauge>,
+    pub queue_bytes: Family<PolicyLabel, Gauge>,
+    pub reloads: Family<OutcomeLabel, Counter>,
+    pub deploy_hooks: Family<OutcomeLabel, Counter>,
+    pub bulk_operations: Family<OutcomeLabel, Counter>,
+    pub reconnects: Counter,
+    pub gaps: Counter,
+    pub redis_errors: Counter,
+    /// Set at each scrape.
+    pub resident_memory: Gauge,
+    pub index_keys: Gauge,
+    pub ready: Readiness,
+}
+
+/// The daemon's one registry.
+pub fn metrics() -> &'static Metrics {
+    static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
+    &METRICS
+}
+
+impl Metrics {
+    fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("cachepol");
+        let m = Metrics {
+            registry: Registry::default(),
+            policies: Mutex::new(HashMap::new()),
+            delivered: Family::default(),
+            coalesced: Family::default(),
+            dropped: Family::default(),
+            calls: Family::default(),
+            denials: Family::default(),
+            budget_trips: Family::default(),
+            bulk_keys: Family::default(),
+            sweeps: Family::default(),
+            health: Family::default(),
+            lag: Family::new_with_constructor(lag_histogram),
+            queue_depth: Family::default(),
+            queue_bytes: Family::default(),
+            reloads: Family::default(),
+            deploy_hooks: Family::default(),
+            bulk_operations: Family::default(),
+            reconnects: Counter::default(),
+            gaps: Counter::default(),
+            redis_errors: Counter::default(),
+            resident_memory: Gauge::default(),
+            index_keys: Gauge::default(),
+            ready: Readiness::default(),
+        };
+        let r = &mut registry;
+        r.register("events_delivered", "Keyspace events handed to a policy call", m.delivered.clone());
+        r.register(
+            "events_coalesced",
+            "Keyspace events merged into one already queued for the same key",
+            m.coalesced.clone(),
+        );
+        r.register(
+            "events_dropped",
+            "Keyspace events dropped (queue full, or a key no policy can take); a sweep(gap) reconciles them",
+            m.dropped.clone(),
+        );
+        r.register(
+            "calls",
+            "Policy calls by result (ok, error, budget, fuel, memory, timeout, panic, trap, queued, restart)",
+            m.calls.clone(),
+        );
+        r.register("denials", "Redis operations a policy asked for outside its grants", m.denials.clone());
+        r.register("budget_trips", "Calls stopped by a budget, by budget", m.budget_trips.clone());
+        r.register(
+            "bulk_keys",
+            "Keys deleted or expired by bulk operations (delete-matching, expire-matching)",
+            m.bulk_keys.clone(),
+        );
+        r.register("sweeps", "Sweeps run, by reason", m.sweeps.clone());
+        r.register("policy_health", "Circuit breaker state: 0 healthy, 1 degraded, 2 tripped", m.health.clone());
+        r.register_with_unit(
+            "event_lag",
+            "From a keyspace notification's arrival to the end of the call that handled it",
+            Unit::Seconds,
+            m.lag.clone(),
+        );
+        r.register("queue_depth", "Items waiting in a policy's queue", m.queue_depth.clone());
+        r.register_with_unit(
+            "queue",
+            "Memory held by a policy's queued keyspace events",
+            Unit::Bytes,
+            m.queue_bytes.clone(),
+        );
+        r.register(
+            "reloads",
+            "Policy file changes applied, by outcome (loaded, replaced, rejected, unloaded)",
+            m.reloads.clone(),
+        );
+        r.register("deploy_hooks", "Deploy hooks by outcome (acked, retried, dead_lettered)", m.deploy_hooks.clone());
+        r.register(
+            "bulk_operations",
+            "Bulk operations by how their keys were found (index, scan)",
+            m.bulk_operations.clone(),
+        );
+        r.register(
+            "subscription_reconnects",
+            "Keyspace subscriptions re-established after a loss",
+            m.reconnects.clone(),
+        );
+        r.register(
+            "gaps",
+            "Times every policy was owed a sweep(gap): a lost subscription, missing notification flags",
+            m.gaps.clone(),
+        );
+        r.register(
+            "redis_errors",
+            "Redis commands that failed (connection lost, refused by the server)",
+            m.redis_errors.clone(),
+        );
+        r.register_with_unit(
+            "resident_memory",
+            "Resident memory of the daemon process",
+            Unit::Bytes,
+            m.resident_memory.clone(),
+        );
+        r.register("index_keys", "Key names the key index holds", m.index_keys.clone());
+        Metrics { registry, ..m }
+    }
+
+    /// Count one outcome in a daemon-wide family (`reloads`,
+    /// `deploy_hooks`, `bulk_operations`).
+    pub fn count(family: &Family<OutcomeLabel, Counter>, outcome: &str) {
+        family.get_or_create(&OutcomeLabel { outcome: outcome.to_owned() }).inc();
+    }
+
+    /// The handles of policy `name`'s metrics (the same ones each time).
+    pub fn policy(&self, name: &str) -> Arc<PolicyMetrics> {
+        let mut policies = self.policies.lock().unwrap_or_else(|e| e.into_inner());
+        policies
+            .entry(name.to_owned())
+            .or_insert_with(|| {
+                let label = PolicyLabel { policy: name.to_owned() };
+                Arc::new(PolicyMetrics {
+                    name: name.to_owned(),
+                    delivered: self.delivered.get_or_create_owned(&label),
+                    coalesced: self.coalesced.get_or_create_owned(&label),
+                    dropped: self.dropped.get_or_create_owned(&label),
+                    denials: self.denials.get_or_create_owned(&label),
+                    ok: self
+                        .calls
+                        .get_or_create_owned(&PolicyKindLabels { policy: name.to_owned(), kind: "ok".into() }),
+                    health: self.health.get_or_create_owned(&label),
+                    lag: self.lag.get_or_create_owned(&label),
+                    activity: Mutex::new(Activity::default()),
+                })
+            })
+            .clone()
+    }
+
+    /// The text `/metrics` serves (OpenMetrics, which Prometheus reads).
+    pub fn encode(&self) -> String {
+        let mut text = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
+        text
+    }
+}
+
+/// One policy's metrics, and what `/status` says it did last.
+pub struct PolicyMetrics {
+    name: String,
+    pub delivered: Counter,
+    pub coalesced: Counter,
+    pub dropped: Counter,
+    pub denials: Counter,
+    /// `calls{kind="ok"}`, resolved once: the common case on the event path.
+    ok: Counter,
+    health: Gauge,
+    lag: Histogram,
+    activity: Mutex<Activity>,
+}
+
+/// What a policy did last, for `/status`.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Activity {
+    /// When a keyspace event was last handled (Unix milliseconds).
+    pub last_event_ms: Option<u64>,
+    pub last_sweep: Option<SweepRecord>,
+    /// `healthy`, `degraded` or `tripped`.
+    pub health: &'static str,
+}
+
+/// The last sweep a policy ran.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct SweepRecord {
+    pub reason: String,
+    pub at_ms: u64,
+    pub ok: bool,
+    /// Why it failed.
+    pub error: Option<String>,
+    pub deleted: u64,
+    pub expired: u64,
+}
+
+fn unix_ms(at: SystemTime) -> u64 {
+    at.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+impl PolicyMetrics {
+    /// A call finished: its result (`ok`, or the kind of failure), the
+    /// budget it ran out of, its denials.
+    pub fn call(&self, result: &str, budget: Option<&str>, denials: u32) {
+        if result == "ok" && budget.is_none() && denials == 0 {
+            self.ok.inc();
+            return;
+        }
+        let m = metrics();
+        let labels = |kind: &str| PolicyKindLabels { policy: self.name.clone(), kind: kind.to_owned() };
+        m.calls.get_or_create(&labels(result)).inc();
+        if let Some(budget) = budget {
+            m.budget_trips.get_or_create(&labels(budget)).inc();
+        }
+        if denials > 0 {
+            self.denials.inc_by(u64::from(denials));
+        }
+    }
+
+    /// Keyspace events handled, each waited `lag` since it arrived.
+    pub fn handled(&self, lags: impl Iterator<Item = Duration>) {
+        for lag in lags {
+            self.lag.observe(lag.as_secs_f64());
+        }
+        self.activity().last_event_ms = Some(unix_ms(SystemTime::now()));
+    }
+
+    /// A bulk operation changed `n` keys (`kind`: deleted or expired).
+    pub fn bulk(&self, kind: &str, n: u64) {
+        if n > 0 {
+            let labels = PolicyKindLabels { policy: self.name.clone(), kind: kind.to_owned() };
+            metrics().bulk_keys.get_or_create(&labels).inc_by(n);
+        }
+    }
+
+    /// A sweep finished.
+    pub fn swept(&self, record: SweepRecord) {
+        let labels = PolicyKindLabels { policy: self.name.clone(), kind: record.reason.clone() };
+        metrics().sweeps.get_or_create(&labels).inc();
+        self.activity().last_sweep = Some(SweepRecord { at_ms: unix_ms(SystemTime::now()), ..record });
+    }
+
+    /// The breaker's state changed.
+    pub fn set_health(&self, health: &'static str) {
+        let level = match health {
+            "healthy" => 0,
+            "degraded" => 1,
+            _ => 2,
+        };
+        self.health.set(level);
+        self.activity().health = health;
+    }
+
+    /// What the policy did last.
+    pub fn snapshot(&self) -> Activity {
+        self.activity().clone()
+    }
+
+    /// Calls so far, by result.
+    pub fn calls(&self) -> Vec<(String, u64)> {
+        let mut calls = Vec::new();
+        for kind in CALL_RESULTS {
+            let labels = PolicyKindLabels { policy: self.name.clone(), kind: (*kind).to_owned() };
+            let n = metrics().calls.get_or_create(&labels).get();
+            if n > 0 {
+                calls.push(((*kind).to_owned(), n));
+            }
+        }
+        calls
+    }
+
+    fn activity(&self) -> std::sync::MutexGuard<'_, Activity> {
+        self.activity.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Every value of the `kind` label of `cachepol_calls_total`.
+pub const CALL_RESULTS: &[&str] =
+    &["ok", "error", "denied", "budget", "fuel", "memory", "timeout", "panic", "trap", "queued", "restart"];
+
+/// What `/readyz` checks: each part sets its own flag.
+#[derive(Default)]
+pub struct Readiness {
+    pub subscribed: AtomicBool,
+    pub deploy_reader: AtomicBool,
+    pub policies_loaded: AtomicBool,
+    pub shutting_down: AtomicBool,
+}
+
+impl Readiness {
+    /// What keeps the daemon from being ready, if anything.
+    pub fn missing(&self) -> Vec<&'static str> {
+        let mut missing = Vec::new();
+        if self.shutting_down.load(Ordering::Relaxed) {
+            missing.push("shutting down");
+        }
+        if !self.policies_loaded.load(Ordering::Relaxed) {
+            missing.push("policies not loaded yet");
+        }
+        if !self.subscribed.load(Ordering::Relaxed) {
+            missing.push("not subscribed to keyspace notifications (starting, or Redis unreachable)");
+        }
+        if !self.deploy_reader.load(Ordering::Relaxed) {
+            missing.push("deploy reader not running (starting, or Redis unreachable)");
+        }
+        missing
+    }
+
+    pub fn set(flag: &AtomicBool, on: bool) {
+        flag.store(on, Ordering::Relaxed);
+    }
+}
+
+/// The process's resident memory, from `/proc/self/statm`.
+pub fn resident_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * 4096)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_prometheus_conventions() {
+        let p = metrics().policy("unit-test-policy");
+        p.delivered.inc_by(3);
+        p.call("ok", None, 0);
+        p.call("budget", Some("host_calls"), 2);
+        p.bulk("deleted", 5);
+        p.handled([Duration::from_millis(3)].into_iter());
+        let text = metrics().encode();
+        for line in [
+            "cachepol_events_delivered_total{policy=\"unit-test-policy\"} 3",
+            "cachepol_calls_total{policy=\"unit-test-policy\",kind=\"ok\"} 1",
+            "cachepol_budget_trips_total{policy=\"unit-test-policy\",kind=\"host_calls\"} 1",
+            "cachepol_denials_total{policy=\"unit-test-policy\"} 2",
+            "cachepol_bulk_keys_total{policy=\"unit-test-policy\",kind=\"deleted\"} 5",
+            "cachepol_event_lag_seconds_count{policy=\"unit-test-policy\"} 1",
+        ] {
+            assert!(text.contains(line), "no {line:?} in\n{text}");
+        }
+        assert!(Arc::ptr_eq(&p, &metrics().policy("unit-test-policy")), "a policy keeps its handles");
+        assert_eq!(p.calls(), vec![("ok".to_owned(), 1), ("budget".to_owned(), 1)]);
+    }
+}
