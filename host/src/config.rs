@@ -4,6 +4,7 @@
 //! redis_url = "redis://127.0.0.1:6379/0"
 //! policies_dir = "policies"
 //! configure_notifications = false
+//! admin_addr = "127.0.0.1:9477"   # the admin server; "none" turns it off
 //!
 //! [deploy]
 //! stream = "cachepol:deploys"

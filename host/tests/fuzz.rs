@@ -1,6 +1,6 @@
 //! Fuzzing the parsers of untrusted input with generated input: scenario
-//! files, deploy-stream entries, policy manifests and keyspace channel
-//! names. Each must answer with a value or a clear error, never panic, and
+//! files, deploy-stream entries, deploy webhook bodies, policy manifests and
+//! keyspace channel names. Each must answer with a value or a clear error, never panic, and
 //! what it accepts must be what it promises.
 //!
 //! A short run is part of `cargo test`; a long one:
@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 
+use cachepol::admin::webhook;
 use cachepol::fake::scenario::Scenario;
 use cachepol::intake::deploy::parse_entry;
 use cachepol::intake::events::parse_channel;
@@ -49,6 +50,25 @@ fn stream_entry() -> impl Strategy<Value = StreamId> {
         map: fields.into_iter().map(|(k, v)| (k.to_owned(), v)).collect::<HashMap<_, _>>(),
         ..StreamId::default()
     })
+}
+
+/// A webhook body: JSON objects with the hook's fields (and others) whose
+/// values are of any JSON kind, or arbitrary bytes.
+fn webhook_body() -> impl Strategy<Value = Vec<u8>> {
+    let value = prop_oneof![
+        Just("null".to_owned()),
+        "-?[0-9]{1,20}(\\.[0-9]{1,5})?(e[0-9]{1,3})?",
+        "\"[a-z=\\\\ \u{e9}\u{0}]{0,12}\"",
+        "\\[(\"[a-z=]{0,6}\",?){0,4}\\]",
+        "\\{(\"[a-z]{0,4}\": ?\"[a-z]{0,4}\",?){0,3}\\}",
+        Just("\"\\ud800\"".to_owned()),
+    ];
+    let field = prop_oneof![Just("service"), Just("files"), Just("tags"), Just("id"), Just("other")];
+    let object = prop::collection::vec((field, value), 0..6).prop_map(|fields| {
+        let inner: Vec<String> = fields.iter().map(|(k, v)| format!("\"{k}\": {v}")).collect();
+        format!("{{{}}}", inner.join(", ")).into_bytes()
+    });
+    prop_oneof![object, prop::collection::vec(any::<u8>(), 0..200)]
 }
 
 fn key_ops(bits: u8) -> KeyOps {
@@ -100,6 +120,21 @@ proptest! {
     fn deploy_entries_parse_or_say_why(entry in stream_entry()) {
         match parse_entry(&entry) {
             Ok(event) => prop_assert!(!event.service.trim().is_empty()),
+            Err(reason) => prop_assert!(!reason.is_empty()),
+        }
+    }
+
+    #[test]
+    fn webhook_bodies_parse_or_say_why(body in webhook_body()) {
+        match webhook::parse(&body) {
+            Ok(hook) => {
+                let text = String::from_utf8_lossy(&body);
+                prop_assert!(!hook.service.is_empty() && hook.service == hook.service.trim());
+                prop_assert!(text.contains("\"service\""), "{}", text);
+                prop_assert!(!text.contains("\"other\""), "unknown fields are refused: {}", text);
+                prop_assert!(hook.files.iter().all(|f| !f.is_empty()));
+                prop_assert!(hook.id.as_deref().is_none_or(|id| !id.is_empty()));
+            }
             Err(reason) => prop_assert!(!reason.is_empty()),
         }
     }
