@@ -64,6 +64,13 @@ pub struct Hook {
 /// Parse and check a posted body: a clear sentence for every way it can be
 /// wrong. Never panics, whatever the bytes (a fuzz test holds it to that).
 pub fn parse(body: &[u8]) -> Result<Hook, String> {
+    // serde would also take a struct from a JSON list (`["catalog"]`): a
+    // hook is an object, nothing else.
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(
+            "the body must be a JSON object: {\"service\": ..., \"files\": [...], \"tags\": {...}, \"id\": ...}".into(),
+        );
+    }
     let raw: HookBody =
         serde_json::from_slice(body).map_err(|e| format!("the body is not a valid deploy hook: {e}"))?;
     let service = raw.service.trim().to_owned();
@@ -178,7 +185,8 @@ mod tests {
             (br#"{"service":"a","tags":["nokey"]}"#, "not of the form name=value"),
             (br#"{"service":"a","id":""}"#, "`id` must not be empty"),
             (br#"{"service":"a","files":[""]}"#, "empty paths"),
-            (br#"["service"]"#, "not a valid deploy hook"),
+            (br#"["service"]"#, "must be a JSON object"),
+            (br#"{"service":"a","service":"b"}"#, "duplicate field `service`"),
         ] {
             let err = parse(body).unwrap_err();
             assert!(err.contains(says), "{}: {err}", String::from_utf8_lossy(body));
