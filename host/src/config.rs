@@ -328,23 +328,68 @@ impl Config {
     /// The settings SIGHUP cannot change in a running daemon, that differ
     /// between `self` and `new`: they take effect at the next start.
     pub fn restart_only_changes(&self, new: &Config) -> Vec<&'static str> {
-        let d = |c: &Config| (c.deploy.stream.clone(), c.deploy.group.clone(), c.deploy.dead_letter.clone());
-        let checks: [(&'static str, bool); 15] = [
-            ("redis_url", self.redis_url != new.redis_url),
-            ("policies_dir", self.policies_dir != new.policies_dir),
-            ("cache_dir", self.cache_dir != new.cache_dir),
-            ("deploy", d(self) != d(new)),
-            ("queue_capacity", self.queue_capacity != new.queue_capacity),
-            ("queue_bytes", self.queue_bytes != new.queue_bytes),
-            ("instance_pool", self.instance_pool != new.instance_pool),
-            ("hop_limit", self.hop_limit != new.hop_limit),
-            ("control_key", self.control_key != new.control_key),
-            ("sweep_key", self.sweep_key != new.sweep_key),
-            ("admin_addr", self.admin_addr != new.admin_addr),
-            ("index", self.index != new.index),
-            ("deploy_token", self.deploy_token != new.deploy_token),
-            ("shutdown_grace_ms", self.shutdown_grace_ms != new.shutdown_grace_ms),
-            ("configure_notifications", self.configure_notifications != new.configure_notifications),
+        // Destructured whole: a new setting does not compile until it is
+        // sorted here into what SIGHUP applies and what waits for a restart.
+        let Config {
+            redis_url,
+            policies_dir,
+            watch,
+            cache_dir,
+            configure_notifications,
+            deploy,
+            queue_capacity,
+            queue_bytes,
+            lanes: _,
+            instance_pool,
+            hop_limit,
+            shutdown_grace_ms,
+            budgets: _,
+            policies: _,
+            control_key,
+            sweep_key,
+            admin_addr,
+            deploy_token,
+            index,
+        } = new;
+        let DeployConfig {
+            stream,
+            group,
+            // Random per reading unless set: not comparable.
+            consumer: _,
+            dead_letter,
+            max_attempts,
+            claim_idle_ms,
+            max_len,
+            dead_letter_max_len,
+        } = deploy;
+        let old = &self.deploy;
+        let deploy_changed = (stream, group, dead_letter, max_attempts, claim_idle_ms, max_len, dead_letter_max_len)
+            != (
+                &old.stream,
+                &old.group,
+                &old.dead_letter,
+                &old.max_attempts,
+                &old.claim_idle_ms,
+                &old.max_len,
+                &old.dead_letter_max_len,
+            );
+        let checks = [
+            ("redis_url", self.redis_url != *redis_url),
+            ("policies_dir", self.policies_dir != *policies_dir),
+            ("watch", self.watch != *watch),
+            ("cache_dir", self.cache_dir != *cache_dir),
+            ("configure_notifications", self.configure_notifications != *configure_notifications),
+            ("deploy", deploy_changed),
+            ("queue_capacity", self.queue_capacity != *queue_capacity),
+            ("queue_bytes", self.queue_bytes != *queue_bytes),
+            ("instance_pool", self.instance_pool != *instance_pool),
+            ("hop_limit", self.hop_limit != *hop_limit),
+            ("shutdown_grace_ms", self.shutdown_grace_ms != *shutdown_grace_ms),
+            ("control_key", self.control_key != *control_key),
+            ("sweep_key", self.sweep_key != *sweep_key),
+            ("admin_addr", self.admin_addr != *admin_addr),
+            ("deploy_token", self.deploy_token != *deploy_token),
+            ("index", self.index != *index),
         ];
         checks.into_iter().filter(|(_, changed)| *changed).map(|(name, _)| name).collect()
     }
@@ -431,6 +476,25 @@ mod tests {
         assert_eq!(p.config_json(), r#"{"keys":["graph_data:{genre}"],"services":["catalog"]}"#);
         assert!(p.grants().unwrap().is_some());
         assert_eq!(c.policy("other").config_json(), "{}");
+    }
+
+    #[test]
+    fn sighup_sorts_every_setting_into_applied_or_waiting_for_a_restart() {
+        let old = Config::default();
+        let new = Config::parse(
+            "hop_limit = 5\nlanes = 4\n[deploy]\nmax_attempts = 9\n[policies.a]\nmode = \"dry-run\"\n[budgets]\nfuel = 7\n",
+        )
+        .unwrap();
+        assert_eq!(old.restart_only_changes(&new), vec!["deploy", "hop_limit"]);
+        let applied = old.reloaded(&new);
+        assert_eq!((applied.lanes, applied.budgets.fuel, applied.policy("a").mode), (4, 7, Mode::DryRun));
+        assert_eq!(applied.hop_limit, old.hop_limit, "waits for a restart");
+        assert_ne!(old.fingerprint("a"), applied.fingerprint("a"), "policy a is reloaded");
+        assert_ne!(old.fingerprint("b"), applied.fingerprint("b"), "lanes changed for every policy");
+        assert!(
+            Config::default().restart_only_changes(&Config::default()).is_empty(),
+            "a random consumer is no change"
+        );
     }
 
     #[test]

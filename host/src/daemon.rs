@@ -110,6 +110,10 @@ async fn run_wired(
     if let Err(e) = control::read_at_start(&switches, &mut redis.connection(), &config.control_key).await {
         warn!(error = %e, key = %config.control_key, "cannot read the disabled policies; none is held back until they can be read");
     }
+    let sweep_requests = control::read_sweeps_at_start(&mut redis.connection(), &config.sweep_key)
+        .await
+        .inspect_err(|e| warn!(error = %e, key = %config.sweep_key, "cannot read the sweep requests yet"))
+        .unwrap_or_default();
     let registry = Registry::new(runtime, config.clone(), redis.clone(), ledger.clone(), switches.clone());
     let routes = registry.routes();
     admin.wire(Wired {
@@ -184,6 +188,7 @@ async fn run_wired(
         redis.connection(),
         config.control_key.clone(),
         config.sweep_key.clone(),
+        sweep_requests,
         routes.clone(),
         intake.clone(),
     ));

@@ -120,7 +120,7 @@ impl Metrics {
         );
         r.register(
             "events_dropped",
-            "Keyspace events dropped (queue full, or a key no policy can take); a sweep(gap) reconciles them",
+            "Keyspace events dropped (queue full, a key no policy can take, the policy held back); a sweep(gap) reconciles them",
             m.dropped.clone(),
         );
         r.register(
@@ -132,7 +132,7 @@ impl Metrics {
         r.register("budget_trips", "Calls stopped by a budget, by budget", m.budget_trips.clone());
         r.register(
             "bulk_keys",
-            "Keys deleted or expired by bulk operations (delete-matching, expire-matching)",
+            "Keys deleted or expired by bulk operations (delete-matching, expire-matching); not in dry-run",
             m.bulk_keys.clone(),
         );
         r.register("sweeps", "Sweeps run, by reason", m.sweeps.clone());
@@ -173,7 +173,7 @@ impl Metrics {
         );
         r.register(
             "redis_errors",
-            "Redis commands that failed (connection lost, refused by the server)",
+            "Redis commands that failed (connection lost, refused by the server): policies' calls, the deploy reader",
             m.redis_errors.clone(),
         );
         r.register_with_unit(
@@ -214,6 +214,17 @@ impl Metrics {
                 })
             })
             .clone()
+    }
+
+    /// Policy `name` was unloaded: its gauges go (a queue depth or health
+    /// of a policy that is not there would mislead), its counters stay
+    /// (they never go backwards while the process lives).
+    pub fn forget(&self, name: &str) {
+        let label = PolicyLabel { policy: name.to_owned() };
+        self.health.remove(&label);
+        self.queue_depth.remove(&label);
+        self.queue_bytes.remove(&label);
+        self.policies.lock().unwrap_or_else(|e| e.into_inner()).remove(name);
     }
 
     /// The text `/metrics` serves (OpenMetrics, which Prometheus reads).
@@ -349,6 +360,8 @@ pub const CALL_RESULTS: &[&str] =
 #[derive(Default)]
 pub struct Readiness {
     pub subscribed: AtomicBool,
+    /// `notify-keyspace-events` has every flag the policies need.
+    pub notifications: AtomicBool,
     pub deploy_reader: AtomicBool,
     pub policies_loaded: AtomicBool,
     pub shutting_down: AtomicBool,
@@ -367,6 +380,9 @@ impl Readiness {
         if !self.subscribed.load(Ordering::Relaxed) {
             missing.push("not subscribed to keyspace notifications (starting, or Redis unreachable)");
         }
+        if self.subscribed.load(Ordering::Relaxed) && !self.notifications.load(Ordering::Relaxed) {
+            missing.push("notify-keyspace-events lacks flags the policies need (see the log)");
+        }
         if !self.deploy_reader.load(Ordering::Relaxed) {
             missing.push("deploy reader not running (starting, or Redis unreachable)");
         }
@@ -378,11 +394,13 @@ impl Readiness {
     }
 }
 
-/// The process's resident memory, from `/proc/self/statm`.
+/// The process's resident memory, from `/proc/self/status` (in kB there,
+/// whatever the page size).
 pub fn resident_bytes() -> Option<u64> {
-    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
-    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
-    Some(pages * 4096)
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let rss = status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?;
+    let kib: u64 = rss.trim().trim_end_matches("kB").trim().parse().ok()?;
+    Some(kib * 1024)
 }
 
 #[cfg(test)]

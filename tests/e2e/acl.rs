@@ -5,7 +5,7 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use crate::support::{Daemon, RedisServer, Setup, deploy, eventually};
+use crate::support::{Daemon, RedisServer, Setup, deploy, eventually, http};
 
 #[test]
 fn the_daemon_runs_as_the_acl_user_and_redis_refuses_the_rest() {
@@ -54,6 +54,17 @@ fn the_daemon_runs_as_the_acl_user_and_redis_refuses_the_rest() {
     });
     redis.cmd::<()>(&["SET", "job:7", "queued"]);
     eventually(&daemon, "ttl-table's EXPIRE allowed", || redis.cmd::<i64>(&["TTL", "job:7"]) > 0);
+    // Sweep requests and /status's view of Redis work as the ACL user too.
+    let asked = Command::new(env!("CARGO_BIN_EXE_cachepol"))
+        .args(["sweep", "ttl-table", "--redis-url", &redis.url()])
+        .output()
+        .unwrap();
+    assert!(asked.status.success(), "{}", String::from_utf8_lossy(&asked.stderr));
+    daemon.wait_for("sweep requested by the operator", Duration::from_secs(10));
+    let (code, status) = http(&daemon.admin(), "GET", "/status", &[], b"");
+    assert_eq!(code, 200, "{status}");
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert!(status["redis"]["error"].is_null() && status["redis"]["version"].is_string(), "{status}");
     assert!(!daemon.log_text().to_lowercase().contains("noperm"), "{}", daemon.log_text());
 
     // Anything else is Redis's own refusal.

@@ -28,9 +28,11 @@ fn a_hook_dead_lettered_while_its_policy_was_disabled_is_replayed_once_enabled()
     let (ok, listed) = cachepol(&redis, &["dead-letter", "list"]);
     assert!(ok, "{listed}");
     let row = listed.lines().nth(1).unwrap_or_default();
-    for expected in ["catalog", "genre-invalidation", "disabled by the operator", "3"] {
+    for expected in ["catalog", "genre-invalidation", "disabled by the operator"] {
         assert!(row.contains(expected), "no {expected:?} in the listing:\n{listed}");
     }
+    let attempts = row.split_whitespace().nth(3);
+    assert_eq!(attempts, Some("3"), "deploy.max_attempts deliveries:\n{listed}");
     let id = row.split_whitespace().next().unwrap().to_owned();
 
     cachepol(&redis, &["enable", "genre-invalidation"]);
@@ -78,6 +80,11 @@ fn a_dead_letter_can_be_dropped_and_replay_all_sends_every_one_back() {
             ids2.iter().all(|(id, _)| !ids.iter().any(|(old, _)| old == id))
         }
     });
+    // A replay Redis refuses (the target is not a stream) keeps the letter.
+    redis.cmd::<()>(&["SET", "not-a-stream", "x"]);
+    let (ok, text) = cachepol(&redis, &["dead-letter", "replay", "--all", "--deploy-stream", "not-a-stream"]);
+    assert!(!ok && text.contains("WRONGTYPE"), "{text}");
+    assert_eq!(dead_letters(&redis).len(), 2, "a failed replay keeps its dead letter");
     assert_eq!(daemon.stop(), Some(0));
 }
 
@@ -116,13 +123,15 @@ fn hangup(daemon: &Daemon) {
 #[test]
 fn sighup_applies_a_changed_mode_and_keeps_the_running_config_when_the_file_is_broken() {
     let redis = RedisServer::start();
-    let setup = Setup::new(&["genre-invalidation"]);
+    let setup = Setup::new(&["genre-invalidation", "ttl-table"]);
     let config = setup.config_file();
     let daemon = Daemon::start(&redis, &setup);
     let mode = |admin: &str| {
         let (_, status) = http(admin, "GET", "/status", &[], b"");
         let status: serde_json::Value = serde_json::from_str(&status).unwrap();
-        status["policies"][0]["mode"].as_str().unwrap().to_owned()
+        let policies = status["policies"].as_array().unwrap().clone();
+        let genre = policies.iter().find(|p| p["name"] == "genre-invalidation").unwrap();
+        genre["mode"].as_str().unwrap().to_owned()
     };
     let admin = daemon.admin();
     assert_eq!(mode(&admin), "enforce");
@@ -131,6 +140,11 @@ fn sighup_applies_a_changed_mode_and_keeps_the_running_config_when_the_file_is_b
     hangup(&daemon);
     daemon.wait_for("policy reloaded with new settings from the config (dry-run)", Duration::from_secs(20));
     assert_eq!(mode(&admin), "dry-run");
+    assert!(
+        !daemon.log_text().contains("policy=ttl-table from="),
+        "ttl-table's settings did not change:\n{}",
+        daemon.log_text()
+    );
     redis.cmd::<()>(&["SET", "graph_data:dance", "v"]);
     deploy(&redis, &["--service", "catalog", "--tag", "genre=dance"]);
     daemon.wait_for("would have", Duration::from_secs(20));
@@ -145,6 +159,14 @@ fn sighup_applies_a_changed_mode_and_keeps_the_running_config_when_the_file_is_b
     deploy(&redis, &["--service", "catalog", "--tag", "genre=dance"]);
     eventually(&daemon, "the second hook is handled", || daemon.log_text().matches("would have").count() >= 2);
     assert!(redis.exists("graph_data:dance"), "still dry-run");
+
+    // Valid, but the policy refuses its new config: it keeps running with
+    // its previous settings, and the log says so.
+    std::fs::write(&config, "[policies.genre-invalidation]\nmode = \"enforce\"\nconfig = { keys = [] }\n").unwrap();
+    hangup(&daemon);
+    daemon.wait_for("these policies keep their previous settings", Duration::from_secs(20));
+    assert!(daemon.log_text().contains("`keys` is empty"), "says why:\n{}", daemon.log_text());
+    assert_eq!(mode(&admin), "dry-run");
 
     // A setting only a restart applies is named as such.
     std::fs::write(&config, "hop_limit = 5\n[policies.genre-invalidation]\nmode = \"enforce\"\n").unwrap();

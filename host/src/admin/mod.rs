@@ -14,7 +14,10 @@
 //!
 //! Anything else is `404`. The server holds no state of its own: it reads
 //! the routes, metrics and readiness the stages publish, and writes only
-//! to the deploy stream, so it cannot slow the event path down.
+//! to the deploy stream. A client cannot hold it (or shutdown) hostage:
+//! request headers must arrive within [`HEADER_TIMEOUT`], a connection
+//! lives at most [`CONNECTION_TIMEOUT`] and serves one request, and past
+//! [`MAX_CONNECTIONS`] new ones are closed at once.
 //!
 //! May call: every stage (it reads them all). Called by: the daemon's
 //! wiring.
@@ -24,7 +27,7 @@ pub mod webhook;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use axum::Router;
@@ -32,7 +35,12 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
 use redis::aio::ConnectionManager;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::DeployConfig;
@@ -57,11 +65,19 @@ pub struct Admin {
     deploy: DeployConfig,
     /// `POST /deploys` is off without one.
     token: Option<String>,
+    /// Redis's last answer to `/status`, and when it came.
+    redis_status: std::sync::Mutex<Option<(Instant, status::RedisStatus)>>,
 }
 
 impl Admin {
     pub fn new(deploy: DeployConfig, token: Option<String>) -> Arc<Admin> {
-        Arc::new(Admin { started: Instant::now(), wired: OnceLock::new(), deploy, token })
+        Arc::new(Admin {
+            started: Instant::now(),
+            wired: OnceLock::new(),
+            deploy,
+            token: token.map(|t| t.trim().to_owned()),
+            redis_status: std::sync::Mutex::new(None),
+        })
     }
 
     /// Hand the server what it reads (once).
@@ -80,7 +96,17 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> 
     tokio::net::TcpListener::bind(addr).await
 }
 
-/// Serve until `shutdown`.
+/// How long a client has to send its request headers.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest a connection lives, its one request included.
+pub const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
+/// Connections served at once; more are closed as they come.
+pub const MAX_CONNECTIONS: usize = 64;
+/// How long shutdown waits for the requests in hand.
+const DRAIN: Duration = Duration::from_secs(1);
+
+/// Serve until `shutdown`, then give the requests in hand [`DRAIN`] to
+/// finish.
 pub async fn serve(listener: tokio::net::TcpListener, admin: Arc<Admin>, shutdown: CancellationToken) {
     let app = Router::new()
         .route("/metrics", get(metrics_text))
@@ -89,9 +115,35 @@ pub async fn serve(listener: tokio::net::TcpListener, admin: Arc<Admin>, shutdow
         .route("/status", get(status::status))
         .route("/deploys", post(webhook::deploy))
         .with_state(admin);
-    let served = axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.cancelled().await }).await;
-    if let Err(e) = served {
-        tracing::error!(error = %e, "the admin server stopped");
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut connections = JoinSet::new();
+    loop {
+        let stream = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors, say: the daemon's Redis
+                    // connections need them more; try again shortly.
+                    tracing::warn!(error = %e, "the admin server cannot accept a connection");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else { continue };
+        let service = TowerToHyperService::new(app.clone());
+        connections.spawn(async move {
+            let _slot = slot;
+            let mut builder = http1::Builder::new();
+            builder.timer(TokioTimer::new()).header_read_timeout(HEADER_TIMEOUT).keep_alive(false);
+            let connection = builder.serve_connection(TokioIo::new(stream), service);
+            let _ = tokio::time::timeout(CONNECTION_TIMEOUT, connection).await;
+        });
+    }
+    if tokio::time::timeout(DRAIN, async { while connections.join_next().await.is_some() {} }).await.is_err() {
+        connections.abort_all();
     }
 }
 

@@ -1,9 +1,11 @@
 //! `GET /status`: what the daemon is doing, as JSON, and the types
 //! `cachepol status` reads it back into.
 //!
-//! Redis is asked at each request (`INFO` and the notification flags, one
-//! round trip, bounded by [`REDIS_WAIT`]); when it does not answer, the
-//! rest of the status is still given, with the Redis part's error.
+//! Redis is asked at most once per [`REDIS_EVERY`] (`INFO` and the
+//! notification flags, one round trip on the policies' connection, bounded
+//! by [`REDIS_WAIT`]): polling `/status` cannot load Redis. When it does not
+//! answer, the rest of the status is still given, with the Redis part's
+//! error.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -22,6 +24,8 @@ use crate::sandbox::grants::ops_to_string;
 
 /// The longest `/status` waits for Redis.
 pub const REDIS_WAIT: Duration = Duration::from_secs(2);
+/// How long Redis's answer is reused.
+pub const REDIS_EVERY: Duration = Duration::from_secs(1);
 
 /// The whole status.
 #[derive(Debug, Serialize, Deserialize)]
@@ -37,7 +41,7 @@ pub struct Status {
 }
 
 /// What Redis says about itself.
-#[derive(Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct RedisStatus {
     pub version: Option<String>,
     pub keyspace_hits: Option<u64>,
@@ -130,7 +134,7 @@ pub(super) async fn status(State(admin): State<Arc<Admin>>) -> Response {
         uptime_secs: admin.started.elapsed().as_secs(),
         ready: not_ready.is_empty(),
         not_ready,
-        redis: redis_status(wired).await,
+        redis: cached_redis_status(&admin, wired).await,
         index: wired
             .index
             .stats()
@@ -187,6 +191,18 @@ fn policy_status(wired: &Wired, route: &Route) -> PolicyStatus {
             calls: counters.calls().into_iter().collect(),
         },
     }
+}
+
+async fn cached_redis_status(admin: &Admin, wired: &Wired) -> RedisStatus {
+    let cache = || admin.redis_status.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((at, status)) = cache().as_ref()
+        && at.elapsed() < REDIS_EVERY
+    {
+        return status.clone();
+    }
+    let status = redis_status(wired).await;
+    *cache() = Some((std::time::Instant::now(), status.clone()));
+    status
 }
 
 async fn redis_status(wired: &Wired) -> RedisStatus {

@@ -19,6 +19,11 @@
 //! token (checked before the body is read), `413` past [`MAX_BODY`] bytes,
 //! `400` for anything that is not a valid hook, `503` when Redis does not
 //! take it, `404` when no token is configured (the webhook is off).
+//!
+//! A `202` means the hook is in the stream: as durable as Redis keeps its
+//! data (persistence, replicas). Hooks are not de-duplicated by `id`; a
+//! sender retrying after a `503` that says the hook may have been written
+//! can deliver it twice, which policies tolerate (they are idempotent).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,9 +34,11 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
+use sha2::{Digest, Sha256};
 
 use super::{Admin, error};
 use crate::intake::deploy::{publish, tags_from_json};
+use crate::store::redis::is_connection_error;
 
 /// The largest body taken: a hook is a service name and a few paths.
 pub const MAX_BODY: usize = 64 * 1024;
@@ -91,13 +98,14 @@ pub fn parse(body: &[u8]) -> Result<Hook, String> {
     Ok(Hook { service, files: raw.files, tags, id })
 }
 
-/// Whether `headers` carry `Authorization: Bearer <token>`, compared in
-/// constant time (a timing difference would leak the token byte by byte).
+/// Whether `headers` carry `Authorization: Bearer <token>`. The SHA-256
+/// digests are compared in constant time: neither the token's bytes nor
+/// its length can be learnt from how long a refusal takes.
 pub fn authorized(headers: &HeaderMap, token: &str) -> bool {
     let Some(given) = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) else { return false };
     let Some(given) = given.strip_prefix("Bearer ") else { return false };
-    let (a, b) = (given.trim().as_bytes(), token.as_bytes());
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    let (a, b) = (Sha256::digest(given.trim().as_bytes()), Sha256::digest(token.as_bytes()));
+    a.iter().zip(b.iter()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 pub(super) async fn deploy(State(admin): State<Arc<Admin>>, headers: HeaderMap, body: Body) -> Response {
@@ -144,12 +152,19 @@ pub(super) async fn deploy(State(admin): State<Arc<Admin>>, headers: HeaderMap, 
             tracing::info!(service = %hook.service, stream_id = %id, "deploy hook received by the webhook");
             (StatusCode::ACCEPTED, Json(serde_json::json!({ "id": id, "stream": settings.stream }))).into_response()
         }
-        Ok(Err(e)) => {
-            error(StatusCode::SERVICE_UNAVAILABLE, format!("Redis did not take the hook: {e}; nothing written"))
-        }
+        // A connection that broke after the XADD was sent may have written
+        // it: say so, since a retry would then deliver the hook twice.
+        Ok(Err(e)) if is_connection_error(&e) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("Redis connection failed ({e}); the hook may have been written: retrying may deliver it twice"),
+        ),
+        Ok(Err(e)) => error(StatusCode::SERVICE_UNAVAILABLE, format!("Redis refused the hook: {e}; nothing written")),
         Err(_) => error(
             StatusCode::SERVICE_UNAVAILABLE,
-            format!("Redis did not answer within {} s; the hook may or may not be written", REDIS_WAIT.as_secs()),
+            format!(
+                "Redis did not answer within {} s; the hook may have been written: retrying may deliver it twice",
+                REDIS_WAIT.as_secs()
+            ),
         ),
     }
 }

@@ -79,6 +79,7 @@ pub async fn run(args: AclArgs) -> Result<ExitCode> {
         db: u32::try_from(settings.db()).unwrap_or(0),
         deploy: &config.deploy,
         control_key: &config.control_key,
+        sweep_key: &config.sweep_key,
         configure_notifications: config.configure_notifications,
         grants,
     };
@@ -107,6 +108,9 @@ const CONNECTION_COMMANDS: &[&str] = &[
     "publish",
     "config|get",
     "smembers",
+    // Sweep requests (`cachepol sweep`), and `/status`'s view of Redis.
+    "hgetall",
+    "info",
 ];
 
 /// What the rule is for.
@@ -117,6 +121,8 @@ pub struct AclRequest<'a> {
     pub deploy: &'a DeployConfig,
     /// The kill switch's set, which the daemon reads.
     pub control_key: &'a str,
+    /// The sweep requests' hash, which the daemon reads.
+    pub sweep_key: &'a str,
     /// The daemon sets `notify-keyspace-events` itself.
     pub configure_notifications: bool,
     /// Every loaded policy's effective grants (after the operator's
@@ -154,6 +160,7 @@ pub fn setuser_args(req: &AclRequest<'_>) -> Vec<String> {
         key_rule(&cachepol_guest_sdk::glob::escape(&req.deploy.stream), KeyOps::READ | KeyOps::WRITE),
         key_rule(&cachepol_guest_sdk::glob::escape(&req.deploy.dead_letter), KeyOps::WRITE),
         key_rule(&cachepol_guest_sdk::glob::escape(req.control_key), KeyOps::READ),
+        key_rule(&cachepol_guest_sdk::glob::escape(req.sweep_key), KeyOps::READ),
     ]
     .into_iter()
     .chain(req.grants.iter().map(|(pattern, ops)| key_rule(pattern, *ops)));
@@ -203,6 +210,7 @@ mod tests {
             db: 2,
             deploy: &deploy,
             control_key: "cachepol:control:disabled",
+            sweep_key: "cachepol:control:sweeps",
             configure_notifications: false,
             grants: vec![("quiz:*".into(), KeyOps::DELETE), ("quiz:*".into(), KeyOps::DELETE)],
         };

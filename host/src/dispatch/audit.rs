@@ -25,6 +25,8 @@ pub const LINES_PER_WINDOW: u32 = 100;
 pub struct Tally {
     /// Lines written one by one in this window.
     lines: u32,
+    /// Debug lines for calls that changed nothing, in this window.
+    quiet: u32,
     /// When the window started.
     window: Option<Instant>,
     calls: u64,
@@ -48,7 +50,13 @@ impl Tally {
             self.window = Some(now);
         }
         if !changed(report) {
-            return unchanged(policy, event_id, report);
+            // Bounded like the audit lines: `-v` must not slow a busy
+            // policy down to the speed of the log.
+            if self.quiet < LINES_PER_WINDOW {
+                self.quiet += 1;
+                unchanged(policy, event_id, report);
+            }
+            return;
         }
         if self.lines < LINES_PER_WINDOW {
             self.lines += 1;

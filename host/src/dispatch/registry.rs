@@ -170,6 +170,16 @@ impl Registry {
         self.entries.get(path).is_some_and(|e| e.hash == *hash && e.settings == self.config.fingerprint(&stem(path)))
     }
 
+    /// Loaded policies still running under other settings than the config
+    /// has for them now (their reload under the new ones was refused).
+    pub fn behind_config(&self) -> Vec<String> {
+        self.entries
+            .iter()
+            .filter(|(path, e)| e.settings != self.config.fingerprint(&stem(path)))
+            .map(|(_, e)| e.name.to_string())
+            .collect()
+    }
+
     /// The config policies are loaded under.
     pub fn config(&self) -> &Config {
         &self.config
@@ -288,7 +298,10 @@ impl Registry {
                 entry.manifest = manifest.clone();
                 let queue = entry.queue.clone();
                 self.publish();
-                if adds_subscriptions(&old, &manifest) {
+                // New settings (dry-run to enforce, another TTL table) or
+                // new subscriptions: what the old version left is
+                // reconciled under the new one.
+                if same_file || adds_subscriptions(&old, &manifest) {
                     let _ = queue.push(crate::dispatch::queue::Item::Sweep(SweepReason::Reload));
                 }
                 info!(
@@ -360,6 +373,7 @@ impl Registry {
     pub fn remove(&mut self, path: &Path) -> Option<String> {
         let entry = self.entries.remove(path)?;
         self.publish();
+        metrics().forget(&entry.name);
         Metrics::count(&metrics().reloads, "unloaded");
         let dropped = entry.queue.len();
         entry.queue.close();

@@ -141,6 +141,13 @@ impl Reloader {
             info!("SIGHUP: re-scanning the policies directory");
         }
         let _ = self.sync_all().await;
+        // Each policy is reloaded on its own: one whose new settings are
+        // refused keeps running with its old ones (the refusal is logged
+        // above), the others move on.
+        let behind = self.registry.behind_config();
+        if !behind.is_empty() {
+            warn!(policies = %behind.join(" "), "SIGHUP: these policies keep their previous settings: their reload under the new ones was refused (see above); fix the config and send SIGHUP again");
+        }
     }
 
     /// Start watching the directory. Called before the first

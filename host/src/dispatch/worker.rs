@@ -333,7 +333,9 @@ impl Worker {
     /// Takes at least one event off the backlog.
     fn start_keys(&mut self, index: usize, cooling: bool) {
         if self.held(cooling).is_some() {
-            self.buffered -= self.backlog[index].len();
+            let dropped = self.backlog[index].len();
+            self.buffered -= dropped;
+            self.metrics.dropped.inc_by(dropped as u64);
             self.backlog[index].clear();
             self.owes_sweep = true;
             return;
@@ -437,6 +439,11 @@ impl Worker {
         }
         let (kind, budget) = result_kind(&report);
         self.metrics.call(kind, budget, report.call.denials_total);
+        // In dry-run nothing was deleted or expired.
+        if self.mode == Mode::Enforce {
+            self.metrics.bulk("deleted", report.call.effects.bulk_deleted);
+            self.metrics.bulk("expired", report.call.effects.bulk_expired);
+        }
         let result = classify(&report);
         if epoch == self.breaker.epoch() && self.breaker.record(result.is_ok(), Instant::now()) {
             self.resets += 1;
@@ -522,13 +529,14 @@ impl Worker {
 }
 
 /// The `kind` label of a call's result in `cachepol_calls_total`, and the
-/// budget it ran out of, if any.
+/// budget it ran out of, if any (a policy that hit a host-side budget and
+/// then panicked still tripped it).
 fn result_kind(report: &CallReport) -> (&'static str, Option<&'static str>) {
-    match &report.result {
+    let (kind, budget) = match &report.result {
         Ok(_) => ("ok", None),
         Err(CallFailure::Returned(wit::Error::Denied(_))) => ("denied", None),
         Err(CallFailure::Returned(_)) => ("error", None),
-        Err(CallFailure::Budget(_)) => ("budget", report.call.budget_kind),
+        Err(CallFailure::Budget(_)) => ("budget", None),
         Err(CallFailure::OutOfFuel(_)) => ("fuel", Some("fuel")),
         Err(CallFailure::Memory { .. }) => ("memory", Some("memory")),
         Err(CallFailure::Timeout(_)) => ("timeout", Some("wall_time")),
@@ -536,7 +544,8 @@ fn result_kind(report: &CallReport) -> (&'static str, Option<&'static str>) {
         Err(CallFailure::Trap(_)) => ("trap", None),
         Err(CallFailure::Queued(_)) => ("queued", None),
         Err(CallFailure::Restart(_)) => ("restart", None),
-    }
+    };
+    (kind, report.call.budget_kind.or(budget))
 }
 
 fn health_name(health: Health) -> &'static str {

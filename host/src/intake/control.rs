@@ -15,9 +15,13 @@
 //! Sweep requests (`cachepol sweep NAME`) travel the same way: a Redis Hash
 //! (default `cachepol:control:sweeps`) counts the requests per policy, with
 //! the reason asked for beside it (field `NAME.reason`). Every daemon reads
-//! it with the disabled set; a count that went up since its last reading
-//! queues one sweep of that policy. The first reading is only a baseline: a
-//! daemon starting does not replay old requests (it sweeps at start anyway).
+//! it with the disabled set; a count that changed since its last reading
+//! queues one sweep of that policy. A count can also go down or vanish
+//! (Redis restarted empty, a failover to a replica that had not seen it):
+//! any change is a request, since one sweep too many costs little and one
+//! too few leaves the cache wrong. The reading taken at start, before
+//! anything is delivered, is only a baseline: a daemon starting does not
+//! replay old requests (it sweeps at start anyway).
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -31,6 +35,7 @@ use tracing::{info, warn};
 use crate::dispatch::queue::Item;
 use crate::dispatch::routes::Routes;
 use crate::dispatch::switches::Switches;
+use crate::store::redis::is_connection_error;
 use crate::wit::{SWEEP_REASONS, SweepReason, sweep_reason_name};
 
 /// How often the disabled set is read.
@@ -83,10 +88,18 @@ pub async fn request_sweep(
 }
 
 /// The sweep requests since the last reading: counts per policy, and what
-/// to queue for those whose count went up.
+/// to queue for those whose count changed.
 #[derive(Default)]
-struct SweepRequests {
+pub struct SweepRequests {
     seen: Option<HashMap<String, i64>>,
+}
+
+/// Take the baseline of the sweep requests at `key`, before anything is
+/// delivered: requests made from now on are acted on.
+pub async fn read_sweeps_at_start(conn: &mut ConnectionManager, key: &str) -> redis::RedisResult<SweepRequests> {
+    let mut requests = SweepRequests::default();
+    requests.update(redis::cmd("HGETALL").arg(key).query_async(conn).await?);
+    Ok(requests)
 }
 
 impl SweepRequests {
@@ -99,7 +112,7 @@ impl SweepRequests {
         let Some(seen) = self.seen.replace(counts.clone()) else { return Vec::new() };
         counts
             .into_iter()
-            .filter(|(name, count)| seen.get(name).is_none_or(|before| count > before))
+            .filter(|(name, count)| seen.get(name) != Some(count))
             .map(|(name, _)| {
                 let reason = now.get(&format!("{name}.reason")).and_then(|r| sweep_reason(r));
                 (name, reason.unwrap_or(SweepReason::Manual))
@@ -116,13 +129,25 @@ pub async fn watch(
     mut conn: ConnectionManager,
     key: String,
     sweep_key: String,
+    mut requests: SweepRequests,
     routes: Arc<ArcSwap<Routes>>,
     stop: CancellationToken,
 ) {
     let mut failing = false;
-    let mut requests = SweepRequests::default();
+    let mut sweeps_failing = false;
     loop {
         let asked = redis::cmd("HGETALL").arg(&sweep_key).query_async::<HashMap<String, String>>(&mut conn).await;
+        match asked {
+            Ok(_) => sweeps_failing = false,
+            // Redis away is logged below; a refusal (an ACL without
+            // `hgetall` on the key) must not leave `cachepol sweep` silently
+            // ignored.
+            Err(ref e) if !sweeps_failing && !is_connection_error(e) => {
+                sweeps_failing = true;
+                warn!(error = %e, key = %sweep_key, "cannot read the sweep requests; `cachepol sweep` is ignored until they can be read");
+            }
+            Err(_) => {}
+        }
         if let Ok(now) = asked {
             for (name, reason) in requests.update(now) {
                 let reason_name = sweep_reason_name(reason);
@@ -175,5 +200,9 @@ mod tests {
         let mut asked = requests.update(reading(&[("a", "4"), ("a.reason", "gap"), ("b", "1"), ("c", "x")]));
         asked.sort_by(|x, y| x.0.cmp(&y.0));
         assert_eq!(asked, vec![("a".to_owned(), SweepReason::Gap), ("b".to_owned(), SweepReason::Manual)]);
+        // Redis restarted empty, then one request: the count is lower than
+        // before, and still a request.
+        assert!(requests.update(reading(&[])).is_empty(), "counts gone: nothing asked");
+        assert_eq!(requests.update(reading(&[("a", "1")])), vec![("a".to_owned(), SweepReason::Manual)]);
     }
 }

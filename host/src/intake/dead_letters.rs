@@ -6,8 +6,10 @@
 //! the deploy stream), `policies` (the ones that failed it) and `attempts`.
 //! Replaying appends the original fields to the deploy stream again, as a
 //! new hook keeping the sender's `id` (the original entry id when it had
-//! none), and deletes the dead letter, both in one `MULTI`: a replay is
-//! never lost nor doubled by a crash between the two.
+//! none), and deletes the dead letter, in one script ([`REPLAY`]): Redis
+//! runs it alone, so two operators replaying the same letter add it once,
+//! and an `XADD` that fails (a `deploy.stream` of the wrong type) stops the
+//! script before the dead letter is deleted.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -62,17 +64,43 @@ impl DeadLetter {
         let now = now.duration_since(UNIX_EPOCH).ok()?.as_millis() as u64;
         Some(std::time::Duration::from_millis(now.saturating_sub(ms)))
     }
-
-    /// The hook as it goes back to the deploy stream.
-    fn replay_fields(&self) -> Vec<(String, String)> {
-        let mut fields = self.original.clone();
-        if !fields.iter().any(|(k, _)| k == "id") && !self.entry.is_empty() {
-            fields.push(("id".into(), self.entry.clone()));
-        }
-        fields.push(("replay_of".into(), self.id.clone()));
-        fields
-    }
 }
+
+/// Replay one dead letter: `KEYS[1]` the dead letters, `KEYS[2]` the deploy
+/// stream, `ARGV[1]` the letter's id, `ARGV[2]` the deploy stream's
+/// `max_len` (0: no trimming). Returns the new entry's id, nil when there
+/// is no such letter, an `EMPTY` error when it holds no hook.
+pub const REPLAY: &str = r"
+local found = redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1])
+if #found == 0 then return false end
+local fields, out, has_id, entry = found[1][2], {}, false, nil
+for i = 1, #fields, 2 do
+  local name, value = fields[i], fields[i + 1]
+  if string.sub(name, 1, 9) == 'original.' then
+    name = string.sub(name, 10)
+    if name == 'id' then has_id = true end
+    out[#out + 1] = name
+    out[#out + 1] = value
+  elseif name == 'entry' then
+    entry = value
+  end
+end
+if #out == 0 then return redis.error_reply('EMPTY the dead letter holds no hook to replay') end
+if not has_id and entry then
+  out[#out + 1] = 'id'
+  out[#out + 1] = entry
+end
+out[#out + 1] = 'replay_of'
+out[#out + 1] = ARGV[1]
+local id
+if tonumber(ARGV[2]) > 0 then
+  id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', unpack(out))
+else
+  id = redis.call('XADD', KEYS[2], '*', unpack(out))
+end
+redis.call('XDEL', KEYS[1], ARGV[1])
+return id
+";
 
 /// Why an operator's request on a dead letter failed.
 #[derive(Debug, thiserror::Error)]
@@ -112,15 +140,6 @@ pub async fn all_ids(conn: &mut ConnectionManager, settings: &DeployConfig) -> R
     }
 }
 
-async fn get(conn: &mut ConnectionManager, settings: &DeployConfig, id: &str) -> Result<DeadLetter, DeadLetterError> {
-    let reply: StreamRangeReply = conn.xrange(&settings.dead_letter, id, id).await?;
-    let entry = reply
-        .ids
-        .first()
-        .ok_or_else(|| DeadLetterError::NotFound { id: id.to_owned(), stream: settings.dead_letter.clone() })?;
-    Ok(DeadLetter::from_entry(entry))
-}
-
 /// Send dead letter `id` back to the deploy stream; returns the new
 /// hook's stream id.
 pub async fn replay(
@@ -128,28 +147,19 @@ pub async fn replay(
     settings: &DeployConfig,
     id: &str,
 ) -> Result<String, DeadLetterError> {
-    let letter = get(conn, settings, id).await?;
-    if letter.original.is_empty() {
-        return Err(DeadLetterError::Empty { id: id.to_owned() });
-    }
-    let mut add = redis::cmd("XADD");
-    add.arg(&settings.stream);
-    if settings.max_len > 0 {
-        add.arg("MAXLEN").arg("~").arg(settings.max_len);
-    }
-    add.arg("*");
-    for (k, v) in letter.replay_fields() {
-        add.arg(k).arg(v);
-    }
-    let (new_id, _deleted): (String, i64) = redis::pipe()
-        .atomic()
-        .add_command(add)
-        .cmd("XDEL")
-        .arg(&settings.dead_letter)
+    let replayed: RedisResult<Option<String>> = redis::Script::new(REPLAY)
+        .key(&settings.dead_letter)
+        .key(&settings.stream)
         .arg(id)
-        .query_async(conn)
-        .await?;
-    Ok(new_id)
+        .arg(settings.max_len)
+        .invoke_async(conn)
+        .await;
+    match replayed {
+        Ok(Some(new_id)) => Ok(new_id),
+        Ok(None) => Err(DeadLetterError::NotFound { id: id.to_owned(), stream: settings.dead_letter.clone() }),
+        Err(e) if e.code() == Some("EMPTY") => Err(DeadLetterError::Empty { id: id.to_owned() }),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Delete dead letter `id` for good.
@@ -175,7 +185,7 @@ mod tests {
     }
 
     #[test]
-    fn a_dead_letter_reads_back_and_replays_with_its_identity() {
+    fn a_dead_letter_reads_back() {
         let l = letter(&[
             ("reason", "failed 3 times: quiz: boom"),
             ("entry", "1699999999999-0"),
@@ -185,9 +195,7 @@ mod tests {
             ("original.files", "[\"quiz_generator.py\"]"),
         ]);
         assert_eq!((l.service.as_str(), l.policies.as_str(), l.attempts), ("quiz", "quiz", Some(3)));
-        let fields = l.replay_fields();
-        assert!(fields.contains(&("id".into(), "1699999999999-0".into())), "keeps the hook's id: {fields:?}");
-        assert!(fields.contains(&("replay_of".into(), l.id.clone())));
+        assert_eq!(l.entry, "1699999999999-0");
         let at = UNIX_EPOCH + std::time::Duration::from_millis(1_700_000_060_000);
         assert_eq!(l.age(at), Some(std::time::Duration::from_secs(60)));
     }

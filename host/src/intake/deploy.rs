@@ -101,9 +101,17 @@ fn parse_tags(text: &str) -> Result<Vec<(String, String)>, String> {
 pub fn tags_from_json(value: serde_json::Value) -> Result<Vec<(String, String)>, String> {
     let bad = || "field `tags` must be a JSON object of strings or a list of \"name=value\" strings".to_owned();
     match value {
-        serde_json::Value::Object(map) => {
-            map.into_iter().map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_owned())).ok_or_else(bad)).collect()
-        }
+        serde_json::Value::Object(map) => map
+            .into_iter()
+            .map(|(k, v)| {
+                // The stream carries tags as `name=value` words: a name
+                // must survive the split.
+                if k.is_empty() || k.contains('=') {
+                    return Err(format!("tag name `{}` must be non-empty and without `=`", k.escape_debug()));
+                }
+                v.as_str().map(|v| (k.clone(), v.to_owned())).ok_or_else(bad)
+            })
+            .collect(),
         serde_json::Value::Array(items) => items
             .into_iter()
             .map(|item| {
@@ -124,6 +132,25 @@ fn tag_words(tags: &[(String, String)]) -> Vec<String> {
     tags.iter().map(|(k, v)| format!("{k}={v}")).collect()
 }
 
+/// The stream entry's fields for a hook: what [`parse_entry`] reads back
+/// as the same hook.
+pub fn entry_fields(
+    service: &str,
+    files: &[String],
+    tags: &[(String, String)],
+    id: Option<&str>,
+) -> Vec<(&'static str, String)> {
+    let mut fields = vec![
+        ("service", service.to_owned()),
+        ("files", serde_json::to_string(files).unwrap_or_default()),
+        ("tags", serde_json::to_string(&tag_words(tags)).unwrap_or_default()),
+    ];
+    if let Some(id) = id {
+        fields.push(("id", id.to_owned()));
+    }
+    fields
+}
+
 /// Write one deploy hook (what `cachepol deploy` does), trimming the stream
 /// to about `max_len` entries (0: no trimming); returns its id.
 pub async fn publish(
@@ -135,15 +162,7 @@ pub async fn publish(
     tags: &[(String, String)],
     id: Option<&str>,
 ) -> RedisResult<String> {
-    let tags = tag_words(tags);
-    let mut fields = vec![
-        ("service", service.to_owned()),
-        ("files", serde_json::to_string(files).unwrap_or_default()),
-        ("tags", serde_json::to_string(&tags).unwrap_or_default()),
-    ];
-    if let Some(id) = id {
-        fields.push(("id", id.to_owned()));
-    }
+    let fields = entry_fields(service, files, tags, id);
     if max_len == 0 {
         conn.xadd(stream, "*", &fields).await
     } else {
@@ -190,6 +209,7 @@ impl DeployConsumer {
                 Err(e) => {
                     catch_up = true;
                     Readiness::set(&metrics().ready.deploy_reader, false);
+                    metrics().redis_errors.inc();
                     if !failing {
                         let why = if e.code() == Some("NOGROUP") {
                             "the deploy stream or its group is gone (Redis restarted empty, FLUSHALL, eviction); creating it again"
@@ -413,8 +433,11 @@ impl DeployConsumer {
             remaining = retry.iter().map(|(n, _)| n.clone()).collect();
             if retry.is_empty() {
                 if denied.is_empty() {
-                    count_hook("acked");
-                    return self.ack(&entry, shutdown).await;
+                    let acked = self.ack(&entry, shutdown).await;
+                    if matches!(acked, Ok(Handled::Done)) {
+                        count_hook("acked");
+                    }
+                    return acked;
                 }
                 let reason = format!("refused by a grant (not retried): {}", reasons(&denied));
                 return self.dead_letter(&entry, &reason, Failed::of(&denied, attempt), shutdown).await;
@@ -486,8 +509,11 @@ impl DeployConsumer {
         let mut backoff = Backoff::with_max(MAX_BACKOFF);
         loop {
             if redis::cmd("PING").query_async::<Value>(&mut self.conn).await.is_ok() {
+                Readiness::set(&metrics().ready.deploy_reader, true);
                 return Handled::Done;
             }
+            // Stuck on a hook until Redis answers: not reading new ones.
+            Readiness::set(&metrics().ready.deploy_reader, false);
             if let Handled::Interrupted = pause(shutdown, backoff.next_delay()).await {
                 return Handled::Interrupted;
             }

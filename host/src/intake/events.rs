@@ -426,12 +426,51 @@ impl Subscriber {
     /// is handled, and the operator sees why the rest does not.
     async fn ensure_flags(&self, conn: &mut (impl redis::aio::ConnectionLike + Send)) {
         let needed = notify::required(&self.routes.load().manifests());
+        let ready = &metrics().ready;
         match notify::ensure(conn, &needed, self.configure_notifications).await {
-            Ok(added) if !added.is_empty() => {
-                info!(added = %notify::text(&added), "enabled keyspace notification flags")
+            Ok(added) => {
+                if !added.is_empty() {
+                    info!(added = %notify::text(&added), "enabled keyspace notification flags");
+                }
+                Readiness::set(&ready.notifications, true);
             }
-            Ok(_) => {}
-            Err(e) => tracing::error!(error = %e, "keyspace notifications are incomplete"),
+            Err(e) => {
+                // Events the policies need are not being sent: not ready,
+                // and a gap (the sweep after the flags return reconciles).
+                tracing::error!(error = %e, "keyspace notifications are incomplete");
+                Readiness::set(&ready.notifications, false);
+                metrics().gaps.inc();
+            }
+        }
+    }
+
+    /// The policies' flags, checked again while subscribed: turned off at
+    /// run time (a `CONFIG SET`, a Redis restarted without them while the
+    /// link held) they make the daemon not ready and owe a gap; back on,
+    /// every policy is swept for what it missed. Only changes are logged.
+    async fn recheck_flags(&self, conn: &mut MultiplexedConnection) {
+        let ready = &metrics().ready;
+        let was = ready.notifications.load(std::sync::atomic::Ordering::Relaxed);
+        let needed = notify::required(&self.routes.load().manifests());
+        let checked = tokio::time::timeout(PING_EVERY, notify::ensure(conn, &needed, self.configure_notifications));
+        match checked.await {
+            Ok(Ok(added)) => {
+                if !added.is_empty() {
+                    info!(added = %notify::text(&added), "enabled keyspace notification flags");
+                }
+                if !was {
+                    info!("keyspace notification flags complete again; sweeping every policy for what it missed");
+                    self.routes.load().sweep_all(SweepReason::Gap);
+                    Readiness::set(&ready.notifications, true);
+                }
+            }
+            Ok(Err(e @ notify::NotifyError::Missing { .. })) if was => {
+                tracing::error!(error = %e, "keyspace notifications are incomplete");
+                Readiness::set(&ready.notifications, false);
+                metrics().gaps.inc();
+            }
+            // Missing still, or no answer (a backlog, Redis going away).
+            _ => {}
         }
     }
 
@@ -473,6 +512,7 @@ impl Subscriber {
                         return false;
                     }
                     // Flags turned off, or back on.
+                    self.recheck_flags(&mut conn).await;
                     self.cover_index(&conn, &channels).await;
                 }
             }

@@ -46,6 +46,9 @@ pub struct Effects {
     pub expired: u64,
     pub written: u64,
     pub locks: u64,
+    /// Of `deleted` and `expired`, those by bulk operations.
+    pub bulk_deleted: u64,
+    pub bulk_expired: u64,
     /// A few affected key names.
     pub sample: Vec<String>,
 }
@@ -330,17 +333,17 @@ impl HostApi {
         }
         .map_err(|e| self.redis_failed(op, e))?;
         self.call.keys_touched += result.affected;
-        let kind = match work {
+        let effects = &mut self.call.effects;
+        match work {
             Bulk::Delete(_) => {
-                self.call.effects.deleted += result.affected;
-                "deleted"
+                effects.deleted += result.affected;
+                effects.bulk_deleted += result.affected;
             }
             Bulk::Expire(_) => {
-                self.call.effects.expired += result.affected;
-                "expired"
+                effects.expired += result.affected;
+                effects.bulk_expired += result.affected;
             }
-        };
-        crate::metrics::metrics().policy(&self.policy).bulk(kind, result.affected);
+        }
         self.call.effects.note_keys(result.sample.iter().map(String::as_str));
         let pattern = work.describe();
         if result.refused > 0 {
