@@ -84,7 +84,16 @@ impl Token {
 ///
 /// Compiling never fails, because Redis accepts every byte string as a
 /// pattern; [`Glob::lint`] reports constructs that are legal but probably not
-/// what the author meant.
+/// what the author meant. Compile once (in `Policy::new`, say) and match
+/// many keys: matching a compiled glob does no parsing.
+///
+/// ```
+/// use cachepol_guest_sdk::glob::Glob;
+///
+/// let glob = Glob::new("quiz:[a-z]*");
+/// assert!(glob.matches("quiz:today"));
+/// assert!(!glob.matches("quiz:2024"));
+/// ```
 #[derive(Clone, PartialEq, Eq)]
 pub struct Glob {
     source: String,
@@ -106,6 +115,11 @@ impl fmt::Display for Glob {
 
 impl Glob {
     /// Compile `pattern` following Redis's `stringmatchlen` rules.
+    ///
+    /// ```
+    /// # use cachepol_guest_sdk::glob::Glob;
+    /// assert!(Glob::new("img:?").matches("img:1"));
+    /// ```
     pub fn new(pattern: &str) -> Glob {
         let p = pattern.as_bytes();
         let mut tokens = Vec::new();
@@ -142,17 +156,37 @@ impl Glob {
         Glob { source: pattern.to_owned(), tokens, unterminated_class }
     }
 
-    /// The pattern as written.
+    /// The pattern as written, for a manifest or a host call that takes
+    /// the pattern as text.
+    ///
+    /// ```
+    /// # use cachepol_guest_sdk::glob::Glob;
+    /// assert_eq!(Glob::new("job:*").as_str(), "job:*");
+    /// ```
     pub fn as_str(&self) -> &str {
         &self.source
     }
 
     /// Whether `key` matches, exactly as Redis would decide it.
+    ///
+    /// ```
+    /// # use cachepol_guest_sdk::glob::Glob;
+    /// let glob = Glob::new("service_playlist:[^x]*");
+    /// assert!(glob.matches("service_playlist:dance:1"));
+    /// assert!(!glob.matches("service_playlist:xmas"));
+    /// ```
     pub fn matches(&self, key: &str) -> bool {
         self.matches_bytes(key.as_bytes())
     }
 
-    /// [`Glob::matches`] for binary keys.
+    /// [`Glob::matches`] for binary keys: Redis matches bytes, not
+    /// characters, so `?` is one byte.
+    ///
+    /// ```
+    /// # use cachepol_guest_sdk::glob::Glob;
+    /// assert!(Glob::new("img:?").matches_bytes(b"img:\xff"));
+    /// assert!(!Glob::new("img:?").matches("img:é"), "two bytes in UTF-8");
+    /// ```
     pub fn matches_bytes(&self, key: &[u8]) -> bool {
         if key.is_empty() {
             // stringmatchlen never enters its loop for an empty string, so
@@ -192,11 +226,25 @@ impl Glob {
 
     /// `true` for the lone `*`, which `SCAN`/`KEYS` treat as "every key"
     /// without matching (so it includes the empty key).
+    ///
+    /// ```
+    /// # use cachepol_guest_sdk::glob::Glob;
+    /// assert!(Glob::new("*").is_match_all());
+    /// assert!(!Glob::new("**").is_match_all(), "matched like any other pattern");
+    /// ```
     pub fn is_match_all(&self) -> bool {
         self.source == "*"
     }
 
-    /// The exact key this pattern matches, if it contains no wildcard.
+    /// The exact key this pattern matches, if it contains no wildcard:
+    /// such a pattern can be one `del` rather than a `delete-matching`.
+    ///
+    /// ```
+    /// # use cachepol_guest_sdk::glob::Glob;
+    /// assert_eq!(Glob::new("graph_data:dance").literal(), Some(b"graph_data:dance".to_vec()));
+    /// assert_eq!(Glob::new("quiz\\*").literal(), Some(b"quiz*".to_vec()));
+    /// assert_eq!(Glob::new("quiz*").literal(), None);
+    /// ```
     pub fn literal(&self) -> Option<Vec<u8>> {
         self.tokens.iter().map(single_byte).collect()
     }
@@ -204,6 +252,11 @@ impl Glob {
     /// The bytes every match starts with: the pattern up to its first
     /// wildcard or class (escapes resolved). Lets a matcher index patterns
     /// by prefix instead of trying each one.
+    ///
+    /// ```
+    /// # use cachepol_guest_sdk::glob::Glob;
+    /// assert_eq!(Glob::new("quiz:[a-z]*").literal_prefix(), b"quiz:");
+    /// ```
     pub fn literal_prefix(&self) -> Vec<u8> {
         self.tokens.iter().map_while(single_byte).collect()
     }
@@ -211,6 +264,12 @@ impl Glob {
     /// `true` for `prefix*` patterns: a literal prefix and one trailing star,
     /// which match exactly the keys starting with the prefix (except the
     /// empty key, as with every non-empty pattern).
+    ///
+    /// ```
+    /// # use cachepol_guest_sdk::glob::Glob;
+    /// assert!(Glob::new("quiz:*").is_prefix_pattern());
+    /// assert!(!Glob::new("quiz:*:today").is_prefix_pattern());
+    /// ```
     pub fn is_prefix_pattern(&self) -> bool {
         let prefix = self.tokens.iter().take_while(|t| single_byte(t).is_some()).count();
         self.tokens.len() == prefix + 1 && self.tokens[prefix] == Token::Star
@@ -218,6 +277,16 @@ impl Glob {
 
     /// Legal-but-suspicious constructs, worded for a person. Empty when the
     /// pattern is clean.
+    ///
+    /// Redis never refuses a pattern, so a typo such as a missing `]`
+    /// silently matches something else; check patterns from config with
+    /// this and refuse the config (an `Err` from `Policy::new`) instead.
+    ///
+    /// ```
+    /// # use cachepol_guest_sdk::glob::Glob;
+    /// assert!(Glob::new("quiz:*").lint().is_empty());
+    /// assert!(Glob::new("quiz:[a-z").lint()[0].contains("without a closing `]`"));
+    /// ```
     pub fn lint(&self) -> Vec<String> {
         let mut problems = Vec::new();
         if self.source.is_empty() {
@@ -280,7 +349,12 @@ fn parse_class(p: &[u8], mut i: usize) -> (ByteSet, usize, bool) {
     (if negate { set.complement() } else { set }, i, closed)
 }
 
-/// Whether `pattern` matches `key`; see [`Glob`].
+/// Whether `pattern` matches `key`; see [`Glob`]. Compiles the pattern
+/// each time: keep a [`Glob`] to match many keys.
+///
+/// ```
+/// assert!(cachepol_guest_sdk::glob::matches("quiz:*", "quiz:today"));
+/// ```
 pub fn matches(pattern: &str, key: &str) -> bool {
     Glob::new(pattern).matches(key)
 }
@@ -290,6 +364,14 @@ pub fn matches(pattern: &str, key: &str) -> bool {
 /// Use it whenever outside input (a genre name, a file name) becomes part of a
 /// pattern: `delete-matching(format!("service_playlist:{}:*", escape(genre)))`
 /// must not turn a genre called `*` into "every playlist".
+///
+/// ```
+/// use cachepol_guest_sdk::glob::{Glob, escape};
+///
+/// let pattern = format!("service_playlist:{}:*", escape("*"));
+/// assert_eq!(pattern, "service_playlist:\\*:*");
+/// assert!(!Glob::new(&pattern).matches("service_playlist:rock:1"));
+/// ```
 pub fn escape(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
@@ -302,13 +384,26 @@ pub fn escape(text: &str) -> String {
 }
 
 /// The answer of [`covers`].
+///
+/// ```
+/// use cachepol_guest_sdk::glob::{Coverage, Glob, covers};
+///
+/// let grant = Glob::new("quiz:*");
+/// match covers(&[&grant], &Glob::new("quiz*")) {
+///     Coverage::Uncovered { example } => println!("`quiz*` also matches {:?}", String::from_utf8_lossy(&example)),
+///     Coverage::Covered | Coverage::TooComplex => unreachable!(),
+/// }
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Coverage {
     /// Every key the pattern can match is matched by one of the covering
     /// patterns.
     Covered,
     /// `example` matches the pattern but none of the covering patterns.
-    Uncovered { example: Vec<u8> },
+    Uncovered {
+        /// A shortest key that shows why: the host puts it in the denial.
+        example: Vec<u8>,
+    },
     /// The patterns are too intricate to decide within the search limit;
     /// treat as not covered.
     TooComplex,
@@ -334,6 +429,18 @@ const COVER_WORK_LIMIT: usize = 4_000_000;
 /// Both sides are turned into automata over bytes; a breadth-first search of
 /// their product looks for a key that `pattern` accepts and no member of `by`
 /// does. The shortest such key is returned as the example.
+///
+/// The host decides grants this way; a policy can ask the same question of
+/// an operator's config in `Policy::new` and refuse a pattern its own grants
+/// could never allow, instead of failing on every event.
+///
+/// ```
+/// use cachepol_guest_sdk::glob::{Coverage, Glob, covers};
+///
+/// let grant = Glob::new("quiz:*");
+/// assert_eq!(covers(&[&grant], &Glob::new("quiz:[a-z]*")), Coverage::Covered);
+/// assert!(matches!(covers(&[&grant], &Glob::new("*")), Coverage::Uncovered { .. }));
+/// ```
 pub fn covers(by: &[&Glob], pattern: &Glob) -> Coverage {
     let mut work = COVER_WORK_LIMIT;
     covers_within(by, pattern, &mut work)
@@ -343,6 +450,17 @@ pub fn covers(by: &[&Glob], pattern: &Glob) -> Coverage {
 /// one call's limit), and taking what it spent off `*work`: a caller that
 /// checks many patterns bounds their total, not just each one. Runs out as
 /// [`Coverage::TooComplex`].
+///
+/// ```
+/// use cachepol_guest_sdk::glob::{Coverage, Glob, covers_within};
+///
+/// let grant = Glob::new("quiz:*");
+/// let mut work = 100_000;
+/// for pattern in ["quiz:a*", "quiz:b*"] {
+///     assert_eq!(covers_within(&[&grant], &Glob::new(pattern), &mut work), Coverage::Covered);
+/// }
+/// assert!(work < 100_000);
+/// ```
 pub fn covers_within(by: &[&Glob], pattern: &Glob, work: &mut usize) -> Coverage {
     let budget = (*work).min(COVER_WORK_LIMIT);
     let mut left = budget;

@@ -10,10 +10,16 @@ use std::fmt;
 
 use crate::glob;
 
-/// The separator between key segments.
+/// The separator between key segments, the convention of Redis's own
+/// documentation and of most applications.
 pub const SEPARATOR: char = ':';
 
 /// Join segments with `:`.
+///
+/// ```
+/// use cachepol_guest_sdk::keys;
+/// assert_eq!(keys::join(["music", "playlist", "acme", "42"]), "music:playlist:acme:42");
+/// ```
 pub fn join<I, S>(segments: I) -> String
 where
     I: IntoIterator<Item = S>,
@@ -29,26 +35,53 @@ where
     out
 }
 
-/// Split a key into its `:` segments.
+/// Split a key into its `:` segments; empty segments are kept, so a
+/// schema check sees `a::b` as three segments.
+///
+/// ```
+/// use cachepol_guest_sdk::keys;
+/// assert_eq!(keys::segments("a::b").collect::<Vec<_>>(), ["a", "", "b"]);
+/// ```
 pub fn segments(key: &str) -> impl Iterator<Item = &str> {
     key.split(SEPARATOR)
 }
 
 /// Django's `make_key`: `prefix:version:key`.
+///
+/// ```
+/// use cachepol_guest_sdk::keys;
+/// assert_eq!(keys::versioned("bisk", 2, "user:7"), "bisk:2:user:7");
+/// ```
 pub fn versioned(prefix: &str, version: u32, key: &str) -> String {
     format!("{prefix}{SEPARATOR}{version}{SEPARATOR}{key}")
 }
 
-/// A key in Django's `prefix:version:key` form, taken apart.
+/// A key in Django's `prefix:version:key` form, taken apart by
+/// [`parse_versioned`]; it borrows from the key.
+///
+/// ```
+/// use cachepol_guest_sdk::keys::{Versioned, parse_versioned};
+/// let v: Versioned = parse_versioned("bisk:1:user:7").unwrap();
+/// assert!(v.version < 2, "an old version's key");
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Versioned<'a> {
+    /// Django's `KEY_PREFIX`; empty by default.
     pub prefix: &'a str,
+    /// The cache version the key was written under.
     pub version: u32,
+    /// The application's own key, which may contain `:` itself.
     pub key: &'a str,
 }
 
 /// Parse `prefix:version:key`; `None` unless the second segment is a decimal
 /// version. The prefix may be empty (Django's default, `:1:key`).
+///
+/// ```
+/// use cachepol_guest_sdk::keys::{Versioned, parse_versioned};
+/// assert_eq!(parse_versioned(":1:user:7"), Some(Versioned { prefix: "", version: 1, key: "user:7" }));
+/// assert_eq!(parse_versioned("quiz:today:1"), None);
+/// ```
 pub fn parse_versioned(key: &str) -> Option<Versioned<'_>> {
     let mut parts = key.splitn(3, SEPARATOR);
     let prefix = parts.next()?;
@@ -62,6 +95,19 @@ pub fn parse_versioned(key: &str) -> Option<Versioned<'_>> {
 
 /// A template with `{name}` placeholders; `{{` and `}}` stand for literal
 /// braces (Redis Cluster hash tags use them).
+///
+/// Templates let an operator write key names in config
+/// (`graph_data:{genre}`) while the policy fills in the values, derives its
+/// grants ([`Template::wildcard`]) and recognises its keys in events
+/// ([`Template::capture`]).
+///
+/// ```
+/// use cachepol_guest_sdk::keys::Template;
+///
+/// let t = Template::parse("graph_data:{genre}").unwrap();
+/// assert_eq!(t.render_key(&[("genre", "dance")]).unwrap(), "graph_data:dance");
+/// assert_eq!(t.wildcard(), "graph_data:*");
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Template {
     source: String,
@@ -74,15 +120,38 @@ enum Part {
     Var(String),
 }
 
-/// A template that cannot be parsed or filled.
+/// A template that cannot be parsed or filled. Its `Display` is written
+/// for the operator whose config holds the template: return it from
+/// `Policy::new` as the reason the load is refused.
+///
+/// ```
+/// use cachepol_guest_sdk::keys::{Template, TemplateError};
+///
+/// let err = Template::parse("graph_data:{genre").unwrap_err();
+/// assert!(matches!(err, TemplateError::Unbalanced { .. }));
+/// assert!(err.to_string().contains("unbalanced brace"));
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum TemplateError {
     /// A `{` without its `}`, or a stray `}`.
-    Unbalanced { template: String },
+    Unbalanced {
+        /// The template as written.
+        template: String,
+    },
     /// A `{}` or a name with characters other than `[A-Za-z0-9_-]`.
-    BadName { template: String, name: String },
+    BadName {
+        /// The template as written.
+        template: String,
+        /// The offending placeholder name, without its braces.
+        name: String,
+    },
     /// A placeholder the caller has no value for.
-    Unknown { template: String, name: String },
+    Unknown {
+        /// The template as written.
+        template: String,
+        /// The placeholder that has no value.
+        name: String,
+    },
 }
 
 impl fmt::Display for TemplateError {
@@ -104,7 +173,14 @@ impl fmt::Display for TemplateError {
 impl std::error::Error for TemplateError {}
 
 impl Template {
-    /// Parse `source`.
+    /// Parse `source`; fails on unbalanced braces and bad placeholder
+    /// names, so a typo in config is caught at load, not at the first event.
+    ///
+    /// ```
+    /// # use cachepol_guest_sdk::keys::Template;
+    /// assert!(Template::parse("{{tag}}:{genre}").is_ok());
+    /// assert!(Template::parse("a:{}").is_err());
+    /// ```
     pub fn parse(source: &str) -> Result<Template, TemplateError> {
         let unbalanced = || TemplateError::Unbalanced { template: source.to_owned() };
         let mut parts = Vec::new();
@@ -147,12 +223,23 @@ impl Template {
         Ok(Template { source: source.to_owned(), parts })
     }
 
-    /// The template as written.
+    /// The template as written, for messages.
+    ///
+    /// ```
+    /// # use cachepol_guest_sdk::keys::Template;
+    /// assert_eq!(Template::parse("a:{x}").unwrap().as_str(), "a:{x}");
+    /// ```
     pub fn as_str(&self) -> &str {
         &self.source
     }
 
     /// The placeholder names, in order of appearance.
+    ///
+    /// ```
+    /// # use cachepol_guest_sdk::keys::Template;
+    /// let t = Template::parse("{service}:cache:{tenant}").unwrap();
+    /// assert_eq!(t.placeholders().collect::<Vec<_>>(), ["service", "tenant"]);
+    /// ```
     pub fn placeholders(&self) -> impl Iterator<Item = &str> {
         self.parts.iter().filter_map(|p| match p {
             Part::Var(name) => Some(name.as_str()),
@@ -160,7 +247,15 @@ impl Template {
         })
     }
 
-    /// Check that every placeholder is one of `known`.
+    /// Check that every placeholder is one of `known`: at load, so that an
+    /// operator's `{gerne}` is refused with its name rather than failing
+    /// every event.
+    ///
+    /// ```
+    /// # use cachepol_guest_sdk::keys::Template;
+    /// let t = Template::parse("graph_data:{gerne}").unwrap();
+    /// assert!(t.check_placeholders(&["genre"]).is_err());
+    /// ```
     pub fn check_placeholders(&self, known: &[&str]) -> Result<(), TemplateError> {
         match self.placeholders().find(|name| !known.contains(name)) {
             Some(name) => Err(TemplateError::Unknown { template: self.source.clone(), name: name.to_owned() }),
@@ -168,19 +263,39 @@ impl Template {
         }
     }
 
-    /// Fill in values verbatim: for exact key names.
+    /// Fill in values verbatim: for exact key names, as passed to `get` or
+    /// `del`, where no character is special.
+    ///
+    /// ```
+    /// # use cachepol_guest_sdk::keys::Template;
+    /// let t = Template::parse("graph_data:{genre}").unwrap();
+    /// assert_eq!(t.render_key(&[("genre", "d*")]).unwrap(), "graph_data:d*");
+    /// ```
     pub fn render_key(&self, values: &[(&str, &str)]) -> Result<String, TemplateError> {
         self.render(values, |v| v.to_owned())
     }
 
     /// Fill in values glob-escaped: the template's own `*` stays a wildcard,
     /// a `*` inside a value matches only itself.
+    ///
+    /// ```
+    /// # use cachepol_guest_sdk::keys::Template;
+    /// let t = Template::parse("service_playlist:{genre}:*").unwrap();
+    /// assert_eq!(t.render_glob(&[("genre", "*")]).unwrap(), "service_playlist:\\*:*");
+    /// ```
     pub fn render_glob(&self, values: &[(&str, &str)]) -> Result<String, TemplateError> {
         self.render(values, glob::escape)
     }
 
     /// Whether the rendered text is a glob with wildcards of its own (as
-    /// opposed to one exact key).
+    /// opposed to one exact key): decides between `delete-matching` and
+    /// `del`.
+    ///
+    /// ```
+    /// # use cachepol_guest_sdk::keys::Template;
+    /// assert!(Template::parse("service_playlist:{genre}:*").unwrap().is_pattern());
+    /// assert!(!Template::parse("graph_data:{genre}").unwrap().is_pattern());
+    /// ```
     pub fn is_pattern(&self) -> bool {
         self.parts.iter().any(|p| match p {
             Part::Text(t) => glob::Glob::new(t).literal().is_none(),
@@ -191,6 +306,11 @@ impl Template {
     /// The glob of every key this template can produce: each placeholder
     /// becomes `*`. `last_updated:{genre}` gives `last_updated:*`, the
     /// pattern to subscribe to or to ask a grant for.
+    ///
+    /// ```
+    /// # use cachepol_guest_sdk::keys::Template;
+    /// assert_eq!(Template::parse("{service}:cache:{tenant}").unwrap().wildcard(), "*:cache:*");
+    /// ```
     pub fn wildcard(&self) -> String {
         let mut out = String::new();
         for part in &self.parts {
@@ -205,6 +325,13 @@ impl Template {
     /// The inverse of [`Template::render_key`]: the placeholder values that
     /// produce `key`, each non-empty, or `None` if the template cannot
     /// produce it. With several placeholders the earliest split wins.
+    ///
+    /// ```
+    /// # use cachepol_guest_sdk::keys::Template;
+    /// let trigger = Template::parse("last_updated:{genre}").unwrap();
+    /// assert_eq!(trigger.capture("last_updated:dance"), Some(vec![("genre".into(), "dance".into())]));
+    /// assert_eq!(trigger.capture("graph_data:dance"), None);
+    /// ```
     pub fn capture(&self, key: &str) -> Option<Vec<(String, String)>> {
         fn go(parts: &[Part], rest: &str, out: &mut Vec<(String, String)>) -> bool {
             match parts.split_first() {

@@ -40,7 +40,6 @@ fn check_rejects_bad_files_with_one_clear_line() {
             "not a WebAssembly file",
         ),
         ("empty.wasm", Vec::new(), "the file is empty"),
-        ("truncated.wasm", good[..good.len() / 3].to_vec(), "cannot compile the component"),
         ("core.wasm", b"\0asm\x01\0\0\0".to_vec(), "a core WebAssembly module, not a component"),
         ("future.wasm", b"\0asm\x0e\0\x01\0".to_vec(), "unsupported WebAssembly binary version"),
     ];
@@ -50,9 +49,16 @@ fn check_rejects_bad_files_with_one_clear_line() {
         let out = cachepol(&["check", path.to_str().unwrap()]);
         assert_bad(&out, expected, name);
     }
+    // A copy cut short says so, wherever the cut falls.
+    for cut in [9, 12, 100, good.len() / 3, good.len() / 2, good.len() * 9 / 10, good.len() - 1] {
+        let path = dir.join(format!("cut-{cut}.wasm"));
+        std::fs::write(&path, &good[..cut]).unwrap();
+        let out = cachepol(&["check", path.to_str().unwrap()]);
+        assert_bad(&out, &format!("the file is truncated: {cut} bytes"), &format!("cut at {cut}"));
+    }
     let other_world = common::fixture("not-a-policy");
     let out = cachepol(&["check", other_world.to_str().unwrap()]);
-    assert_bad(&out, "does not implement the cachepol:policy/policy world (0.1.0 or 0.2.0)", "not-a-policy");
+    assert_bad(&out, "does not implement the cachepol:policy/policy world (0.1.0 or 0.2.x)", "not-a-policy");
     let out = cachepol(&["check", dir.join("missing.wasm").to_str().unwrap()]);
     assert_bad(&out, "cannot read", "missing");
 }
@@ -99,9 +105,44 @@ fn test_reports_a_malformed_scenario_file() {
     assert!(stdout(&out).contains("unknown field `absnt`"), "{}", stdout(&out));
 }
 
+/// The path a new team takes: scaffold, then build, test and check the
+/// crate exactly as generated.
+#[test]
+fn a_scaffolded_policy_builds_passes_its_scenario_and_checks() {
+    let dir = tempdir();
+    let krate = dir.join("session-ttl");
+    let sdk = common::workspace().join("guest-sdk");
+    let out = cachepol(&["new", "session-ttl", "--path", krate.to_str().unwrap(), "--sdk-path", sdk.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    for file in ["Cargo.toml", "src/lib.rs", "scenarios/ttl.toml", "README.md"] {
+        assert!(krate.join(file).exists(), "{file}");
+    }
+    let manifest = std::fs::read_to_string(krate.join("Cargo.toml")).unwrap();
+    assert!(manifest.contains("serde = {") && manifest.contains("panic = \"abort\""), "{manifest}");
+    // The workspace's lock file: the same dependency versions, no network.
+    std::fs::copy(common::workspace().join("Cargo.lock"), krate.join("Cargo.lock")).unwrap();
+    // Its own target dir: the test's cargo holds the workspace's.
+    let target = common::workspace().join("target/scaffold-test");
+    let test = Command::new(env!("CARGO_BIN_EXE_cachepol"))
+        .args(["test", krate.to_str().unwrap()])
+        .env("CARGO_TARGET_DIR", &target)
+        .output()
+        .unwrap();
+    assert!(test.status.success(), "{}{}", stdout(&test), stderr(&test));
+    assert!(stdout(&test).contains("1 passed, 0 failed"), "{}", stdout(&test));
+    let wasm = target.join("wasm32-wasip2/release/session_ttl.wasm");
+    let check = cachepol(&["check", wasm.to_str().unwrap()]);
+    assert!(check.status.success(), "{}", stderr(&check));
+    assert!(stdout(&check).contains("policy:      session-ttl"), "{}", stdout(&check));
+    assert!(stdout(&check).contains("notify-keyspace-events: needs"), "{}", stdout(&check));
+    // Nothing is overwritten.
+    let again = cachepol(&["new", "session-ttl", "--path", krate.to_str().unwrap()]);
+    assert!(!again.status.success() && stderr(&again).contains("already exists"), "{}", stderr(&again));
+}
+
 #[test]
 fn help_shows_examples() {
-    for sub in ["check", "test"] {
+    for sub in ["check", "test", "new"] {
         let out = cachepol(&[sub, "--help"]);
         assert!(out.status.success());
         assert!(stdout(&out).contains("Example"), "{sub}: {}", stdout(&out));

@@ -1,7 +1,9 @@
 //! The fake host tells the truth about Redis: seeded random sequences of
 //! restricted-API operations run on the fake (`FakeRedis`) and on a real
 //! `redis-server`, through the same `Backend` trait the policies' calls go
-//! through, and every result and the final keyspace must agree.
+//! through, mixed with the application's writes to lists, hashes, sets and
+//! sorted sets (which the fake's scenarios offer), and every result and the
+//! final keyspace (types and contents) must agree.
 //!
 //! 1,000 sequences by default; `CACHEPOL_DIFF_SEQUENCES=N` for more,
 //! `CACHEPOL_DIFF_SEED=S` to replay one. A difference prints the seed and
@@ -20,7 +22,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
 
-use cachepol::fake::FakeRedis;
+use cachepol::fake::{AppWrite, FakeRedis, Value};
 use cachepol::store::backend::{Backend, BulkPlan};
 use cachepol::store::redis::RedisBackend;
 use cachepol::wit::{ExpireCondition, ExpireRow, KeyTtl, SetCondition, SetOptions};
@@ -57,6 +59,9 @@ enum Op {
     LockRelease(&'static str, bool),
     /// Set a key to expire soon, then let the clock pass it.
     Advance(&'static str),
+    /// The application writes a list, hash, set or sorted set.
+    Write(&'static str, AppWrite),
+    Mget(Vec<&'static str>),
 }
 
 impl fmt::Display for Op {
@@ -74,7 +79,7 @@ fn generate(seed: u64) -> Vec<Op> {
     let pattern = |rng: &mut StdRng| *PATTERNS.choose(rng).unwrap();
     let len = rng.random_range(5..30);
     (0..len)
-        .map(|_| match rng.random_range(0..100) {
+        .map(|_| match rng.random_range(0..120) {
             0..8 => Op::Get(key(&mut rng)),
             8..12 => Op::Exists(key(&mut rng)),
             12..20 => Op::Ttl(key(&mut rng)),
@@ -107,14 +112,67 @@ fn generate(seed: u64) -> Vec<Op> {
             ),
             85..91 => Op::LockAcquire(key(&mut rng), ttl(&mut rng)),
             91..97 => Op::LockRelease(key(&mut rng), rng.random_bool(0.7)),
-            _ => Op::Advance(key(&mut rng)),
+            97..100 => Op::Advance(key(&mut rng)),
+            100..116 => Op::Write(key(&mut rng), app_write(&mut rng)),
+            _ => Op::Mget((0..rng.random_range(1..4)).map(|_| key(&mut rng)).collect()),
         })
         .collect()
+}
+
+/// A random write of the application's to a list, hash, set or sorted set.
+fn app_write(rng: &mut StdRng) -> AppWrite {
+    let item = |rng: &mut StdRng| ["a", "b", "c"].choose(rng).unwrap().to_string();
+    let items = |rng: &mut StdRng| (0..rng.random_range(1..4)).map(|_| item(rng)).collect::<Vec<_>>();
+    match rng.random_range(0..10) {
+        0 => AppWrite::Rpush(items(rng)),
+        1 => AppWrite::Lpush(items(rng)),
+        2 => AppWrite::Lpop(rng.random_range(1..3)),
+        3 => AppWrite::Rpop(rng.random_range(1..3)),
+        4 => AppWrite::Hset(items(rng).into_iter().map(|f| (f, format!("v{}", rng.random_range(0..9)))).collect()),
+        5 => AppWrite::Hdel(items(rng)),
+        6 => AppWrite::Sadd(items(rng)),
+        7 => AppWrite::Srem(items(rng)),
+        8 => AppWrite::Zadd(items(rng).into_iter().map(|m| (m, *[1.0, 2.0, 2.5].choose(rng).unwrap())).collect()),
+        _ => AppWrite::Zrem(items(rng)),
+    }
+}
+
+/// The command a real application sends for `write`.
+fn command(key: &str, write: &AppWrite) -> redis::Cmd {
+    let mut cmd = redis::cmd(&write.name().to_uppercase());
+    cmd.arg(key);
+    match write {
+        AppWrite::Rpush(items)
+        | AppWrite::Lpush(items)
+        | AppWrite::Hdel(items)
+        | AppWrite::Sadd(items)
+        | AppWrite::Srem(items)
+        | AppWrite::Zrem(items) => {
+            cmd.arg(items);
+        }
+        AppWrite::Lpop(n) | AppWrite::Rpop(n) => {
+            cmd.arg(*n);
+        }
+        AppWrite::Hset(fields) => {
+            for (f, v) in fields {
+                cmd.arg(f).arg(v);
+            }
+        }
+        AppWrite::Zadd(members) => {
+            for (m, score) in members {
+                cmd.arg(*score).arg(m);
+            }
+        }
+    }
+    cmd
 }
 
 /// One side: a backend and the lock tokens it handed out.
 struct Side {
     backend: Arc<dyn Backend>,
+    /// The real side's own connection, for the application's writes and
+    /// for reading back non-string values.
+    raw: Option<redis::aio::MultiplexedConnection>,
     tokens: BTreeMap<&'static str, String>,
     /// Every token, in order: tokens are random by design, so a value that
     /// is one compares as "the n-th token".
@@ -155,8 +213,8 @@ fn allow_all(_: &[u8]) -> bool {
 const EVERYTHING: BulkPlan<'static> = BulkPlan { allow: &allow_all, limit: u64::MAX, steps: None };
 
 impl Side {
-    fn new(backend: Arc<dyn Backend>) -> Side {
-        Side { backend, tokens: BTreeMap::new(), issued: Vec::new() }
+    fn new(backend: Arc<dyn Backend>, raw: Option<redis::aio::MultiplexedConnection>) -> Side {
+        Side { backend, raw, tokens: BTreeMap::new(), issued: Vec::new() }
     }
 
     fn value(&self, value: Option<Vec<u8>>) -> Outcome {
@@ -207,21 +265,82 @@ impl Side {
                 }
                 set.map(Outcome::Bool)
             }
+            Op::Write(k, write) => {
+                let done = match (fake, &mut self.raw) {
+                    (Some(fake), _) => fake.app_write(k, write),
+                    (None, Some(raw)) => {
+                        command(k, write).query_async::<redis::Value>(raw).await.map(|_| ()).map_err(|e| e.to_string())
+                    }
+                    (None, None) => unreachable!("the real side has a connection"),
+                };
+                return done.map_or_else(|e| error_outcome(&e), |()| Outcome::Bool(true));
+            }
+            Op::Mget(keys) => {
+                let keys: Vec<String> = keys.iter().map(|k| k.to_string()).collect();
+                b.mget(&keys).await.map(|values| {
+                    Outcome::Text(format!("{:?}", values.into_iter().map(|v| self.value(v)).collect::<Vec<_>>()))
+                })
+            }
         };
-        result.unwrap_or_else(|e| Outcome::Text(format!("error: {e}")))
+        result.unwrap_or_else(|e| error_outcome(&e.to_string()))
     }
 
-    /// Every key with its value and TTL.
-    async fn keyspace(&self) -> Vec<(String, Outcome, Outcome)> {
-        let b = &*self.backend;
+    /// A non-string key's contents, rendered the same way on both sides.
+    async fn contents(&mut self, key: &str, fake: Option<&FakeRedis>) -> Outcome {
+        if let Some(fake) = fake {
+            let snapshot = fake.snapshot();
+            return Outcome::Text(snapshot.get(key).map(|s| s.value.render()).unwrap_or_default());
+        }
+        let raw = self.raw.as_mut().expect("the real side has a connection");
+        let b = |s: String| s.into_bytes();
+        let kind: String = redis::cmd("TYPE").arg(key).query_async(raw).await.unwrap();
+        let value = match kind.as_str() {
+            "list" => {
+                let items: Vec<String> = redis::cmd("LRANGE").arg(key).arg(0).arg(-1).query_async(raw).await.unwrap();
+                Value::List(items.into_iter().map(b).collect())
+            }
+            "hash" => {
+                let fields: BTreeMap<String, String> = redis::cmd("HGETALL").arg(key).query_async(raw).await.unwrap();
+                Value::Hash(fields.into_iter().map(|(f, v)| (b(f), b(v))).collect())
+            }
+            "set" => {
+                let members: Vec<String> = redis::cmd("SMEMBERS").arg(key).query_async(raw).await.unwrap();
+                Value::Set(members.into_iter().map(b).collect())
+            }
+            "zset" => {
+                let members: Vec<(String, f64)> =
+                    redis::cmd("ZRANGE").arg(key).arg(0).arg(-1).arg("WITHSCORES").query_async(raw).await.unwrap();
+                Value::ZSet(members.into_iter().map(|(m, s)| (b(m), s)).collect())
+            }
+            other => return Outcome::Text(format!("type {other}")),
+        };
+        Outcome::Text(value.render())
+    }
+
+    /// Every key with its type and value, and its TTL.
+    async fn keyspace(&mut self, fake: Option<&FakeRedis>) -> Vec<(String, Outcome, Outcome)> {
+        let b = self.backend.clone();
         let mut out = Vec::new();
-        for key in scan_all(b, "*", 100).await.unwrap() {
+        for key in scan_all(&*b, "*", 100).await.unwrap() {
             let name = String::from_utf8_lossy(&key).into_owned();
-            let value = self.value(b.get(&name).await.unwrap());
+            let value = match b.key_type(&name).await.unwrap() {
+                Some(cachepol::wit::ValueKind::String) => self.value(b.get(&name).await.unwrap()),
+                _ => self.contents(&name, fake).await,
+            };
             let ttl = ttl_outcome(b.ttl(&name).await.unwrap());
             out.push((name, value, ttl));
         }
         out
+    }
+}
+
+/// An error, by what Redis calls it when it has a name for it (`WRONGTYPE`):
+/// the fake's wording need not match Redis's.
+fn error_outcome(message: &str) -> Outcome {
+    if message.contains("WRONGTYPE") {
+        Outcome::Text("error: WRONGTYPE".into())
+    } else {
+        Outcome::Text(format!("error: {message}"))
     }
 }
 
@@ -252,8 +371,8 @@ async fn run_one(seed: u64, real: Arc<dyn Backend>, flush: &redis::Client) -> Re
     let mut conn = flush.get_multiplexed_async_connection().await.unwrap();
     redis::cmd("FLUSHDB").query_async::<()>(&mut conn).await.unwrap();
     let fake_redis = FakeRedis::new();
-    let mut fake = Side::new(Arc::new(fake_redis.client("diff")));
-    let mut real = Side::new(real);
+    let mut fake = Side::new(Arc::new(fake_redis.client("diff")), None);
+    let mut real = Side::new(real, Some(conn.clone()));
     let ops = generate(seed);
     for (i, op) in ops.iter().enumerate() {
         let (f, r) = (fake.apply(op, Some(&fake_redis)).await, real.apply(op, None).await);
@@ -266,7 +385,7 @@ async fn run_one(seed: u64, real: Arc<dyn Backend>, flush: &redis::Client) -> Re
             ));
         }
     }
-    let (f, r) = (fake.keyspace().await, real.keyspace().await);
+    let (f, r) = (fake.keyspace(Some(&fake_redis)).await, real.keyspace(None).await);
     let same =
         f.len() == r.len() && f.iter().zip(&r).all(|(a, b)| a.0 == b.0 && agree(&a.1, &b.1) && agree(&a.2, &b.2));
     if !same {

@@ -4,7 +4,7 @@ mod common;
 
 use std::time::Duration;
 
-use cachepol::fake::FakeHost;
+use cachepol::fake::{AppWrite, FakeHost};
 use cachepol::wit::SweepReason;
 
 #[tokio::test]
@@ -83,4 +83,34 @@ async fn a_batch_of_key_events_is_one_call_with_exact_effects() {
     assert!(report.call.redis_unavailable > 0, "counted as Redis being away, not the policy's fault");
     redis.set_unavailable(None);
     assert_eq!(redis.snapshot()["job:6"].ttl_ms, None);
+}
+
+/// The SDK's `mget_json` and `get_json`, through the recorder fixture: one
+/// host call reads every key; a non-string key reads as missing, as with
+/// Redis's `MGET`; a value that is not the JSON asked for fails the call,
+/// naming the key.
+#[tokio::test]
+async fn sdk_json_and_multi_key_reads_on_the_fake_host() {
+    let runtime = common::runtime();
+    let compiled = common::compile(&runtime, &common::fixture("recorder"));
+    let config = r#"{"sum_json": ["rec:a", "rec:b", "rec:missing", "rec:queue"]}"#;
+    let mut host = FakeHost::load(&runtime, &compiled, config).await.unwrap();
+    let redis = host.redis().clone();
+    redis.app_set("rec:a", br#"{"count": 2}"#, None);
+    redis.app_set("rec:b", br#"{"count": 5}"#, None);
+    redis.app_write("rec:queue", &AppWrite::Rpush(vec!["x".into()])).unwrap();
+    host.deploy("ci", &[], &[]).await;
+    let report = &host.deliveries().last().unwrap().report;
+    assert!(report.result.is_ok(), "{:?}", report.result);
+    let value = |key: &str| redis.snapshot().get(key).and_then(|s| s.value.as_string().map(<[u8]>::to_vec));
+    assert_eq!(value("recorder:recorder:sum").as_deref(), Some(&b"7 2"[..]), "2 + 5, two missing");
+    assert_eq!(value("recorder:recorder:first").as_deref(), Some(&b"Some(2)"[..]));
+    // deploys counter, mget, set, get, set: the four keys cost one call.
+    assert!(report.call.host_calls <= 6, "{} host calls", report.call.host_calls);
+
+    redis.app_set("rec:b", b"not json", None);
+    host.deploy("ci", &[], &[]).await;
+    let failed: Vec<String> = host.failures().map(|(_, f)| f.to_string()).collect();
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert!(failed[0].contains("rec:b") && failed[0].contains("JSON"), "{failed:?}");
 }

@@ -5,7 +5,7 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use crate::support::{Daemon, RedisServer, Setup, deploy, eventually, http};
+use crate::support::{Daemon, RedisServer, Setup, TempDir, deploy, eventually, http};
 
 #[test]
 fn the_daemon_runs_as_the_acl_user_and_redis_refuses_the_rest() {
@@ -20,8 +20,12 @@ fn the_daemon_runs_as_the_acl_user_and_redis_refuses_the_rest() {
     let setup = Setup::new(&["genre-invalidation", "ttl-table", "recorder"])
         .config("[policies.recorder]\nconfig = { lock = true }");
     let url = format!("redis://cachepol:s3cret@127.0.0.1:{}", redis.port);
+    // Every argument of `run` that decides what is loaded is accepted.
+    let cache = TempDir::new("acl-cache");
     let out = Command::new(env!("CARGO_BIN_EXE_cachepol"))
-        .args(["acl", "--redis-url", &url, "--policies"])
+        .args(["acl", "--redis-url", &url, "--cache-dir"])
+        .arg(cache.path())
+        .arg("--policies")
         .arg(setup.policies())
         .arg("--config")
         .arg(setup.config_file())
@@ -30,6 +34,7 @@ fn the_daemon_runs_as_the_acl_user_and_redis_refuses_the_rest() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let line = String::from_utf8(out.stdout).unwrap();
     assert!(line.starts_with("ACL SETUSER cachepol reset on >s3cret "), "{line}");
+    assert!(std::fs::read_dir(cache.path()).unwrap().next().is_some(), "compiled through the cache dir");
     assert!(line.contains(" %W~graph_data:* ") && line.contains(" ~job:* "), "{line}");
 
     // Applied the way an operator would: through redis-cli.

@@ -111,18 +111,50 @@ fn key_naming_clears_old_versions_on_a_bump_and_deletes_stale_writes() {
 
 #[test]
 fn a_policy_built_against_contract_0_1_0_still_loads_and_runs() {
+    an_old_build_loads_and_runs("0.1.0");
+}
+
+/// 0.2.1 added `mget`: a component built against 0.2.0 imports a subset of
+/// it, and links against the host's 0.2.1 as it is.
+#[test]
+fn a_policy_built_against_contract_0_2_0_still_loads_and_runs() {
+    an_old_build_loads_and_runs("0.2.0");
+}
+
+fn an_old_build_loads_and_runs(contract: &str) {
     let redis = RedisServer::start();
     redis.cmd::<()>(&["SET", "old:before", "v"]);
     let setup =
         Setup::new(&[]).config("[policies.old]\nconfig = { name = \"old\", patterns = [\"old:*\"], ttl_ms = 60000 }");
-    // The recorder fixture as built against cachepol:policy@0.1.0.
-    let old = workspace().join("tests/fixtures/compat/recorder-0.1.0.wasm");
+    // The recorder fixture as built against that version of the contract.
+    let old = workspace().join(format!("tests/fixtures/compat/recorder-{contract}.wasm"));
     std::fs::copy(old, setup.policies().join("old.wasm")).unwrap();
     let daemon = Daemon::start(&redis, &setup);
-    // Its start sweep calls 0.1.0's `expire-matching`.
+    // Its start sweep calls that contract's `expire-matching`.
     eventually(&daemon, "the start sweep through 0.1.0's imports", || pttl(&redis, "old:before") > 0);
     redis.cmd::<()>(&["SET", "old:1", "v"]);
     eventually(&daemon, "an event handled", || redis.recorded_events("old") == 1 && pttl(&redis, "old:1") > 0);
     assert!(!daemon.log_text().contains("policy rejected"));
+    assert_eq!(daemon.stop(), Some(0));
+}
+
+/// The SDK's `mget_json` and `get_json` against Redis: one `MGET`, a list
+/// reads as missing (Redis's `MGET` gives nil for it), JSON decoded.
+#[test]
+fn sdk_json_and_multi_key_reads_on_real_redis() {
+    let redis = RedisServer::start();
+    redis.cmd::<()>(&["SET", "rec:a", r#"{"count": 2}"#]);
+    redis.cmd::<()>(&["SET", "rec:b", r#"{"count": 5}"#]);
+    redis.cmd::<i64>(&["RPUSH", "rec:queue", "x"]);
+    let setup = Setup::new(&["recorder"]).config(
+        r#"[policies.recorder]
+config = { sum_json = ["rec:a", "rec:b", "rec:missing", "rec:queue"] }"#,
+    );
+    let daemon = Daemon::start(&redis, &setup);
+    crate::support::deploy(&redis, &["--service", "ci"]);
+    eventually(&daemon, "the sum is written", || {
+        redis.cmd::<Option<String>>(&["GET", "recorder:recorder:sum"]).as_deref() == Some("7 2")
+    });
+    assert_eq!(redis.cmd::<Option<String>>(&["GET", "recorder:recorder:first"]).as_deref(), Some("Some(2)"));
     assert_eq!(daemon.stop(), Some(0));
 }

@@ -79,7 +79,7 @@ fn rejected_files_leave_the_running_version_serving() {
     let good = stamped(2);
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
         ("corrupt", vec![0x42; 4096], "not a WebAssembly file"),
-        ("truncated", good[..good.len() / 2].to_vec(), "cannot compile the component"),
+        ("truncated", good[..good.len() / 2].to_vec(), "the file is truncated"),
         ("wrong world", std::fs::read(wasm("not-a-policy")).unwrap(), "does not implement the cachepol:policy/policy"),
         ("configure rejects", std::fs::read(wasm("hostile")).unwrap(), "configure failed: invalid config"),
         ("grants forbidden", stamped(3), "wider than what it asks for"),
@@ -93,6 +93,9 @@ fn rejected_files_leave_the_running_version_serving() {
         redis.cmd::<()>(&["SET", &key, "v"]);
         eventually(&daemon, "the old version handles it", || mark(&redis, &key).as_deref() == Some("00000001"));
     }
+    // The operator puts the good file back: the log says it serves on.
+    install(&setup.policies(), "rec", &stamped(1));
+    daemon.wait_for("policy file restored to the version that kept serving", Duration::from_secs(20));
     assert_eq!(daemon.stop(), Some(0));
 }
 

@@ -23,7 +23,7 @@ use anyhow::{Context, Result, bail};
 use cachepol::config::DeployConfig;
 use cachepol::dispatch::reload::policy_files;
 use cachepol::fake::FakeRedis;
-use cachepol::sandbox::runtime::{Runtime, RuntimeConfig};
+use cachepol::sandbox::runtime::{Runtime, RuntimeConfig, content_hash};
 use cachepol::wit::KeyOps;
 use clap::Args;
 
@@ -68,7 +68,11 @@ pub async fn run(args: AclArgs) -> Result<ExitCode> {
         let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
         let section = config.policy(&stem);
         let options = config.load_options(&stem, &section);
-        let compiled = runtime.compile_file(path).with_context(|| path.display().to_string())?;
+        // Through the daemon's compile cache: what `run` compiled is reused.
+        let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let hash = content_hash(&bytes);
+        let (compiled, _) =
+            runtime.compile_cached(&bytes, &hash, &config.cache_dir).with_context(|| path.display().to_string())?;
         let policy =
             runtime.load(&compiled, backend.clone(), &options).await.with_context(|| path.display().to_string())?;
         grants.extend(policy.grants().rules().iter().map(|r| (r.pattern.as_str().to_owned(), r.ops)));

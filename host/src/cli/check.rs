@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use cachepol::fake::FakeRedis;
+use cachepol::intake::notify;
 use cachepol::sandbox::runtime::{LoadOptions, Runtime, RuntimeConfig};
 use clap::Args;
 
@@ -34,6 +35,17 @@ pub async fn run(args: CheckArgs) -> Result<ExitCode> {
     let options = LoadOptions { label, config, ..LoadOptions::default() };
     let policy = runtime.load(&compiled, backend, &options).await.with_context(|| path.display().to_string())?;
     print!("{}", policy.manifest());
+    // What Redis must send for it (the daemon checks or sets this at start).
+    let flags = notify::required(&[policy.manifest()]);
+    if flags.is_empty() {
+        println!("notify-keyspace-events: none needed (no keyspace subscriptions)");
+    } else {
+        println!(
+            "notify-keyspace-events: needs `{}` (redis-cli CONFIG SET notify-keyspace-events '{}', or run the daemon with --configure-notifications)",
+            notify::text(&flags),
+            notify::text(&flags)
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 

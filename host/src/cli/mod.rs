@@ -6,7 +6,8 @@
 //! | `run`                 | [`run`]       | the daemon                                     |
 //! | `deploy`              | [`deploy`]    | publish a deploy hook                          |
 //! | `check`               | [`check`]     | validate a policy, print its manifest          |
-//! | `test`                | [`test`]      | run scenario files on the fake host            |
+//! | `test`                | [`test`]      | run scenario files on the fake host (a crate: build it first) |
+//! | `new`                 | [`new`]       | scaffold a policy crate                        |
 //! | `disable` / `enable`  | [`switch`]    | the kill switch                                |
 //! | `acl`                 | [`acl`]       | the Redis ACL rule for the loaded policies     |
 //! | `status`              | [`status`]    | a running daemon's status, as a table          |
@@ -19,6 +20,7 @@ mod acl;
 mod check;
 mod dead_letter;
 mod deploy;
+mod new;
 mod run;
 mod status;
 mod sweep;
@@ -74,6 +76,9 @@ pub enum Command {
     /// Run scenario files against a policy on the fake host.
     #[command(after_help = test::AFTER_HELP)]
     Test(test::TestArgs),
+    /// Create a policy crate that builds and passes its scenario as generated.
+    #[command(after_help = new::AFTER_HELP)]
+    New(new::NewArgs),
     /// Show a running daemon's status (from its admin server).
     #[command(after_help = status::AFTER_HELP)]
     Status(status::StatusArgs),
@@ -101,6 +106,7 @@ impl Command {
             Command::Enable(args) => switch::run(args, false).await,
             Command::Check(args) => check::run(args).await,
             Command::Test(args) => test::run(args).await,
+            Command::New(args) => new::run(args).await,
             Command::Status(args) => status::run(args).await,
             Command::DeadLetter(command) => dead_letter::run(command).await,
             Command::Sweep(args) => sweep::run(args).await,
@@ -151,6 +157,9 @@ struct PolicySetArgs {
     /// to start without them).
     #[arg(long)]
     configure_notifications: bool,
+    /// Where compiled policies are cached.
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
 }
 
 impl PolicySetArgs {
@@ -160,6 +169,9 @@ impl PolicySetArgs {
             config.policies_dir = dir.clone();
         }
         config.configure_notifications |= self.configure_notifications;
+        if let Some(dir) = &self.cache_dir {
+            config.cache_dir = dir.clone();
+        }
         Ok(config)
     }
 }

@@ -1,6 +1,5 @@
 //! `cachepol run`: the daemon.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Result;
@@ -33,9 +32,6 @@ pub struct RunArgs {
     /// Do not watch the policies directory (immutable deployments); SIGHUP still reloads.
     #[arg(long)]
     no_watch: bool,
-    /// Where compiled policies are cached.
-    #[arg(long)]
-    cache_dir: Option<PathBuf>,
     /// Events queued per policy before coalescing and dropping (then a gap sweep).
     #[arg(long)]
     queue_capacity: Option<usize>,
@@ -56,9 +52,6 @@ impl RunArgs {
     fn config(&self) -> Result<Config> {
         let mut config = self.set.load()?;
         config.watch &= !self.no_watch;
-        if let Some(dir) = &self.cache_dir {
-            config.cache_dir = dir.clone();
-        }
         if let Some(n) = self.queue_capacity {
             config.queue_capacity = n.max(1);
         }

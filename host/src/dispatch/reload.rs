@@ -72,6 +72,7 @@ fn maybe_partial(e: &RejectError) -> bool {
         e,
         RejectError::Load(
             LoadError::Empty
+                | LoadError::Truncated { .. }
                 | LoadError::NotWasm
                 | LoadError::UnknownVersion(_)
                 | LoadError::Compile(_)
@@ -87,6 +88,9 @@ pub struct Reloader {
     /// Files rejected because another file provides the same policy: tried
     /// again when a file is removed (the other may have been it).
     duplicates: BTreeSet<PathBuf>,
+    /// Files whose last version was rejected while an earlier one kept
+    /// serving: when the file is put back as that one, the log says so.
+    rejected: BTreeSet<PathBuf>,
     /// The directory's watcher, once armed, and where it reports.
     watcher: Option<(notify::RecommendedWatcher, Events)>,
     /// Reads the config again on SIGHUP (none without a config file).
@@ -106,6 +110,7 @@ impl Reloader {
             registry,
             dir: std::fs::canonicalize(dir)?,
             duplicates: BTreeSet::new(),
+            rejected: BTreeSet::new(),
             watcher: None,
             config_source: None,
         })
@@ -200,6 +205,7 @@ impl Reloader {
     /// Unload a deleted file's policy, then retry the files that were
     /// rejected as duplicates: one of them may provide it now.
     async fn unload(&mut self, path: &Path) {
+        self.rejected.remove(path);
         if self.registry.remove(path).is_some() {
             for other in std::mem::take(&mut self.duplicates) {
                 // Boxed: loading may find its file gone and unload in turn.
@@ -236,11 +242,16 @@ impl Reloader {
         };
         let hash = content_hash(&bytes);
         if self.registry.is_current(path, &hash) {
-            debug!(file = %path.display(), "unchanged");
+            if self.rejected.remove(path) {
+                info!(file = %path.display(), "policy file restored to the version that kept serving: it serves on, unchanged");
+            } else {
+                debug!(file = %path.display(), "unchanged");
+            }
             return Ok(());
         }
         match self.registry.prepare(path, &bytes, hash).await {
             Ok(prepared) => {
+                self.rejected.remove(path);
                 self.registry.commit(prepared);
                 Ok(())
             }
@@ -256,7 +267,12 @@ impl Reloader {
                     self.duplicates.insert(path.to_owned());
                 }
                 Metrics::count(&metrics().reloads, "rejected");
-                let keeps = if self.registry.is_loaded(path) { "; the running version keeps serving" } else { "" };
+                let keeps = if self.registry.is_loaded(path) {
+                    self.rejected.insert(path.to_owned());
+                    "; the running version keeps serving"
+                } else {
+                    ""
+                };
                 error!(file = %path.display(), error = %e, "policy rejected{keeps}");
                 Err(e)
             }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::sandbox::runtime::{CallFailure, CallReport, Compiled, LoadError, LoadOptions, LoadedPolicy, Runtime};
-use crate::store::memory::{FakeRedis, KeyspaceEvent};
+use crate::store::memory::{AppWrite, FakeRedis, KeyspaceEvent};
 use crate::wit::{self, Denial, DeployEvent, KeyEvent, SweepEvent, SweepReason};
 
 /// Events delivered in response to one step at most; a policy whose writes
@@ -92,6 +92,14 @@ impl FakeHost {
         let keys: Vec<String> = keys.iter().map(|k| k.to_string()).collect();
         self.redis.app_del(&keys);
         self.pump().await;
+    }
+
+    /// The application writes a list, hash, set or sorted set; fails (and
+    /// delivers nothing) with Redis's `WRONGTYPE` on a key of another type.
+    pub async fn app_write(&mut self, key: &str, write: &AppWrite) -> Result<(), String> {
+        self.redis.app_write(key, write)?;
+        self.pump().await;
+        Ok(())
     }
 
     /// The application sets a TTL on `key`.

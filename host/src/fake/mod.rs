@@ -15,4 +15,4 @@ pub mod scenario;
 
 pub use host::{Delivery, FakeHost};
 
-pub use crate::store::memory::{EPOCH_MS, FakeClient, FakeRedis, KeySnapshot, KeyspaceEvent};
+pub use crate::store::memory::{AppWrite, EPOCH_MS, FakeClient, FakeRedis, KeySnapshot, KeyspaceEvent, Value};

@@ -22,6 +22,14 @@
 //! Expectations are strict where silence would hide bugs: unless a
 //! checkpoint lists `denials` and `failures`, it requires none since the
 //! previous checkpoint.
+//!
+//! Lists, hashes, sets and sorted sets can be starting keys
+//! (`"queue:1" = { list = ["a", "b"] }`, `{ hash = { f = "v" } }`,
+//! `{ set = [...] }`, `{ zset = { m = 1.5 } }`), written by steps (`rpush`,
+//! `lpush`, `lpop`, `rpop`, `hset`, `hdel`, `sadd`, `srem`, `zadd`, `zrem`,
+//! each emitting the keyspace event Redis would), and checked (`lists`,
+//! `hashes`, `sets`, `zsets`). The full reference is
+//! `guest-sdk/docs/scenarios.md`.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -31,7 +39,7 @@ use std::time::Duration;
 use cachepol_guest_sdk::glob::Glob;
 use serde::Deserialize;
 
-use crate::fake::{FakeHost, FakeRedis, KeySnapshot};
+use crate::fake::{AppWrite, FakeHost, FakeRedis, KeySnapshot, Value};
 use crate::sandbox::budget::Budgets;
 use crate::sandbox::grants::{GrantConfig, Grants};
 use crate::sandbox::runtime::{Compiled, LoadOptions, Runtime};
@@ -67,16 +75,63 @@ pub struct Scenario {
     pub expect: Option<Expect>,
 }
 
-/// A starting key: a bare value, or a value with a TTL in seconds.
+/// A starting key: a bare string value, or a table with one of `value`,
+/// `list`, `hash`, `set`, `zset`, and an optional TTL in seconds.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
 pub enum InitialKey {
     Value(String),
-    WithTtl {
-        value: String,
-        #[serde(default)]
-        ttl: Option<f64>,
-    },
+    Typed(TypedKey),
+}
+
+/// A starting key given as a table.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TypedKey {
+    #[serde(default)]
+    pub value: Option<String>,
+    #[serde(default)]
+    pub list: Option<Vec<String>>,
+    #[serde(default)]
+    pub hash: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    pub set: Option<Vec<String>>,
+    #[serde(default)]
+    pub zset: Option<BTreeMap<String, f64>>,
+    #[serde(default)]
+    pub ttl: Option<f64>,
+}
+
+impl InitialKey {
+    /// The value it starts with, and its TTL in seconds.
+    fn value(&self) -> Result<(Value, Option<f64>), String> {
+        let t = match self {
+            InitialKey::Value(v) => return Ok((Value::String(v.as_bytes().to_vec()), None)),
+            InitialKey::Typed(t) => t,
+        };
+        let b = |s: &String| s.as_bytes().to_vec();
+        let mut values = Vec::new();
+        if let Some(v) = &t.value {
+            values.push(Value::String(b(v)));
+        }
+        if let Some(l) = &t.list {
+            values.push(Value::List(l.iter().map(b).collect()));
+        }
+        if let Some(h) = &t.hash {
+            values.push(Value::Hash(h.iter().map(|(f, v)| (b(f), b(v))).collect()));
+        }
+        if let Some(set) = &t.set {
+            values.push(Value::Set(set.iter().map(b).collect()));
+        }
+        if let Some(z) = &t.zset {
+            values.push(Value::ZSet(z.iter().map(|(m, s)| (b(m), *s)).collect()));
+        }
+        match values.len() {
+            1 => Ok((values.remove(0), t.ttl)),
+            0 => Err("give one of `value`, `list`, `hash`, `set` or `zset`".into()),
+            _ => Err("give only one of `value`, `list`, `hash`, `set` or `zset`".into()),
+        }
+    }
 }
 
 /// One thing that happens. Times are seconds (fractions allowed).
@@ -100,6 +155,26 @@ pub enum Step {
     Sweep(String),
     /// A keyspace notification without the write behind it.
     Event(EventStep),
+    /// The application appends to a list (`RPUSH key values...`).
+    Rpush(PushStep),
+    /// The application prepends to a list (`LPUSH`).
+    Lpush(PushStep),
+    /// The application pops from a list's head (`LPOP key [count]`).
+    Lpop(PopStep),
+    /// The application pops from a list's tail (`RPOP`).
+    Rpop(PopStep),
+    /// The application sets hash fields (`HSET key f v ...`).
+    Hset(HsetStep),
+    /// The application removes hash fields (`HDEL`).
+    Hdel(FieldsStep),
+    /// The application adds set members (`SADD`).
+    Sadd(MembersStep),
+    /// The application removes set members (`SREM`).
+    Srem(MembersStep),
+    /// The application adds or rescores sorted-set members (`ZADD`).
+    Zadd(ZaddStep),
+    /// The application removes sorted-set members (`ZREM`).
+    Zrem(MembersStep),
     /// A checkpoint: these must hold now.
     Expect(Expect),
 }
@@ -112,6 +187,74 @@ pub struct SetStep {
     pub value: String,
     #[serde(default)]
     pub ttl: Option<f64>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PushStep {
+    pub key: String,
+    pub values: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PopStep {
+    pub key: String,
+    #[serde(default = "one")]
+    pub count: usize,
+}
+
+fn one() -> usize {
+    1
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HsetStep {
+    pub key: String,
+    pub fields: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FieldsStep {
+    pub key: String,
+    pub fields: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MembersStep {
+    pub key: String,
+    pub members: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ZaddStep {
+    pub key: String,
+    /// Member -> score.
+    pub members: BTreeMap<String, f64>,
+}
+
+impl Step {
+    /// The application write to a list, hash, set or sorted set this step
+    /// is, with its key.
+    fn app_write(&self) -> Option<(&str, AppWrite)> {
+        Some(match self {
+            Step::Rpush(p) => (&p.key, AppWrite::Rpush(p.values.clone())),
+            Step::Lpush(p) => (&p.key, AppWrite::Lpush(p.values.clone())),
+            Step::Lpop(p) => (&p.key, AppWrite::Lpop(p.count)),
+            Step::Rpop(p) => (&p.key, AppWrite::Rpop(p.count)),
+            Step::Hset(h) => (&h.key, AppWrite::Hset(h.fields.clone())),
+            Step::Hdel(h) => (&h.key, AppWrite::Hdel(h.fields.clone())),
+            Step::Sadd(m) => (&m.key, AppWrite::Sadd(m.members.clone())),
+            Step::Srem(m) => (&m.key, AppWrite::Srem(m.members.clone())),
+            Step::Zadd(z) => (&z.key, AppWrite::Zadd(z.members.clone())),
+            Step::Zrem(m) => (&m.key, AppWrite::Zrem(m.members.clone())),
+            _ => return None,
+        })
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -189,6 +332,14 @@ pub struct Expect {
     pub ttl: BTreeMap<String, TtlExpect>,
     /// If set, exactly these keys exist.
     pub keys: Option<Vec<String>>,
+    /// Lists, in order.
+    pub lists: BTreeMap<String, Vec<String>>,
+    /// Hashes, field -> value.
+    pub hashes: BTreeMap<String, BTreeMap<String, String>>,
+    /// Sets, in any order.
+    pub sets: BTreeMap<String, Vec<String>>,
+    /// Sorted sets, member -> score.
+    pub zsets: BTreeMap<String, BTreeMap<String, f64>>,
     /// Denials since the previous checkpoint, in order; none if unset.
     pub denials: Option<Vec<DenialExpect>>,
     /// Failed deliveries since the previous checkpoint; 0 if unset.
@@ -244,6 +395,9 @@ impl Scenario {
         let checkpoints = scenario.steps.iter().filter(|s| matches!(s, Step::Expect(_))).count();
         if scenario.expect.is_none() && checkpoints == 0 && scenario.load_error.is_none() {
             return Err("the scenario has no `expect` section or step, so it could never fail".to_owned());
+        }
+        for (key, initial) in &scenario.keys {
+            initial.value().map_err(|e| format!("keys.\"{key}\": {e}"))?;
         }
         for step in &scenario.steps {
             if let Step::Sweep(reason) = step {
@@ -312,11 +466,10 @@ pub async fn run(runtime: &Runtime, compiled: &Compiled, scenario: &Scenario) ->
     };
     let redis = FakeRedis::new();
     for (key, initial) in &scenario.keys {
-        let (value, ttl) = match initial {
-            InitialKey::Value(v) => (v, None),
-            InitialKey::WithTtl { value, ttl } => (value, *ttl),
-        };
-        redis.app_set(key, value.as_bytes(), ttl.map(|t| secs(t).as_millis() as u64));
+        // Checked when parsed.
+        if let Ok((value, ttl)) = initial.value() {
+            redis.app_insert(key, value, ttl.map(|t| secs(t).as_millis() as u64));
+        }
     }
     redis.take_events();
     let grants = match scenario.grants.as_deref().map(Grants::from_config).transpose() {
@@ -368,6 +521,22 @@ pub async fn run(runtime: &Runtime, compiled: &Compiled, scenario: &Scenario) ->
                 }
             }
             Step::Event(e) => host.key_event(&e.op, &e.key).await,
+            step @ (Step::Rpush(_)
+            | Step::Lpush(_)
+            | Step::Lpop(_)
+            | Step::Rpop(_)
+            | Step::Hset(_)
+            | Step::Hdel(_)
+            | Step::Sadd(_)
+            | Step::Srem(_)
+            | Step::Zadd(_)
+            | Step::Zrem(_)) => {
+                let (key, write) = step.app_write().expect("a write step");
+                if let Err(e) = host.app_write(key, &write).await {
+                    let what = format!("step {} ({} {key})", index + 1, write.name());
+                    report.failed_checks.push((what, vec![e]));
+                }
+            }
             Step::Expect(expect) => {
                 report.checkpoints += 1;
                 check(&mut report, format!("after step {}", index + 1), expect, &host, seen);
@@ -383,8 +552,11 @@ pub async fn run(runtime: &Runtime, compiled: &Compiled, scenario: &Scenario) ->
     report
 }
 
-fn show_value(value: &[u8]) -> String {
-    format!("\"{}\"", String::from_utf8_lossy(value).escape_debug())
+fn show_value(value: &Value) -> String {
+    match value {
+        Value::String(v) => format!("\"{}\"", String::from_utf8_lossy(v).escape_debug()),
+        other => other.render(),
+    }
 }
 
 fn show_ttl(snapshot: Option<&KeySnapshot>) -> String {
@@ -416,15 +588,22 @@ fn check(report: &mut ScenarioReport, label: String, expect: &Expect, host: &Fak
             out.push(format!("expected no key matching `{pattern}`, found {}", found.join(", ")));
         }
     }
-    for (key, want) in &expect.values {
+    let b = |s: &String| s.as_bytes().to_vec();
+    let wanted = expect
+        .values
+        .iter()
+        .map(|(k, v)| (k, Value::String(b(v))))
+        .chain(expect.lists.iter().map(|(k, l)| (k, Value::List(l.iter().map(b).collect()))))
+        .chain(expect.hashes.iter().map(|(k, h)| (k, Value::Hash(h.iter().map(|(f, v)| (b(f), b(v))).collect()))))
+        .chain(expect.sets.iter().map(|(k, s)| (k, Value::Set(s.iter().map(b).collect()))))
+        .chain(expect.zsets.iter().map(|(k, z)| (k, Value::ZSet(z.iter().map(|(m, s)| (b(m), *s)).collect()))));
+    for (key, want) in wanted {
         match keys.get(key) {
-            Some(found) if found.value == want.as_bytes() => {}
-            Some(found) => out.push(format!(
-                "{key}: expected value {}, found {}",
-                show_value(want.as_bytes()),
-                show_value(&found.value)
-            )),
-            None => out.push(format!("{key}: expected value {}, but it is missing", show_value(want.as_bytes()))),
+            Some(found) if found.value == want => {}
+            Some(found) => {
+                out.push(format!("{key}: expected {}, found {}", show_value(&want), show_value(&found.value)))
+            }
+            None => out.push(format!("{key}: expected {}, but it is missing", show_value(&want))),
         }
     }
     for (key, want) in &expect.ttl {

@@ -16,4 +16,4 @@ pub mod control;
 pub mod dead_letters;
 pub mod deploy;
 pub mod events;
-pub(crate) mod notify;
+pub mod notify;

@@ -409,6 +409,15 @@ impl wit::redis::Host for HostApi {
         .await)
     }
 
+    async fn mget(&mut self, keys: Vec<String>) -> HostResult<Vec<Option<Vec<u8>>>> {
+        Ok(async {
+            self.request("mget", KeyOps::READ, Target::Keys(&keys)).await?;
+            self.touch("mget", keys.len() as u64)?;
+            self.backend.mget(&keys).await.map_err(|e| self.redis_failed("mget", e))
+        }
+        .await)
+    }
+
     async fn exists(&mut self, key: String) -> HostResult<bool> {
         Ok(async {
             self.request("exists", KeyOps::READ, Target::Key(&key)).await?;
@@ -479,7 +488,10 @@ impl wit::redis::Host for HostApi {
             self.touch("del", keys.len() as u64)?;
             let n = self.backend.del(&keys).await.map_err(|e| self.redis_failed("del", e))?;
             self.call.effects.deleted += n;
-            self.call.effects.note_keys(keys.iter().map(String::as_str));
+            // Redis says how many, not which: name them only when all were.
+            if n == keys.len() as u64 {
+                self.call.effects.note_keys(keys.iter().map(String::as_str));
+            }
             Ok(n)
         }
         .await)

@@ -54,11 +54,15 @@ pub enum LoadError {
     CoreModule,
     #[error("unsupported WebAssembly binary version {0:02x?}")]
     UnknownVersion([u8; 4]),
+    #[error(
+        "the file is truncated: {size} bytes, but its sections need at least {needed} (an incomplete copy? install with cp to a temporary name, then mv)"
+    )]
+    Truncated { size: usize, needed: usize },
     #[error("cannot compile the component: {0}")]
     Compile(String),
     #[error("the component needs imports cachepol does not provide: {0}")]
     Imports(String),
-    #[error("the component does not implement the cachepol:policy/policy world (0.1.0 or 0.2.0): {0}")]
+    #[error("the component does not implement the cachepol:policy/policy world (0.1.0 or 0.2.x): {0}")]
     Exports(String),
     #[error("cannot instantiate the component: {0}")]
     Instantiate(String),
@@ -439,9 +443,34 @@ fn sniff(bytes: &[u8]) -> Result<(), LoadError> {
     }
     match [bytes[4], bytes[5], bytes[6], bytes[7]] {
         CORE => Err(LoadError::CoreModule),
-        COMPONENT => Ok(()),
+        COMPONENT => truncation(bytes).map_or(Ok(()), |needed| Err(LoadError::Truncated { size: bytes.len(), needed })),
         other => Err(LoadError::UnknownVersion(other)),
     }
+}
+
+/// If the top-level sections run past the end of `bytes` (a copy cut
+/// short), how many bytes they need at least. The compiler would only say
+/// `unexpected end-of-file` or that a section range is out of bounds.
+fn truncation(bytes: &[u8]) -> Option<usize> {
+    let mut at = 8;
+    while at < bytes.len() {
+        at += 1; // the section id
+        let mut size: u64 = 0;
+        for shift in (0..35).step_by(7) {
+            let Some(&byte) = bytes.get(at) else { return Some(at + 1) };
+            at += 1;
+            size |= u64::from(byte & 0x7f) << shift;
+            if byte & 0x80 == 0 {
+                break;
+            }
+        }
+        let end = at.saturating_add(usize::try_from(size).unwrap_or(usize::MAX));
+        if end > bytes.len() {
+            return Some(end);
+        }
+        at = end;
+    }
+    None
 }
 
 /// What a policy's store holds: WASI's empty context, the memory limiter,

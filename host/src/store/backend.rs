@@ -154,6 +154,15 @@ pub type ScanResult = (u64, Vec<Vec<u8>>);
 #[async_trait]
 pub trait Backend: Send + Sync + 'static {
     async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, BackendError>;
+    /// The values of `keys`, in order. One by one unless the store can do
+    /// better (Redis: one `MGET`).
+    async fn mget(&self, keys: &[String]) -> Result<Vec<Option<Vec<u8>>>, BackendError> {
+        let mut values = Vec::with_capacity(keys.len());
+        for key in keys {
+            values.push(self.get(key).await?);
+        }
+        Ok(values)
+    }
     async fn exists(&self, key: &str) -> Result<bool, BackendError>;
     async fn ttl(&self, key: &str) -> Result<KeyTtl, BackendError>;
     async fn key_type(&self, key: &str) -> Result<Option<ValueKind>, BackendError>;
@@ -237,6 +246,9 @@ pub struct Layered<L> {
 impl<L: WriteLayer> Backend for Layered<L> {
     async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, BackendError> {
         self.inner.get(key).await
+    }
+    async fn mget(&self, keys: &[String]) -> Result<Vec<Option<Vec<u8>>>, BackendError> {
+        self.inner.mget(keys).await
     }
     async fn exists(&self, key: &str) -> Result<bool, BackendError> {
         self.inner.exists(key).await

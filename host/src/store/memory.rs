@@ -3,7 +3,13 @@
 //! What it models, because policies depend on it:
 //! - String values, `SET` with `NX`/`XX`/`PX`/`KEEPTTL`, `UNLINK`, `PEXPIRE`
 //!   with `NX`/`XX`/`GT`/`LT` (a persistent key counts as an infinite TTL),
-//!   `PERSIST`, `PTTL`, `TYPE`.
+//!   `PERSIST`, `PTTL`, `TYPE`, `MGET`.
+//! - Lists, hashes, sets and sorted sets the application writes
+//!   ([`FakeRedis::app_write`]: `RPUSH`, `LPUSH`, `LPOP`, `RPOP`, `HSET`,
+//!   `HDEL`, `SADD`, `SREM`, `ZADD`, `ZREM`), with Redis's events (`rpush`,
+//!   ..., and `del` when the last element goes) and its type rules: `GET` of
+//!   a list is `WRONGTYPE`, `MGET` gives nil for it, `SET` replaces any
+//!   type.
 //! - Expiry on a virtual clock: [`FakeRedis::advance`] moves time, and every
 //!   operation first removes what is due, emitting `expired` like Redis's
 //!   active expiry does.
@@ -15,7 +21,7 @@
 //!   (`set`, `expire`, `del`, `expired`, `persist`), each tagged with who
 //!   caused it, so echo suppression can be tested.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
@@ -39,15 +45,172 @@ pub struct KeyspaceEvent {
 }
 
 /// A key as seen by a test: value and remaining TTL.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct KeySnapshot {
-    pub value: Vec<u8>,
+    pub value: Value,
     pub ttl_ms: Option<u64>,
 }
 
+/// A key's value, of each type the fake models.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Value {
+    String(Vec<u8>),
+    List(VecDeque<Vec<u8>>),
+    Hash(BTreeMap<Vec<u8>, Vec<u8>>),
+    Set(BTreeSet<Vec<u8>>),
+    /// Member -> score.
+    ZSet(BTreeMap<Vec<u8>, f64>),
+}
+
+impl Value {
+    /// The string's bytes; `None` for the other types.
+    pub fn as_string(&self) -> Option<&[u8]> {
+        match self {
+            Value::String(v) => Some(v),
+            _ => None,
+        }
+    }
+
+    pub fn kind(&self) -> ValueKind {
+        match self {
+            Value::String(_) => ValueKind::String,
+            Value::List(_) => ValueKind::List,
+            Value::Hash(_) => ValueKind::Hash,
+            Value::Set(_) => ValueKind::Set,
+            Value::ZSet(_) => ValueKind::Zset,
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        match self {
+            Value::String(_) => false,
+            Value::List(l) => l.is_empty(),
+            Value::Hash(h) => h.is_empty(),
+            Value::Set(s) => s.is_empty(),
+            Value::ZSet(z) => z.is_empty(),
+        }
+    }
+
+    /// One line, the same for the fake and for what a test reads back from
+    /// Redis: `list[a,b]`, `hash{f=v}`, `set{a,b}`, `zset[a=1,b=2]` (by
+    /// score, then member), or the string itself.
+    pub fn render(&self) -> String {
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        match self {
+            Value::String(v) => text(v),
+            Value::List(l) => format!("list[{}]", l.iter().map(|v| text(v)).collect::<Vec<_>>().join(",")),
+            Value::Hash(h) => {
+                format!(
+                    "hash{{{}}}",
+                    h.iter().map(|(f, v)| format!("{}={}", text(f), text(v))).collect::<Vec<_>>().join(",")
+                )
+            }
+            Value::Set(s) => format!("set{{{}}}", s.iter().map(|v| text(v)).collect::<Vec<_>>().join(",")),
+            Value::ZSet(z) => {
+                let mut members: Vec<(&Vec<u8>, &f64)> = z.iter().collect();
+                members.sort_by(|a, b| a.1.total_cmp(b.1).then(a.0.cmp(b.0)));
+                format!(
+                    "zset[{}]",
+                    members.iter().map(|(m, s)| format!("{}={s}", text(m))).collect::<Vec<_>>().join(",")
+                )
+            }
+        }
+    }
+}
+
+/// What an application write to a list, hash, set or sorted set does.
+#[derive(Clone, Debug, PartialEq)]
+pub enum AppWrite {
+    Rpush(Vec<String>),
+    Lpush(Vec<String>),
+    Lpop(usize),
+    Rpop(usize),
+    Hset(BTreeMap<String, String>),
+    Hdel(Vec<String>),
+    Sadd(Vec<String>),
+    Srem(Vec<String>),
+    Zadd(BTreeMap<String, f64>),
+    Zrem(Vec<String>),
+}
+
+impl AppWrite {
+    /// The command's (and its keyspace event's) name.
+    pub fn name(&self) -> &'static str {
+        match self {
+            AppWrite::Rpush(_) => "rpush",
+            AppWrite::Lpush(_) => "lpush",
+            AppWrite::Lpop(_) => "lpop",
+            AppWrite::Rpop(_) => "rpop",
+            AppWrite::Hset(_) => "hset",
+            AppWrite::Hdel(_) => "hdel",
+            AppWrite::Sadd(_) => "sadd",
+            AppWrite::Srem(_) => "srem",
+            AppWrite::Zadd(_) => "zadd",
+            AppWrite::Zrem(_) => "zrem",
+        }
+    }
+
+    /// The type the command works on, and the empty value it creates a
+    /// missing key with (`None`: it never creates one).
+    fn creates(&self) -> (ValueKind, Option<Value>) {
+        match self {
+            AppWrite::Rpush(_) | AppWrite::Lpush(_) => (ValueKind::List, Some(Value::List(VecDeque::new()))),
+            AppWrite::Lpop(_) | AppWrite::Rpop(_) => (ValueKind::List, None),
+            AppWrite::Hset(_) => (ValueKind::Hash, Some(Value::Hash(BTreeMap::new()))),
+            AppWrite::Hdel(_) => (ValueKind::Hash, None),
+            AppWrite::Sadd(_) => (ValueKind::Set, Some(Value::Set(BTreeSet::new()))),
+            AppWrite::Srem(_) => (ValueKind::Set, None),
+            AppWrite::Zadd(_) => (ValueKind::Zset, Some(Value::ZSet(BTreeMap::new()))),
+            AppWrite::Zrem(_) => (ValueKind::Zset, None),
+        }
+    }
+
+    /// Apply to `value` (of the right type); whether anything changed.
+    fn apply(&self, value: &mut Value) -> bool {
+        let b = |s: &String| s.as_bytes().to_vec();
+        match (self, value) {
+            (AppWrite::Rpush(items), Value::List(l)) => {
+                l.extend(items.iter().map(b));
+                !items.is_empty()
+            }
+            (AppWrite::Lpush(items), Value::List(l)) => {
+                items.iter().for_each(|i| l.push_front(b(i)));
+                !items.is_empty()
+            }
+            (AppWrite::Lpop(n), Value::List(l)) => (0..*n).filter(|_| l.pop_front().is_some()).count() > 0,
+            (AppWrite::Rpop(n), Value::List(l)) => (0..*n).filter(|_| l.pop_back().is_some()).count() > 0,
+            (AppWrite::Hset(fields), Value::Hash(h)) => {
+                fields.iter().for_each(|(f, v)| {
+                    h.insert(b(f), b(v));
+                });
+                !fields.is_empty()
+            }
+            (AppWrite::Hdel(fields), Value::Hash(h)) => {
+                fields.iter().filter(|f| h.remove(f.as_bytes()).is_some()).count() > 0
+            }
+            (AppWrite::Sadd(members), Value::Set(set)) => members.iter().filter(|m| set.insert(b(m))).count() > 0,
+            (AppWrite::Srem(members), Value::Set(set)) => {
+                members.iter().filter(|m| set.remove(m.as_bytes())).count() > 0
+            }
+            // Redis notifies `zadd` only if a member was added or its score
+            // changed.
+            (AppWrite::Zadd(members), Value::ZSet(z)) => {
+                members.iter().filter(|(m, score)| z.insert(b(m), **score) != Some(**score)).count() > 0
+            }
+            (AppWrite::Zrem(members), Value::ZSet(z)) => {
+                members.iter().filter(|m| z.remove(m.as_bytes()).is_some()).count() > 0
+            }
+            _ => false,
+        }
+    }
+}
+
+/// What Redis answers to a command on a key of another type.
+pub const WRONGTYPE: &str = "WRONGTYPE Operation against a key holding the wrong kind of value";
+
 #[derive(Debug)]
 struct Entry {
-    value: Vec<u8>,
+    value: Value,
     expires_at: Option<u64>,
     slot: u64,
 }
@@ -142,6 +305,24 @@ impl FakeRedis {
             .collect()
     }
 
+    /// The application writes a list, hash, set or sorted set: Redis's
+    /// command semantics and events (`rpush`, ..., then `del` if the last
+    /// element went). Fails with [`WRONGTYPE`] on a key of another type.
+    pub fn app_write(&self, key: &str, write: &AppWrite) -> Result<(), String> {
+        let mut s = self.lock();
+        s.expire_due();
+        s.app_write(key, write)
+    }
+
+    /// Create `key` holding `value` (a scenario's starting keys), with no
+    /// event, replacing what was there.
+    pub fn app_insert(&self, key: &str, value: Value, ttl_ms: Option<u64>) {
+        let mut s = self.lock();
+        s.remove(key);
+        let expires_at = ttl_ms.map(|ttl| s.now_ms + ttl);
+        s.insert(key, value, expires_at);
+    }
+
     /// The application writes `key` (not a policy): `SET key value [PX ttl]`.
     pub fn app_set(&self, key: &str, value: &[u8], ttl_ms: Option<u64>) {
         let options = SetOptions { ttl_ms, condition: SetCondition::Always, keep_ttl: false };
@@ -195,6 +376,38 @@ impl State {
         }
     }
 
+    fn insert(&mut self, key: &str, value: Value, expires_at: Option<u64>) {
+        let slot = self.next_slot;
+        self.next_slot += 1;
+        self.slots.insert(slot, key.to_owned());
+        self.keys.insert(key.to_owned(), Entry { value, expires_at, slot });
+    }
+
+    fn app_write(&mut self, key: &str, write: &AppWrite) -> Result<(), String> {
+        let (kind, created) = write.creates();
+        match self.keys.get(key).map(|e| e.value.kind()) {
+            Some(k) if k != kind => return Err(WRONGTYPE.to_owned()),
+            Some(_) => {}
+            None => match created {
+                Some(empty) => self.insert(key, empty, None),
+                None => return Ok(()),
+            },
+        }
+        let entry = self.keys.get_mut(key).expect("present");
+        let changed = write.apply(&mut entry.value);
+        let emptied = entry.value.is_empty();
+        if changed {
+            self.emit(write.name(), key, None);
+        }
+        if emptied {
+            self.remove(key);
+            if changed {
+                self.emit("del", key, None);
+            }
+        }
+        Ok(())
+    }
+
     fn set(&mut self, key: &str, value: &[u8], options: &SetOptions, origin: Option<&Arc<str>>) -> bool {
         let exists = self.keys.contains_key(key);
         let allowed = match options.condition {
@@ -212,15 +425,10 @@ impl State {
         };
         match self.keys.get_mut(key) {
             Some(entry) => {
-                entry.value = value.to_vec();
+                entry.value = Value::String(value.to_vec());
                 entry.expires_at = expires_at;
             }
-            None => {
-                let slot = self.next_slot;
-                self.next_slot += 1;
-                self.slots.insert(slot, key.to_owned());
-                self.keys.insert(key.to_owned(), Entry { value: value.to_vec(), expires_at, slot });
-            }
+            None => self.insert(key, Value::String(value.to_vec()), expires_at),
         }
         self.emit("set", key, origin);
         if options.ttl_ms.is_some() {
@@ -318,7 +526,16 @@ impl FakeClient {
 #[async_trait]
 impl Backend for FakeClient {
     async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, BackendError> {
-        Ok(self.begin()?.keys.get(key).map(|e| e.value.clone()))
+        match self.begin()?.keys.get(key).map(|e| &e.value) {
+            None => Ok(None),
+            Some(Value::String(v)) => Ok(Some(v.clone())),
+            Some(_) => Err(BackendError::Command(WRONGTYPE.to_owned())),
+        }
+    }
+
+    async fn mget(&self, keys: &[String]) -> Result<Vec<Option<Vec<u8>>>, BackendError> {
+        let s = self.begin()?;
+        Ok(keys.iter().map(|k| s.keys.get(k).and_then(|e| e.value.as_string()).map(<[u8]>::to_vec)).collect())
     }
 
     async fn exists(&self, key: &str) -> Result<bool, BackendError> {
@@ -335,7 +552,7 @@ impl Backend for FakeClient {
     }
 
     async fn key_type(&self, key: &str) -> Result<Option<ValueKind>, BackendError> {
-        Ok(self.begin()?.keys.get(key).map(|_| ValueKind::String))
+        Ok(self.begin()?.keys.get(key).map(|e| e.value.kind()))
     }
 
     async fn scan(&self, cursor: u64, pattern: &str, count: u32) -> Result<ScanResult, BackendError> {
@@ -395,7 +612,12 @@ impl Backend for FakeClient {
 
     async fn lock_release(&self, name: &str, token: &str) -> Result<bool, BackendError> {
         let mut s = self.begin()?;
-        let holds = s.keys.get(name).is_some_and(|e| e.value == token.as_bytes());
+        // The release script's `GET` fails on a key of another type.
+        let holds = match s.keys.get(name).map(|e| &e.value) {
+            Some(Value::String(v)) => v == token.as_bytes(),
+            Some(_) => return Err(BackendError::Command(WRONGTYPE.to_owned())),
+            None => false,
+        };
         Ok(holds && s.del(&[name.to_owned()], self.origin.as_ref()) > 0)
     }
 
@@ -414,6 +636,33 @@ mod tests {
 
     fn ops(events: &[KeyspaceEvent]) -> Vec<(&str, &str)> {
         events.iter().map(|e| (e.op.as_str(), e.key.as_str())).collect()
+    }
+
+    #[tokio::test]
+    async fn the_applications_list_hash_set_and_zset_writes_emit_what_redis_does() {
+        let redis = FakeRedis::new();
+        let items = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        redis.app_write("q", &AppWrite::Rpush(items(&["a", "b"]))).unwrap();
+        redis.app_write("q", &AppWrite::Lpop(5)).unwrap();
+        redis.app_write("q", &AppWrite::Lpop(1)).unwrap();
+        redis.app_write("h", &AppWrite::Hset([("f".to_owned(), "v".to_owned())].into())).unwrap();
+        redis.app_write("z", &AppWrite::Zadd([("m".to_owned(), 1.0)].into())).unwrap();
+        redis.app_write("z", &AppWrite::Zadd([("m".to_owned(), 1.0)].into())).unwrap();
+        redis.app_write("s", &AppWrite::Srem(items(&["x"]))).unwrap();
+        let events = redis.take_events();
+        assert_eq!(
+            ops(&events),
+            [("rpush", "q"), ("lpop", "q"), ("del", "q"), ("hset", "h"), ("zadd", "z")],
+            "popping the last element deletes the key; an unchanged zadd or an srem of nothing is silent"
+        );
+        assert_eq!(redis.app_write("h", &AppWrite::Sadd(items(&["a"]))), Err(WRONGTYPE.to_owned()));
+        let client = redis.client("p");
+        assert!(client.get("h").await.is_err(), "GET of a hash is WRONGTYPE");
+        assert_eq!(client.mget(&items(&["h", "nothing"])).await.unwrap(), vec![None, None]);
+        assert_eq!(client.key_type("z").await.unwrap(), Some(ValueKind::Zset));
+        let plain = SetOptions { ttl_ms: None, condition: SetCondition::Always, keep_ttl: false };
+        assert!(client.set("h", b"now a string", &plain).await.unwrap(), "SET replaces any type");
+        assert_eq!(client.get("h").await.unwrap().as_deref(), Some(&b"now a string"[..]));
     }
 
     #[tokio::test]

@@ -116,7 +116,7 @@ impl RedisBackend {
                 let replies = replies.await;
                 plan.step(BulkStep::After(keys));
                 let replies = replies?;
-                result.record(&literal);
+                sample_changed(&mut result, keys, &replies, &tally);
                 result.affected = replies.iter().map(&tally).sum();
             }
             return Ok(result);
@@ -197,9 +197,7 @@ impl RedisBackend {
                 act(&mut pipe, &page);
                 fences.push_back(index.fence(&mut pipe));
                 plan.step(BulkStep::Before(&page));
-                for key in &page {
-                    result.record(key);
-                }
+                result.affected += page.len() as u64;
                 let conn = self.conn.clone();
                 in_flight.push_back(async move {
                     let mut broke = false;
@@ -218,6 +216,7 @@ impl RedisBackend {
                     // it reached (none: the subscription is gone).
                     let listeners = replies.pop();
                     affected += replies.iter().map(tally).sum::<u64>();
+                    sample_changed(result, &page, &replies, tally);
                     // A broken connection may be a restarted Redis, whose
                     // keys the index no longer describes (deleted keys back
                     // from a snapshot): the rest is scanned.
@@ -288,9 +287,9 @@ impl RedisBackend {
             let mut replies: Vec<Value> = replies?;
             let scan = if cursor.is_some() { replies.pop() } else { None };
             affected += replies.iter().map(tally).sum::<u64>();
-            for key in pending.drain(..) {
-                result.record(&key);
-            }
+            result.affected += pending.len() as u64;
+            sample_changed(result, &pending, &replies, tally);
+            pending.clear();
             if broke && !result.truncated {
                 restarts += 1;
                 if restarts > MAX_SCAN_RESTARTS {
@@ -356,6 +355,25 @@ impl RedisBackend {
             Err(lost) => scan(&lost.to_string()),
         }
     }
+}
+
+/// Keep the names of keys a page's replies say were changed, for the audit
+/// sample: with one command per key (`PEXPIRE`), those whose reply counts;
+/// with one command for the page (`UNLINK`), all of them only if all were
+/// changed (the reply does not say which).
+fn sample_changed(result: &mut BulkResult, keys: &[Vec<u8>], replies: &[Value], tally: &impl Fn(&Value) -> u64) {
+    let room = BulkResult::SAMPLE.saturating_sub(result.sample.len());
+    if room == 0 {
+        return;
+    }
+    let changed: Vec<&Vec<u8>> = if replies.len() == keys.len() {
+        keys.iter().zip(replies).filter(|(_, r)| tally(r) > 0).map(|(k, _)| k).collect()
+    } else if replies.iter().map(tally).sum::<u64>() == keys.len() as u64 {
+        keys.iter().collect()
+    } else {
+        Vec::new()
+    };
+    result.sample.extend(changed.into_iter().take(room).map(|k| String::from_utf8_lossy(k).into_owned()));
 }
 
 /// Count a bulk operation under how its keys were found.
@@ -453,6 +471,13 @@ fn is_one(v: &Value) -> bool {
 impl Backend for RedisBackend {
     async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, BackendError> {
         self.query(redis::cmd("GET").arg(key)).await
+    }
+
+    async fn mget(&self, keys: &[String]) -> Result<Vec<Option<Vec<u8>>>, BackendError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.query(redis::cmd("MGET").arg(keys)).await
     }
 
     async fn exists(&self, key: &str) -> Result<bool, BackendError> {
@@ -598,5 +623,30 @@ pub fn expire_flag(condition: ExpireCondition) -> Option<&'static str> {
         ExpireCondition::IfVolatile => Some("XX"),
         ExpireCondition::IfLonger => Some("GT"),
         ExpireCondition::IfShorter => Some("LT"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_audit_sample_names_only_keys_redis_says_were_changed() {
+        let keys: Vec<Vec<u8>> = ["a", "b", "c"].iter().map(|k| k.as_bytes().to_vec()).collect();
+        let count = |v: &Value| match v {
+            Value::Int(n) => *n as u64,
+            _ => 0,
+        };
+        // One PEXPIRE per key: `b` already had its TTL.
+        let mut result = BulkResult::default();
+        sample_changed(&mut result, &keys, &[Value::Int(1), Value::Int(0), Value::Int(1)], &count);
+        assert_eq!(result.sample, ["a", "c"]);
+        // One UNLINK for the page: names only when all went.
+        let mut all = BulkResult::default();
+        sample_changed(&mut all, &keys, &[Value::Int(3)], &count);
+        assert_eq!(all.sample, ["a", "b", "c"]);
+        let mut some = BulkResult::default();
+        sample_changed(&mut some, &keys, &[Value::Int(2)], &count);
+        assert!(some.sample.is_empty(), "which two is not known");
     }
 }
