@@ -381,8 +381,9 @@ pub mod redis {
     /// Every key matching `pattern`, following `SCAN` cursors to the end.
     ///
     /// Keys may repeat if they were rewritten during the iteration, as with
-    /// Redis's `SCAN`. Each page is one host call against the budget (a
-    /// page of up to about 1,000 keys); to act on every match, prefer
+    /// Redis's `SCAN`. Each page is one host call against the budget, and
+    /// looks at up to 10,000 keys of the keyspace (the host's cap), matching
+    /// or not: a large keyspace costs many calls. To act on every match, prefer
     /// [`delete_matching`] or [`expire_matching`], which the host runs
     /// itself.
     ///
@@ -396,7 +397,7 @@ pub mod redis {
         let mut keys = Vec::new();
         let mut cursor = 0;
         loop {
-            let page = scan(cursor, pattern, 1000)?;
+            let page = scan(cursor, pattern, 10_000)?;
             keys.extend(page.keys);
             cursor = page.cursor;
             if cursor == 0 {

@@ -17,8 +17,10 @@ fn the_daemon_runs_as_the_acl_user_and_redis_refuses_the_rest() {
     }
     // The recorder takes and releases a lock on each hook: the release is a
     // script, and Redis checks the commands scripts run against the rule.
+    // It also reads many keys in one `MGET` (the SDK's `mget_json`).
+    redis.cmd::<()>(&["SET", "rec:a", r#"{"count": 3}"#]);
     let setup = Setup::new(&["genre-invalidation", "ttl-table", "recorder"])
-        .config("[policies.recorder]\nconfig = { lock = true }");
+        .config("[policies.recorder]\nconfig = { lock = true, sum_json = [\"rec:a\", \"rec:b\"] }");
     let url = format!("redis://cachepol:s3cret@127.0.0.1:{}", redis.port);
     // Every argument of `run` that decides what is loaded is accepted.
     let cache = TempDir::new("acl-cache");
@@ -57,6 +59,7 @@ fn the_daemon_runs_as_the_acl_user_and_redis_refuses_the_rest() {
     eventually(&daemon, "a lock taken and released as the ACL user", || {
         redis.cmd::<Option<String>>(&["GET", "recorder:recorder:released"]).as_deref() == Some("1")
     });
+    assert_eq!(redis.cmd::<Option<String>>(&["GET", "recorder:recorder:sum"]).as_deref(), Some("3 1"), "MGET allowed");
     redis.cmd::<()>(&["SET", "job:7", "queued"]);
     eventually(&daemon, "ttl-table's EXPIRE allowed", || redis.cmd::<i64>(&["TTL", "job:7"]) > 0);
     // Sweep requests and /status's view of Redis work as the ACL user too.

@@ -93,8 +93,21 @@ pub async fn run(args: AclArgs) -> Result<ExitCode> {
 
 /// Commands for the restricted policy API, host-side bulk operations and
 /// locks (the release script runs through `EVALSHA`, loaded on first use).
-const POLICY_COMMANDS: &[&str] =
-    &["get", "exists", "pttl", "type", "scan", "set", "unlink", "pexpire", "persist", "evalsha", "eval", "script|load"];
+const POLICY_COMMANDS: &[&str] = &[
+    "get",
+    "mget",
+    "exists",
+    "pttl",
+    "type",
+    "scan",
+    "set",
+    "unlink",
+    "pexpire",
+    "persist",
+    "evalsha",
+    "eval",
+    "script|load",
+];
 /// Commands for the deploy-hook stream and its dead letters.
 const STREAM_COMMANDS: &[&str] = &["xgroup|create", "xreadgroup", "xautoclaim", "xclaim", "xpending", "xack", "xadd"];
 /// Connection set-up, health checks, the subscription, and reading

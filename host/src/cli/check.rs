@@ -40,9 +40,10 @@ pub async fn run(args: CheckArgs) -> Result<ExitCode> {
     if flags.is_empty() {
         println!("notify-keyspace-events: none needed (no keyspace subscriptions)");
     } else {
+        // CONFIG SET replaces the whole value: these are to add to what
+        // other policies (and the key index) already need.
         println!(
-            "notify-keyspace-events: needs `{}` (redis-cli CONFIG SET notify-keyspace-events '{}', or run the daemon with --configure-notifications)",
-            notify::text(&flags),
+            "notify-keyspace-events: needs `{}`, added to the current flags (the daemon adds what is missing with --configure-notifications)",
             notify::text(&flags)
         );
     }

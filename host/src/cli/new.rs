@@ -9,12 +9,13 @@ use clap::Args;
 
 pub const AFTER_HELP: &str = "Examples:
   cachepol new session-ttl
-  cachepol new session-ttl --path policies/session-ttl
-  cachepol new session-ttl --sdk-path ../cachepol/guest-sdk     # from a checkout of cachepol
+  cachepol new session-ttl --path ~/src/session-ttl
+  cachepol new session-ttl --sdk-path ../cachepol/guest-sdk     # the SDK from a checkout of cachepol
 
 Writes Cargo.toml (a cdylib depending on cachepol-guest-sdk and serde, with the small release
-profile), src/lib.rs (a typed config and an on_key hook), scenarios/ttl.toml and a README.
-Then: cd NAME && cachepol test .";
+profile), src/lib.rs (a typed config, on_key and on_sweep), scenarios/ttl.toml and a README.
+The SDK comes from the checkout this cachepol was built from when it is still there, else by
+version (with the path form commented). Then: cd NAME && cachepol test .";
 
 #[derive(Args)]
 pub struct NewArgs {
@@ -39,13 +40,21 @@ pub async fn run(args: NewArgs) -> Result<ExitCode> {
     if dir.exists() && std::fs::read_dir(&dir).map(|mut d| d.next().is_some()).unwrap_or(true) {
         bail!("{} already exists and is not empty", dir.display());
     }
-    let sdk = match &args.sdk_path {
+    // cachepol is built from source today: the SDK beside its sources is
+    // the one it speaks to (and it is not on crates.io yet).
+    let checkout = Path::new(env!("CARGO_MANIFEST_DIR")).join("../guest-sdk");
+    let sdk_path = args.sdk_path.clone().or_else(|| checkout.join("Cargo.toml").exists().then_some(checkout));
+    let sdk = match &sdk_path {
         Some(path) => {
             let path = std::fs::canonicalize(path).with_context(|| format!("no SDK at {}", path.display()))?;
             if !path.join("Cargo.toml").exists() {
                 bail!("{} is not the cachepol-guest-sdk crate (no Cargo.toml)", path.display());
             }
-            format!("cachepol-guest-sdk = {{ path = {:?} }}", path.display().to_string())
+            format!(
+                "cachepol-guest-sdk = {{ path = {:?} }}\n# Once it is published:\n# cachepol-guest-sdk = \"{}\"",
+                path.display().to_string(),
+                env!("CARGO_PKG_VERSION")
+            )
         }
         None => format!(
             "cachepol-guest-sdk = \"{}\"\n# Or, from a checkout of cachepol:\n# cachepol-guest-sdk = {{ path = \"../cachepol/guest-sdk\" }}",
@@ -65,9 +74,49 @@ pub async fn run(args: NewArgs) -> Result<ExitCode> {
     write(&dir.join("README.md"), &fill(README))?;
     write(&dir.join(".gitignore"), "/target\n")?;
     println!("created policy `{}` in {}", args.name, dir.display());
+    match &sdk_path {
+        Some(path) => println!("the SDK: {}", path.display()),
+        None => println!(
+            "the SDK by version: if cargo cannot find cachepol-guest-sdk, point Cargo.toml at a checkout (see the comment there, or --sdk-path)"
+        ),
+    }
     println!("next: cd {} && cachepol test .", dir.display());
     Ok(ExitCode::SUCCESS)
 }
+
+/// Names cargo or Rust refuse as a crate, or whose type name would clash
+/// with the template's or the SDK prelude's.
+const RESERVED: &[&str] = &[
+    "test",
+    "core",
+    "std",
+    "alloc",
+    "proc-macro",
+    "self",
+    "super",
+    "crate",
+    "build",
+    "deps",
+    "examples",
+    "incremental",
+    "config",
+    "policy",
+    "error",
+    "outcome",
+    "manifest",
+    "event",
+    "key-event",
+    "deploy-event",
+    "key-ops",
+    "glob",
+    "template",
+    "no-config",
+    "sweep-reason",
+    "expire-condition",
+    "expire-row",
+    "set-options",
+    "set-condition",
+];
 
 /// The manifest's rule for names, checked now rather than at first load.
 fn check_name(name: &str) -> Result<()> {
@@ -77,6 +126,9 @@ fn check_name(name: &str) -> Result<()> {
         && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
     if !ok {
         bail!("`{name}` is not a policy name: 1 to 64 lowercase letters, digits and `-`, starting with a letter");
+    }
+    if RESERVED.contains(&name) {
+        bail!("`{name}` would not build as a crate here (a name Rust, cargo or the SDK uses): pick another");
     }
     Ok(())
 }
@@ -106,7 +158,7 @@ mod tests {
     #[test]
     fn names_follow_the_manifest_rule_and_make_type_names() {
         assert!(check_name("session-ttl").is_ok());
-        for bad in ["", "Session", "1st", "a_b", "a.b"] {
+        for bad in ["", "Session", "1st", "a_b", "a.b", "test", "config"] {
             assert!(check_name(bad).is_err(), "{bad}");
         }
         assert_eq!(type_name("session-ttl"), "SessionTtl");

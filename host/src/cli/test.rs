@@ -101,12 +101,16 @@ fn build_crate(dir: &Path) -> Result<PathBuf> {
     if !manifest.exists() {
         bail!("{} is a directory without a Cargo.toml: give a policy crate or a .wasm file", dir.display());
     }
+    let manifest = std::fs::canonicalize(&manifest).with_context(|| manifest.display().to_string())?;
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     eprintln!("building {} for {WASM_TARGET}", dir.display());
+    // From the crate's directory: its rust-toolchain.toml and
+    // .cargo/config.toml apply, as they would to `cargo build` there.
     let out = Command::new(&cargo)
         .args(["build", "--release", "--target", WASM_TARGET, "--message-format=json-render-diagnostics"])
         .arg("--manifest-path")
         .arg(&manifest)
+        .current_dir(dir)
         .stdin(Stdio::null())
         .stderr(Stdio::inherit())
         .output()
@@ -119,7 +123,10 @@ fn build_crate(dir: &Path) -> Result<PathBuf> {
     let built: Vec<PathBuf> = String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        // The crate's own cdylib, not a dependency built as one too.
         .filter(|m| m["reason"] == "compiler-artifact")
+        .filter(|m| m["manifest_path"].as_str().is_some_and(|p| Path::new(p) == manifest))
+        .filter(|m| m["target"]["kind"].as_array().is_some_and(|k| k.iter().any(|k| k == "cdylib")))
         .flat_map(|m| m["filenames"].as_array().cloned().unwrap_or_default())
         .filter_map(|f| f.as_str().map(PathBuf::from))
         .filter(|f| f.extension().is_some_and(|e| e == "wasm"))

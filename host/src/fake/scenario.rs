@@ -78,10 +78,26 @@ pub struct Scenario {
 /// A starting key: a bare string value, or a table with one of `value`,
 /// `list`, `hash`, `set`, `zset`, and an optional TTL in seconds.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
+#[serde(try_from = "serde_json::Value")]
 pub enum InitialKey {
     Value(String),
     Typed(TypedKey),
+}
+
+/// Read by hand rather than `untagged`, whose error for a typo in a table
+/// ("did not match any variant") would not name the field.
+impl TryFrom<serde_json::Value> for InitialKey {
+    type Error = String;
+
+    fn try_from(value: serde_json::Value) -> Result<InitialKey, String> {
+        match value {
+            serde_json::Value::String(s) => Ok(InitialKey::Value(s)),
+            table @ serde_json::Value::Object(_) => {
+                serde_json::from_value(table).map(InitialKey::Typed).map_err(|e| e.to_string())
+            }
+            other => Err(format!("a starting key is a string or a table, not `{other}`")),
+        }
+    }
 }
 
 /// A starting key given as a table.
@@ -125,6 +141,14 @@ impl InitialKey {
         }
         if let Some(z) = &t.zset {
             values.push(Value::ZSet(z.iter().map(|(m, s)| (b(m), *s)).collect()));
+        }
+        if values.first().is_some_and(|v| v.is_empty()) {
+            return Err("Redis holds no empty list, hash, set or sorted set: give at least one element".into());
+        }
+        if let Some(Value::ZSet(z)) = values.first()
+            && z.values().any(|s| s.is_nan())
+        {
+            return Err("a sorted set's score must be a number, not NaN".into());
         }
         match values.len() {
             1 => Ok((values.remove(0), t.ttl)),
@@ -406,6 +430,9 @@ impl Scenario {
             if let Step::Deploy(deploy) = step {
                 deploy.tags.pairs()?;
             }
+            if let Some((key, write)) = step.app_write() {
+                write.check().map_err(|e| format!("{} {key}: {e}", write.name()))?;
+            }
         }
         Ok(scenario)
     }
@@ -686,6 +713,28 @@ pub fn collect_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>, ScenarioError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn typed_starting_keys_and_their_mistakes_are_named() {
+        let ok = Scenario::parse(
+            "[keys]\n\"q\" = { list = [\"a\"], ttl = 5 }\n\"z\" = { zset = { m = 1.5 } }\n[expect]\nabsent = [\"x\"]",
+            false,
+        )
+        .unwrap();
+        assert!(matches!(ok.keys["q"].value(), Ok((Value::List(_), Some(_)))));
+        for (text, says) in [
+            ("\"k\" = { lst = [\"a\"] }", "unknown field `lst`"),
+            ("\"k\" = { list = [] }", "no empty list"),
+            ("\"k\" = { list = [\"a\"], set = [\"b\"] }", "only one of"),
+            ("\"k\" = 7", "a string or a table"),
+        ] {
+            let err = Scenario::parse(&format!("[keys]\n{text}\n[expect]\nabsent = [\"x\"]"), false).unwrap_err();
+            assert!(err.contains(says), "{text}: {err}");
+        }
+        let err = Scenario::parse("[[steps]]\nsadd = { key = \"s\", members = [] }\n[expect]\nabsent = []", false)
+            .unwrap_err();
+        assert!(err.contains("sadd s: needs at least one element"), "{err}");
+    }
 
     #[test]
     fn parses_every_step_kind() {

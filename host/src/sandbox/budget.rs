@@ -19,8 +19,9 @@ pub struct Budgets {
     pub memory_bytes: usize,
     /// Redis API calls per event.
     pub host_calls: u32,
-    /// Keys deleted or expired per event, bulk operations included. 0 means
-    /// unlimited (only when set explicitly).
+    /// Keys touched per event: deleted or expired (bulk operations
+    /// included), and read by `mget`. 0 means unlimited (only when set
+    /// explicitly).
     pub keys_touched: u64,
     /// Largest value `set` may write, in bytes.
     pub value_bytes: usize,

@@ -25,6 +25,9 @@ type HostResult<T> = wasmtime::Result<Result<T, Error>>;
 const MAX_TTL_MS: u64 = 100 * 365 * 24 * 3600 * 1000;
 /// Largest `COUNT` a scan page may ask for.
 const MAX_SCAN_COUNT: u32 = 10_000;
+/// The most keys one `mget` reads: a call's reply is held whole, in the
+/// host and in the guest, so it is bounded like a `SCAN` page.
+const MAX_MGET_KEYS: usize = 10_000;
 /// Denials kept by name per call; more are only counted.
 const MAX_DENIALS_KEPT: usize = 100;
 /// Work the grant checks of one call may do (`glob::covers_within` units;
@@ -411,6 +414,12 @@ impl wit::redis::Host for HostApi {
 
     async fn mget(&mut self, keys: Vec<String>) -> HostResult<Vec<Option<Vec<u8>>>> {
         Ok(async {
+            if keys.len() > MAX_MGET_KEYS {
+                return Err(Error::InvalidArgument(format!(
+                    "mget: {} keys in one call; at most {MAX_MGET_KEYS}",
+                    keys.len()
+                )));
+            }
             self.request("mget", KeyOps::READ, Target::Keys(&keys)).await?;
             self.touch("mget", keys.len() as u64)?;
             self.backend.mget(&keys).await.map_err(|e| self.redis_failed("mget", e))

@@ -62,7 +62,9 @@ pub enum LoadError {
     Compile(String),
     #[error("the component needs imports cachepol does not provide: {0}")]
     Imports(String),
-    #[error("the component does not implement the cachepol:policy/policy world (0.1.0 or 0.2.x): {0}")]
+    #[error(
+        "the component does not implement the cachepol:policy/policy world (0.1.0 or 0.2.x): {0} (if the file was copied, check the copy is complete)"
+    )]
     Exports(String),
     #[error("cannot instantiate the component: {0}")]
     Instantiate(String),
@@ -438,6 +440,11 @@ fn sniff(bytes: &[u8]) -> Result<(), LoadError> {
     if bytes.is_empty() {
         return Err(LoadError::Empty);
     }
+    // A copy cut inside the header.
+    let header = [b'\0', b'a', b's', b'm', 0x0d, 0, 1, 0];
+    if bytes.len() <= 8 && header.starts_with(bytes) {
+        return Err(LoadError::Truncated { size: bytes.len(), needed: 9 });
+    }
     if bytes.len() < 8 || &bytes[..4] != b"\0asm" {
         return Err(LoadError::NotWasm);
     }
@@ -450,19 +457,26 @@ fn sniff(bytes: &[u8]) -> Result<(), LoadError> {
 
 /// If the top-level sections run past the end of `bytes` (a copy cut
 /// short), how many bytes they need at least. The compiler would only say
-/// `unexpected end-of-file` or that a section range is out of bounds.
+/// `unexpected end-of-file` or that a section range is out of bounds. A
+/// size that is not a valid `u32` LEB128 is malformed, not truncated: the
+/// compiler reports it.
 fn truncation(bytes: &[u8]) -> Option<usize> {
     let mut at = 8;
     while at < bytes.len() {
         at += 1; // the section id
         let mut size: u64 = 0;
+        let mut done = false;
         for shift in (0..35).step_by(7) {
             let Some(&byte) = bytes.get(at) else { return Some(at + 1) };
             at += 1;
             size |= u64::from(byte & 0x7f) << shift;
             if byte & 0x80 == 0 {
+                done = true;
                 break;
             }
+        }
+        if !done || size > u64::from(u32::MAX) {
+            return None;
         }
         let end = at.saturating_add(usize::try_from(size).unwrap_or(usize::MAX));
         if end > bytes.len() {

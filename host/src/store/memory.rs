@@ -81,7 +81,9 @@ impl Value {
         }
     }
 
-    fn is_empty(&self) -> bool {
+    /// A list, hash, set or sorted set with no element (Redis removes
+    /// those keys).
+    pub fn is_empty(&self) -> bool {
         match self {
             Value::String(_) => false,
             Value::List(l) => l.is_empty(),
@@ -134,6 +136,24 @@ pub enum AppWrite {
 }
 
 impl AppWrite {
+    /// What Redis refuses before running the command: no elements (an
+    /// arity error), a count of 0, a score that is not a number.
+    pub fn check(&self) -> Result<(), String> {
+        let empty = match self {
+            AppWrite::Rpush(v) | AppWrite::Lpush(v) | AppWrite::Hdel(v) | AppWrite::Sadd(v) => v.is_empty(),
+            AppWrite::Srem(v) | AppWrite::Zrem(v) => v.is_empty(),
+            AppWrite::Lpop(n) | AppWrite::Rpop(n) => *n == 0,
+            AppWrite::Hset(m) => m.is_empty(),
+            AppWrite::Zadd(m) => {
+                if m.values().any(|s| s.is_nan()) {
+                    return Err("a score must be a number, not NaN".into());
+                }
+                m.is_empty()
+            }
+        };
+        if empty { Err("needs at least one element (or a count of at least 1)".into()) } else { Ok(()) }
+    }
+
     /// The command's (and its keyspace event's) name.
     pub fn name(&self) -> &'static str {
         match self {
@@ -309,6 +329,7 @@ impl FakeRedis {
     /// command semantics and events (`rpush`, ..., then `del` if the last
     /// element went). Fails with [`WRONGTYPE`] on a key of another type.
     pub fn app_write(&self, key: &str, write: &AppWrite) -> Result<(), String> {
+        write.check()?;
         let mut s = self.lock();
         s.expire_due();
         s.app_write(key, write)

@@ -463,6 +463,9 @@ pub fn is_connection_error(e: &RedisError) -> bool {
     e.is_connection_dropped() || e.is_io_error() || e.is_timeout() || e.is_connection_refusal()
 }
 
+/// Keys per `MGET` command.
+const MGET_BATCH: usize = 1000;
+
 fn is_one(v: &Value) -> bool {
     matches!(v, Value::Int(1))
 }
@@ -473,11 +476,19 @@ impl Backend for RedisBackend {
         self.query(redis::cmd("GET").arg(key)).await
     }
 
+    /// `MGET`s of at most [`MGET_BATCH`] keys, pipelined in one round trip:
+    /// Redis answers each without blocking the others for long.
     async fn mget(&self, keys: &[String]) -> Result<Vec<Option<Vec<u8>>>, BackendError> {
         if keys.is_empty() {
             return Ok(Vec::new());
         }
-        self.query(redis::cmd("MGET").arg(keys)).await
+        let mut pipe = redis::pipe();
+        for chunk in keys.chunks(MGET_BATCH) {
+            pipe.cmd("MGET").arg(chunk);
+        }
+        let replies: Vec<Vec<Option<Vec<u8>>>> =
+            retrying(|| async { pipe.query_async(&mut self.conn.clone()).await }).await?;
+        Ok(replies.into_iter().flatten().collect())
     }
 
     async fn exists(&self, key: &str) -> Result<bool, BackendError> {
