@@ -102,6 +102,28 @@ pub struct Config {
     pub deploy_token: Option<String>,
     /// The key index that serves bulk operations.
     pub index: IndexConfig,
+    /// Several daemons on one Redis ([`crate::intake::lease`]).
+    pub replicas: ReplicaConfig,
+}
+
+/// `[replicas]`: daemons sharing one Redis, one of them (the lease holder)
+/// handling keyspace events, sweeps and deploy hooks at a time.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReplicaConfig {
+    /// Off by default: a single daemon needs no lease.
+    pub enabled: bool,
+    /// How long a lease lives without renewal: a standby takes over within
+    /// about this long after the holder dies (at once when it stops).
+    pub lease_ttl_ms: u64,
+    /// The lease's key (`:db<N>` is appended); the same in every daemon.
+    pub lease_key: String,
+}
+
+impl Default for ReplicaConfig {
+    fn default() -> ReplicaConfig {
+        ReplicaConfig { enabled: false, lease_ttl_ms: 5000, lease_key: "cachepol:lease:events".into() }
+    }
 }
 
 /// `[index]`: the key index ([`crate::store::index`]).
@@ -149,6 +171,7 @@ impl Default for Config {
             admin_addr: DEFAULT_ADMIN_ADDR.into(),
             deploy_token: None,
             index: IndexConfig::default(),
+            replicas: ReplicaConfig::default(),
         }
     }
 }
@@ -350,6 +373,7 @@ impl Config {
             admin_addr,
             deploy_token,
             index,
+            replicas,
         } = new;
         let DeployConfig {
             stream,
@@ -390,6 +414,7 @@ impl Config {
             ("admin_addr", self.admin_addr != *admin_addr),
             ("deploy_token", self.deploy_token != *deploy_token),
             ("index", self.index != *index),
+            ("replicas", self.replicas != *replicas),
         ];
         checks.into_iter().filter(|(_, changed)| *changed).map(|(name, _)| name).collect()
     }

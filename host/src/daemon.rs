@@ -36,6 +36,7 @@ use crate::dispatch::switches::Switches;
 use crate::intake::control;
 use crate::intake::deploy::DeployConsumer;
 use crate::intake::events::{Backoff, Subscriber};
+use crate::intake::lease::{self, Lease};
 use crate::intake::notify::{self, NotifyError};
 use crate::metrics::{Readiness, metrics};
 use crate::sandbox::runtime::{Runtime, RuntimeConfig, RuntimeError};
@@ -101,6 +102,7 @@ async fn run_wired(
         .map_err(|e| DaemonError::RedisUrl { url: config.redis_url.clone(), error: e.to_string() })?;
     let db = u32::try_from(client.get_connection_info().redis_settings().db()).unwrap_or(0);
     let fence_channel = echo::fence_channel();
+    let lease = Lease::new(&config.replicas, db, &config.deploy.consumer);
     let index = Arc::new(KeyIndex::new(config.index.max_keys, fence_channel.clone()));
     let Some(redis) = connect(&client, &index, &shutdown).await else { return Ok(()) };
     let runtime = Runtime::new(RuntimeConfig { max_instances: config.instance_pool, ..RuntimeConfig::default() })?;
@@ -121,6 +123,7 @@ async fn run_wired(
         switches: switches.clone(),
         index: index.clone(),
         redis: redis.connection(),
+        lease: lease.clone(),
     });
     let mut reloader = Reloader::new(registry, &config.policies_dir)
         .map_err(|error| DaemonError::PoliciesDir { path: config.policies_dir.clone(), error })?;
@@ -170,17 +173,22 @@ async fn run_wired(
         fence_channel: fence_channel.clone(),
         index: index.clone(),
         index_config: config.index.clone(),
+        lease: lease.clone(),
     };
     sources.spawn(subscriber.run(intake.clone(), ready_tx));
     match RedisBackend::connect(&client).await {
         Ok(b) => {
-            let consumer =
-                DeployConsumer { conn: b.connection(), settings: config.deploy.clone(), routes: routes.clone() };
+            let consumer = DeployConsumer {
+                conn: b.connection(),
+                settings: config.deploy.clone(),
+                routes: routes.clone(),
+                lease: lease.clone(),
+            };
             sources.spawn(consumer.run(intake.clone()));
         }
         Err(e) => warn!(error = %e, "no connection for deploy hooks; restart once Redis is reachable"),
     }
-    sources.spawn(periodic_sweeps(routes.clone(), intake.clone()));
+    sources.spawn(periodic_sweeps(routes.clone(), lease.clone(), intake.clone()));
     sources.spawn(index.clone().run_builder(redis.connection(), intake.clone()));
     sources.spawn(echo::send_fences(ledger.clone(), redis.connection(), fence_channel.clone(), intake.clone()));
     sources.spawn(control::watch(
@@ -190,13 +198,19 @@ async fn run_wired(
         config.sweep_key.clone(),
         sweep_requests,
         routes.clone(),
+        lease.clone(),
         intake.clone(),
     ));
     let reloading = tokio::spawn(reloader.run(intake.clone()));
 
     tokio::select! {
         _ = shutdown.cancelled() => {}
-        _ = ready_rx => info!(policies = routes.load().routes().len(), "cachepol ready"),
+        _ = ready_rx => {
+            // Only once subscribed: a takeover's sweep must not run before
+            // the writes after it can be heard.
+            sources.spawn(lease::run(lease.clone(), redis.connection(), config.replicas.clone(), routes.clone(), intake.clone()));
+            info!(policies = routes.load().routes().len(), "cachepol ready");
+        }
     }
     shutdown.cancelled().await;
 
@@ -248,8 +262,9 @@ async fn connect(
     }
 }
 
-/// Queue `sweep(periodic)` for each policy at its manifest's interval.
-async fn periodic_sweeps(routes: Arc<ArcSwap<Routes>>, stop: CancellationToken) {
+/// Queue `sweep(periodic)` for each policy at its manifest's interval
+/// (while holding the keyspace-event lease, when replicas share the work).
+async fn periodic_sweeps(routes: Arc<ArcSwap<Routes>>, lease: Arc<Lease>, stop: CancellationToken) {
     let mut last: BTreeMap<String, tokio::time::Instant> = BTreeMap::new();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
@@ -263,6 +278,9 @@ async fn periodic_sweeps(routes: Arc<ArcSwap<Routes>>, stop: CancellationToken) 
             let due = last.entry(route.name.to_string()).or_insert(now);
             if now.duration_since(*due) >= every {
                 *due = now;
+                if !lease.holds() {
+                    continue;
+                }
                 let _ = route.queue.push(Item::Sweep(SweepReason::Periodic));
             }
         }

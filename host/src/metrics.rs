@@ -74,6 +74,9 @@ pub struct Metrics {
     /// Set at each scrape.
     pub resident_memory: Gauge,
     pub index_keys: Gauge,
+    pub lease_held: Gauge,
+    pub lease_token: Gauge,
+    pub lease_takeovers: Counter,
     pub ready: Readiness,
 }
 
@@ -109,6 +112,9 @@ impl Metrics {
             redis_errors: Counter::default(),
             resident_memory: Gauge::default(),
             index_keys: Gauge::default(),
+            lease_held: Gauge::default(),
+            lease_token: Gauge::default(),
+            lease_takeovers: Counter::default(),
             ready: Readiness::default(),
         };
         let r = &mut registry;
@@ -183,6 +189,13 @@ impl Metrics {
             m.resident_memory.clone(),
         );
         r.register("index_keys", "Key names the key index holds", m.index_keys.clone());
+        r.register(
+            "lease_held",
+            "1 while this daemon holds the keyspace-event lease ([replicas])",
+            m.lease_held.clone(),
+        );
+        r.register("lease_token", "The fencing token of the lease this daemon holds (0: none)", m.lease_token.clone());
+        r.register("lease_takeovers", "Times this daemon took the keyspace-event lease", m.lease_takeovers.clone());
         Metrics { registry, ..m }
     }
 

@@ -16,4 +16,5 @@ mod lanes;
 mod ops;
 mod policies;
 mod reload;
+mod replicas;
 mod resync;

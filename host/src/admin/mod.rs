@@ -55,6 +55,7 @@ pub(crate) struct Wired {
     pub(crate) switches: Arc<Switches>,
     pub(crate) index: Arc<KeyIndex>,
     pub(crate) redis: ConnectionManager,
+    pub(crate) lease: Arc<crate::intake::lease::Lease>,
 }
 
 /// The server's shared state.

@@ -36,6 +36,8 @@ pub struct Status {
     /// What keeps it from being ready.
     pub not_ready: Vec<String>,
     pub redis: RedisStatus,
+    /// The keyspace-event lease, when replicas share the work.
+    pub lease: Option<LeaseStatus>,
     pub index: Vec<IndexPattern>,
     pub policies: Vec<PolicyStatus>,
 }
@@ -52,6 +54,18 @@ pub struct RedisStatus {
     pub notify_keyspace_events: Option<String>,
     /// Why the rest is missing.
     pub error: Option<String>,
+}
+
+/// This daemon's part in a set of replicas.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct LeaseStatus {
+    pub key: String,
+    /// This daemon's id (its deploy consumer name).
+    pub id: String,
+    /// Whether it handles keyspace events, sweeps and deploy hooks now.
+    pub held: bool,
+    /// The fencing token of its holding (0: standing by).
+    pub token: u64,
 }
 
 /// One pattern of the key index.
@@ -135,6 +149,12 @@ pub(super) async fn status(State(admin): State<Arc<Admin>>) -> Response {
         ready: not_ready.is_empty(),
         not_ready,
         redis: cached_redis_status(&admin, wired).await,
+        lease: wired.lease.enabled().then(|| LeaseStatus {
+            key: wired.lease.key().to_owned(),
+            id: wired.lease.id().to_owned(),
+            held: wired.lease.holds(),
+            token: wired.lease.token(),
+        }),
         index: wired
             .index
             .stats()

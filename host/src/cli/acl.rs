@@ -84,6 +84,7 @@ pub async fn run(args: AclArgs) -> Result<ExitCode> {
         deploy: &config.deploy,
         control_key: &config.control_key,
         sweep_key: &config.sweep_key,
+        lease_key: config.replicas.enabled.then_some(config.replicas.lease_key.as_str()),
         configure_notifications: config.configure_notifications,
         grants,
     };
@@ -140,6 +141,9 @@ pub struct AclRequest<'a> {
     pub control_key: &'a str,
     /// The sweep requests' hash, which the daemon reads.
     pub sweep_key: &'a str,
+    /// The keyspace-event lease, when replicas are on: its scripts `GET`,
+    /// `SET`, `PEXPIRE`, `INCR` its token and `DEL` it on release.
+    pub lease_key: Option<&'a str>,
     /// The daemon sets `notify-keyspace-events` itself.
     pub configure_notifications: bool,
     /// Every loaded policy's effective grants (after the operator's
@@ -171,6 +175,9 @@ pub fn setuser_args(req: &AclRequest<'_>) -> Vec<String> {
     if req.configure_notifications {
         commands.push("config|set");
     }
+    if req.lease_key.is_some() {
+        commands.extend(["incr", "del"]);
+    }
     args.extend(commands.iter().map(|c| format!("+{c}")));
     let mut seen = BTreeSet::new();
     let keys = [
@@ -179,6 +186,11 @@ pub fn setuser_args(req: &AclRequest<'_>) -> Vec<String> {
         key_rule(&cachepol_guest_sdk::glob::escape(req.control_key), KeyOps::READ),
         key_rule(&cachepol_guest_sdk::glob::escape(req.sweep_key), KeyOps::READ),
     ]
+    .into_iter()
+    // The lease (`<key>:db<N>`) and its token counter (`<key>:db<N>:token`).
+    .chain(req.lease_key.map(|k| {
+        key_rule(&format!("{}:db{}*", cachepol_guest_sdk::glob::escape(k), req.db), KeyOps::READ | KeyOps::WRITE)
+    }))
     .into_iter()
     .chain(req.grants.iter().map(|(pattern, ops)| key_rule(pattern, *ops)));
     args.extend(keys.filter(|k| seen.insert(k.clone())));
@@ -228,6 +240,7 @@ mod tests {
             deploy: &deploy,
             control_key: "cachepol:control:disabled",
             sweep_key: "cachepol:control:sweeps",
+            lease_key: None,
             configure_notifications: false,
             grants: vec![("quiz:*".into(), KeyOps::DELETE), ("quiz:*".into(), KeyOps::DELETE)],
         };
@@ -243,7 +256,12 @@ mod tests {
             args.contains(&"~cachepol:deploys".to_owned()) && args.contains(&"%W~cachepol:deploys:dead".to_owned())
         );
         assert!(args.contains(&"%R~cachepol:control:disabled".to_owned()));
-        let with_set = setuser_args(&AclRequest { configure_notifications: true, ..req });
+        assert!(!args.contains(&"+incr".to_owned()), "no lease, no INCR");
+        let with_lease =
+            setuser_args(&AclRequest { lease_key: Some("cachepol:lease:events"), grants: req.grants.clone(), ..req });
+        assert!(with_lease.contains(&"+incr".to_owned()) && with_lease.contains(&"+del".to_owned()));
+        assert!(with_lease.contains(&"~cachepol:lease:events:db2*".to_owned()), "{with_lease:?}");
+        let with_set = setuser_args(&AclRequest { configure_notifications: true, lease_key: None, ..req });
         assert!(with_set.contains(&"+config|set".to_owned()));
     }
 

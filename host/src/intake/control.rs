@@ -35,6 +35,7 @@ use tracing::{info, warn};
 use crate::dispatch::queue::Item;
 use crate::dispatch::routes::Routes;
 use crate::dispatch::switches::Switches;
+use crate::intake::lease::Lease;
 use crate::store::redis::is_connection_error;
 use crate::wit::{SWEEP_REASONS, SweepReason, sweep_reason_name};
 
@@ -131,6 +132,7 @@ pub async fn watch(
     sweep_key: String,
     mut requests: SweepRequests,
     routes: Arc<ArcSwap<Routes>>,
+    lease: Arc<Lease>,
     stop: CancellationToken,
 ) {
     let mut failing = false;
@@ -149,7 +151,9 @@ pub async fn watch(
             Err(_) => {}
         }
         if let Ok(now) = asked {
-            for (name, reason) in requests.update(now) {
+            // Read by every daemon (the counts stay current), acted on by
+            // the one holding the keyspace-event lease.
+            for (name, reason) in requests.update(now).into_iter().filter(|_| lease.holds()) {
                 let reason_name = sweep_reason_name(reason);
                 match routes.load().get(&name) {
                     Some(route) => {
@@ -165,7 +169,7 @@ pub async fn watch(
                 failing = false;
                 for name in enabled {
                     info!(policy = %name, key = %key, "policy enabled by the operator: sweeping it to catch up");
-                    if let Some(route) = routes.load().get(&name) {
+                    if let Some(route) = routes.load().get(&name).filter(|_| lease.holds()) {
                         let _ = route.queue.push(Item::Sweep(SweepReason::Manual));
                     }
                 }

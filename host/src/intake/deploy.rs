@@ -48,6 +48,7 @@ use crate::config::DeployConfig;
 use crate::dispatch::queue::{FailureKind, HookFailure};
 use crate::dispatch::routes::Routes;
 use crate::intake::events::Backoff;
+use crate::intake::lease::Lease;
 use crate::metrics::{OutcomeLabel, Readiness, metrics};
 use crate::store::redis::is_connection_error;
 use crate::wit::DeployEvent;
@@ -175,6 +176,10 @@ pub struct DeployConsumer {
     pub conn: ConnectionManager,
     pub settings: DeployConfig,
     pub routes: Arc<ArcSwap<Routes>>,
+    /// Hooks are read by the daemon holding the keyspace-event lease: one
+    /// daemon writes at a time, so its echo suppression sees every write
+    /// of its policies ([`crate::intake::lease`]).
+    pub lease: Arc<Lease>,
 }
 
 /// How a round of work ended.
@@ -196,6 +201,15 @@ impl DeployConsumer {
         let mut last_claim: Option<tokio::time::Instant> = None;
         info!(stream = %self.settings.stream, group = %self.settings.group, consumer = %self.settings.consumer, "reading deploy hooks");
         while !shutdown.is_cancelled() {
+            if !self.lease.holds() {
+                // Standing by is ready: able to take over.
+                Readiness::set(&metrics().ready.deploy_reader, true);
+                catch_up = true;
+                if let Handled::Interrupted = pause(&shutdown, Duration::from_millis(200)).await {
+                    break;
+                }
+                continue;
+            }
             match self.round(&mut catch_up, &mut last_claim, &shutdown).await {
                 Ok(Handled::Interrupted) => break,
                 Ok(Handled::Done) => {

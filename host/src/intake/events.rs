@@ -41,6 +41,7 @@ use tracing::{info, warn};
 
 use crate::config::IndexConfig;
 use crate::dispatch::routes::Routes;
+use crate::intake::lease::Lease;
 use crate::intake::notify;
 use crate::metrics::{Readiness, metrics};
 use crate::sandbox::manifest::Manifest;
@@ -78,6 +79,9 @@ pub struct Subscriber {
     /// pattern, the subscription carries its events (`new` and removals).
     pub index: Arc<KeyIndex>,
     pub index_config: IndexConfig,
+    /// Whether this daemon routes keyspace events to its policies now
+    /// ([`crate::intake::lease`]); a standby still keeps its key index.
+    pub lease: Arc<Lease>,
 }
 
 /// Exponential backoff with jitter: 100 ms doubling to 10 s, each wait
@@ -263,7 +267,10 @@ impl Subscriber {
             }
             down_since_logged = false;
             self.cover_index(&conn, &channels).await;
-            self.routes.load().sweep_all(reason);
+            // A standby sweeps when it takes the lease instead.
+            if self.lease.holds() {
+                self.routes.load().sweep_all(reason);
+            }
             if let Some(tx) = ready.take() {
                 let _ = tx.send(());
             }
@@ -302,6 +309,7 @@ impl Subscriber {
             routes: self.routes.clone(),
             ledger: self.ledger.clone(),
             index: self.index.clone(),
+            lease: self.lease.clone(),
             hop_limit: self.hop_limit,
             link: link.clone(),
             skipped: AtomicU64::new(0),
@@ -460,7 +468,9 @@ impl Subscriber {
                 }
                 if !was {
                     info!("keyspace notification flags complete again; sweeping every policy for what it missed");
-                    self.routes.load().sweep_all(SweepReason::Gap);
+                    if self.lease.holds() {
+                        self.routes.load().sweep_all(SweepReason::Gap);
+                    }
                     Readiness::set(&ready.notifications, true);
                 }
             }
@@ -556,6 +566,7 @@ struct Router {
     routes: Arc<ArcSwap<Routes>>,
     ledger: Arc<EchoLedger>,
     index: Arc<KeyIndex>,
+    lease: Arc<Lease>,
     hop_limit: u8,
     /// Told when redis-rs reports the connection closed; knows when the last
     /// push arrived.
@@ -632,6 +643,10 @@ impl Router {
         let Some((db, op)) = parse_channel(channel) else { return false };
         self.index.observe(op, payload);
         let origin = self.ledger.claim(op, payload);
+        // Another daemon holds the lease: it handles this event.
+        if !self.lease.holds() {
+            return true;
+        }
         let routed = self.routes.load().key_event(db, op, payload, origin.as_ref(), self.hop_limit);
         if routed.swept_instead > 0 {
             let undeliverable = self.undeliverable.fetch_add(1, Ordering::Relaxed) + 1;

@@ -16,4 +16,5 @@ pub mod control;
 pub mod dead_letters;
 pub mod deploy;
 pub mod events;
+pub mod lease;
 pub mod notify;
