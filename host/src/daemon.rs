@@ -191,16 +191,16 @@ async fn run_wired(
     sources.spawn(periodic_sweeps(routes.clone(), lease.clone(), intake.clone()));
     sources.spawn(index.clone().run_builder(redis.connection(), intake.clone()));
     sources.spawn(echo::send_fences(ledger.clone(), redis.connection(), fence_channel.clone(), intake.clone()));
-    sources.spawn(control::watch(
+    let watch = control::Watch {
         switches,
-        redis.connection(),
-        config.control_key.clone(),
-        config.sweep_key.clone(),
-        sweep_requests,
-        routes.clone(),
-        lease.clone(),
-        intake.clone(),
-    ));
+        conn: redis.connection(),
+        key: config.control_key.clone(),
+        sweep_key: config.sweep_key.clone(),
+        requests: sweep_requests,
+        routes: routes.clone(),
+        lease: lease.clone(),
+    };
+    sources.spawn(control::watch(watch, intake.clone()));
     let reloading = tokio::spawn(reloader.run(intake.clone()));
 
     tokio::select! {

@@ -122,19 +122,25 @@ impl SweepRequests {
     }
 }
 
+/// What the control poll reads and where it acts.
+pub struct Watch {
+    pub switches: Arc<Switches>,
+    pub conn: ConnectionManager,
+    /// The disabled set.
+    pub key: String,
+    /// The sweep requests' hash, and the reading taken at start.
+    pub sweep_key: String,
+    pub requests: SweepRequests,
+    pub routes: Arc<ArcSwap<Routes>>,
+    /// Sweeps are queued only while holding the keyspace-event lease.
+    pub lease: Arc<Lease>,
+}
+
 /// Read the disabled set (and the sweep requests at `sweep_key`) every
 /// [`POLL_EVERY`] until `stop`; a policy enabled again is swept to catch
 /// up, and one an operator asked to sweep is swept.
-pub async fn watch(
-    switches: Arc<Switches>,
-    mut conn: ConnectionManager,
-    key: String,
-    sweep_key: String,
-    mut requests: SweepRequests,
-    routes: Arc<ArcSwap<Routes>>,
-    lease: Arc<Lease>,
-    stop: CancellationToken,
-) {
+pub async fn watch(w: Watch, stop: CancellationToken) {
+    let Watch { switches, mut conn, key, sweep_key, mut requests, routes, lease } = w;
     let mut failing = false;
     let mut sweeps_failing = false;
     loop {
