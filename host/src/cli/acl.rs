@@ -191,7 +191,6 @@ pub fn setuser_args(req: &AclRequest<'_>) -> Vec<String> {
     .chain(req.lease_key.map(|k| {
         key_rule(&format!("{}:db{}*", cachepol_guest_sdk::glob::escape(k), req.db), KeyOps::READ | KeyOps::WRITE)
     }))
-    .into_iter()
     .chain(req.grants.iter().map(|(pattern, ops)| key_rule(pattern, *ops)));
     args.extend(keys.filter(|k| seen.insert(k.clone())));
     args
