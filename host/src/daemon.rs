@@ -28,6 +28,7 @@ use tracing::{info, warn};
 
 use crate::admin::{self, Admin, Wired};
 use crate::config::Config;
+use crate::dispatch::lease::Lease;
 use crate::dispatch::queue::Item;
 use crate::dispatch::registry::{Registry, RejectError};
 use crate::dispatch::reload::{ConfigSource, Reloader};
@@ -36,7 +37,7 @@ use crate::dispatch::switches::Switches;
 use crate::intake::control;
 use crate::intake::deploy::DeployConsumer;
 use crate::intake::events::{Backoff, Subscriber};
-use crate::intake::lease::{self, Lease};
+use crate::intake::lease;
 use crate::intake::notify::{self, NotifyError};
 use crate::metrics::{Readiness, metrics};
 use crate::sandbox::runtime::{Runtime, RuntimeConfig, RuntimeError};
@@ -102,13 +103,12 @@ async fn run_wired(
         .map_err(|e| DaemonError::RedisUrl { url: config.redis_url.clone(), error: e.to_string() })?;
     let db = u32::try_from(client.get_connection_info().redis_settings().db()).unwrap_or(0);
     let fence_channel = echo::fence_channel();
-    let lease = Lease::new(&config.replicas, db, &config.deploy.consumer);
     let index = Arc::new(KeyIndex::new(config.index.max_keys, fence_channel.clone()));
     let Some(redis) = connect(&client, &index, &shutdown).await else { return Ok(()) };
     let runtime = Runtime::new(RuntimeConfig { max_instances: config.instance_pool, ..RuntimeConfig::default() })?;
     let ledger = Arc::new(EchoLedger::new());
 
-    let switches = Arc::new(Switches::default());
+    let switches = Arc::new(Switches::new(Lease::new(&config.replicas, db, &config.deploy.consumer)));
     if let Err(e) = control::read_at_start(&switches, &mut redis.connection(), &config.control_key).await {
         warn!(error = %e, key = %config.control_key, "cannot read the disabled policies; none is held back until they can be read");
     }
@@ -123,7 +123,6 @@ async fn run_wired(
         switches: switches.clone(),
         index: index.clone(),
         redis: redis.connection(),
-        lease: lease.clone(),
     });
     let mut reloader = Reloader::new(registry, &config.policies_dir)
         .map_err(|error| DaemonError::PoliciesDir { path: config.policies_dir.clone(), error })?;
@@ -173,7 +172,7 @@ async fn run_wired(
         fence_channel: fence_channel.clone(),
         index: index.clone(),
         index_config: config.index.clone(),
-        lease: lease.clone(),
+        switches: switches.clone(),
     };
     sources.spawn(subscriber.run(intake.clone(), ready_tx));
     match RedisBackend::connect(&client).await {
@@ -182,33 +181,43 @@ async fn run_wired(
                 conn: b.connection(),
                 settings: config.deploy.clone(),
                 routes: routes.clone(),
-                lease: lease.clone(),
+                switches: switches.clone(),
             };
             sources.spawn(consumer.run(intake.clone()));
         }
         Err(e) => warn!(error = %e, "no connection for deploy hooks; restart once Redis is reachable"),
     }
-    sources.spawn(periodic_sweeps(routes.clone(), lease.clone(), intake.clone()));
+    sources.spawn(periodic_sweeps(routes.clone(), switches.clone(), intake.clone()));
     sources.spawn(index.clone().run_builder(redis.connection(), intake.clone()));
     sources.spawn(echo::send_fences(ledger.clone(), redis.connection(), fence_channel.clone(), intake.clone()));
     let watch = control::Watch {
-        switches,
+        switches: switches.clone(),
         conn: redis.connection(),
         key: config.control_key.clone(),
         sweep_key: config.sweep_key.clone(),
         requests: sweep_requests,
         routes: routes.clone(),
-        lease: lease.clone(),
     };
     sources.spawn(control::watch(watch, intake.clone()));
     let reloading = tokio::spawn(reloader.run(intake.clone()));
 
+    // The lease outlives intake: it is given back only once the calls in
+    // flight are done, so a standby never sweeps beside them.
+    let lease_stop = CancellationToken::new();
+    let mut leasing = None;
     tokio::select! {
         _ = shutdown.cancelled() => {}
         _ = ready_rx => {
             // Only once subscribed: a takeover's sweep must not run before
             // the writes after it can be heard.
-            sources.spawn(lease::run(lease.clone(), redis.connection(), config.replicas.clone(), routes.clone(), intake.clone()));
+            if switches.lease.enabled() {
+                match RedisBackend::connect(&client).await {
+                    Ok(own) => {
+                        leasing = Some(tokio::spawn(lease::run(switches.clone(), own.connection(), routes.clone(), lease_stop.clone())));
+                    }
+                    Err(e) => warn!(error = %e, "no connection for the keyspace-event lease; this daemon stands by"),
+                }
+            }
             info!(policies = routes.load().routes().len(), "cachepol ready");
         }
     }
@@ -226,6 +235,10 @@ async fn run_wired(
     match reloading.await {
         Ok(registry) => registry.shutdown(grace).await,
         Err(e) => warn!(error = %e, "the reloader failed; policy calls were not waited for"),
+    }
+    lease_stop.cancel();
+    if let Some(leasing) = leasing {
+        let _ = leasing.await;
     }
     info!("stopped");
     Ok(())
@@ -264,7 +277,7 @@ async fn connect(
 
 /// Queue `sweep(periodic)` for each policy at its manifest's interval
 /// (while holding the keyspace-event lease, when replicas share the work).
-async fn periodic_sweeps(routes: Arc<ArcSwap<Routes>>, lease: Arc<Lease>, stop: CancellationToken) {
+async fn periodic_sweeps(routes: Arc<ArcSwap<Routes>>, switches: Arc<Switches>, stop: CancellationToken) {
     let mut last: BTreeMap<String, tokio::time::Instant> = BTreeMap::new();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
@@ -278,7 +291,7 @@ async fn periodic_sweeps(routes: Arc<ArcSwap<Routes>>, lease: Arc<Lease>, stop: 
             let due = last.entry(route.name.to_string()).or_insert(now);
             if now.duration_since(*due) >= every {
                 *due = now;
-                if !lease.holds() {
+                if switches.standing_by() {
                     continue;
                 }
                 let _ = route.queue.push(Item::Sweep(SweepReason::Periodic));

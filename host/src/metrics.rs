@@ -375,6 +375,9 @@ pub struct Readiness {
     pub subscribed: AtomicBool,
     /// `notify-keyspace-events` has every flag the policies need.
     pub notifications: AtomicBool,
+    /// The keyspace-event lease is answered for (held, or known held by
+    /// another daemon); always with replicas off.
+    pub lease: AtomicBool,
     pub deploy_reader: AtomicBool,
     pub policies_loaded: AtomicBool,
     pub shutting_down: AtomicBool,
@@ -395,6 +398,9 @@ impl Readiness {
         }
         if self.subscribed.load(Ordering::Relaxed) && !self.notifications.load(Ordering::Relaxed) {
             missing.push("notify-keyspace-events lacks flags the policies need (see the log)");
+        }
+        if !self.lease.load(Ordering::Relaxed) {
+            missing.push("the keyspace-event lease can be neither taken nor seen held (see the log)");
         }
         if !self.deploy_reader.load(Ordering::Relaxed) {
             missing.push("deploy reader not running (starting, or Redis unreachable)");

@@ -152,9 +152,10 @@ config = { sum_json = ["rec:a", "rec:b", "rec:missing", "rec:queue"] }"#,
     );
     let daemon = Daemon::start(&redis, &setup);
     crate::support::deploy(&redis, &["--service", "ci"]);
-    eventually(&daemon, "the sum is written", || {
-        redis.cmd::<Option<String>>(&["GET", "recorder:recorder:sum"]).as_deref() == Some("7 2")
+    // Written one after the other, `first` last.
+    eventually(&daemon, "the single read is written", || {
+        redis.cmd::<Option<String>>(&["GET", "recorder:recorder:first"]).as_deref() == Some("Some(2)")
     });
-    assert_eq!(redis.cmd::<Option<String>>(&["GET", "recorder:recorder:first"]).as_deref(), Some("Some(2)"));
+    assert_eq!(redis.cmd::<Option<String>>(&["GET", "recorder:recorder:sum"]).as_deref(), Some("7 2"));
     assert_eq!(daemon.stop(), Some(0));
 }

@@ -52,10 +52,9 @@ use crate::store::index::KeyIndex;
 /// What the endpoints read, once the daemon has connected to Redis.
 pub(crate) struct Wired {
     pub(crate) routes: Arc<ArcSwap<Routes>>,
-    pub(crate) switches: Arc<Switches>,
     pub(crate) index: Arc<KeyIndex>,
     pub(crate) redis: ConnectionManager,
-    pub(crate) lease: Arc<crate::intake::lease::Lease>,
+    pub(crate) switches: Arc<Switches>,
 }
 
 /// The server's shared state.

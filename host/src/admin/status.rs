@@ -149,11 +149,11 @@ pub(super) async fn status(State(admin): State<Arc<Admin>>) -> Response {
         ready: not_ready.is_empty(),
         not_ready,
         redis: cached_redis_status(&admin, wired).await,
-        lease: wired.lease.enabled().then(|| LeaseStatus {
-            key: wired.lease.key().to_owned(),
-            id: wired.lease.id().to_owned(),
-            held: wired.lease.holds(),
-            token: wired.lease.token(),
+        lease: wired.switches.lease.enabled().then(|| LeaseStatus {
+            key: wired.switches.lease.key.clone(),
+            id: wired.switches.lease.id.clone(),
+            held: wired.switches.lease.holds(),
+            token: wired.switches.lease.token(),
         }),
         index: wired
             .index

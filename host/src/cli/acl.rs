@@ -187,9 +187,11 @@ pub fn setuser_args(req: &AclRequest<'_>) -> Vec<String> {
         key_rule(&cachepol_guest_sdk::glob::escape(req.sweep_key), KeyOps::READ),
     ]
     .into_iter()
-    // The lease (`<key>:db<N>`) and its token counter (`<key>:db<N>:token`).
-    .chain(req.lease_key.map(|k| {
-        key_rule(&format!("{}:db{}*", cachepol_guest_sdk::glob::escape(k), req.db), KeyOps::READ | KeyOps::WRITE)
+    // The lease (`<key>:db<N>`) and its token counter (`<key>:db<N>:token`),
+    // exactly.
+    .chain(req.lease_key.into_iter().flat_map(|k| {
+        let lease = format!("{}:db{}", cachepol_guest_sdk::glob::escape(k), req.db);
+        [format!("{lease}:token"), lease].map(|key| key_rule(&key, KeyOps::READ | KeyOps::WRITE))
     }))
     .chain(req.grants.iter().map(|(pattern, ops)| key_rule(pattern, *ops)));
     args.extend(keys.filter(|k| seen.insert(k.clone())));
@@ -259,7 +261,8 @@ mod tests {
         let with_lease =
             setuser_args(&AclRequest { lease_key: Some("cachepol:lease:events"), grants: req.grants.clone(), ..req });
         assert!(with_lease.contains(&"+incr".to_owned()) && with_lease.contains(&"+del".to_owned()));
-        assert!(with_lease.contains(&"~cachepol:lease:events:db2*".to_owned()), "{with_lease:?}");
+        assert!(with_lease.contains(&"~cachepol:lease:events:db2".to_owned()), "{with_lease:?}");
+        assert!(with_lease.contains(&"~cachepol:lease:events:db2:token".to_owned()), "{with_lease:?}");
         let with_set = setuser_args(&AclRequest { configure_notifications: true, lease_key: None, ..req });
         assert!(with_set.contains(&"+config|set".to_owned()));
     }

@@ -16,6 +16,7 @@
 
 pub(crate) mod audit;
 pub mod breaker;
+pub mod lease;
 pub(crate) mod matcher;
 pub(crate) mod queue;
 pub(crate) mod registry;

@@ -1,19 +1,40 @@
-//! The operator's kill switch as the workers see it: the set of policy
+//! What holds policies back, as the workers see it: the set of policy
 //! names disabled with `cachepol disable`, as last read from Redis by
-//! [`crate::intake::control`]. A worker consults it before every delivery.
+//! [`crate::intake::control`], and whether this daemon stands by for a
+//! replica holding the keyspace-event lease ([`crate::dispatch::lease`]).
+//! A worker consults both before every delivery.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
-/// The policies an operator has disabled, as last read.
-#[derive(Default)]
+use crate::config::ReplicaConfig;
+use crate::dispatch::lease::Lease;
+
+/// The policies an operator has disabled, as last read, and the lease.
 pub struct Switches {
     disabled: ArcSwap<BTreeSet<String>>,
+    pub lease: Lease,
+}
+
+impl Default for Switches {
+    fn default() -> Switches {
+        Switches::new(Lease::new(&ReplicaConfig::default(), 0, ""))
+    }
 }
 
 impl Switches {
+    pub fn new(lease: Lease) -> Switches {
+        Switches { disabled: ArcSwap::default(), lease }
+    }
+
+    /// Another replica holds the keyspace-event lease: keyspace events and
+    /// sweeps are its to handle.
+    pub fn standing_by(&self) -> bool {
+        !self.lease.holds()
+    }
+
     pub fn is_disabled(&self, policy: &str) -> bool {
         self.disabled.load().contains(policy)
     }

@@ -292,7 +292,7 @@ impl Worker {
         // A sweep owed (events dropped while held back, a batch that
         // failed part-way) is queued as soon as the policy may have it,
         // not only when the next event comes.
-        if self.owes_sweep && self.held(cooling).is_none() {
+        if self.owes_sweep && self.held(cooling).is_none() && !self.switches.standing_by() {
             self.settle();
         }
         for index in 0..self.lanes.len() {
@@ -332,6 +332,15 @@ impl Worker {
     /// the first (the echo layer stamps the call's writes with one count).
     /// Takes at least one event off the backlog.
     fn start_keys(&mut self, index: usize, cooling: bool) {
+        // Another replica took over: what is queued is its to handle (its
+        // takeover sweep covers it); nothing is owed here.
+        if self.switches.standing_by() {
+            let dropped = self.backlog[index].len();
+            self.buffered -= dropped;
+            self.backlog[index].clear();
+            tracing::debug!(policy = %self.name, dropped, "standing by: queued keyspace events left to the lease holder");
+            return;
+        }
         if self.held(cooling).is_some() {
             let dropped = self.backlog[index].len();
             self.buffered -= dropped;
@@ -371,6 +380,10 @@ impl Worker {
     }
 
     fn start_barrier(&mut self, seq: u64, item: Item, cooling: bool) {
+        if self.switches.standing_by() && matches!(item, Item::Sweep(_) | Item::Key(_)) {
+            tracing::debug!(policy = %self.name, "standing by: a sweep left to the lease holder");
+            return;
+        }
         if let Some(why) = self.held(cooling) {
             match item {
                 Item::Key(_) | Item::Sweep(_) => self.owes_sweep = true,

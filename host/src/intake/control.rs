@@ -35,7 +35,6 @@ use tracing::{info, warn};
 use crate::dispatch::queue::Item;
 use crate::dispatch::routes::Routes;
 use crate::dispatch::switches::Switches;
-use crate::intake::lease::Lease;
 use crate::store::redis::is_connection_error;
 use crate::wit::{SWEEP_REASONS, SweepReason, sweep_reason_name};
 
@@ -132,15 +131,13 @@ pub struct Watch {
     pub sweep_key: String,
     pub requests: SweepRequests,
     pub routes: Arc<ArcSwap<Routes>>,
-    /// Sweeps are queued only while holding the keyspace-event lease.
-    pub lease: Arc<Lease>,
 }
 
 /// Read the disabled set (and the sweep requests at `sweep_key`) every
 /// [`POLL_EVERY`] until `stop`; a policy enabled again is swept to catch
 /// up, and one an operator asked to sweep is swept.
 pub async fn watch(w: Watch, stop: CancellationToken) {
-    let Watch { switches, mut conn, key, sweep_key, mut requests, routes, lease } = w;
+    let Watch { switches, mut conn, key, sweep_key, mut requests, routes } = w;
     let mut failing = false;
     let mut sweeps_failing = false;
     loop {
@@ -159,7 +156,7 @@ pub async fn watch(w: Watch, stop: CancellationToken) {
         if let Ok(now) = asked {
             // Read by every daemon (the counts stay current), acted on by
             // the one holding the keyspace-event lease.
-            for (name, reason) in requests.update(now).into_iter().filter(|_| lease.holds()) {
+            for (name, reason) in requests.update(now).into_iter().filter(|_| !switches.standing_by()) {
                 let reason_name = sweep_reason_name(reason);
                 match routes.load().get(&name) {
                     Some(route) => {
@@ -174,8 +171,8 @@ pub async fn watch(w: Watch, stop: CancellationToken) {
             Ok(enabled) => {
                 failing = false;
                 for name in enabled {
-                    info!(policy = %name, key = %key, "policy enabled by the operator: sweeping it to catch up");
-                    if let Some(route) = routes.load().get(&name).filter(|_| lease.holds()) {
+                    info!(policy = %name, key = %key, "policy enabled by the operator: its lease holder sweeps it to catch up");
+                    if let Some(route) = routes.load().get(&name).filter(|_| !switches.standing_by()) {
                         let _ = route.queue.push(Item::Sweep(SweepReason::Manual));
                     }
                 }

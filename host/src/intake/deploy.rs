@@ -47,8 +47,8 @@ use tracing::{Instrument, error, info, warn};
 use crate::config::DeployConfig;
 use crate::dispatch::queue::{FailureKind, HookFailure};
 use crate::dispatch::routes::Routes;
+use crate::dispatch::switches::Switches;
 use crate::intake::events::Backoff;
-use crate::intake::lease::Lease;
 use crate::metrics::{OutcomeLabel, Readiness, metrics};
 use crate::store::redis::is_connection_error;
 use crate::wit::DeployEvent;
@@ -179,7 +179,7 @@ pub struct DeployConsumer {
     /// Hooks are read by the daemon holding the keyspace-event lease: one
     /// daemon writes at a time, so its echo suppression sees every write
     /// of its policies ([`crate::intake::lease`]).
-    pub lease: Arc<Lease>,
+    pub switches: Arc<Switches>,
 }
 
 /// How a round of work ended.
@@ -201,7 +201,7 @@ impl DeployConsumer {
         let mut last_claim: Option<tokio::time::Instant> = None;
         info!(stream = %self.settings.stream, group = %self.settings.group, consumer = %self.settings.consumer, "reading deploy hooks");
         while !shutdown.is_cancelled() {
-            if !self.lease.holds() {
+            if self.switches.standing_by() {
                 // Standing by is ready: able to take over.
                 Readiness::set(&metrics().ready.deploy_reader, true);
                 catch_up = true;

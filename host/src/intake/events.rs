@@ -41,7 +41,7 @@ use tracing::{info, warn};
 
 use crate::config::IndexConfig;
 use crate::dispatch::routes::Routes;
-use crate::intake::lease::Lease;
+use crate::dispatch::switches::Switches;
 use crate::intake::notify;
 use crate::metrics::{Readiness, metrics};
 use crate::sandbox::manifest::Manifest;
@@ -79,9 +79,10 @@ pub struct Subscriber {
     /// pattern, the subscription carries its events (`new` and removals).
     pub index: Arc<KeyIndex>,
     pub index_config: IndexConfig,
-    /// Whether this daemon routes keyspace events to its policies now
-    /// ([`crate::intake::lease`]); a standby still keeps its key index.
-    pub lease: Arc<Lease>,
+    /// Whether this daemon routes keyspace events to its policies now (the
+    /// replicas' lease, [`crate::dispatch::lease`]); a standby still keeps
+    /// its key index.
+    pub switches: Arc<Switches>,
 }
 
 /// Exponential backoff with jitter: 100 ms doubling to 10 s, each wait
@@ -268,7 +269,7 @@ impl Subscriber {
             down_since_logged = false;
             self.cover_index(&conn, &channels).await;
             // A standby sweeps when it takes the lease instead.
-            if self.lease.holds() {
+            if !self.switches.standing_by() {
                 self.routes.load().sweep_all(reason);
             }
             if let Some(tx) = ready.take() {
@@ -309,7 +310,7 @@ impl Subscriber {
             routes: self.routes.clone(),
             ledger: self.ledger.clone(),
             index: self.index.clone(),
-            lease: self.lease.clone(),
+            switches: self.switches.clone(),
             hop_limit: self.hop_limit,
             link: link.clone(),
             skipped: AtomicU64::new(0),
@@ -468,7 +469,7 @@ impl Subscriber {
                 }
                 if !was {
                     info!("keyspace notification flags complete again; sweeping every policy for what it missed");
-                    if self.lease.holds() {
+                    if !self.switches.standing_by() {
                         self.routes.load().sweep_all(SweepReason::Gap);
                     }
                     Readiness::set(&ready.notifications, true);
@@ -566,7 +567,7 @@ struct Router {
     routes: Arc<ArcSwap<Routes>>,
     ledger: Arc<EchoLedger>,
     index: Arc<KeyIndex>,
-    lease: Arc<Lease>,
+    switches: Arc<Switches>,
     hop_limit: u8,
     /// Told when redis-rs reports the connection closed; knows when the last
     /// push arrived.
@@ -643,8 +644,9 @@ impl Router {
         let Some((db, op)) = parse_channel(channel) else { return false };
         self.index.observe(op, payload);
         let origin = self.ledger.claim(op, payload);
-        // Another daemon holds the lease: it handles this event.
-        if !self.lease.holds() {
+        // Another daemon holds the lease: it handles this event. The
+        // lease's own keys are no application's.
+        if self.switches.standing_by() || self.switches.lease.is_own_key(payload) {
             return true;
         }
         let routed = self.routes.load().key_event(db, op, payload, origin.as_ref(), self.hop_limit);
