@@ -179,7 +179,7 @@ async fn run_wired(
         Ok(b) => {
             let consumer = DeployConsumer {
                 conn: b.connection(),
-                settings: config.deploy.clone(),
+                settings: deploy_settings(&config),
                 routes: routes.clone(),
                 switches: switches.clone(),
             };
@@ -273,6 +273,19 @@ async fn connect(
             }
         }
     }
+}
+
+/// The deploy reader's settings. With replicas, a hook the lease holder
+/// was handling when it died is claimed by the next holder once idle for
+/// the lease's TTL rather than `claim_idle_ms` (a minute by default): the
+/// heartbeat of a live handler then runs every third of that, so a hook
+/// still being handled is never taken.
+fn deploy_settings(config: &Config) -> crate::config::DeployConfig {
+    let mut deploy = config.deploy.clone();
+    if config.replicas.enabled {
+        deploy.claim_idle_ms = deploy.claim_idle_ms.min(config.replicas.lease_ttl_ms.max(300));
+    }
+    deploy
 }
 
 /// Queue `sweep(periodic)` for each policy at its manifest's interval

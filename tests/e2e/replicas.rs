@@ -109,3 +109,29 @@ fn a_holder_that_stops_gives_the_lease_back() {
     assert!(metrics.contains("cachepol_lease_held 1"), "{metrics}");
     assert_eq!(b.stop(), Some(0));
 }
+
+/// The holder dies in the middle of a deploy hook: the next holder claims
+/// it once idle for the lease's TTL (not `claim_idle_ms`, a minute) and
+/// handles it.
+#[test]
+fn a_hook_the_dead_holder_was_handling_is_handled_by_the_next_one() {
+    let redis = RedisServer::start();
+    redis.cmd::<()>(&["SET", "graph_data:dance", "v"]);
+    // The first holder's policy never finishes a hook; the standby's does
+    // the job (two policy sets, one lease).
+    let stuck = Setup::new(&["hostile"]).config(&format!(
+        "{REPLICAS}\n[policies.hostile]\nconfig = {{ on_deploy = \"spin\" }}\nbudgets = {{ fuel = 1000000000000000, wall_time = 600000 }}"
+    ));
+    let good = Setup::new(&["genre-invalidation"]).config(REPLICAS);
+    let a = Daemon::start(&redis, &stuck);
+    a.wait_for("took the keyspace-event lease", Duration::from_secs(20));
+    let b = Daemon::start(&redis, &good);
+    b.wait_for("another daemon holds the keyspace-event lease", Duration::from_secs(20));
+    deploy(&redis, &["--service", "catalog", "--tag", "genre=dance"]);
+    a.wait_for("deploy hook service=", Duration::from_secs(20));
+    a.kill();
+    b.wait_for("took the keyspace-event lease", Duration::from_secs(20));
+    eventually(&b, "the hook is claimed and handled", || !redis.exists("graph_data:dance"));
+    b.wait_for("claimed deploy hooks another consumer left pending", Duration::from_secs(20));
+    assert_eq!(b.stop(), Some(0));
+}
