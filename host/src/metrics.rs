@@ -179,7 +179,7 @@ impl Metrics {
         );
         r.register(
             "redis_errors",
-            "Redis commands that failed (connection lost, refused by the server): policies' calls, the deploy reader",
+            "Redis commands that failed (connection lost, refused by the server): policies' calls, the deploy reader, subscription attempts, the control poll (once per outage), the lease",
             m.redis_errors.clone(),
         );
         r.register_with_unit(

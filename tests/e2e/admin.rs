@@ -172,6 +172,25 @@ fn the_webhook_takes_a_hook_with_the_token_and_refuses_the_rest_writing_nothing(
             (c, b, "huge body")
         },
     ];
+    // A body sent in chunks, without a length: cut off past the limit too.
+    let chunked = {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(&admin).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let head = format!(
+            "POST /deploys HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {TOKEN}\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+        );
+        let _ = stream.write_all(head.as_bytes());
+        let chunk = "x".repeat(16 * 1024);
+        for _ in 0..8 {
+            let _ = stream.write_all(format!("{:x}\r\n{chunk}\r\n", chunk.len()).as_bytes());
+        }
+        let _ = stream.write_all(b"0\r\n\r\n");
+        let mut answer = String::new();
+        let _ = stream.read_to_string(&mut answer);
+        answer
+    };
+    assert!(chunked.starts_with("HTTP/1.1 413"), "{chunked}");
     let codes: Vec<u16> = refusals.iter().map(|(c, _, _)| *c).collect();
     assert_eq!(codes, vec![401, 401, 400, 400, 413], "{refusals:#?}");
     assert!(refusals[0].1.contains("Bearer"), "says what is missing: {}", refusals[0].1);

@@ -35,6 +35,7 @@ use tracing::{info, warn};
 use crate::dispatch::queue::Item;
 use crate::dispatch::routes::Routes;
 use crate::dispatch::switches::Switches;
+use crate::metrics::metrics;
 use crate::store::redis::is_connection_error;
 use crate::wit::{SWEEP_REASONS, SweepReason, sweep_reason_name};
 
@@ -179,6 +180,7 @@ pub async fn watch(w: Watch, stop: CancellationToken) {
             }
             // Keep the last reading while Redis is away.
             Err(e) if !failing => {
+                metrics().redis_errors.inc();
                 failing = true;
                 warn!(error = %e, key = %key, "cannot read the disabled policies; keeping the last reading");
             }

@@ -246,6 +246,7 @@ impl Subscriber {
             let (conn, link) = match subscribed {
                 Ok(pair) => pair,
                 Err(e) => {
+                    metrics().redis_errors.inc();
                     if !down_since_logged {
                         warn!(error = %e, "keyspace subscription unavailable; retrying with backoff");
                         down_since_logged = true;
