@@ -14,7 +14,7 @@
 //! while the process lives.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -174,7 +174,7 @@ impl Metrics {
         );
         r.register(
             "gaps",
-            "Times every policy was owed a sweep(gap): a lost subscription, missing notification flags",
+            "Subscription gaps, when notifications were lost for every policy: a lost subscription, notification flags found missing",
             m.gaps.clone(),
         );
         r.register(
@@ -223,7 +223,8 @@ impl Metrics {
                         .get_or_create_owned(&PolicyKindLabels { policy: name.to_owned(), kind: "ok".into() }),
                     health: self.health.get_or_create_owned(&label),
                     lag: self.lag.get_or_create_owned(&label),
-                    activity: Mutex::new(Activity::default()),
+                    last_event_ms: AtomicU64::new(0),
+                    last_sweep: Mutex::new(None),
                 })
             })
             .clone()
@@ -258,23 +259,28 @@ pub struct PolicyMetrics {
     pub denials: Counter,
     /// `calls{kind="ok"}`, resolved once: the common case on the event path.
     ok: Counter,
+    /// The breaker's state: 0 healthy, 1 degraded, 2 tripped.
     health: Gauge,
     lag: Histogram,
-    activity: Mutex<Activity>,
+    /// When a keyspace event was last handled (Unix ms; 0: never). An
+    /// atomic, not behind the sweep's lock: it is written on every call.
+    last_event_ms: AtomicU64,
+    last_sweep: Mutex<Option<SweepRecord>>,
 }
 
-/// What a policy did last, for `/status`.
-#[derive(Clone, Debug, Default, serde::Serialize)]
+/// What a policy did last, as `/status` shows it.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct Activity {
     /// When a keyspace event was last handled (Unix milliseconds).
     pub last_event_ms: Option<u64>,
     pub last_sweep: Option<SweepRecord>,
-    /// `healthy`, `degraded` or `tripped`.
-    pub health: &'static str,
 }
 
+/// The breaker's states, by the value of `cachepol_policy_health`.
+const HEALTH: [&str; 3] = ["healthy", "degraded", "tripped"];
+
 /// The last sweep a policy ran.
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct SweepRecord {
     pub reason: String,
     pub at_ms: u64,
@@ -313,7 +319,7 @@ impl PolicyMetrics {
         for lag in lags {
             self.lag.observe(lag.as_secs_f64());
         }
-        self.activity().last_event_ms = Some(unix_ms(SystemTime::now()));
+        self.last_event_ms.store(unix_ms(SystemTime::now()), Ordering::Relaxed);
     }
 
     /// A bulk operation changed `n` keys (`kind`: deleted or expired).
@@ -328,23 +334,24 @@ impl PolicyMetrics {
     pub fn swept(&self, record: SweepRecord) {
         let labels = PolicyKindLabels { policy: self.name.clone(), kind: record.reason.clone() };
         metrics().sweeps.get_or_create(&labels).inc();
-        self.activity().last_sweep = Some(SweepRecord { at_ms: unix_ms(SystemTime::now()), ..record });
+        *self.last_sweep() = Some(SweepRecord { at_ms: unix_ms(SystemTime::now()), ..record });
     }
 
-    /// The breaker's state changed.
-    pub fn set_health(&self, health: &'static str) {
-        let level = match health {
-            "healthy" => 0,
-            "degraded" => 1,
-            _ => 2,
-        };
-        self.health.set(level);
-        self.activity().health = health;
+    /// The breaker's state: `healthy`, `degraded` or `tripped`.
+    pub fn set_health(&self, health: &str) {
+        let level = HEALTH.iter().position(|h| *h == health).unwrap_or(HEALTH.len() - 1);
+        self.health.set(level as i64);
+    }
+
+    /// The breaker's state, as [`PolicyMetrics::set_health`] was told.
+    pub fn health(&self) -> &'static str {
+        HEALTH.get(self.health.get() as usize).copied().unwrap_or("tripped")
     }
 
     /// What the policy did last.
     pub fn snapshot(&self) -> Activity {
-        self.activity().clone()
+        let last_event_ms = self.last_event_ms.load(Ordering::Relaxed);
+        Activity { last_event_ms: (last_event_ms > 0).then_some(last_event_ms), last_sweep: self.last_sweep().clone() }
     }
 
     /// Calls so far, by result.
@@ -360,8 +367,8 @@ impl PolicyMetrics {
         calls
     }
 
-    fn activity(&self) -> std::sync::MutexGuard<'_, Activity> {
-        self.activity.lock().unwrap_or_else(|e| e.into_inner())
+    fn last_sweep(&self) -> std::sync::MutexGuard<'_, Option<SweepRecord>> {
+        self.last_sweep.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 

@@ -93,7 +93,7 @@ pub struct PolicyStatus {
     pub disabled: bool,
     pub queue: QueueStatus,
     #[serde(flatten)]
-    pub activity: ActivityStatus,
+    pub activity: Activity,
     pub counters: Counters,
 }
 
@@ -109,23 +109,6 @@ pub struct Subscriptions {
 pub struct QueueStatus {
     pub depth: usize,
     pub bytes: usize,
-}
-
-/// The last event and sweep.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct ActivityStatus {
-    pub last_event_ms: Option<u64>,
-    pub last_sweep: Option<SweepStatus>,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-pub struct SweepStatus {
-    pub reason: String,
-    pub at_ms: u64,
-    pub ok: bool,
-    pub error: Option<String>,
-    pub deleted: u64,
-    pub expired: u64,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -169,7 +152,6 @@ pub(super) async fn status(State(admin): State<Arc<Admin>>) -> Response {
 fn policy_status(wired: &Wired, route: &Route) -> PolicyStatus {
     let m = &route.manifest;
     let counters = metrics().policy(&route.name);
-    let Activity { last_event_ms, last_sweep, health } = counters.snapshot();
     PolicyStatus {
         name: route.name.to_string(),
         version: m.version.to_string(),
@@ -189,20 +171,10 @@ fn policy_status(wired: &Wired, route: &Route) -> PolicyStatus {
             deploys: m.deploys.clone(),
             sweep_every_secs: m.sweep_interval.map(|d| d.as_secs()),
         },
-        health: if health.is_empty() { "healthy".into() } else { health.to_owned() },
+        health: counters.health().to_owned(),
         disabled: wired.switches.is_disabled(&route.name),
         queue: QueueStatus { depth: route.queue.len(), bytes: route.queue.bytes() },
-        activity: ActivityStatus {
-            last_event_ms,
-            last_sweep: last_sweep.map(|s| SweepStatus {
-                reason: s.reason,
-                at_ms: s.at_ms,
-                ok: s.ok,
-                error: s.error,
-                deleted: s.deleted,
-                expired: s.expired,
-            }),
-        },
+        activity: counters.snapshot(),
         counters: Counters {
             delivered: counters.delivered.get(),
             coalesced: counters.coalesced.get(),

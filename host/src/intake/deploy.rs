@@ -49,7 +49,7 @@ use crate::dispatch::queue::{FailureKind, HookFailure};
 use crate::dispatch::routes::Routes;
 use crate::dispatch::switches::Switches;
 use crate::intake::events::Backoff;
-use crate::metrics::{OutcomeLabel, Readiness, metrics};
+use crate::metrics::{Metrics, Readiness, metrics};
 use crate::store::redis::is_connection_error;
 use crate::wit::DeployEvent;
 
@@ -449,7 +449,7 @@ impl DeployConsumer {
                 if denied.is_empty() {
                     let acked = self.ack(&entry, shutdown).await;
                     if matches!(acked, Ok(Handled::Done)) {
-                        count_hook("acked");
+                        Metrics::count(&metrics().deploy_hooks, "acked");
                     }
                     return acked;
                 }
@@ -477,7 +477,7 @@ impl DeployConsumer {
                 let reason = format!("failed {max} times: {}", reasons(&all));
                 return self.dead_letter(&entry, &reason, Failed::of(&all, max), shutdown).await;
             }
-            count_hook("retried");
+            Metrics::count(&metrics().deploy_hooks, "retried");
             if let Handled::Interrupted = pause(shutdown, backoff).await {
                 return Ok(Handled::Interrupted);
             }
@@ -612,14 +612,9 @@ impl DeployConsumer {
             Err(e) => return Err(e),
         };
         warn!(dead_letter = %self.settings.dead_letter, id = %id, %reason, "deploy hook dead-lettered");
-        count_hook("dead_lettered");
+        Metrics::count(&metrics().deploy_hooks, "dead_lettered");
         self.ack(entry, shutdown).await
     }
-}
-
-/// Count a deploy hook's outcome (`cachepol_deploy_hooks_total`).
-fn count_hook(outcome: &str) {
-    metrics().deploy_hooks.get_or_create(&OutcomeLabel { outcome: outcome.to_owned() }).inc();
 }
 
 /// Sleep `delay`, unless shutdown comes first.

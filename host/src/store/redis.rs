@@ -20,6 +20,7 @@ use cachepol_guest_sdk::glob::Glob;
 use redis::aio::ConnectionManager;
 use redis::{Client, RedisError, Script, Value};
 
+use crate::metrics::{Metrics, metrics};
 use crate::store::backend::{
     Backend, BackendError, BulkPlan, BulkResult, BulkStep, QueuedExpire, Rows, ScanResult, scan_pattern_for,
 };
@@ -127,7 +128,7 @@ impl RedisBackend {
             let (walked, complete) = self.walk_index(walks, &leases, plan, &act, &tally, &mut result).await?;
             if complete {
                 result.affected = walked;
-                bulk_served_by("index");
+                Metrics::count(&metrics().bulk_operations, "index");
                 return Ok(result);
             }
             tracing::info!(
@@ -137,7 +138,7 @@ impl RedisBackend {
             affected = walked;
         }
         let scanned = self.scan(walks, &scan_pattern, plan, &act, &tally, &mut result).await?;
-        bulk_served_by("scan");
+        Metrics::count(&metrics().bulk_operations, "scan");
         result.affected = affected + scanned;
         Ok(result)
     }
@@ -374,12 +375,6 @@ fn sample_changed(result: &mut BulkResult, keys: &[Vec<u8>], replies: &[Value], 
         Vec::new()
     };
     result.sample.extend(changed.into_iter().take(room).map(|k| String::from_utf8_lossy(k).into_owned()));
-}
-
-/// Count a bulk operation under how its keys were found.
-fn bulk_served_by(how: &str) {
-    let label = crate::metrics::OutcomeLabel { outcome: how.to_owned() };
-    crate::metrics::metrics().bulk_operations.get_or_create(&label).inc();
 }
 
 /// Queue `key` for the next pipeline if the plan allows it and its limit
