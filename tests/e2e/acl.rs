@@ -5,7 +5,7 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use crate::support::{Daemon, RedisServer, Setup, TempDir, deploy, eventually, http};
+use crate::support::{self, Daemon, RedisServer, Setup, TempDir, deploy, eventually, http};
 
 #[test]
 fn the_daemon_runs_as_the_acl_user_and_redis_refuses_the_rest() {
@@ -63,11 +63,8 @@ fn the_daemon_runs_as_the_acl_user_and_redis_refuses_the_rest() {
     redis.cmd::<()>(&["SET", "job:7", "queued"]);
     eventually(&daemon, "ttl-table's EXPIRE allowed", || redis.cmd::<i64>(&["TTL", "job:7"]) > 0);
     // Sweep requests and /status's view of Redis work as the ACL user too.
-    let asked = Command::new(env!("CARGO_BIN_EXE_cachepol"))
-        .args(["sweep", "ttl-table", "--redis-url", &redis.url()])
-        .output()
-        .unwrap();
-    assert!(asked.status.success(), "{}", String::from_utf8_lossy(&asked.stderr));
+    let (asked, text) = support::cli(&redis, &["sweep", "ttl-table"]);
+    assert!(asked, "{text}");
     daemon.wait_for("sweep requested by the operator", Duration::from_secs(10));
     let (code, status) = http(&daemon.admin(), "GET", "/status", &[], b"");
     assert_eq!(code, 200, "{status}");

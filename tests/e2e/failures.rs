@@ -3,10 +3,9 @@
 //! neighbour keeps working, and nothing is lost (hooks are dead-lettered,
 //! missed events are swept).
 
-use std::process::Command;
 use std::time::Duration;
 
-use crate::support::{Daemon, RedisServer, Setup, deploy, eventually};
+use crate::support::{Daemon, RedisServer, Setup, cli, deploy, eventually};
 
 fn dead_letters(redis: &RedisServer) -> String {
     let entries: Vec<(String, Vec<String>)> = redis.cmd(&["XRANGE", "cachepol:deploys:dead", "-", "+"]);
@@ -62,10 +61,9 @@ fn a_reload_breaker_recreates_the_policy_and_lets_it_back_after_the_cool_down() 
 }
 
 fn switch(redis: &RedisServer, verb: &str, name: &str) -> String {
-    let out =
-        Command::new(env!("CARGO_BIN_EXE_cachepol")).args([verb, "--redis-url", &redis.url(), name]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap()
+    let (ok, text) = cli(redis, &[verb, name]);
+    assert!(ok, "{text}");
+    text
 }
 
 #[test]

@@ -4,14 +4,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use crate::support::{Daemon, RedisServer, Setup, dead_letters, deploy, eventually, http, metric};
-
-fn cachepol(redis: &RedisServer, args: &[&str]) -> (bool, String) {
-    let out =
-        Command::new(env!("CARGO_BIN_EXE_cachepol")).args(args).args(["--redis-url", &redis.url()]).output().unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    (out.status.success(), text)
-}
+use crate::support::{Daemon, RedisServer, Setup, cli, dead_letters, deploy, eventually, http, metric};
 
 #[test]
 fn a_hook_dead_lettered_while_its_policy_was_disabled_is_replayed_once_enabled() {
@@ -19,13 +12,13 @@ fn a_hook_dead_lettered_while_its_policy_was_disabled_is_replayed_once_enabled()
     redis.cmd::<()>(&["SET", "graph_data:dance", "v"]);
     let setup = Setup::new(&["genre-invalidation"]);
     let daemon = Daemon::start(&redis, &setup);
-    cachepol(&redis, &["disable", "genre-invalidation"]);
+    cli(&redis, &["disable", "genre-invalidation"]);
     daemon.wait_for("policy disabled by the operator", Duration::from_secs(10));
     deploy(&redis, &["--service", "catalog", "--tag", "genre=dance", "--id", "release-9"]);
     eventually(&daemon, "the hook is dead-lettered", || dead_letters(&redis).len() == 1);
     assert!(redis.exists("graph_data:dance"), "a disabled policy does nothing");
 
-    let (ok, listed) = cachepol(&redis, &["dead-letter", "list"]);
+    let (ok, listed) = cli(&redis, &["dead-letter", "list"]);
     assert!(ok, "{listed}");
     let row = listed.lines().nth(1).unwrap_or_default();
     for expected in ["catalog", "genre-invalidation", "disabled by the operator"] {
@@ -35,21 +28,21 @@ fn a_hook_dead_lettered_while_its_policy_was_disabled_is_replayed_once_enabled()
     assert_eq!(attempts, Some("3"), "deploy.max_attempts deliveries:\n{listed}");
     let id = row.split_whitespace().next().unwrap().to_owned();
 
-    cachepol(&redis, &["enable", "genre-invalidation"]);
+    cli(&redis, &["enable", "genre-invalidation"]);
     daemon.wait_for("policy enabled by the operator", Duration::from_secs(10));
-    let (ok, replayed) = cachepol(&redis, &["dead-letter", "replay", &id]);
+    let (ok, replayed) = cli(&redis, &["dead-letter", "replay", &id]);
     assert!(ok && replayed.contains(&format!("replayed {id}")), "{replayed}");
     eventually(&daemon, "the replayed hook is handled", || !redis.exists("graph_data:dance"));
     assert!(dead_letters(&redis).is_empty(), "replayed, so no longer a dead letter");
     // The audit line, written as the call ends: the hook kept its id.
     daemon.wait_for("event=\"release-9\"", Duration::from_secs(10));
-    let (ok, listed) = cachepol(&redis, &["dead-letter", "list"]);
+    let (ok, listed) = cli(&redis, &["dead-letter", "list"]);
     assert!(ok && listed.contains("no dead letters"), "{listed}");
 
     // Asking for what is not there is an error that says so.
-    let (ok, text) = cachepol(&redis, &["dead-letter", "replay", &id]);
+    let (ok, text) = cli(&redis, &["dead-letter", "replay", &id]);
     assert!(!ok && text.contains("no dead letter"), "{text}");
-    let (ok, text) = cachepol(&redis, &["dead-letter", "drop", "1-1"]);
+    let (ok, text) = cli(&redis, &["dead-letter", "drop", "1-1"]);
     assert!(!ok && text.contains("no dead letter 1-1"), "{text}");
     assert_eq!(daemon.stop(), Some(0));
 }
@@ -65,11 +58,11 @@ fn a_dead_letter_can_be_dropped_and_replay_all_sends_every_one_back() {
     }
     eventually(&daemon, "three dead letters", || dead_letters(&redis).len() == 3);
     let ids: Vec<(String, Vec<String>)> = redis.cmd(&["XRANGE", "cachepol:deploys:dead", "-", "+"]);
-    let (ok, text) = cachepol(&redis, &["dead-letter", "drop", &ids[0].0]);
+    let (ok, text) = cli(&redis, &["dead-letter", "drop", &ids[0].0]);
     assert!(ok, "{text}");
     assert_eq!(dead_letters(&redis).len(), 2);
     let before: i64 = redis.cmd(&["XLEN", "cachepol:deploys"]);
-    let (ok, text) = cachepol(&redis, &["dead-letter", "replay", "--all"]);
+    let (ok, text) = cli(&redis, &["dead-letter", "replay", "--all"]);
     assert!(ok && text.matches("replayed").count() == 2, "{text}");
     // Replayed hooks fail again (the policy still panics) and come back
     // as new dead letters: nothing is lost either way.
@@ -83,7 +76,7 @@ fn a_dead_letter_can_be_dropped_and_replay_all_sends_every_one_back() {
     });
     // A replay Redis refuses (the target is not a stream) keeps the letter.
     redis.cmd::<()>(&["SET", "not-a-stream", "x"]);
-    let (ok, text) = cachepol(&redis, &["dead-letter", "replay", "--all", "--deploy-stream", "not-a-stream"]);
+    let (ok, text) = cli(&redis, &["dead-letter", "replay", "--all", "--deploy-stream", "not-a-stream"]);
     assert!(!ok && text.contains("WRONGTYPE"), "{text}");
     assert_eq!(dead_letters(&redis).len(), 2, "a failed replay keeps its dead letter");
     assert_eq!(daemon.stop(), Some(0));
@@ -100,7 +93,7 @@ fn cachepol_sweep_runs_the_policys_sweep_in_every_daemon() {
     redis.cmd::<()>(&["SET", "job:unseen", "v"]);
     redis.cmd::<()>(&["CONFIG", "SET", "notify-keyspace-events", "KEA"]);
     assert_eq!(redis.cmd::<i64>(&["TTL", "job:unseen"]), -1);
-    let (ok, text) = cachepol(&redis, &["sweep", "ttl-table"]);
+    let (ok, text) = cli(&redis, &["sweep", "ttl-table"]);
     assert!(ok && text.contains("sweep(manual) of ttl-table requested"), "{text}");
     for daemon in [&first, &second] {
         daemon.wait_for("sweep requested by the operator", Duration::from_secs(10));
@@ -111,7 +104,7 @@ fn cachepol_sweep_runs_the_policys_sweep_in_every_daemon() {
         });
     }
     eventually(&first, "the sweep gave the key its TTL", || redis.cmd::<i64>(&["TTL", "job:unseen"]) > 0);
-    let (ok, text) = cachepol(&redis, &["sweep", "ttl-table", "--reason", "sideways"]);
+    let (ok, text) = cli(&redis, &["sweep", "ttl-table", "--reason", "sideways"]);
     assert!(!ok && text.contains("not a sweep reason"), "{text}");
     assert_eq!(first.stop(), Some(0));
     assert_eq!(second.stop(), Some(0));

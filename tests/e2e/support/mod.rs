@@ -368,6 +368,15 @@ pub fn eventually(daemon: &Daemon, what: &str, mut check: impl FnMut() -> bool) 
     }
 }
 
+/// A `cachepol` command against `redis`: whether it succeeded, and what it
+/// printed (stdout, then stderr).
+pub fn cli(redis: &RedisServer, args: &[&str]) -> (bool, String) {
+    let out =
+        Command::new(env!("CARGO_BIN_EXE_cachepol")).args(args).args(["--redis-url", &redis.url()]).output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
 /// `cachepol deploy` against `redis`; returns the entry id.
 pub fn deploy(redis: &RedisServer, args: &[&str]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_cachepol"))
