@@ -336,6 +336,40 @@ impl Config {
         Ok(config)
     }
 
+    /// Settle the daemon's own keys for the Redis at `redis_url`. On a
+    /// Redis Cluster, the deploy stream, its dead letters, the control keys
+    /// and the lease must live on one slot (scripts touch two of them at
+    /// once, and `cachepol acl` grants them by name): the defaults become
+    /// `{cachepol}:...`, and keys set in the file must share a hash tag.
+    pub fn for_target(&mut self) -> Result<(), String> {
+        let target = crate::store::target::RedisTarget::parse(&self.redis_url).map_err(|e| e.to_string())?;
+        if !target.is_cluster() {
+            return Ok(());
+        }
+        let (defaults, replicas, deploy) = (Config::default(), ReplicaConfig::default(), DeployConfig::default());
+        let keys: [(&str, &mut String, &str); 5] = [
+            ("deploy.stream", &mut self.deploy.stream, &deploy.stream),
+            ("deploy.dead_letter", &mut self.deploy.dead_letter, &deploy.dead_letter),
+            ("control_key", &mut self.control_key, &defaults.control_key),
+            ("sweep_key", &mut self.sweep_key, &defaults.sweep_key),
+            ("replicas.lease_key", &mut self.replicas.lease_key, &replicas.lease_key),
+        ];
+        let mut slots = Vec::new();
+        for (name, key, default) in keys {
+            if key == default {
+                *key = key.replacen("cachepol:", "{cachepol}:", 1);
+            }
+            slots.push((name, key.clone(), crate::store::target::slot(key.as_bytes())));
+        }
+        if let Some((name, key, _)) = slots.iter().find(|(_, _, slot)| *slot != slots[0].2) {
+            return Err(format!(
+                "on a Redis Cluster the daemon's keys must share one slot, but {name} `{key}` is not on the slot of {} `{}`: give them one hash tag, as the defaults do (`{{cachepol}}:deploys`)",
+                slots[0].0, slots[0].1
+            ));
+        }
+        Ok(())
+    }
+
     /// How many lanes the policy with `section` runs.
     /// The admin server's address, or `None` when it is off.
     pub fn admin(&self) -> Result<Option<std::net::SocketAddr>, String> {
@@ -536,6 +570,21 @@ mod tests {
         assert!(err.contains("[policies.a.budgets]") && err.contains("fuel"), "{err}");
         let err = Config::parse("[policies.a]\nbudgets = { fule = 1 }\n").unwrap_err();
         assert!(err.contains("fule"), "{err}");
+    }
+
+    #[test]
+    fn on_a_cluster_the_daemons_keys_share_one_slot() {
+        let mut c = Config { redis_url: "redis+cluster://127.0.0.1:7000".into(), ..Config::default() };
+        c.for_target().unwrap();
+        assert_eq!(c.deploy.stream, "{cachepol}:deploys");
+        assert_eq!(c.replicas.lease_key, "{cachepol}:lease:events");
+        let mut odd = Config { redis_url: c.redis_url.clone(), ..Config::default() };
+        odd.sweep_key = "sweeps".into();
+        let err = odd.for_target().unwrap_err();
+        assert!(err.contains("sweep_key `sweeps`"), "{err}");
+        let mut single = Config::default();
+        single.for_target().unwrap();
+        assert_eq!(single.deploy.stream, "cachepol:deploys", "one server keeps its keys");
     }
 
     #[test]

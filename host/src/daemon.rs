@@ -34,6 +34,7 @@ use crate::dispatch::registry::{Registry, RejectError};
 use crate::dispatch::reload::{ConfigSource, Reloader};
 use crate::dispatch::routes::Routes;
 use crate::dispatch::switches::Switches;
+use crate::intake::cluster::{Nodes, Subscriptions};
 use crate::intake::control;
 use crate::intake::deploy::DeployConsumer;
 use crate::intake::events::{Backoff, Subscriber};
@@ -44,6 +45,7 @@ use crate::sandbox::runtime::{Runtime, RuntimeConfig, RuntimeError};
 use crate::store::echo::{self, EchoLedger};
 use crate::store::index::KeyIndex;
 use crate::store::redis::RedisBackend;
+use crate::store::target::RedisTarget;
 use crate::wit::SweepReason;
 
 /// Why the daemon could not run.
@@ -93,18 +95,25 @@ pub async fn run(config: Config, reload: Option<ConfigSource>, shutdown: Cancell
 }
 
 async fn run_wired(
-    config: Config,
+    mut config: Config,
     reload: Option<ConfigSource>,
     admin: &Admin,
     shutdown: CancellationToken,
 ) -> Result<(), DaemonError> {
     let ready = &metrics().ready;
-    let client = redis::Client::open(config.redis_url.as_str())
-        .map_err(|e| DaemonError::RedisUrl { url: config.redis_url.clone(), error: e.to_string() })?;
-    let db = u32::try_from(client.get_connection_info().redis_settings().db()).unwrap_or(0);
+    let target =
+        RedisTarget::parse(&config.redis_url).map_err(|e| DaemonError::RedisUrl { url: e.url, error: e.reason })?;
+    config.for_target().map_err(DaemonError::Config)?;
+    if target.is_cluster() && config.index.enabled {
+        // Its completeness rests on fences read in order with every write's
+        // notification, which one subscription per primary cannot give.
+        info!("Redis Cluster: the key index is off; bulk operations scan every primary in parallel");
+        config.index.enabled = false;
+    }
+    let db = target.db();
     let fence_channel = echo::fence_channel();
     let index = Arc::new(KeyIndex::new(config.index.max_keys, fence_channel.clone()));
-    let Some(redis) = connect(&client, &index, &shutdown).await else { return Ok(()) };
+    let Some(redis) = connect(&target, &index, &shutdown).await else { return Ok(()) };
     let runtime = Runtime::new(RuntimeConfig { max_instances: config.instance_pool, ..RuntimeConfig::default() })?;
     let ledger = Arc::new(EchoLedger::new());
 
@@ -118,11 +127,13 @@ async fn run_wired(
         .unwrap_or_default();
     let registry = Registry::new(runtime, config.clone(), redis.clone(), ledger.clone(), switches.clone());
     let routes = registry.routes();
+    let nodes = Arc::new(Nodes::default());
     admin.wire(Wired {
         routes: routes.clone(),
         switches: switches.clone(),
         index: index.clone(),
         redis: redis.connection(),
+        nodes: nodes.clone(),
     });
     let mut reloader = Reloader::new(registry, &config.policies_dir)
         .map_err(|error| DaemonError::PoliciesDir { path: config.policies_dir.clone(), error })?;
@@ -162,7 +173,12 @@ async fn run_wired(
     let mut sources = JoinSet::new();
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     let subscriber = Subscriber {
-        client: client.clone(),
+        client: target
+            .node(None)
+            .map_err(|e| DaemonError::RedisUrl { url: config.redis_url.clone(), error: e.to_string() })?,
+        node: String::new(),
+        nodes,
+        first_sweep: SweepReason::Start,
         db,
         routes: routes.clone(),
         ledger: ledger.clone(),
@@ -174,8 +190,9 @@ async fn run_wired(
         index_config: config.index.clone(),
         switches: switches.clone(),
     };
-    sources.spawn(subscriber.run(intake.clone(), ready_tx));
-    match RedisBackend::connect(&client).await {
+    let subscriptions = Subscriptions { target: target.clone(), template: subscriber };
+    sources.spawn(subscriptions.run(intake.clone(), ready_tx));
+    match RedisBackend::connect(&target).await {
         Ok(b) => {
             let consumer = DeployConsumer {
                 conn: b.connection(),
@@ -211,7 +228,7 @@ async fn run_wired(
             // Only once subscribed: a takeover's sweep must not run before
             // the writes after it can be heard.
             if switches.lease.enabled() {
-                match RedisBackend::connect(&client).await {
+                match RedisBackend::connect(&target).await {
                     Ok(own) => {
                         leasing = Some(tokio::spawn(lease::run(switches.clone(), own.connection(), routes.clone(), lease_stop.clone())));
                     }
@@ -247,14 +264,14 @@ async fn run_wired(
 /// Connect to Redis, retrying with backoff (logged once) until it answers or
 /// shutdown is asked for.
 async fn connect(
-    client: &redis::Client,
+    target: &RedisTarget,
     index: &Arc<KeyIndex>,
     shutdown: &CancellationToken,
 ) -> Option<Arc<RedisBackend>> {
     let mut backoff = Backoff::new();
     let mut logged = false;
     loop {
-        match RedisBackend::connect(client).await {
+        match RedisBackend::connect(target).await {
             Ok(backend) => {
                 if logged {
                     info!("connected to Redis");

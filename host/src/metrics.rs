@@ -77,6 +77,8 @@ pub struct Metrics {
     pub lease_held: Gauge,
     pub lease_token: Gauge,
     pub lease_takeovers: Counter,
+    pub subscriptions: Gauge,
+    pub primaries: Gauge,
     pub ready: Readiness,
 }
 
@@ -115,6 +117,8 @@ impl Metrics {
             lease_held: Gauge::default(),
             lease_token: Gauge::default(),
             lease_takeovers: Counter::default(),
+            subscriptions: Gauge::default(),
+            primaries: Gauge::default(),
             ready: Readiness::default(),
         };
         let r = &mut registry;
@@ -196,6 +200,16 @@ impl Metrics {
         );
         r.register("lease_token", "The fencing token of the lease this daemon holds (0: none)", m.lease_token.clone());
         r.register("lease_takeovers", "Times this daemon took the keyspace-event lease", m.lease_takeovers.clone());
+        r.register(
+            "subscriptions",
+            "Keyspace subscriptions up (one per primary on a Redis Cluster)",
+            m.subscriptions.clone(),
+        );
+        r.register(
+            "cluster_primaries",
+            "Primaries serving slots (Redis Cluster; 0 on one server)",
+            m.primaries.clone(),
+        );
         Metrics { registry, ..m }
     }
 

@@ -25,6 +25,7 @@ use std::sync::Arc;
 use cachepol::fake::{AppWrite, FakeRedis, Value};
 use cachepol::store::backend::{Backend, BulkPlan};
 use cachepol::store::redis::RedisBackend;
+use cachepol::store::target::RedisTarget;
 use cachepol::wit::{ExpireCondition, ExpireRow, KeyTtl, SetCondition, SetOptions};
 use rand::rngs::StdRng;
 use rand::seq::IndexedRandom;
@@ -411,7 +412,8 @@ async fn the_fake_host_agrees_with_redis_on_random_sequences() {
         let mine: Vec<u64> = seeds.iter().copied().filter(|s| s % WORKERS == worker).collect();
         tasks.spawn(async move {
             let client = redis::Client::open(url).unwrap();
-            let real: Arc<dyn Backend> = Arc::new(RedisBackend::connect(&client).await.unwrap());
+            let target = RedisTarget::Single(client.clone());
+            let real: Arc<dyn Backend> = Arc::new(RedisBackend::connect(&target).await.unwrap());
             let mut failures = Vec::new();
             for seed in mine {
                 if let Err(e) = run_one(seed, real.clone(), &client).await {

@@ -20,6 +20,7 @@ use cachepol::sandbox::budget::Budgets;
 use cachepol::sandbox::runtime::{LoadOptions, Runtime, RuntimeConfig};
 use cachepol::store::backend::Backend;
 use cachepol::store::redis::RedisBackend;
+use cachepol::store::target::RedisTarget;
 use cachepol::wit::{self, DeployEvent};
 
 use crate::report::{Row, rate};
@@ -79,7 +80,8 @@ fn cachepol(redis: &RedisServer, sizes: &Sizes, tokio: &tokio::runtime::Runtime)
         budgets: Budgets { keys_touched: 0, wall_time: std::time::Duration::from_secs(600), ..Budgets::default() },
         grants: None,
     };
-    let backend: Arc<dyn Backend> = Arc::new(tokio.block_on(RedisBackend::connect(&redis.client())).unwrap());
+    let backend: Arc<dyn Backend> =
+        Arc::new(tokio.block_on(RedisBackend::connect(&RedisTarget::Single(redis.client()))).unwrap());
     let mut policy = tokio.block_on(runtime.load(&compiled, backend, &options)).unwrap();
     repeat(sizes.reps, || {
         fill(redis, sizes.keys);

@@ -10,6 +10,7 @@ use cachepol::fake::FakeRedis;
 use cachepol::sandbox::runtime::{LoadOptions, Runtime, RuntimeConfig};
 use cachepol::store::backend::Backend;
 use cachepol::store::redis::RedisBackend;
+use cachepol::store::target::RedisTarget;
 use cachepol::wit::{self, ExpireCondition, KeyEvent};
 use cachepol_guest_sdk::glob::Glob;
 
@@ -73,7 +74,8 @@ pub fn run(redis: &RedisServer, sizes: &Sizes, tokio: &tokio::runtime::Runtime) 
     // The same over real Redis, where each host call is a round trip: what
     // the sandbox adds to an event's cost in production.
     redis.cmd::<()>(&["SET", KEY, "v", "EX", "90"]);
-    let real: Arc<dyn Backend> = Arc::new(tokio.block_on(RedisBackend::connect(&redis.client())).unwrap());
+    let real: Arc<dyn Backend> =
+        Arc::new(tokio.block_on(RedisBackend::connect(&RedisTarget::Single(redis.client()))).unwrap());
     let (wit_real, native_real) = measure(sizes, tokio, real, sizes.calls / 10);
     vec![
         Row {

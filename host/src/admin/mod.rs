@@ -29,6 +29,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use crate::store::target::Conn;
 use arc_swap::ArcSwap;
 use axum::Router;
 use axum::extract::State;
@@ -38,7 +39,6 @@ use axum::routing::{get, post};
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
-use redis::aio::ConnectionManager;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -53,8 +53,9 @@ use crate::store::index::KeyIndex;
 pub(crate) struct Wired {
     pub(crate) routes: Arc<ArcSwap<Routes>>,
     pub(crate) index: Arc<KeyIndex>,
-    pub(crate) redis: ConnectionManager,
+    pub(crate) redis: Conn,
     pub(crate) switches: Arc<Switches>,
+    pub(crate) nodes: Arc<crate::intake::cluster::Nodes>,
 }
 
 /// The server's shared state.

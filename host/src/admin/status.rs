@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{Admin, Wired, error};
 use crate::dispatch::routes::Route;
+use crate::intake::cluster::NodeState;
 use crate::metrics::{Activity, metrics};
 use crate::sandbox::grants::ops_to_string;
 
@@ -38,6 +39,9 @@ pub struct Status {
     pub redis: RedisStatus,
     /// The keyspace-event lease, when replicas share the work.
     pub lease: Option<LeaseStatus>,
+    /// The keyspace subscriptions: one, or one per primary of a cluster.
+    #[serde(default)]
+    pub subscriptions: Vec<NodeState>,
     pub index: Vec<IndexPattern>,
     pub policies: Vec<PolicyStatus>,
 }
@@ -138,6 +142,7 @@ pub(super) async fn status(State(admin): State<Arc<Admin>>) -> Response {
             held: wired.switches.lease.holds(),
             token: wired.switches.lease.token(),
         }),
+        subscriptions: wired.nodes.snapshot(),
         index: wired
             .index
             .stats()

@@ -53,7 +53,8 @@ pub struct AclArgs {
 /// Load the policies as `cachepol run` would and print their rule.
 pub async fn run(args: AclArgs) -> Result<ExitCode> {
     let config = args.set.load()?;
-    let client = redis::Client::open(config.redis_url.as_str()).context("invalid Redis URL")?;
+    let target = cachepol::store::target::RedisTarget::parse(&config.redis_url)?;
+    let client = target.node(None)?;
     let settings = client.get_connection_info().redis_settings();
     let user = args.user.or_else(|| settings.username().map(str::to_owned)).unwrap_or_else(|| "cachepol".into());
     let Some(password) = args.password.or_else(|| settings.password().map(str::to_owned)) else {
@@ -86,8 +87,14 @@ pub async fn run(args: AclArgs) -> Result<ExitCode> {
         sweep_key: &config.sweep_key,
         lease_key: config.replicas.enabled.then_some(config.replicas.lease_key.as_str()),
         configure_notifications: config.configure_notifications,
+        cluster: target.is_cluster(),
         grants,
     };
+    if request.cluster {
+        eprintln!(
+            "# Redis Cluster: ACL users are per node. Apply this rule on every node, primaries and replicas (a replica promoted later needs it too), e.g. with `redis-cli -h HOST -p PORT` for each."
+        );
+    }
     println!("{}", render(&setuser_args(&request)));
     Ok(ExitCode::SUCCESS)
 }
@@ -146,6 +153,8 @@ pub struct AclRequest<'a> {
     pub lease_key: Option<&'a str>,
     /// The daemon sets `notify-keyspace-events` itself.
     pub configure_notifications: bool,
+    /// A Redis Cluster: the clients read its topology (`CLUSTER SLOTS`).
+    pub cluster: bool,
     /// Every loaded policy's effective grants (after the operator's
     /// narrowing).
     pub grants: Vec<(String, KeyOps)>,
@@ -177,6 +186,9 @@ pub fn setuser_args(req: &AclRequest<'_>) -> Vec<String> {
     }
     if req.lease_key.is_some() {
         commands.extend(["incr", "del"]);
+    }
+    if req.cluster {
+        commands.push("cluster|slots");
     }
     args.extend(commands.iter().map(|c| format!("+{c}")));
     let mut seen = BTreeSet::new();
@@ -243,6 +255,7 @@ mod tests {
             sweep_key: "cachepol:control:sweeps",
             lease_key: None,
             configure_notifications: false,
+            cluster: false,
             grants: vec![("quiz:*".into(), KeyOps::DELETE), ("quiz:*".into(), KeyOps::DELETE)],
         };
         let args = setuser_args(&req);

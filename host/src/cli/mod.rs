@@ -140,6 +140,7 @@ impl CommonArgs {
         if let Some(stream) = &self.deploy_stream {
             config.deploy.stream = stream.clone();
         }
+        config.for_target().map_err(anyhow::Error::msg)?;
         Ok(config)
     }
 }
@@ -177,9 +178,9 @@ impl PolicySetArgs {
 }
 
 /// A self-reconnecting connection for the one-shot commands.
-async fn connect(url: &str) -> Result<redis::aio::ConnectionManager> {
-    let client = redis::Client::open(url).context("invalid Redis URL")?;
-    redis::aio::ConnectionManager::new(client).await.with_context(|| format!("cannot connect to {url}"))
+async fn connect(url: &str) -> Result<cachepol::store::target::Conn> {
+    let target = cachepol::store::target::RedisTarget::parse(url)?;
+    target.connect().await.with_context(|| format!("cannot connect to {url}"))
 }
 
 /// Rows under a header, each column as wide as its widest cell.

@@ -27,8 +27,8 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::store::target::Conn;
 use arc_swap::ArcSwap;
-use redis::aio::ConnectionManager;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -44,13 +44,13 @@ pub const POLL_EVERY: Duration = Duration::from_secs(1);
 
 /// Read the disabled set once, before anything is delivered: a policy an
 /// operator disabled must not run even its start-up sweep.
-pub async fn read_at_start(switches: &Switches, conn: &mut ConnectionManager, key: &str) -> redis::RedisResult<()> {
+pub async fn read_at_start(switches: &Switches, conn: &mut Conn, key: &str) -> redis::RedisResult<()> {
     read(switches, conn, key).await.map(|_| ())
 }
 
 /// Take a reading of the disabled set, log the policies it newly disables,
 /// and return those it newly enables.
-async fn read(switches: &Switches, conn: &mut ConnectionManager, key: &str) -> redis::RedisResult<Vec<String>> {
+async fn read(switches: &Switches, conn: &mut Conn, key: &str) -> redis::RedisResult<Vec<String>> {
     let now = redis::cmd("SMEMBERS").arg(key).query_async::<BTreeSet<String>>(conn).await?;
     let (disabled, enabled) = switches.update(now);
     for name in disabled {
@@ -66,12 +66,7 @@ pub fn sweep_reason(name: &str) -> Option<SweepReason> {
 
 /// Ask every daemon running policy `name` to sweep it (what `cachepol
 /// sweep` does); returns how many requests that policy has had.
-pub async fn request_sweep(
-    conn: &mut ConnectionManager,
-    key: &str,
-    name: &str,
-    reason: SweepReason,
-) -> redis::RedisResult<i64> {
+pub async fn request_sweep(conn: &mut Conn, key: &str, name: &str, reason: SweepReason) -> redis::RedisResult<i64> {
     let (count,): (i64,) = redis::pipe()
         .atomic()
         .cmd("HINCRBY")
@@ -97,7 +92,7 @@ pub struct SweepRequests {
 
 /// Take the baseline of the sweep requests at `key`, before anything is
 /// delivered: requests made from now on are acted on.
-pub async fn read_sweeps_at_start(conn: &mut ConnectionManager, key: &str) -> redis::RedisResult<SweepRequests> {
+pub async fn read_sweeps_at_start(conn: &mut Conn, key: &str) -> redis::RedisResult<SweepRequests> {
     let mut requests = SweepRequests::default();
     requests.update(redis::cmd("HGETALL").arg(key).query_async(conn).await?);
     Ok(requests)
@@ -125,7 +120,7 @@ impl SweepRequests {
 /// What the control poll reads and where it acts.
 pub struct Watch {
     pub switches: Arc<Switches>,
-    pub conn: ConnectionManager,
+    pub conn: Conn,
     /// The disabled set.
     pub key: String,
     /// The sweep requests' hash, and the reading taken at start.

@@ -13,7 +13,7 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use redis::aio::ConnectionManager;
+use crate::store::target::Conn;
 use redis::streams::{StreamId, StreamRangeReply};
 use redis::{AsyncCommands, RedisResult, Value};
 
@@ -116,7 +116,7 @@ pub enum DeadLetterError {
 /// The dead letters, oldest first, at most `count`, after the one with
 /// id `after` (from the first when `None`).
 pub async fn list(
-    conn: &mut ConnectionManager,
+    conn: &mut Conn,
     settings: &DeployConfig,
     after: Option<&str>,
     count: usize,
@@ -127,7 +127,7 @@ pub async fn list(
 }
 
 /// Every dead letter's id, oldest first, read a page at a time.
-pub async fn all_ids(conn: &mut ConnectionManager, settings: &DeployConfig) -> RedisResult<Vec<String>> {
+pub async fn all_ids(conn: &mut Conn, settings: &DeployConfig) -> RedisResult<Vec<String>> {
     const PAGE: usize = 1000;
     let mut ids: Vec<String> = Vec::new();
     loop {
@@ -142,11 +142,7 @@ pub async fn all_ids(conn: &mut ConnectionManager, settings: &DeployConfig) -> R
 
 /// Send dead letter `id` back to the deploy stream; returns the new
 /// hook's stream id.
-pub async fn replay(
-    conn: &mut ConnectionManager,
-    settings: &DeployConfig,
-    id: &str,
-) -> Result<String, DeadLetterError> {
+pub async fn replay(conn: &mut Conn, settings: &DeployConfig, id: &str) -> Result<String, DeadLetterError> {
     let replayed: RedisResult<Option<String>> = redis::Script::new(REPLAY)
         .key(&settings.dead_letter)
         .key(&settings.stream)
@@ -163,7 +159,7 @@ pub async fn replay(
 }
 
 /// Delete dead letter `id` for good.
-pub async fn drop(conn: &mut ConnectionManager, settings: &DeployConfig, id: &str) -> Result<(), DeadLetterError> {
+pub async fn drop(conn: &mut Conn, settings: &DeployConfig, id: &str) -> Result<(), DeadLetterError> {
     let deleted: i64 = conn.xdel(&settings.dead_letter, &[id]).await?;
     if deleted == 0 {
         return Err(DeadLetterError::NotFound { id: id.to_owned(), stream: settings.dead_letter.clone() });

@@ -37,8 +37,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::store::target::Conn;
 use arc_swap::ArcSwap;
-use redis::aio::ConnectionManager;
 use redis::streams::{StreamId, StreamMaxlen, StreamPendingCountReply};
 use redis::{AsyncCommands, RedisResult, Value};
 use tokio_util::sync::CancellationToken;
@@ -155,7 +155,7 @@ pub fn entry_fields(
 /// Write one deploy hook (what `cachepol deploy` does), trimming the stream
 /// to about `max_len` entries (0: no trimming); returns its id.
 pub async fn publish(
-    conn: &mut ConnectionManager,
+    conn: &mut Conn,
     stream: &str,
     max_len: usize,
     service: &str,
@@ -173,7 +173,7 @@ pub async fn publish(
 
 /// The consumer-group reader.
 pub struct DeployConsumer {
-    pub conn: ConnectionManager,
+    pub conn: Conn,
     pub settings: DeployConfig,
     pub routes: Arc<ArcSwap<Routes>>,
     /// Hooks are read by the daemon holding the keyspace-event lease: one
@@ -657,7 +657,7 @@ fn reasons(failures: &[(Arc<str>, HookFailure)]) -> String {
 struct Heartbeat(tokio::task::JoinHandle<()>);
 
 impl Heartbeat {
-    fn start(mut conn: ConnectionManager, settings: &DeployConfig, id: &str) -> Heartbeat {
+    fn start(mut conn: Conn, settings: &DeployConfig, id: &str) -> Heartbeat {
         let every = Duration::from_millis((settings.claim_idle_ms / 3).max(100));
         let min_idle = settings.claim_idle_ms / 2;
         let (stream, group, consumer, id) =

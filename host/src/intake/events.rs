@@ -42,8 +42,9 @@ use tracing::{info, warn};
 use crate::config::IndexConfig;
 use crate::dispatch::routes::Routes;
 use crate::dispatch::switches::Switches;
+use crate::intake::cluster::Nodes;
 use crate::intake::notify;
-use crate::metrics::{Readiness, metrics};
+use crate::metrics::metrics;
 use crate::sandbox::manifest::Manifest;
 use crate::store::echo::EchoLedger;
 use crate::store::index::{self, KeyIndex};
@@ -58,8 +59,19 @@ const LAG_ENV: &str = "CACHEPOL_FAULT_SUBSCRIBER_LAG_MS";
 const PING_EVERY: Duration = Duration::from_secs(5);
 
 /// Everything the subscriber needs.
+#[derive(Clone)]
 pub struct Subscriber {
+    /// The node subscribed to ([`crate::intake::cluster`] sets it per
+    /// primary on a cluster).
     pub client: redis::Client,
+    /// Its `host:port` on a cluster, for logs and `/status` (empty on a
+    /// single server).
+    pub node: String,
+    /// Every subscription's state (readiness is all of them).
+    pub nodes: Arc<Nodes>,
+    /// The sweep after the first subscription: `start` for the daemon's
+    /// own start, `reconnect` for a primary that appeared later.
+    pub first_sweep: SweepReason,
     pub db: u32,
     pub routes: Arc<ArcSwap<Routes>>,
     pub ledger: Arc<EchoLedger>,
@@ -233,6 +245,7 @@ impl Subscriber {
     /// Run until `shutdown`. `ready` fires after the first subscription.
     pub async fn run(mut self, shutdown: CancellationToken, ready: tokio::sync::oneshot::Sender<()>) {
         let mut ready = Some(ready);
+        let mut first = true;
         let mut backoff = Backoff::new();
         let mut down_since_logged = false;
         loop {
@@ -258,14 +271,15 @@ impl Subscriber {
                 }
             };
             backoff.reset();
-            let reason = if ready.is_some() { SweepReason::Start } else { SweepReason::Reconnect };
+            let reason = if first { self.first_sweep } else { SweepReason::Reconnect };
+            first = false;
             let m = metrics();
             if reason == SweepReason::Reconnect {
                 m.reconnects.inc();
                 m.gaps.inc();
-                info!(ops = %channels, "keyspace subscription restored; sweeping every policy to reconcile");
+                info!(ops = %channels, node = %self.node, "keyspace subscription restored; sweeping every policy to reconcile");
             } else {
-                info!(ops = %channels, "subscribed to keyspace notifications");
+                info!(ops = %channels, node = %self.node, "subscribed to keyspace notifications");
             }
             down_since_logged = false;
             self.cover_index(&conn, &channels).await;
@@ -276,14 +290,16 @@ impl Subscriber {
             if let Some(tx) = ready.take() {
                 let _ = tx.send(());
             }
-            Readiness::set(&m.ready.subscribed, true);
+            self.nodes.update(&self.node, |s| s.subscribed = true);
             let stopped = self.watch(conn, channels, &link, &shutdown).await;
-            Readiness::set(&m.ready.subscribed, false);
+            self.ledger.drop_listener(link.listener);
+            self.nodes.update(&self.node, |s| s.subscribed = false);
             if stopped {
                 return;
             }
             self.index.gap();
-            warn!("keyspace subscription lost; reconnecting (notifications meanwhile are reconciled by a sweep)");
+            self.nodes.lost.notify_one();
+            warn!(node = %self.node, "keyspace subscription lost; reconnecting (notifications meanwhile are reconciled by a sweep)");
         }
     }
 
@@ -295,7 +311,22 @@ impl Subscriber {
         let info = self.client.get_connection_info().clone();
         let resp3 = info.clone().set_redis_settings(info.redis_settings().clone().set_protocol(ProtocolVersion::RESP3));
         let client = redis::Client::open(resp3).map_err(|e| e.to_string())?;
-        let link = Arc::new(Link::new());
+        let link = Arc::new(Link::new(self.ledger.listener()));
+        let subscribed = self.subscribe_with(&client, channels, &link).await;
+        if subscribed.is_err() {
+            self.ledger.drop_listener(link.listener);
+        }
+        subscribed.map(|conn| (conn, link))
+    }
+
+    /// [`Subscriber::subscribe`] once the connection's fence listener is
+    /// known.
+    async fn subscribe_with(
+        &self,
+        client: &redis::Client,
+        channels: &Channels,
+        link: &Arc<Link>,
+    ) -> Result<MultiplexedConnection, String> {
         let lag = std::env::var(LAG_ENV).ok().and_then(|ms| ms.parse().ok()).map(Duration::from_millis);
         if let Some(lag) = lag {
             warn!(
@@ -322,7 +353,7 @@ impl Subscriber {
         conn.subscribe(&self.fence_channel).await.map_err(|e| e.to_string())?;
         self.ledger.listen(channels.recorded(&self.routes.load()));
         self.listen(&mut conn, channels, true).await.map_err(|e| e.to_string())?;
-        Ok((conn, link))
+        Ok(conn)
     }
 
     /// Subscribe to `channels` (`on`) or unsubscribe from them.
@@ -436,19 +467,18 @@ impl Subscriber {
     /// is handled, and the operator sees why the rest does not.
     async fn ensure_flags(&self, conn: &mut (impl redis::aio::ConnectionLike + Send)) {
         let needed = notify::required(&self.routes.load().manifests());
-        let ready = &metrics().ready;
         match notify::ensure(conn, &needed, self.configure_notifications).await {
             Ok(added) => {
                 if !added.is_empty() {
-                    info!(added = %notify::text(&added), "enabled keyspace notification flags");
+                    info!(added = %notify::text(&added), node = %self.node, "enabled keyspace notification flags");
                 }
-                Readiness::set(&ready.notifications, true);
+                self.nodes.update(&self.node, |s| s.notifications = true);
             }
             Err(e) => {
                 // Events the policies need are not being sent: not ready,
                 // and a gap (the sweep after the flags return reconciles).
-                tracing::error!(error = %e, "keyspace notifications are incomplete");
-                Readiness::set(&ready.notifications, false);
+                tracing::error!(error = %e, node = %self.node, "keyspace notifications are incomplete");
+                self.nodes.update(&self.node, |s| s.notifications = false);
                 metrics().gaps.inc();
             }
         }
@@ -459,8 +489,7 @@ impl Subscriber {
     /// link held) they make the daemon not ready and owe a gap; back on,
     /// every policy is swept for what it missed. Only changes are logged.
     async fn recheck_flags(&self, conn: &mut MultiplexedConnection) {
-        let ready = &metrics().ready;
-        let was = ready.notifications.load(std::sync::atomic::Ordering::Relaxed);
+        let was = self.nodes.notifications(&self.node);
         let needed = notify::required(&self.routes.load().manifests());
         let checked = tokio::time::timeout(PING_EVERY, notify::ensure(conn, &needed, self.configure_notifications));
         match checked.await {
@@ -469,16 +498,16 @@ impl Subscriber {
                     info!(added = %notify::text(&added), "enabled keyspace notification flags");
                 }
                 if !was {
-                    info!("keyspace notification flags complete again; sweeping every policy for what it missed");
+                    info!(node = %self.node, "keyspace notification flags complete again; sweeping every policy for what it missed");
                     if !self.switches.standing_by() {
                         self.routes.load().sweep_all(SweepReason::Gap);
                     }
-                    Readiness::set(&ready.notifications, true);
+                    self.nodes.update(&self.node, |s| s.notifications = true);
                 }
             }
             Ok(Err(e @ notify::NotifyError::Missing { .. })) if was => {
-                tracing::error!(error = %e, "keyspace notifications are incomplete");
-                Readiness::set(&ready.notifications, false);
+                tracing::error!(error = %e, node = %self.node, "keyspace notifications are incomplete");
+                self.nodes.update(&self.node, |s| s.notifications = false);
                 metrics().gaps.inc();
             }
             // Missing still, or no answer (a backlog, Redis going away).
@@ -535,6 +564,8 @@ impl Subscriber {
 /// The subscription connection as its reader sees it: whether it closed,
 /// and when it last carried anything.
 struct Link {
+    /// This connection's place in the echo ledger's fences.
+    listener: u64,
     closed: Notify,
     since: std::time::Instant,
     /// Milliseconds after `since` of the last push.
@@ -542,8 +573,8 @@ struct Link {
 }
 
 impl Link {
-    fn new() -> Link {
-        Link { closed: Notify::new(), since: std::time::Instant::now(), last_heard_ms: AtomicU64::new(0) }
+    fn new(listener: u64) -> Link {
+        Link { listener, closed: Notify::new(), since: std::time::Instant::now(), last_heard_ms: AtomicU64::new(0) }
     }
 
     fn heard(&self) {
@@ -594,7 +625,7 @@ impl AsyncPushSender for Router {
                 if let [Value::BulkString(channel), Value::BulkString(payload)] = push.data.as_slice() {
                     if channel.as_slice() == self.fence_channel.as_bytes() {
                         if let Some(id) = crate::store::echo::parse_fence(payload) {
-                            self.ledger.fence_seen(id);
+                            self.ledger.fence_seen_by(self.link.listener, id);
                         } else {
                             self.index.fence_seen(payload);
                         }

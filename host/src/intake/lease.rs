@@ -38,8 +38,8 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use crate::store::target::Conn;
 use arc_swap::ArcSwap;
-use redis::aio::ConnectionManager;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -88,12 +88,7 @@ const STANDBY_POLL: Duration = Duration::from_secs(1);
 
 /// Take, keep and give back the lease until `stop`; sweep every policy on
 /// each takeover. `stop` comes after the daemon's in-flight calls are done.
-pub async fn run(
-    switches: Arc<Switches>,
-    mut conn: ConnectionManager,
-    routes: Arc<ArcSwap<Routes>>,
-    stop: CancellationToken,
-) {
+pub async fn run(switches: Arc<Switches>, mut conn: Conn, routes: Arc<ArcSwap<Routes>>, stop: CancellationToken) {
     let lease = &switches.lease;
     if !lease.enabled() {
         return;

@@ -1,7 +1,8 @@
 //! Intake: where work enters the daemon.
 //!
 //! Receives Redis keyspace notifications ([`events`], one RESP3
-//! subscription routed inside its reader), deploy hooks ([`deploy`], a Redis
+//! subscription routed inside its reader; one per primary on a Redis
+//! Cluster, following the topology, [`cluster`]), deploy hooks ([`deploy`], a Redis
 //! Stream read through a consumer group, and the hooks it gave up on,
 //! [`dead_letters`]), and the operator's kill switch and sweep requests
 //! ([`control`], polled every second); makes sure Redis emits
@@ -12,6 +13,7 @@
 //! May call: `dispatch` (routes, queues), `sandbox` (key limits), `store`
 //! (the echo ledger). Called by: the daemon's wiring and the CLI.
 
+pub mod cluster;
 pub mod control;
 pub mod dead_letters;
 pub mod deploy;

@@ -25,6 +25,12 @@
 //! matched when it arrives; and a key a policy did not write is never
 //! mistaken for its own.
 //!
+//! On a Redis Cluster there is one subscription per primary, and a write's
+//! notification comes through its node's. A `PUBLISH` reaches every node
+//! (the cluster bus broadcasts it), after the notifications of every write
+//! answered before it was sent, so a fence retires expectations only once
+//! it has come back through *every* subscription ([`EchoLedger::listener`]).
+//!
 //! Writes whose notifications the subscription does not carry (no loaded
 //! policy listens to that op: ttl-table's `EXPIRE`s, say) are not recorded
 //! at all: nothing would ever claim them.
@@ -43,6 +49,7 @@ use async_trait::async_trait;
 use cachepol_guest_sdk::glob::Glob;
 
 use crate::store::backend::{Backend, BackendError, BulkPlan, BulkResult, BulkStep, QueuedExpire, Rows, WriteLayer};
+use crate::store::target::Conn;
 use crate::wit::{ExpireCondition, ExpireRow, SetOptions};
 
 /// Expectations kept at once (each about 200 bytes); past this a bulk
@@ -91,6 +98,10 @@ struct Ledger {
     /// The ops whose notifications the subscription carries; `None` for
     /// every op (also until the subscriber says).
     listened: Option<BTreeSet<String>>,
+    /// The last fence each subscription has read (one per primary on a
+    /// cluster); `None` until its first.
+    listeners: HashMap<u64, Option<u64>>,
+    next_listener: u64,
 }
 
 impl Ledger {
@@ -233,11 +244,50 @@ impl EchoLedger {
         })
     }
 
-    /// Fence `id` came back through the subscription: every write answered
-    /// before it was sent has had its notification read, so what is left
-    /// of those expectations will never be matched.
-    pub fn fence_seen(&self, id: u64) {
+    /// A subscription starts: fences count once it (and every other) has
+    /// read them. It hears no write made before it, so it starts as having
+    /// read every fence already sent.
+    pub fn listener(&self) -> u64 {
         let mut ledger = self.lock();
+        let id = ledger.next_listener;
+        ledger.next_listener += 1;
+        let sent = ledger.next_fence.checked_sub(1);
+        ledger.listeners.insert(id, sent);
+        id
+    }
+
+    /// Subscription `listener` is gone: it holds no fence back any more.
+    pub fn drop_listener(&self, listener: u64) {
+        let mut ledger = self.lock();
+        ledger.listeners.remove(&listener);
+        Self::retire_read(&mut ledger);
+    }
+
+    /// Fence `id` came back through subscription `listener`.
+    pub fn fence_seen_by(&self, listener: u64, id: u64) {
+        let mut ledger = self.lock();
+        if let Some(seen) = ledger.listeners.get_mut(&listener) {
+            *seen = Some(seen.map_or(id, |s| s.max(id)));
+        }
+        Self::retire_read(&mut ledger);
+    }
+
+    /// Retire up to the last fence every subscription has read.
+    fn retire_read(ledger: &mut Ledger) {
+        let read = ledger.listeners.values().copied().collect::<Option<Vec<u64>>>();
+        if let Some(id) = read.and_then(|r| r.into_iter().min()) {
+            Self::retire(ledger, id);
+        }
+    }
+
+    /// Fence `id` came back through the subscription (the only one): every
+    /// write answered before it was sent has had its notification read, so
+    /// what is left of those expectations will never be matched.
+    pub fn fence_seen(&self, id: u64) {
+        Self::retire(&mut self.lock(), id);
+    }
+
+    fn retire(ledger: &mut Ledger, id: u64) {
         while ledger.retiring.front().is_some_and(|(at, _, _)| *at <= id) {
             let (_, key, mark) = ledger.retiring.pop_front().expect("checked");
             ledger.remove_mark(&key, |m| m.id == mark);
@@ -275,7 +325,7 @@ pub fn parse_fence(payload: &[u8]) -> Option<u64> {
 /// connection is made good by the next one (each retires all before it).
 pub async fn send_fences(
     ledger: Arc<EchoLedger>,
-    mut conn: redis::aio::ConnectionManager,
+    mut conn: Conn,
     channel: String,
     stop: tokio_util::sync::CancellationToken,
 ) {
@@ -602,6 +652,30 @@ mod tests {
         let huge: Vec<Vec<u8>> = (0..=CAPACITY).map(|i| i.to_string().into_bytes()).collect();
         assert_eq!(ledger.expect_each(&huge, "del", &origin(1)), None);
         assert!(ledger.is_empty(), "nothing recorded when it does not fit");
+    }
+
+    #[test]
+    fn on_a_cluster_a_fence_retires_only_once_every_subscription_read_it() {
+        let ledger = EchoLedger::new();
+        let (a, b) = (ledger.listener(), ledger.listener());
+        let ids = ledger.expect(b"k", &["del"], &origin(1));
+        ledger.written(b"k", ids);
+        let fence = ledger.fence_to_send().unwrap();
+        ledger.fence_seen_by(a, fence);
+        assert_eq!(ledger.len(), 1, "node b may still bring the notification");
+        ledger.fence_seen_by(b, fence);
+        assert!(ledger.is_empty());
+        // A node that goes away holds nothing back; one that joins starts
+        // past every fence sent.
+        let ids = ledger.expect(b"k", &["del"], &origin(1));
+        ledger.written(b"k", ids);
+        let fence = ledger.fence_to_send().unwrap();
+        let c = ledger.listener();
+        ledger.fence_seen_by(a, fence);
+        assert_eq!(ledger.len(), 1);
+        ledger.drop_listener(b);
+        assert!(ledger.is_empty(), "c joined after the fence was sent");
+        let _ = c;
     }
 
     #[test]

@@ -495,7 +495,7 @@ impl KeyIndex {
     /// waiting at its start; a failed pass is retried with backoff.
     pub async fn run_builder(
         self: Arc<Self>,
-        mut conn: redis::aio::ConnectionManager,
+        mut conn: crate::store::target::Conn,
         stop: tokio_util::sync::CancellationToken,
     ) {
         let mut failures = 0u32;
@@ -544,7 +544,7 @@ impl KeyIndex {
 
     async fn scan_into(
         &self,
-        conn: &mut redis::aio::ConnectionManager,
+        conn: &mut crate::store::target::Conn,
         epoch: u64,
         pattern: &str,
     ) -> redis::RedisResult<()> {

@@ -6,6 +6,8 @@
 //! semantics ([`memory`], the fake host's keyspace). Write layers wrap a
 //! backend: [`echo`] records each write so its own notification does not
 //! wake the policy again, [`dryrun`] only logs what a write would do.
+//! [`target`] says whether that is one server or a Redis Cluster, and holds
+//! the connection type everything else uses.
 //! [`index`] keeps the names of the keys bulk operations can reach, fed by
 //! the keyspace subscriber, so that they walk names instead of scanning
 //! Redis ([`keyset`] stores them).
@@ -21,3 +23,4 @@ pub mod index;
 pub mod keyset;
 pub mod memory;
 pub mod redis;
+pub mod target;

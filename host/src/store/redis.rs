@@ -1,6 +1,7 @@
 //! [`Backend`] over a real Redis: the restricted API, done efficiently.
 //!
-//! One multiplexed, self-reconnecting connection (`ConnectionManager`) is
+//! One multiplexed, self-reconnecting connection ([`Conn`]: a
+//! `ConnectionManager`, or redis-rs's cluster client on a Redis Cluster) is
 //! shared by every policy; it is separate from the keyspace subscription,
 //! which Redis puts in a mode where it can run no other command.
 //!
@@ -10,21 +11,28 @@
 //! `UNLINK` per page, sent in the same pipeline as the request for the next
 //! page, so a page costs one round trip. Every key Redis returns is checked
 //! against the policy's grants before it is touched, and `KEYS` is never used.
+//!
+//! On a Redis Cluster a `SCAN` cursor belongs to one node, so bulk
+//! operations walk every primary, in parallel, each over a connection of
+//! its own; a multi-key command takes keys of one slot only, so a page's
+//! `UNLINK` and the pipelined `MGET`s are split by slot, and pipelines of
+//! single-key commands are sent one per slot.
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use cachepol_guest_sdk::glob::Glob;
-use redis::aio::ConnectionManager;
-use redis::{Client, RedisError, Script, Value};
+use redis::{RedisError, Script, Value};
 
 use crate::metrics::{Metrics, metrics};
 use crate::store::backend::{
     Backend, BackendError, BulkPlan, BulkResult, BulkStep, QueuedExpire, Rows, ScanResult, scan_pattern_for,
 };
 use crate::store::index::{self, Fence, KeyIndex, Lease};
+use crate::store::target::{self, Conn, Node, RedisTarget};
 use crate::wit::{ExpireCondition, ExpireRow, KeyTtl, SetCondition, SetOptions, ValueKind};
 
 /// Keys asked for per `SCAN` page in bulk operations (and per page taken
@@ -52,10 +60,10 @@ const RELEASE: &str =
 /// The restricted Redis API over one multiplexed connection.
 #[derive(Clone)]
 pub struct RedisBackend {
-    conn: ConnectionManager,
+    conn: Conn,
     /// For the connections of `SCAN`-based bulk operations (see
-    /// [`RedisBackend::scan`]).
-    client: Client,
+    /// [`RedisBackend::scan`]), and a cluster's primaries.
+    target: RedisTarget,
     release: Script,
     /// Serves bulk operations when complete ([`crate::store::index`]).
     index: Option<Arc<KeyIndex>>,
@@ -63,21 +71,53 @@ pub struct RedisBackend {
 
 impl RedisBackend {
     /// Connect (the connection manager reconnects by itself afterwards).
-    pub async fn connect(client: &Client) -> Result<RedisBackend, BackendError> {
-        let conn = manager(client).await?;
-        Ok(RedisBackend { conn, client: client.clone(), release: Script::new(RELEASE), index: None })
+    pub async fn connect(target: &RedisTarget) -> Result<RedisBackend, BackendError> {
+        let conn = target.connect().await.map_err(failed)?;
+        Ok(RedisBackend { conn, target: target.clone(), release: Script::new(RELEASE), index: None })
     }
 
-    /// Serve bulk operations from `index` when it is complete.
+    /// Serve bulk operations from `index` when it is complete. (Not on a
+    /// cluster: the index's fences need one subscription in order with
+    /// every write, and a cluster has one per primary.)
     pub fn with_index(mut self, index: Arc<KeyIndex>) -> RedisBackend {
-        self.index = Some(index);
+        if !self.target.is_cluster() {
+            self.index = Some(index);
+        }
         self
     }
 
     /// A clone of the connection, for host-side commands outside the
     /// policy API (streams, `CONFIG`).
-    pub fn connection(&self) -> ConnectionManager {
+    pub fn connection(&self) -> Conn {
         self.conn.clone()
+    }
+
+    /// Send `cmds` (each with its key) and return their replies in order:
+    /// one pipeline on a single server; on a cluster, one pipeline per
+    /// slot, all at once (the cluster client routes a pipeline whole, to
+    /// the node of its first key).
+    async fn pipelined(&self, cmds: Vec<(&[u8], redis::Cmd)>) -> Result<Vec<Value>, BackendError> {
+        if !self.target.is_cluster() {
+            let mut pipe = redis::pipe();
+            for (_, cmd) in cmds {
+                pipe.add_command(cmd);
+            }
+            return retrying(|| async { pipe.query_async(&mut self.conn.clone()).await }).await;
+        }
+        let mut by_slot: std::collections::BTreeMap<u16, (Vec<usize>, redis::Pipeline)> = Default::default();
+        for (i, (key, cmd)) in cmds.into_iter().enumerate() {
+            let (at, pipe) = by_slot.entry(target::slot(key)).or_insert_with(|| (Vec::new(), redis::pipe()));
+            at.push(i);
+            pipe.add_command(cmd);
+        }
+        let sent = by_slot.values().map(|(at, pipe)| async move {
+            let replies: Vec<Value> = retrying(|| async { pipe.query_async(&mut self.conn.clone()).await }).await?;
+            Ok::<_, BackendError>(at.iter().copied().zip(replies).collect::<Vec<_>>())
+        });
+        let mut replies: Vec<(usize, Value)> =
+            futures_util::future::try_join_all(sent).await?.into_iter().flatten().collect();
+        replies.sort_by_key(|(i, _)| *i);
+        Ok(replies.into_iter().map(|(_, v)| v).collect())
     }
 
     async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, BackendError> {
@@ -103,6 +143,7 @@ impl RedisBackend {
         tally: impl Fn(&Value) -> u64,
     ) -> Result<BulkResult, BackendError> {
         let mut result = BulkResult::default();
+        let budget = AtomicU64::new(0);
         // An exact key needs no scan.
         if let [walk] = walks
             && let Some(literal) = walk.literal()
@@ -125,7 +166,7 @@ impl RedisBackend {
         let scan_pattern = scan_pattern_for(&walks.iter().collect::<Vec<_>>());
         let mut affected = 0;
         if let Some(leases) = self.leases(walks, &scan_pattern).await {
-            let (walked, complete) = self.walk_index(walks, &leases, plan, &act, &tally, &mut result).await?;
+            let (walked, complete) = self.walk_index(walks, &leases, plan, &budget, &act, &tally, &mut result).await?;
             if complete {
                 result.affected = walked;
                 Metrics::count(&metrics().bulk_operations, "index");
@@ -137,10 +178,63 @@ impl RedisBackend {
             );
             affected = walked;
         }
-        let scanned = self.scan(walks, &scan_pattern, plan, &act, &tally, &mut result).await?;
+        let scanned = match self.target.is_cluster() {
+            false => {
+                let client = self.target.node(None).map_err(failed)?;
+                self.scan(&client, walks, &scan_pattern, plan, &budget, &act, &tally, &mut result).await?
+            }
+            true => self.scan_primaries(walks, &scan_pattern, plan, &budget, &act, &tally, &mut result).await?,
+        };
         Metrics::count(&metrics().bulk_operations, "scan");
         result.affected = affected + scanned;
         Ok(result)
+    }
+
+    /// [`RedisBackend::scan`] on every primary of the cluster at once,
+    /// each page's commands split by slot. Returns the keys Redis says were
+    /// affected; `result` gathers every node's.
+    #[allow(clippy::too_many_arguments)]
+    async fn scan_primaries(
+        &self,
+        walks: &[Glob],
+        pattern: &str,
+        plan: &BulkPlan<'_>,
+        budget: &AtomicU64,
+        act: &impl Fn(&mut redis::Pipeline, &[Vec<u8>]),
+        tally: &impl Fn(&Value) -> u64,
+        result: &mut BulkResult,
+    ) -> Result<u64, BackendError> {
+        let primaries = self.primaries().await?;
+        let by_slot = |pipe: &mut redis::Pipeline, keys: &[Vec<u8>]| {
+            for group in target::by_slot(keys) {
+                act(pipe, &group.into_iter().cloned().collect::<Vec<_>>());
+            }
+        };
+        let nodes = primaries.iter().map(|node| async {
+            let client = self.target.node(Some(node)).map_err(failed)?;
+            let mut mine = BulkResult::default();
+            let affected = self.scan(&client, walks, pattern, plan, budget, &by_slot, tally, &mut mine).await;
+            affected.map(|a| (a, mine)).map_err(|e| on_node(node, e))
+        });
+        let mut affected = 0;
+        for (a, mine) in futures_util::future::try_join_all(nodes).await? {
+            affected += a;
+            result.affected += mine.affected;
+            result.refused += mine.refused;
+            result.truncated |= mine.truncated;
+            let room = BulkResult::SAMPLE.saturating_sub(result.sample.len());
+            result.sample.extend(mine.sample.into_iter().take(room));
+        }
+        Ok(affected)
+    }
+
+    /// The cluster's primaries now.
+    async fn primaries(&self) -> Result<Vec<Node>, BackendError> {
+        let primaries = self.target.primaries(&mut self.conn.clone()).await.map_err(failed)?;
+        if primaries.is_empty() {
+            return Err(BackendError::Unavailable("the cluster announces no primary serving slots".into()));
+        }
+        Ok(primaries)
     }
 
     /// [`RedisBackend::bulk`] over the key index: pages of keys taken from
@@ -152,6 +246,7 @@ impl RedisBackend {
         walks: &[Glob],
         leases: &[Lease],
         plan: &BulkPlan<'_>,
+        budget: &AtomicU64,
         act: &impl Fn(&mut redis::Pipeline, &[Vec<u8>]),
         tally: &impl Fn(&Value) -> u64,
         result: &mut BulkResult,
@@ -188,7 +283,7 @@ impl RedisBackend {
                     walk += usize::from(next.is_none());
                     after = next;
                     for key in keys {
-                        take(key, plan, result, &mut page);
+                        take(key, plan, budget, result, &mut page);
                     }
                 }
                 if page.is_empty() {
@@ -251,11 +346,14 @@ impl RedisBackend {
     /// nothing on a restarted server (its dict has a new hash seed), so
     /// going on would silently skip keys. Keys already deleted are not found
     /// again; keys whose TTL was set may be set (and counted) again.
+    #[allow(clippy::too_many_arguments)]
     async fn scan(
         &self,
+        node: &redis::Client,
         walks: &[Glob],
         pattern: &str,
         plan: &BulkPlan<'_>,
+        budget: &AtomicU64,
         act: &impl Fn(&mut redis::Pipeline, &[Vec<u8>]),
         tally: &impl Fn(&Value) -> u64,
         result: &mut BulkResult,
@@ -265,7 +363,7 @@ impl RedisBackend {
         // echo fences, the index builder) may be the first to find it broken
         // after a Redis restart and reconnect it, and this scan would go on
         // with a cursor the restarted server knows nothing of.
-        let conn = manager(&self.client).await?;
+        let conn = RedisTarget::Single(node.clone()).connect().await.map_err(failed)?;
         let mut pending: Vec<Vec<u8>> = Vec::new();
         let mut cursor: Option<u64> = Some(0);
         let mut restarts = 0;
@@ -309,7 +407,7 @@ impl RedisBackend {
             let (next, keys): (u64, Vec<Vec<u8>>) =
                 redis::from_redis_value(scan).map_err(|e| BackendError::Command(e.to_string()))?;
             for key in keys.into_iter().filter(|k| walks.iter().any(|w| w.matches_bytes(k))) {
-                take(key, plan, result, &mut pending);
+                take(key, plan, budget, result, &mut pending);
             }
             cursor = if next == 0 || result.truncated { None } else { Some(next) };
         }
@@ -378,25 +476,30 @@ fn sample_changed(result: &mut BulkResult, keys: &[Vec<u8>], replies: &[Value], 
 }
 
 /// Queue `key` for the next pipeline if the plan allows it and its limit
-/// has room; count it as refused or as cut off otherwise.
-fn take(key: Vec<u8>, plan: &BulkPlan<'_>, result: &mut BulkResult, pending: &mut Vec<Vec<u8>>) {
+/// has room (`budget`: keys taken so far, by every node's walk); count it
+/// as refused or as cut off otherwise.
+fn take(key: Vec<u8>, plan: &BulkPlan<'_>, budget: &AtomicU64, result: &mut BulkResult, pending: &mut Vec<Vec<u8>>) {
     if !(plan.allow)(&key) {
         result.refused += 1;
-    } else if result.affected + (pending.len() as u64) < plan.limit {
+    } else if budget.fetch_add(1, Ordering::Relaxed) < plan.limit {
         pending.push(key);
     } else {
         result.truncated = true;
     }
 }
 
-/// A self-reconnecting connection to `client`'s Redis.
-async fn manager(client: &Client) -> Result<ConnectionManager, BackendError> {
-    let config = redis::aio::ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(std::time::Duration::from_secs(5)))
-        .set_response_timeout(Some(std::time::Duration::from_secs(30)))
-        .set_max_delay(std::time::Duration::from_secs(5));
-    ConnectionManager::new_with_config(client.clone(), config).await.map_err(failed)
+/// Name the node an error came from.
+fn on_node(node: &Node, e: BackendError) -> BackendError {
+    match e {
+        BackendError::Unavailable(e) => BackendError::Unavailable(format!("{node}: {e}")),
+        BackendError::Command(e) => BackendError::Command(format!("{node}: {e}")),
+    }
 }
+
+/// A policy's `SCAN` cursor on a cluster: the node's place among the
+/// primaries (sorted by address) in the top 16 bits, that node's own cursor
+/// below (Redis's cursors stay under 2^48 for any table a node can hold).
+const NODE_SHIFT: u32 = 48;
 
 /// Retry delays when the connection was found broken. The connection manager
 /// reconnects in the background once a command fails on a dead connection
@@ -477,13 +580,39 @@ impl Backend for RedisBackend {
         if keys.is_empty() {
             return Ok(Vec::new());
         }
-        let mut pipe = redis::pipe();
-        for chunk in keys.chunks(MGET_BATCH) {
-            pipe.cmd("MGET").arg(chunk);
+        if !self.target.is_cluster() {
+            let mut pipe = redis::pipe();
+            for chunk in keys.chunks(MGET_BATCH) {
+                pipe.cmd("MGET").arg(chunk);
+            }
+            let replies: Vec<Vec<Option<Vec<u8>>>> =
+                retrying(|| async { pipe.query_async(&mut self.conn.clone()).await }).await?;
+            return Ok(replies.into_iter().flatten().collect());
         }
-        let replies: Vec<Vec<Option<Vec<u8>>>> =
-            retrying(|| async { pipe.query_async(&mut self.conn.clone()).await }).await?;
-        Ok(replies.into_iter().flatten().collect())
+        // One `MGET` per slot's chunk, then the values put back in order.
+        let mut at: HashMap<&str, Vec<usize>> = HashMap::new();
+        for (i, key) in keys.iter().enumerate() {
+            at.entry(key.as_str()).or_default().push(i);
+        }
+        let mut cmds = Vec::new();
+        for group in target::by_slot(keys) {
+            for chunk in group.chunks(MGET_BATCH) {
+                cmds.push((chunk[0].as_bytes(), chunk.to_vec()));
+            }
+        }
+        let sent = cmds.iter().map(|(key, chunk)| (*key, redis::cmd("MGET").arg(chunk).clone())).collect();
+        let replies = self.pipelined(sent).await?;
+        let mut values = vec![None; keys.len()];
+        for ((_, chunk), reply) in cmds.iter().zip(replies) {
+            let got: Vec<Option<Vec<u8>>> =
+                redis::from_redis_value(reply).map_err(|e| BackendError::Command(e.to_string()))?;
+            for (key, value) in chunk.iter().zip(got) {
+                for i in &at[key.as_str()] {
+                    values[*i] = value.clone();
+                }
+            }
+        }
+        Ok(values)
     }
 
     async fn exists(&self, key: &str) -> Result<bool, BackendError> {
@@ -513,8 +642,32 @@ impl Backend for RedisBackend {
         })
     }
 
+    /// On a cluster, the cursor walks the primaries one after the other
+    /// (see [`NODE_SHIFT`]); a topology change during a walk may skip or
+    /// repeat keys, as a restarted server does on a single one.
     async fn scan(&self, cursor: u64, pattern: &str, count: u32) -> Result<ScanResult, BackendError> {
-        self.query(redis::cmd("SCAN").arg(cursor).arg("MATCH").arg(pattern).arg("COUNT").arg(count)).await
+        let page = |c: u64| redis::cmd("SCAN").arg(c).arg("MATCH").arg(pattern).arg("COUNT").arg(count).clone();
+        if !self.target.is_cluster() {
+            return self.query(&page(cursor)).await;
+        }
+        let primaries = self.primaries().await?;
+        let at = (cursor >> NODE_SHIFT) as usize;
+        let Some(node) = primaries.get(at) else { return Ok((0, Vec::new())) };
+        let client = self.target.node(Some(node)).map_err(failed)?;
+        let mut conn = client.get_multiplexed_async_connection().await.map_err(|e| on_node(node, failed(e)))?;
+        let (next, keys): ScanResult = page(cursor & ((1 << NODE_SHIFT) - 1))
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| on_node(node, failed(e)))?;
+        if next >= 1 << NODE_SHIFT {
+            return Err(BackendError::Command(format!("{node} answered a SCAN cursor too large to carry")));
+        }
+        let next = match (next, at + 1 < primaries.len()) {
+            (0, true) => ((at + 1) as u64) << NODE_SHIFT,
+            (0, false) => 0,
+            (n, _) => ((at as u64) << NODE_SHIFT) | n,
+        };
+        Ok((next, keys))
     }
 
     async fn set(&self, key: &str, value: &[u8], options: &SetOptions) -> Result<bool, BackendError> {
@@ -547,12 +700,7 @@ impl Backend for RedisBackend {
     }
 
     async fn expire(&self, key: &str, ttl_ms: u64, condition: ExpireCondition) -> Result<bool, BackendError> {
-        let mut cmd = redis::cmd("PEXPIRE");
-        cmd.arg(key).arg(ttl_ms);
-        if let Some(flag) = expire_flag(condition) {
-            cmd.arg(flag);
-        }
-        let n: i64 = self.query(&cmd).await?;
+        let n: i64 = self.query(&pexpire(key, ttl_ms, condition)).await?;
         Ok(n == 1)
     }
 
@@ -563,15 +711,9 @@ impl Backend for RedisBackend {
 
     /// One pipeline, one round trip.
     async fn expire_many(&self, items: &[QueuedExpire]) -> Result<Vec<bool>, BackendError> {
-        let mut pipe = redis::pipe();
-        for item in items {
-            let cmd = pipe.cmd("PEXPIRE").arg(&item.key).arg(item.ttl_ms);
-            if let Some(flag) = expire_flag(item.condition) {
-                cmd.arg(flag);
-            }
-        }
-        let replies: Vec<Value> = retrying(|| async { pipe.query_async(&mut self.conn.clone()).await }).await?;
-        Ok(replies.iter().map(is_one).collect())
+        let cmds =
+            items.iter().map(|item| (item.key.as_bytes(), pexpire(&item.key, item.ttl_ms, item.condition))).collect();
+        Ok(self.pipelined(cmds).await?.iter().map(is_one).collect())
     }
 
     async fn delete_matching(&self, pattern: &str, plan: &BulkPlan<'_>) -> Result<BulkResult, BackendError> {
@@ -619,6 +761,16 @@ impl Backend for RedisBackend {
     fn now_ms(&self) -> u64 {
         SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
     }
+}
+
+/// `PEXPIRE key ms [condition]`.
+fn pexpire(key: &str, ttl_ms: u64, condition: ExpireCondition) -> redis::Cmd {
+    let mut cmd = redis::cmd("PEXPIRE");
+    cmd.arg(key).arg(ttl_ms);
+    if let Some(flag) = expire_flag(condition) {
+        cmd.arg(flag);
+    }
+    cmd
 }
 
 /// The `PEXPIRE` option for a condition.

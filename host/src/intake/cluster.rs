@@ -1,0 +1,233 @@
+//! One keyspace subscription per primary, following the topology.
+//!
+//! Keyspace notifications are per node and never broadcast, and no
+//! cluster client keeps a subscription on every primary (redis-rs routes a
+//! `SUBSCRIBE` to one random node, and after a reconnect to the first node
+//! it reaches). So the daemon does it itself: it reads the primaries from
+//! `CLUSTER SLOTS` and runs one [`Subscriber`] per primary, each on a RESP3
+//! connection of its own to that node. The topology is read again every
+//! [`REFRESH`], and at once when a subscription is lost (a primary failing
+//! over is the usual reason). A primary that appears (a promoted replica, a
+//! node added) is subscribed, and every policy gets `sweep(reconnect)` for
+//! what it may have been written meanwhile; a node that no longer serves
+//! slots is let go.
+//!
+//! On a single server there is one subscription, to it, and no topology.
+//!
+//! [`Nodes`] keeps each subscription's state: readiness is "every primary
+//! subscribed, every primary sending what the policies need", and
+//! `/status` lists them.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::intake::events::{Backoff, Subscriber};
+use crate::metrics::{Readiness, metrics};
+use crate::store::target::{Node, RedisTarget};
+use crate::wit::SweepReason;
+
+/// How often the primaries are read again while nothing is lost.
+pub const REFRESH: Duration = Duration::from_secs(5);
+
+/// One subscription's state, as `/status` shows it.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct NodeState {
+    /// `host:port` (empty on a single server).
+    pub node: String,
+    pub subscribed: bool,
+    /// The node sends every notification the policies need.
+    pub notifications: bool,
+}
+
+/// The subscriptions of this daemon, by node.
+#[derive(Default)]
+pub struct Nodes {
+    states: Mutex<BTreeMap<String, NodeState>>,
+    /// A subscription was lost: read the topology now.
+    pub lost: tokio::sync::Notify,
+}
+
+impl Nodes {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, NodeState>> {
+        self.states.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Update `node`'s state and readiness from every node's.
+    pub fn update(&self, node: &str, change: impl FnOnce(&mut NodeState)) {
+        let mut states = self.lock();
+        let state =
+            states.entry(node.to_string()).or_insert_with(|| NodeState { node: node.into(), ..NodeState::default() });
+        change(state);
+        Self::publish(&states);
+    }
+
+    /// Whether `node` sends what the policies need (as last checked).
+    pub fn notifications(&self, node: &str) -> bool {
+        self.lock().get(node).is_some_and(|s| s.notifications)
+    }
+
+    fn forget(&self, node: &str) {
+        let mut states = self.lock();
+        states.remove(node);
+        Self::publish(&states);
+    }
+
+    fn publish(states: &BTreeMap<String, NodeState>) {
+        let (subscribed, notifications, count) = Self::summary(states);
+        let ready = &metrics().ready;
+        Readiness::set(&ready.subscribed, subscribed);
+        Readiness::set(&ready.notifications, notifications);
+        metrics().subscriptions.set(count);
+    }
+
+    /// Every node subscribed; every node sending what is needed; how many
+    /// subscriptions are up.
+    fn summary(states: &BTreeMap<String, NodeState>) -> (bool, bool, i64) {
+        let up = states.values().filter(|s| s.subscribed).count();
+        (!states.is_empty() && up == states.len(), states.values().all(|s| s.notifications), up as i64)
+    }
+
+    /// Every subscription, by node.
+    pub fn snapshot(&self) -> Vec<NodeState> {
+        self.lock().values().cloned().collect()
+    }
+}
+
+/// Runs the subscriptions `template` describes (one, or one per primary).
+pub struct Subscriptions {
+    pub target: RedisTarget,
+    /// Cloned for each node, with its client and name.
+    pub template: Subscriber,
+}
+
+impl Subscriptions {
+    /// Run until `shutdown`; `ready` fires once every primary known at
+    /// start is subscribed.
+    pub async fn run(self, shutdown: CancellationToken, ready: tokio::sync::oneshot::Sender<()>) {
+        if !self.target.is_cluster() {
+            let mut single = self.template;
+            match self.target.node(None) {
+                Ok(client) => single.client = client,
+                Err(e) => return warn!(error = %e, "cannot subscribe to keyspace notifications"),
+            }
+            return single.run(shutdown, ready).await;
+        }
+        let nodes = self.template.nodes.clone();
+        let mut running: BTreeMap<String, CancellationToken> = BTreeMap::new();
+        let mut tasks = JoinSet::new();
+        let mut ready = Some(ready);
+        let mut backoff = Backoff::new();
+        let mut conn = None;
+        let mut warned = false;
+        loop {
+            let primaries = match self.read_primaries(&mut conn).await {
+                Ok(primaries) => {
+                    backoff.reset();
+                    warned = false;
+                    Some(primaries)
+                }
+                Err(e) => {
+                    if !warned {
+                        warn!(error = %e, "cannot read the cluster's primaries; keeping the subscriptions as they are");
+                        warned = true;
+                    }
+                    conn = None;
+                    None
+                }
+            };
+            if let Some(primaries) = primaries {
+                let first = ready.is_some();
+                let mut started = Vec::new();
+                let new: Vec<&Node> = primaries.iter().filter(|n| !running.contains_key(&n.addr)).collect();
+                for node in new {
+                    let stop = shutdown.child_token();
+                    let (tx, rx) = tokio::sync::oneshot::channel();
+                    match self.subscriber(node, first) {
+                        Ok(subscriber) => {
+                            tasks.spawn(subscriber.run(stop.clone(), tx));
+                            running.insert(node.addr.clone(), stop);
+                            started.push(rx);
+                            if !first {
+                                info!(node = %node, "a new primary serves slots; subscribing to it");
+                            }
+                        }
+                        Err(e) => warn!(node = %node, error = %e, "cannot subscribe to a primary"),
+                    }
+                }
+                running.retain(|addr, stop| {
+                    let keep = primaries.iter().any(|n| n.addr == *addr);
+                    if !keep {
+                        info!(node = %addr, "a node no longer serves slots; unsubscribing from it");
+                        stop.cancel();
+                        nodes.forget(addr);
+                    }
+                    keep
+                });
+                metrics().primaries.set(primaries.len() as i64);
+                if let Some(tx) = ready.take() {
+                    info!(primaries = primaries.len(), "Redis Cluster: one keyspace subscription per primary");
+                    tokio::spawn(async move {
+                        for rx in started {
+                            let _ = rx.await;
+                        }
+                        let _ = tx.send(());
+                    });
+                }
+            }
+            let wait = if running.is_empty() { backoff.next_delay() } else { REFRESH };
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep(wait) => {}
+                _ = nodes.lost.notified() => {}
+            }
+        }
+        while tasks.join_next().await.is_some() {}
+    }
+
+    /// The subscriber for `node`: its first subscription sweeps as the
+    /// daemon starts (`first`), or for what the node may have taken
+    /// unheard.
+    fn subscriber(&self, node: &Node, first: bool) -> redis::RedisResult<Subscriber> {
+        let mut subscriber = self.template.clone();
+        subscriber.client = self.target.node(Some(node))?;
+        subscriber.node = node.addr.clone();
+        subscriber.first_sweep = if first { SweepReason::Start } else { SweepReason::Reconnect };
+        Ok(subscriber)
+    }
+
+    async fn read_primaries(&self, conn: &mut Option<crate::store::target::Conn>) -> redis::RedisResult<Vec<Node>> {
+        if conn.is_none() {
+            *conn = Some(self.target.connect().await?);
+        }
+        let conn = conn.as_mut().expect("just set");
+        let primaries = self.target.primaries(conn).await?;
+        if primaries.is_empty() {
+            return Err((redis::ErrorKind::Io, "the cluster announces no primary serving slots").into());
+        }
+        Ok(primaries)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ready_only_when_every_primary_is_subscribed_and_sending() {
+        let mut states = BTreeMap::new();
+        let state = |subscribed, notifications| NodeState { node: String::new(), subscribed, notifications };
+        assert_eq!(Nodes::summary(&states), (false, true, 0), "no subscription yet");
+        states.insert("a:1".to_string(), state(true, true));
+        states.insert("b:2".to_string(), state(false, false));
+        assert_eq!(Nodes::summary(&states), (false, false, 1));
+        states.insert("b:2".to_string(), state(true, true));
+        assert_eq!(Nodes::summary(&states), (true, true, 2));
+        states.insert("b:2".to_string(), state(true, false));
+        assert_eq!(Nodes::summary(&states), (true, false, 2));
+    }
+}
