@@ -5,6 +5,7 @@ mod support;
 
 mod acl;
 mod admin;
+mod cluster;
 mod daemon;
 mod deploy_hooks;
 mod echo;

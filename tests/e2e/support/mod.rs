@@ -71,8 +71,12 @@ impl RedisServer {
     /// Start with extra arguments (later ones win: `--appendonly yes`
     /// makes a durable server, whose restarts reload its data).
     pub fn start_with(extra: &[&str]) -> RedisServer {
+        RedisServer::start_on(free_port(), extra)
+    }
+
+    fn start_on(port: u16, extra: &[&str]) -> RedisServer {
         let extra = extra.iter().map(|a| a.to_string()).collect();
-        let mut server = RedisServer { port: free_port(), child: None, dir: TempDir::new("redis"), extra };
+        let mut server = RedisServer { port, child: None, dir: TempDir::new("redis"), extra };
         server.spawn();
         server
     }
@@ -169,6 +173,8 @@ impl Drop for RedisServer {
         self.stop();
     }
 }
+
+pub mod cluster;
 
 /// A running `cachepol run`, its log captured to a file.
 pub struct Daemon {

@@ -1,0 +1,161 @@
+//! A Redis Cluster (`redis+cluster://`): one subscription per primary, bulk
+//! operations on every primary, a failover followed, and two daemons
+//! sharing one cluster.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use crate::support::cluster::Cluster;
+use crate::support::{Daemon, Setup, http};
+
+/// The ports of the primaries serving `keys`.
+fn nodes_of(cluster: &Cluster, keys: &[String]) -> BTreeSet<u16> {
+    keys.iter().map(|k| cluster.node_of(k).port).collect()
+}
+
+fn status(daemon: &Daemon) -> serde_json::Value {
+    let (code, body) = http(&daemon.admin(), "GET", "/status", &[], b"");
+    assert_eq!(code, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+fn eventually(daemon: &Daemon, what: &str, check: impl FnMut() -> bool) {
+    crate::support::eventually(daemon, what, check)
+}
+
+#[test]
+fn policies_reach_keys_on_every_primary_and_a_hook_is_handled_once() {
+    let cluster = Cluster::start(3, 0);
+    // Written before the daemon starts: only its start sweep, which must
+    // scan every primary, can find them.
+    let before: Vec<String> = (0..30).map(|n| format!("graph_data:old{n}")).collect();
+    for key in &before {
+        cluster.set(key, "g");
+    }
+    assert_eq!(nodes_of(&cluster, &before).len(), 3, "the keys are spread over every primary");
+    let setup = Setup::new(&["ttl-table", "genre-invalidation"]);
+    let daemon = cluster.daemon(&setup);
+
+    let subscriptions = status(&daemon)["subscriptions"].as_array().unwrap().clone();
+    assert_eq!(subscriptions.len(), 3, "one subscription per primary: {subscriptions:?}");
+    assert!(subscriptions.iter().all(|s| s["subscribed"] == true && s["notifications"] == true));
+
+    // Events from every node: each key gets the table's TTL (graph 1 h).
+    let after: Vec<String> = (0..30).map(|n| format!("graph_data:new{n}")).collect();
+    for key in &after {
+        cluster.set(key, "g");
+    }
+    for key in before.iter().chain(&after) {
+        eventually(&daemon, &format!("{key} has its TTL"), || {
+            let ttl: i64 = cluster.cmd(key, &["PTTL", key]);
+            ttl > 3_000_000 && ttl <= 3_600_000
+        });
+    }
+
+    // A deploy hook through the stream on the cluster: genre-invalidation
+    // deletes the genre's keys on every primary, and nothing else.
+    let dance: Vec<String> = (0..60).map(|n| format!("service_playlist:dance:{n}")).collect();
+    for key in &dance {
+        cluster.set(key, "p");
+    }
+    cluster.set("service_playlist:rock:1", "p");
+    cluster.set("graph_data:dance", "g");
+    assert_eq!(nodes_of(&cluster, &dance).len(), 3);
+    let (ok, out) = cluster.cli(&["deploy", "--service", "catalog", "--tag", "genre=dance"]);
+    assert!(ok, "{out}");
+    eventually(&daemon, "the genre's keys are gone from every primary", || {
+        cluster.keys("service_playlist:dance:*").is_empty() && !cluster.exists("graph_data:dance")
+    });
+    assert!(cluster.exists("service_playlist:rock:1"));
+    eventually(&daemon, "the hook is acknowledged", || {
+        let pending: Vec<redis::Value> =
+            cluster.cmd("{cachepol}:deploys", &["XPENDING", "{cachepol}:deploys", "cachepol", "-", "+", "10"]);
+        pending.is_empty()
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(daemon.log_text().matches("deploy hook service=").count(), 1, "the hook is handled once");
+    assert_eq!(daemon.stop(), Some(0));
+}
+
+#[test]
+fn a_failed_primary_is_replaced_by_its_replica_and_its_slots_are_handled() {
+    let mut cluster = Cluster::start(3, 1);
+    let setup = Setup::new(&["ttl-table"]);
+    let daemon = cluster.daemon(&setup);
+    let key = "graph_data:{failover}1";
+    cluster.set(key, "g");
+    eventually(&daemon, "a TTL before the failover", || cluster.cmd::<i64>(key, &["PTTL", key]) > 0);
+
+    // The primary of that slot dies; its replica is promoted.
+    let dead = cluster.node_of(key).port;
+    cluster.by_port_mut(dead).stop();
+    cluster.wait_until("the replica is promoted", |c| {
+        c.primaries().len() == 3 && c.primaries().iter().all(|p| p.port != dead)
+    });
+    // Written on the promoted primary at once, maybe before the daemon
+    // subscribed to it: its event, or the sweep for the new primary,
+    // gives it its TTL.
+    let meanwhile = "graph_data:{failover}2";
+    cluster.set(meanwhile, "g");
+    daemon.wait_for("a new primary serves slots; subscribing to it", Duration::from_secs(30));
+    eventually(&daemon, "the key written around the failover has its TTL", || {
+        cluster.cmd::<i64>(meanwhile, &["PTTL", meanwhile]) > 0
+    });
+    // Once subscribed, its writes are handled as events.
+    let promoted = cluster.node_of(key).port;
+    eventually(&daemon, "subscribed to the promoted primary", || {
+        status(&daemon)["subscriptions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["node"] == format!("127.0.0.1:{promoted}") && s["subscribed"] == true)
+    });
+    let later = "graph_data:{failover}3";
+    cluster.set(later, "g");
+    eventually(&daemon, "a write after the failover has its TTL", || cluster.cmd::<i64>(later, &["PTTL", later]) > 0);
+    eventually(&daemon, "the dead node is let go", || {
+        status(&daemon)["subscriptions"].as_array().unwrap().iter().all(|s| s["node"] != format!("127.0.0.1:{dead}"))
+    });
+    assert_eq!(daemon.stop(), Some(0));
+}
+
+#[test]
+fn two_daemons_on_a_cluster_handle_each_event_and_hook_once_and_one_takes_over() {
+    let cluster = Cluster::start(3, 0);
+    let setup = Setup::new(&["recorder"]).config("[replicas]\nenabled = true\nlease_ttl_ms = 3000");
+    let a = cluster.daemon(&setup);
+    a.wait_for("took the keyspace-event lease", Duration::from_secs(20));
+    let b = cluster.daemon(&setup);
+    b.wait_for("another daemon holds the keyspace-event lease", Duration::from_secs(20));
+
+    let keys: Vec<String> = (0..200).map(|n| format!("rec:{n}")).collect();
+    for key in &keys {
+        cluster.set(key, "v");
+    }
+    assert_eq!(nodes_of(&cluster, &keys).len(), 3);
+    eventually(&a, "200 events handled", || cluster.recorded_events("recorder") >= 200);
+    let (ok, out) = cluster.cli(&["deploy", "--service", "ci"]);
+    assert!(ok, "{out}");
+    let hooks = |daemons: &[&Daemon]| {
+        daemons.iter().map(|d| d.log_text().matches("deploy hook service=").count()).sum::<usize>()
+    };
+    eventually(&a, "the hook is handled", || hooks(&[&a, &b]) == 1);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(cluster.recorded_events("recorder"), 200, "each event once");
+    assert_eq!(hooks(&[&a, &b]), 1, "the hook once");
+    assert!(!b.log_text().contains("event=\"key-"), "the standby handled an event:\n{}", b.log_text());
+
+    // The holder dies: the other takes over within the lease's TTL, sweeps
+    // (reaching a key written while nobody held the lease), and handles
+    // the events on every node from then on.
+    let gap = "recorder:recorder:sweep:gap";
+    cluster.cmd::<i64>(gap, &["DEL", gap]);
+    a.kill();
+    b.wait_for("took the keyspace-event lease", Duration::from_secs(20));
+    eventually(&b, "the takeover sweep", || cluster.cmd::<Option<String>>(gap, &["GET", gap]).is_some());
+    for key in (200..250).map(|n| format!("rec:{n}")) {
+        cluster.set(&key, "v");
+    }
+    eventually(&b, "the next events handled by the new holder", || cluster.recorded_events("recorder") == 250);
+    assert_eq!(b.stop(), Some(0));
+}
