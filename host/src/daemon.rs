@@ -2,12 +2,14 @@
 //!
 //! Start-up, in order: bind the admin server (so liveness answers from
 //! the first moment; readiness says what is missing until the end of
-//! start-up), connect to Redis (retrying until it answers), load
+//! start-up), connect to Redis (one server, or a Redis Cluster through its
+//! cluster client: [`crate::store::target`]; retrying until it answers), load
 //! every `*.wasm` in the policies directory (a file that fails is logged and
 //! skipped; the others run; an operator grant wider than what a policy asks
 //! for stops start-up), check `notify-keyspace-events`, then start the
-//! keyspace subscriber (whose first subscription sends every policy
-//! `sweep(start)`), the deploy-hook consumer, the periodic sweeps and the
+//! keyspace subscriber (one per primary on a cluster, following the
+//! topology: [`crate::intake::cluster`]; its first subscription sends every
+//! policy `sweep(start)`), the deploy-hook consumer, the periodic sweeps and the
 //! reloader that watches the policies directory.
 //!
 //! Shutdown, on SIGINT/SIGTERM: report not ready, stop intake (subscriber, deploy reader,
@@ -117,7 +119,11 @@ async fn run_wired(
     let runtime = Runtime::new(RuntimeConfig { max_instances: config.instance_pool, ..RuntimeConfig::default() })?;
     let ledger = Arc::new(EchoLedger::new());
 
-    let switches = Arc::new(Switches::new(Lease::new(&config.replicas, db, &config.deploy.consumer)));
+    let mut switches = Switches::new(Lease::new(&config.replicas, db, &config.deploy.consumer));
+    if target.is_cluster() {
+        switches = switches.split_by_shard();
+    }
+    let switches = Arc::new(switches);
     if let Err(e) = control::read_at_start(&switches, &mut redis.connection(), &config.control_key).await {
         warn!(error = %e, key = %config.control_key, "cannot read the disabled policies; none is held back until they can be read");
     }
@@ -178,7 +184,8 @@ async fn run_wired(
             .map_err(|e| DaemonError::RedisUrl { url: config.redis_url.clone(), error: e.to_string() })?,
         node: String::new(),
         nodes,
-        first_sweep: SweepReason::Start,
+        shard: None,
+        first_sweep: Some(SweepReason::Start),
         db,
         routes: routes.clone(),
         ledger: ledger.clone(),

@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use crate::support::cluster::Cluster;
-use crate::support::{Daemon, Setup, http};
+use crate::support::{Daemon, Setup, http, metric};
 
 /// The ports of the primaries serving `keys`.
 fn nodes_of(cluster: &Cluster, keys: &[String]) -> BTreeSet<u16> {
@@ -120,13 +120,18 @@ fn a_failed_primary_is_replaced_by_its_replica_and_its_slots_are_handled() {
 }
 
 #[test]
-fn two_daemons_on_a_cluster_handle_each_event_and_hook_once_and_one_takes_over() {
+fn two_daemons_on_a_cluster_split_the_shards_handle_each_event_once_and_one_takes_over() {
     let cluster = Cluster::start(3, 0);
-    let setup = Setup::new(&["recorder"]).config("[replicas]\nenabled = true\nlease_ttl_ms = 3000");
+    let setup = Setup::new(&["recorder"]).config(
+        "[replicas]\nenabled = true\nlease_ttl_ms = 3000\n\n[policies.recorder]\nconfig = { name = \"recorder\", ttl_ms = 600000 }",
+    );
     let a = cluster.daemon(&setup);
-    a.wait_for("took the keyspace-event lease", Duration::from_secs(20));
+    a.wait_for("holding 3 of 3 shards", Duration::from_secs(20));
+    // A second daemon joins: the first gives one shard back, the second
+    // takes it.
     let b = cluster.daemon(&setup);
-    b.wait_for("another daemon holds the keyspace-event lease", Duration::from_secs(20));
+    b.wait_for("holding 1 of 3 shards", Duration::from_secs(20));
+    a.wait_for("holding 2 of 3 shards", Duration::from_secs(20));
 
     let keys: Vec<String> = (0..200).map(|n| format!("rec:{n}")).collect();
     for key in &keys {
@@ -143,19 +148,43 @@ fn two_daemons_on_a_cluster_handle_each_event_and_hook_once_and_one_takes_over()
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(cluster.recorded_events("recorder"), 200, "each event once");
     assert_eq!(hooks(&[&a, &b]), 1, "the hook once");
-    assert!(!b.log_text().contains("event=\"key-"), "the standby handled an event:\n{}", b.log_text());
+    for daemon in [&a, &b] {
+        assert!(daemon.log_text().contains("event=\"key-"), "each daemon handles its shards' events");
+    }
 
-    // The holder dies: the other takes over within the lease's TTL, sweeps
-    // (reaching a key written while nobody held the lease), and handles
-    // the events on every node from then on.
+    // An operator's sweep: each daemon sweeps the shards it holds, so
+    // each primary is scanned once, not once per daemon.
+    let primaries = cluster.primaries();
+    for p in &primaries {
+        cluster.by_port(p.port).cmd::<()>(&["CONFIG", "RESETSTAT"]);
+    }
+    let (ok, out) = cluster.cli(&["sweep", "recorder"]);
+    assert!(ok, "{out}");
+    let swept = |daemon: &Daemon| {
+        let (_, text) = http(&daemon.admin(), "GET", "/metrics", &[], b"");
+        metric(&text, "cachepol_sweeps_total{policy=\"recorder\",kind=\"manual\"}") == 1.0
+    };
+    eventually(&a, "both daemons swept", || swept(&a) && swept(&b));
+    std::thread::sleep(Duration::from_millis(300));
+    for p in &primaries {
+        assert_eq!(cluster.by_port(p.port).scan_calls(), 1, "{} scanned by one daemon", p.addr);
+    }
+
+    // One dies: the other takes its shards over within about the lease's
+    // TTL, sweeps (reaching a key written while nobody held them), and
+    // handles the events of every node from then on.
     let gap = "recorder:recorder:sweep:gap";
     cluster.cmd::<i64>(gap, &["DEL", gap]);
     a.kill();
-    b.wait_for("took the keyspace-event lease", Duration::from_secs(20));
+    let orphan = "rec:{orphan}";
+    cluster.set(orphan, "v");
+    b.wait_for("holding 3 of 3 shards", Duration::from_secs(20));
     eventually(&b, "the takeover sweep", || cluster.cmd::<Option<String>>(gap, &["GET", gap]).is_some());
+    eventually(&b, "the takeover sweep gave the orphan its TTL", || cluster.cmd::<i64>(orphan, &["PTTL", orphan]) > 0);
+    let before = cluster.recorded_events("recorder");
     for key in (200..250).map(|n| format!("rec:{n}")) {
         cluster.set(&key, "v");
     }
-    eventually(&b, "the next events handled by the new holder", || cluster.recorded_events("recorder") == 250);
+    eventually(&b, "the next events handled by the one left", || cluster.recorded_events("recorder") == before + 50);
     assert_eq!(b.stop(), Some(0));
 }

@@ -9,8 +9,15 @@
 //! (its TTL started later), so a holder that cannot confirm its lease (a
 //! stuck connection, a pause of the whole process) stops routing events and
 //! starting sweeps by itself, before anyone else can start.
+//!
+//! On a Redis Cluster the work is split by shard: one such lease per
+//! primary's slots ([`Shards`], keyed by the shard's first slot, so that a
+//! replica promoted in its place keeps the same lease), and a daemon routes
+//! the events of the shards it holds and sweeps only those.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use crate::config::ReplicaConfig;
@@ -31,6 +38,9 @@ pub struct Lease {
     /// replicas sharing a fixed consumer name still tell each other apart.
     pub id: String,
     pub ttl: Duration,
+    /// Whether this holding is reported in `cachepol_lease_held` and
+    /// `cachepol_lease_token` (a shard's is counted by its loop instead).
+    reported: bool,
 }
 
 impl Lease {
@@ -51,7 +61,31 @@ impl Lease {
             key,
             id: format!("{consumer}/{:08x}", rand::random::<u32>()),
             ttl: Duration::from_millis(config.lease_ttl_ms.max(300)),
+            reported: true,
         }
+    }
+
+    /// The lease of the cluster shard whose first slot is `slot`: the same
+    /// daemon id and TTL, its own key and token counter.
+    pub fn for_shard(&self, slot: u16) -> Lease {
+        let key = format!("{}:slot{slot}", self.key);
+        Lease {
+            enabled: self.enabled,
+            holding: AtomicBool::new(false),
+            token: AtomicU64::new(0),
+            valid_until_ms: AtomicU64::new(0),
+            epoch: self.epoch,
+            counter: format!("{key}:token"),
+            key,
+            id: self.id.clone(),
+            ttl: self.ttl,
+            reported: false,
+        }
+    }
+
+    /// The set of the replicas alive, for splitting the shards among them.
+    pub fn members_key(&self) -> String {
+        format!("{}:members", self.key)
     }
 
     /// Whether this daemon handles keyspace events and sweeps now.
@@ -69,9 +103,10 @@ impl Lease {
         if self.holds() && self.enabled { self.token.load(Ordering::Relaxed) } else { 0 }
     }
 
-    /// The lease's own keys: their notifications are not the application's.
+    /// The lease's own keys (its token, its shards' leases, the members):
+    /// their notifications are not the application's.
     pub fn is_own_key(&self, key: &[u8]) -> bool {
-        self.enabled && (key == self.key.as_bytes() || key == self.counter.as_bytes())
+        self.enabled && key.starts_with(self.key.as_bytes())
     }
 
     /// The value this daemon's holding has in Redis.
@@ -92,18 +127,22 @@ impl Lease {
         self.token.store(token, Ordering::Relaxed);
         self.valid_until_ms.store(until.as_millis() as u64, Ordering::Relaxed);
         self.holding.store(true, Ordering::Relaxed);
-        let m = metrics();
-        m.lease_held.set(1);
-        m.lease_token.set(token as i64);
+        if self.reported {
+            let m = metrics();
+            m.lease_held.set(1);
+            m.lease_token.set(token as i64);
+        }
     }
 
     /// Not held (any more).
     pub fn drop_holding(&self) {
         self.holding.store(false, Ordering::Relaxed);
         self.valid_until_ms.store(0, Ordering::Relaxed);
-        let m = metrics();
-        m.lease_held.set(0);
-        m.lease_token.set(0);
+        if self.reported {
+            let m = metrics();
+            m.lease_held.set(0);
+            m.lease_token.set(0);
+        }
     }
 
     /// Held in this process's view (the deadline may have passed).
@@ -113,6 +152,46 @@ impl Lease {
 
     fn now_ms(&self) -> u64 {
         self.epoch.elapsed().as_millis() as u64
+    }
+}
+
+/// The shards' leases, by first slot (empty unless replicas share a
+/// cluster): the topology decides which exist, the lease loop which are
+/// held.
+#[derive(Default)]
+pub struct Shards {
+    leases: RwLock<BTreeMap<u16, Arc<Lease>>>,
+}
+
+impl Shards {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<u16, Arc<Lease>>> {
+        self.leases.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The shards now (by first slot): new ones get a lease not held, and
+    /// the leases of shards gone are forgotten (their key expires in Redis).
+    pub fn set(&self, base: &Lease, slots: impl IntoIterator<Item = u16>) {
+        let mut leases = self.leases.write().unwrap_or_else(|e| e.into_inner());
+        let now: BTreeMap<u16, Arc<Lease>> = slots
+            .into_iter()
+            .map(|slot| (slot, leases.get(&slot).cloned().unwrap_or_else(|| Arc::new(base.for_shard(slot)))))
+            .collect();
+        *leases = now;
+    }
+
+    /// Every shard's lease.
+    pub fn all(&self) -> Vec<(u16, Arc<Lease>)> {
+        self.read().iter().map(|(slot, lease)| (*slot, lease.clone())).collect()
+    }
+
+    /// Whether this daemon handles the events of the shard starting at `slot`.
+    pub fn holds(&self, slot: u16) -> bool {
+        self.read().get(&slot).is_some_and(|l| l.holds())
+    }
+
+    /// The shards this daemon holds, by first slot.
+    pub fn held(&self) -> Vec<u16> {
+        self.read().iter().filter(|(_, l)| l.holds()).map(|(slot, _)| *slot).collect()
     }
 }
 
@@ -133,5 +212,23 @@ mod tests {
         let off = Lease::new(&ReplicaConfig::default(), 0, "c");
         assert!(off.holds(), "replicas off: always");
         assert!(lease.is_own_key(b"cachepol:lease:events:db0") && !lease.is_own_key(b"x"));
+    }
+
+    #[test]
+    fn shards_keep_their_lease_across_topology_reads() {
+        let config = ReplicaConfig { enabled: true, lease_ttl_ms: 5000, ..ReplicaConfig::default() };
+        let base = Lease::new(&config, 0, "c");
+        let shards = Shards::default();
+        shards.set(&base, [0, 5461, 10923]);
+        let (_, first) = shards.all()[0].clone();
+        assert_eq!(first.key, "cachepol:lease:events:db0:slot0");
+        assert!(base.is_own_key(first.key.as_bytes()) && base.is_own_key(first.counter.as_bytes()));
+        first.confirm(3, Instant::now());
+        assert_eq!(shards.held(), [0]);
+        // A failover keeps the slots, so the lease: still held.
+        shards.set(&base, [0, 5461, 10923]);
+        assert!(shards.holds(0) && !shards.holds(5461));
+        shards.set(&base, [5461, 10923]);
+        assert!(shards.held().is_empty());
     }
 }

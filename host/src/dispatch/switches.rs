@@ -10,12 +10,15 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 
 use crate::config::ReplicaConfig;
-use crate::dispatch::lease::Lease;
+use crate::dispatch::lease::{Lease, Shards};
 
 /// The policies an operator has disabled, as last read, and the lease.
 pub struct Switches {
     disabled: ArcSwap<BTreeSet<String>>,
     pub lease: Lease,
+    /// On a cluster with replicas on: the work is split by shard, each
+    /// under its own lease, instead of one lease for everything.
+    pub shards: Option<Shards>,
 }
 
 impl Default for Switches {
@@ -26,13 +29,38 @@ impl Default for Switches {
 
 impl Switches {
     pub fn new(lease: Lease) -> Switches {
-        Switches { disabled: ArcSwap::default(), lease }
+        Switches { disabled: ArcSwap::default(), lease, shards: None }
     }
 
-    /// Another replica holds the keyspace-event lease: keyspace events and
-    /// sweeps are its to handle.
+    /// Split the work by cluster shard ([`Shards`]), when replicas are on.
+    pub fn split_by_shard(mut self) -> Switches {
+        if self.lease.enabled() {
+            self.shards = Some(Shards::default());
+        }
+        self
+    }
+
+    /// Other replicas hold every lease: keyspace events, sweeps and deploy
+    /// hooks are theirs to handle.
     pub fn standing_by(&self) -> bool {
-        !self.lease.holds()
+        match &self.shards {
+            Some(shards) => shards.held().is_empty(),
+            None => !self.lease.holds(),
+        }
+    }
+
+    /// Whether this daemon routes the events of the node serving the shard
+    /// that starts at `shard` (`None`: the only node).
+    pub fn routes_node(&self, shard: Option<u16>) -> bool {
+        match (&self.shards, shard) {
+            (Some(shards), Some(slot)) => shards.holds(slot),
+            _ => !self.standing_by(),
+        }
+    }
+
+    /// The shards a sweep covers now, by first slot (`None`: every node).
+    pub fn sweep_scope(&self) -> Option<Vec<u16>> {
+        self.shards.as_ref().map(Shards::held)
     }
 
     pub fn is_disabled(&self, policy: &str) -> bool {

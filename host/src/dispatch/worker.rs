@@ -42,6 +42,7 @@ use crate::dispatch::queue::{FailureKind, HookDone, HookFailure, Item, KeyNotifi
 use crate::dispatch::switches::Switches;
 use crate::metrics::{PolicyMetrics, SweepRecord, metrics};
 use crate::sandbox::runtime::{CallFailure, CallReport, LoadedPolicy};
+use crate::store::target::SCOPE;
 use crate::wit::{self, KeyEvent, SweepEvent, SweepReason};
 
 /// Failed sweeps in a row before it is an error (it is still retried).
@@ -376,7 +377,7 @@ impl Worker {
         let id = if first == last { format!("key-{first}") } else { format!("keys-{first}-{last}") };
         self.metrics.delivered.inc_by(events.len() as u64);
         let work = Work::Keys(received);
-        self.spawn(index, id, first, Call::Keys(events), work);
+        self.spawn(index, id, first, Call::Keys(events), work, None);
     }
 
     fn start_barrier(&mut self, seq: u64, item: Item, cooling: bool) {
@@ -423,24 +424,29 @@ impl Worker {
             }
         };
         self.barrier_running = true;
-        self.spawn(0, id, seq, Call::One(event), work);
+        // Replicas splitting a cluster: a sweep walks the shards this
+        // daemon holds, the others' sweeps walk theirs.
+        let scope = if matches!(work, Work::Sweep(_)) { self.switches.sweep_scope() } else { None };
+        self.spawn(0, id, seq, Call::One(event), work, scope);
     }
 
     /// Start one call on lane `index`; the lane comes back with its report.
-    fn spawn(&mut self, index: usize, id: String, seq: u64, call: Call, work: Work) {
+    /// `scope`: the cluster shards its bulk operations walk (`None`: all).
+    fn spawn(&mut self, index: usize, id: String, seq: u64, call: Call, work: Work, scope: Option<Vec<u16>>) {
         let mut lane = self.lanes[index].take().expect("an idle lane");
         let (resets, epoch) = (self.resets, self.breaker.epoch());
         let span = tracing::debug_span!("event", policy = %self.name, seq, lane = index);
-        self.calls.push(Box::pin(
-            async move {
-                let report = match call {
-                    Call::One(event) => lane.policy.handle(&id, &event).await,
-                    Call::Keys(events) => lane.policy.handle_keys(&id, events).await,
-                };
-                Finished { index, lane, work, report, id, resets, epoch }
-            }
-            .instrument(span),
-        ));
+        let run = async move {
+            let report = match call {
+                Call::One(event) => lane.policy.handle(&id, &event).await,
+                Call::Keys(events) => lane.policy.handle_keys(&id, events).await,
+            };
+            Finished { index, lane, work, report, id, resets, epoch }
+        };
+        match scope {
+            Some(scope) => self.calls.push(Box::pin(SCOPE.scope(scope, run).instrument(span))),
+            None => self.calls.push(Box::pin(run.instrument(span))),
+        }
     }
 
     /// A lane is back: audit, breaker, and the work's own follow-up.

@@ -57,13 +57,22 @@ impl Nodes {
         self.states.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Update `node`'s state and readiness from every node's.
+    /// A subscription to `node` starts: readiness waits for it.
+    pub fn join(&self, node: &str) {
+        let mut states = self.lock();
+        states.insert(node.to_string(), NodeState { node: node.into(), ..NodeState::default() });
+        Self::publish(&states);
+    }
+
+    /// Update `node`'s state and readiness from every node's. A node let
+    /// go ([`Nodes::forget`]) stays gone, whatever its subscriber, still
+    /// stopping, says.
     pub fn update(&self, node: &str, change: impl FnOnce(&mut NodeState)) {
         let mut states = self.lock();
-        let state =
-            states.entry(node.to_string()).or_insert_with(|| NodeState { node: node.into(), ..NodeState::default() });
-        change(state);
-        Self::publish(&states);
+        if let Some(state) = states.get_mut(node) {
+            change(state);
+            Self::publish(&states);
+        }
     }
 
     /// Whether `node` sends what the policies need (as last checked).
@@ -111,6 +120,7 @@ impl Subscriptions {
     pub async fn run(self, shutdown: CancellationToken, ready: tokio::sync::oneshot::Sender<()>) {
         if !self.target.is_cluster() {
             let mut single = self.template;
+            single.nodes.join("");
             match self.target.node(None) {
                 Ok(client) => single.client = client,
                 Err(e) => return warn!(error = %e, "cannot subscribe to keyspace notifications"),
@@ -149,6 +159,7 @@ impl Subscriptions {
                     let (tx, rx) = tokio::sync::oneshot::channel();
                     match self.subscriber(node, first) {
                         Ok(subscriber) => {
+                            nodes.join(&node.addr);
                             tasks.spawn(subscriber.run(stop.clone(), tx));
                             running.insert(node.addr.clone(), stop);
                             started.push(rx);
@@ -169,11 +180,20 @@ impl Subscriptions {
                     keep
                 });
                 metrics().primaries.set(primaries.len() as i64);
+                if let Some(shards) = &self.template.switches.shards {
+                    shards.set(&self.template.switches.lease, primaries.iter().map(Node::shard));
+                }
                 if let Some(tx) = ready.take() {
                     info!(primaries = primaries.len(), "Redis Cluster: one keyspace subscription per primary");
+                    let (routes, switches) = (self.template.routes.clone(), self.template.switches.clone());
                     tokio::spawn(async move {
                         for rx in started {
                             let _ = rx.await;
+                        }
+                        // One start sweep for every primary (replicas
+                        // splitting the cluster sweep as they take shards).
+                        if !switches.standing_by() {
+                            routes.load().sweep_all(SweepReason::Start);
                         }
                         let _ = tx.send(());
                     });
@@ -189,14 +209,15 @@ impl Subscriptions {
         while tasks.join_next().await.is_some() {}
     }
 
-    /// The subscriber for `node`: its first subscription sweeps as the
-    /// daemon starts (`first`), or for what the node may have taken
-    /// unheard.
+    /// The subscriber for `node`: its first subscription sweeps for what
+    /// the node may have taken unheard, unless it is one of the primaries
+    /// at start (`first`), which one sweep covers.
     fn subscriber(&self, node: &Node, first: bool) -> redis::RedisResult<Subscriber> {
         let mut subscriber = self.template.clone();
         subscriber.client = self.target.node(Some(node))?;
         subscriber.node = node.addr.clone();
-        subscriber.first_sweep = if first { SweepReason::Start } else { SweepReason::Reconnect };
+        subscriber.shard = Some(node.shard());
+        subscriber.first_sweep = if first { None } else { Some(SweepReason::Reconnect) };
         Ok(subscriber)
     }
 

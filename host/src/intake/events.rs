@@ -69,9 +69,15 @@ pub struct Subscriber {
     pub node: String,
     /// Every subscription's state (readiness is all of them).
     pub nodes: Arc<Nodes>,
+    /// The cluster shard the node serves, by first slot: whose lease
+    /// decides whether its events are this daemon's to route, when
+    /// replicas split a cluster.
+    pub shard: Option<u16>,
     /// The sweep after the first subscription: `start` for the daemon's
-    /// own start, `reconnect` for a primary that appeared later.
-    pub first_sweep: SweepReason,
+    /// own start, `reconnect` for a primary that appeared later, none for
+    /// the primaries of a cluster at start (one sweep covers them all,
+    /// once all are subscribed).
+    pub first_sweep: Option<SweepReason>,
     pub db: u32,
     pub routes: Arc<ArcSwap<Routes>>,
     pub ledger: Arc<EchoLedger>,
@@ -256,8 +262,8 @@ impl Subscriber {
                 _ = shutdown.cancelled() => return,
                 s = self.subscribe(&channels) => s,
             };
-            let (conn, link) = match subscribed {
-                Ok(pair) => pair,
+            let (conn, link, _listening) = match subscribed {
+                Ok(subscribed) => subscribed,
                 Err(e) => {
                     metrics().redis_errors.inc();
                     if !down_since_logged {
@@ -271,10 +277,10 @@ impl Subscriber {
                 }
             };
             backoff.reset();
-            let reason = if first { self.first_sweep } else { SweepReason::Reconnect };
+            let reason = if first { self.first_sweep } else { Some(SweepReason::Reconnect) };
             first = false;
             let m = metrics();
-            if reason == SweepReason::Reconnect {
+            if reason == Some(SweepReason::Reconnect) {
                 m.reconnects.inc();
                 m.gaps.inc();
                 info!(ops = %channels, node = %self.node, "keyspace subscription restored; sweeping every policy to reconcile");
@@ -284,7 +290,7 @@ impl Subscriber {
             down_since_logged = false;
             self.cover_index(&conn, &channels).await;
             // A standby sweeps when it takes the lease instead.
-            if !self.switches.standing_by() {
+            if let Some(reason) = reason.filter(|_| self.switches.routes_node(self.shard)) {
                 self.routes.load().sweep_all(reason);
             }
             if let Some(tx) = ready.take() {
@@ -292,11 +298,10 @@ impl Subscriber {
             }
             self.nodes.update(&self.node, |s| s.subscribed = true);
             let stopped = self.watch(conn, channels, &link, &shutdown).await;
-            self.ledger.drop_listener(link.listener);
-            self.nodes.update(&self.node, |s| s.subscribed = false);
             if stopped {
                 return;
             }
+            self.nodes.update(&self.node, |s| s.subscribed = false);
             self.index.gap();
             self.nodes.lost.notify_one();
             warn!(node = %self.node, "keyspace subscription lost; reconnecting (notifications meanwhile are reconciled by a sweep)");
@@ -304,19 +309,22 @@ impl Subscriber {
     }
 
     /// Connect, make sure notifications are on, subscribe. Returns the
-    /// connection (for pings) and what fires when it closes.
-    async fn subscribe(&self, channels: &Channels) -> Result<(MultiplexedConnection, Arc<Link>), String> {
+    /// connection (for pings), what fires when it closes, and its place
+    /// among the echo ledger's fence readers (given up when dropped, however
+    /// this subscription ends: cancelled half-way, or lost).
+    async fn subscribe(
+        &self,
+        channels: &Channels,
+    ) -> Result<(MultiplexedConnection, Arc<Link>, FenceListener), String> {
         let mut conn = self.client.get_multiplexed_async_connection().await.map_err(|e| e.to_string())?;
         self.ensure_flags(&mut conn).await;
         let info = self.client.get_connection_info().clone();
         let resp3 = info.clone().set_redis_settings(info.redis_settings().clone().set_protocol(ProtocolVersion::RESP3));
         let client = redis::Client::open(resp3).map_err(|e| e.to_string())?;
-        let link = Arc::new(Link::new(self.ledger.listener()));
-        let subscribed = self.subscribe_with(&client, channels, &link).await;
-        if subscribed.is_err() {
-            self.ledger.drop_listener(link.listener);
-        }
-        subscribed.map(|conn| (conn, link))
+        let listening = FenceListener::new(self.ledger.clone());
+        let link = Arc::new(Link::new(listening.id));
+        let conn = self.subscribe_with(&client, channels, &link).await?;
+        Ok((conn, link, listening))
     }
 
     /// [`Subscriber::subscribe`] once the connection's fence listener is
@@ -343,6 +351,7 @@ impl Subscriber {
             ledger: self.ledger.clone(),
             index: self.index.clone(),
             switches: self.switches.clone(),
+            shard: self.shard,
             hop_limit: self.hop_limit,
             link: link.clone(),
             skipped: AtomicU64::new(0),
@@ -499,7 +508,7 @@ impl Subscriber {
                 }
                 if !was {
                     info!(node = %self.node, "keyspace notification flags complete again; sweeping every policy for what it missed");
-                    if !self.switches.standing_by() {
+                    if self.switches.routes_node(self.shard) {
                         self.routes.load().sweep_all(SweepReason::Gap);
                     }
                     self.nodes.update(&self.node, |s| s.notifications = true);
@@ -561,6 +570,27 @@ impl Subscriber {
     }
 }
 
+/// A subscription's place among the echo ledger's fence readers, given up
+/// when dropped: a subscription gone for good must not hold every later
+/// fence back.
+struct FenceListener {
+    ledger: Arc<EchoLedger>,
+    id: u64,
+}
+
+impl FenceListener {
+    fn new(ledger: Arc<EchoLedger>) -> FenceListener {
+        let id = ledger.listener();
+        FenceListener { ledger, id }
+    }
+}
+
+impl Drop for FenceListener {
+    fn drop(&mut self) {
+        self.ledger.drop_listener(self.id);
+    }
+}
+
 /// The subscription connection as its reader sees it: whether it closed,
 /// and when it last carried anything.
 struct Link {
@@ -600,6 +630,7 @@ struct Router {
     ledger: Arc<EchoLedger>,
     index: Arc<KeyIndex>,
     switches: Arc<Switches>,
+    shard: Option<u16>,
     hop_limit: u8,
     /// Told when redis-rs reports the connection closed; knows when the last
     /// push arrived.
@@ -678,7 +709,7 @@ impl Router {
         let origin = self.ledger.claim(op, payload);
         // Another daemon holds the lease: it handles this event. The
         // lease's own keys are no application's.
-        if self.switches.standing_by() || self.switches.lease.is_own_key(payload) {
+        if !self.switches.routes_node(self.shard) || self.switches.lease.is_own_key(payload) {
             return true;
         }
         let routed = self.routes.load().key_event(db, op, payload, origin.as_ref(), self.hop_limit);

@@ -18,9 +18,9 @@
 //!   renewal was *sent* plus the TTL ([`crate::dispatch::lease`]): a holder
 //!   that cannot confirm it (a stuck connection, a paused process) stops
 //!   routing events and starting sweeps before another daemon can take it;
-//! - a holder whose keyspace subscription is down (so hears nothing) gives
-//!   the lease up after a third of the TTL, and a daemon takes it only
-//!   while subscribed;
+//! - a holder whose keyspace subscriptions are all down (so hears nothing)
+//!   gives the lease up after a third of the TTL, and a daemon takes it
+//!   only while subscribed (to every primary, on a cluster);
 //! - stopping: the holder deletes the lease (if still its own) once its
 //!   in-flight calls are done, and a standby, which looks every second,
 //!   takes over.
@@ -43,6 +43,7 @@ use arc_swap::ArcSwap;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::dispatch::lease::Lease;
 use crate::dispatch::routes::Routes;
 use crate::dispatch::switches::Switches;
 use crate::metrics::{Readiness, metrics};
@@ -83,20 +84,98 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 ";
 
+/// Count this daemon among the replicas alive until `ARGV[2]` ms from
+/// Redis's clock, forget those past theirs, and return how many remain:
+/// `KEYS[1]` the members' sorted set, `ARGV[1]` this daemon's id.
+const MEMBERS: &str = r"
+local now = redis.call('TIME')
+local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+redis.call('ZADD', KEYS[1], ms + tonumber(ARGV[2]), ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ms)
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]) * 2)
+return redis.call('ZCARD', KEYS[1])
+";
+
 /// How often a standby looks whether the lease is free.
 const STANDBY_POLL: Duration = Duration::from_secs(1);
+
+/// The lease scripts, and the timing every request follows.
+struct Requests {
+    take: redis::Script,
+    renew: redis::Script,
+    release: redis::Script,
+    /// A third of the TTL: the renewal period, and the bound on a request.
+    every: Duration,
+    ttl_ms: u64,
+}
+
+impl Requests {
+    fn new(ttl: Duration) -> Requests {
+        Requests {
+            take: redis::Script::new(TAKE),
+            renew: redis::Script::new(RENEW),
+            release: redis::Script::new(RELEASE),
+            every: ttl / 3,
+            ttl_ms: ttl.as_millis() as u64,
+        }
+    }
+
+    /// Take `lease` if it is free: its token, or `None` when held.
+    async fn take(&self, lease: &Lease, conn: &mut Conn) -> redis::RedisResult<Option<u64>> {
+        let sent = Instant::now();
+        let mut call = self.take.key(&lease.key);
+        call.key(&lease.counter).arg(&lease.id).arg(self.ttl_ms);
+        let token = bounded(self.every, call.invoke_async::<Option<u64>>(conn)).await?;
+        if let Some(token) = token {
+            lease.confirm(token, sent);
+        }
+        Ok(token)
+    }
+
+    /// Extend `lease`: 1 extended (and confirmed), 0 another daemon holds
+    /// it, -1 nobody does.
+    async fn renew(&self, lease: &Lease, conn: &mut Conn) -> redis::RedisResult<i64> {
+        let sent = Instant::now();
+        let mut call = self.renew.key(&lease.key);
+        call.arg(lease.value()).arg(self.ttl_ms);
+        let held = bounded(self.every, call.invoke_async::<i64>(conn)).await?;
+        if held == 1 {
+            lease.extend(sent);
+        }
+        Ok(held)
+    }
+
+    /// Stop holding `lease` and delete it if it is still ours: whether it was.
+    async fn give_back(&self, lease: &Lease, conn: &mut Conn) -> bool {
+        let value = lease.value();
+        lease.drop_holding();
+        let mut call = self.release.key(&lease.key);
+        call.arg(value);
+        matches!(bounded(self.every, call.invoke_async::<i64>(conn)).await, Ok(1))
+    }
+}
+
+/// Whether any keyspace subscription is up: a holder gives its leases up
+/// only when none is (a primary down is down for every daemon alike; the
+/// sweep when its successor is subscribed reconciles it, while the other
+/// nodes' events go on). Taking a lease needs every subscription.
+fn hearing() -> bool {
+    metrics().subscriptions.get() > 0
+}
 
 /// Take, keep and give back the lease until `stop`; sweep every policy on
 /// each takeover. `stop` comes after the daemon's in-flight calls are done.
 pub async fn run(switches: Arc<Switches>, mut conn: Conn, routes: Arc<ArcSwap<Routes>>, stop: CancellationToken) {
+    if switches.shards.is_some() {
+        return run_shards(switches, conn, routes, stop).await;
+    }
     let lease = &switches.lease;
     if !lease.enabled() {
         return;
     }
     let ttl = lease.ttl;
-    let every = ttl / 3;
-    let ttl_ms = ttl.as_millis() as u64;
-    let (take, renew, release) = (redis::Script::new(TAKE), redis::Script::new(RENEW), redis::Script::new(RELEASE));
+    let requests = Requests::new(ttl);
+    let every = requests.every;
     let ready = &metrics().ready;
     let mut answered = Instant::now();
     let mut unsubscribed_since: Option<Instant> = None;
@@ -104,25 +183,17 @@ pub async fn run(switches: Arc<Switches>, mut conn: Conn, routes: Arc<ArcSwap<Ro
     let mut refused_logged = false;
     loop {
         let subscribed = ready.subscribed.load(Ordering::Relaxed);
-        unsubscribed_since = if subscribed { None } else { unsubscribed_since.or(Some(Instant::now())) };
-        let sent = Instant::now();
+        unsubscribed_since = if hearing() { None } else { unsubscribed_since.or(Some(Instant::now())) };
         if lease.thinks_it_holds() {
             if unsubscribed_since.is_some_and(|at| at.elapsed() >= every) {
                 // Deaf to keyspace events: a subscribed standby does better.
                 warn!(key = %lease.key, "the keyspace subscription is down: giving the lease up to a standby");
-                let value = lease.value();
-                lease.drop_holding();
-                let mut call = release.key(&lease.key);
-                call.arg(value);
-                let _ = bounded(every, call.invoke_async::<i64>(&mut conn)).await;
+                requests.give_back(lease, &mut conn).await;
             } else {
-                let mut call = renew.key(&lease.key);
-                call.arg(lease.value()).arg(ttl_ms);
-                match bounded(every, call.invoke_async::<i64>(&mut conn)).await {
+                let lapsed = !lease.holds();
+                match requests.renew(lease, &mut conn).await {
                     Ok(1) => {
                         answered = Instant::now();
-                        let lapsed = !lease.holds();
-                        lease.extend(sent);
                         if lapsed {
                             // Events were skipped while it could not be
                             // confirmed; nobody else handled them.
@@ -142,12 +213,9 @@ pub async fn run(switches: Arc<Switches>, mut conn: Conn, routes: Arc<ArcSwap<Ro
                 }
             }
         } else if subscribed {
-            let mut call = take.key(&lease.key);
-            call.key(&lease.counter).arg(&lease.id).arg(ttl_ms);
-            match bounded(every, call.invoke_async::<Option<u64>>(&mut conn)).await {
+            match requests.take(lease, &mut conn).await {
                 Ok(Some(token)) => {
                     answered = Instant::now();
-                    lease.confirm(token, sent);
                     metrics().lease_takeovers.inc();
                     info!(key = %lease.key, token, id = %lease.id, "took the keyspace-event lease: this daemon handles keyspace events, sweeps and deploy hooks; sweeping every policy for what went to nobody");
                     routes.load().sweep_all(SweepReason::Gap);
@@ -162,14 +230,7 @@ pub async fn run(switches: Arc<Switches>, mut conn: Conn, routes: Arc<ArcSwap<Ro
                         standby_logged = true;
                     }
                 }
-                Err(e) => {
-                    // An ACL without `incr`/`del`, a key of the wrong type:
-                    // no daemon will ever hold the lease; say so.
-                    if !refused_logged && !e.is_timeout() && !is_connection_error(&e) {
-                        warn!(error = %e, key = %lease.key, "cannot take the keyspace-event lease: no daemon handles keyspace events until this is fixed");
-                        refused_logged = true;
-                    }
-                }
+                Err(e) => refused(&e, &lease.key, &mut refused_logged),
             }
         }
         Readiness::set(&ready.lease, answered.elapsed() < ttl);
@@ -180,15 +241,125 @@ pub async fn run(switches: Arc<Switches>, mut conn: Conn, routes: Arc<ArcSwap<Ro
         }
     }
     if lease.thinks_it_holds() {
-        let value = lease.value();
-        lease.drop_holding();
-        let mut call = release.key(&lease.key);
-        call.arg(value);
-        match bounded(every, call.invoke_async::<i64>(&mut conn)).await {
-            Ok(1) => info!(key = %lease.key, "gave the keyspace-event lease back: a standby takes over"),
-            _ => info!(key = %lease.key, "the keyspace-event lease was not ours any more"),
+        match requests.give_back(lease, &mut conn).await {
+            true => info!(key = %lease.key, "gave the keyspace-event lease back: a standby takes over"),
+            false => info!(key = %lease.key, "the keyspace-event lease was not ours any more"),
         }
     }
+}
+
+/// A lease request Redis refused: an ACL without `incr`/`del`, a key of the
+/// wrong type. No daemon will ever hold the lease; say so, once.
+fn refused(e: &redis::RedisError, key: &str, logged: &mut bool) {
+    if !*logged && !e.is_timeout() && !is_connection_error(e) {
+        warn!(error = %e, key, "cannot take the keyspace-event lease: no daemon handles keyspace events until this is fixed");
+        *logged = true;
+    }
+}
+
+/// Replicas sharing a Redis Cluster: one lease per shard, split evenly.
+///
+/// Every round (a third of the TTL), each daemon counts itself among the
+/// replicas alive (a sorted set scored by Redis's clock) and aims at its
+/// share, `ceil(shards / replicas)`: it renews the shards it holds, gives
+/// back those over its share (a daemon that joins gets work within a
+/// round), and takes free ones up to it, while subscribed to every
+/// primary. Taking any sweeps every policy, over the shards it then holds:
+/// their events between the last holder and now went to nobody.
+async fn run_shards(switches: Arc<Switches>, mut conn: Conn, routes: Arc<ArcSwap<Routes>>, stop: CancellationToken) {
+    let (base, shards) = (&switches.lease, switches.shards.as_ref().expect("checked by run"));
+    let requests = Requests::new(base.ttl);
+    let every = requests.every;
+    let members = redis::Script::new(MEMBERS);
+    let ready = &metrics().ready;
+    let mut answered = Instant::now();
+    let mut deaf_since: Option<Instant> = None;
+    let mut refused_logged = false;
+    let mut share_logged = None;
+    loop {
+        deaf_since = if hearing() { None } else { deaf_since.or(Some(Instant::now())) };
+        let all = shards.all();
+        let mut call = members.key(base.members_key());
+        call.arg(&base.id).arg(requests.ttl_ms);
+        let replicas = match bounded(every, call.invoke_async::<u64>(&mut conn)).await {
+            Ok(n) => {
+                answered = Instant::now();
+                n.max(1) as usize
+            }
+            Err(e) => {
+                refused(&e, &base.members_key(), &mut refused_logged);
+                1
+            }
+        };
+        let share = all.len().div_ceil(replicas);
+        let mut held = 0;
+        for (slot, lease) in all.iter().filter(|(_, l)| l.thinks_it_holds()) {
+            let deaf = deaf_since.is_some_and(|at| at.elapsed() >= every);
+            if deaf || held >= share {
+                let why = if deaf { "the keyspace subscriptions are down" } else { "balancing between replicas" };
+                requests.give_back(lease, &mut conn).await;
+                info!(slot, key = %lease.key, "gave a shard's keyspace-event lease back ({why})");
+                continue;
+            }
+            match requests.renew(lease, &mut conn).await {
+                Ok(1) => held += 1,
+                Ok(_) => {
+                    warn!(slot, key = %lease.key, "lost a shard's keyspace-event lease: another daemon handles it");
+                    lease.drop_holding();
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, slot, "cannot renew a shard's keyspace-event lease");
+                    held += 1;
+                }
+            }
+        }
+        let mut took = Vec::new();
+        if ready.subscribed.load(Ordering::Relaxed) {
+            for (slot, lease) in all.iter().filter(|(_, l)| !l.thinks_it_holds()) {
+                if held >= share {
+                    break;
+                }
+                match requests.take(lease, &mut conn).await {
+                    Ok(Some(token)) => {
+                        held += 1;
+                        took.push(*slot);
+                        metrics().lease_takeovers.inc();
+                        info!(slot, token, key = %lease.key, id = %base.id, "took a shard's keyspace-event lease: this daemon handles its events and sweeps it");
+                    }
+                    Ok(None) => {}
+                    Err(e) => refused(&e, &lease.key, &mut refused_logged),
+                }
+            }
+        }
+        if !took.is_empty() {
+            info!(shards = ?took, "sweeping every policy over the shards taken, for what went to nobody");
+            routes.load().sweep_all(SweepReason::Gap);
+        }
+        if share_logged != Some((held, all.len(), replicas)) {
+            info!(
+                held,
+                shards = all.len(),
+                replicas,
+                "holding {held} of {} shards' keyspace events ({replicas} replicas)",
+                all.len()
+            );
+            share_logged = Some((held, all.len(), replicas));
+        }
+        metrics().lease_held.set(held as i64);
+        Readiness::set(&ready.lease, answered.elapsed() < base.ttl);
+        let pause = if held >= share && share > 0 { every } else { every.min(STANDBY_POLL) };
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tokio::time::sleep(pause) => {}
+        }
+    }
+    for (_, lease) in shards.all().iter().filter(|(_, l)| l.thinks_it_holds()) {
+        requests.give_back(lease, &mut conn).await;
+    }
+    let mut call = redis::cmd("ZREM");
+    call.arg(base.members_key()).arg(&base.id);
+    let _ = bounded(every, call.query_async::<i64>(&mut conn)).await;
+    info!("gave the shards' keyspace-event leases back: the other replicas take over");
 }
 
 /// A lease request, bounded: the connection's own timeout (30 s) is far

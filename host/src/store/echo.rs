@@ -406,6 +406,16 @@ impl EchoLayer {
     }
 }
 
+/// A page of a bulk operation in flight, named by its first key and size:
+/// on a cluster, pages of several nodes are in flight at once and answered
+/// in any order (a key is on one node only).
+struct Page {
+    first_key: Option<Vec<u8>>,
+    len: usize,
+    /// Its expectations' first id (`None`: the ledger was full).
+    first_id: Option<u64>,
+}
+
 /// A bulk operation's side of the ledger: each page's keys are expected
 /// before their writes go out and marked written once answered; if the
 /// ledger is full, a window covers the rest of the operation instead.
@@ -415,9 +425,8 @@ struct BulkEcho<'a> {
     op: &'static str,
     pattern: &'a str,
     origin: Origin,
-    /// The first id of each page in flight, oldest first: a walk of the key
-    /// index keeps several pipelines in flight, answered in order.
-    pages: Mutex<VecDeque<Option<u64>>>,
+    /// The pages in flight.
+    pages: Mutex<Vec<Page>>,
     window: Mutex<Option<WindowGuard>>,
     /// The subscription carries this op's notifications: else there is
     /// nothing to expect.
@@ -432,7 +441,7 @@ impl<'a> BulkEcho<'a> {
             op,
             pattern,
             origin: layer.origin(),
-            pages: Mutex::new(VecDeque::new()),
+            pages: Mutex::new(Vec::new()),
             window: Mutex::new(None),
             heard: layer.ledger.listens(op),
         }
@@ -450,10 +459,13 @@ impl<'a> BulkEcho<'a> {
                     tracing::warn!(policy = %self.policy, pattern = %self.pattern, "echo ledger full: the rest of this bulk operation is covered by a window");
                     *window = Some(self.ledger.open_window(self.pattern, self.op, &self.origin));
                 }
-                self.pages.lock().unwrap_or_else(|e| e.into_inner()).push_back(first);
+                let mut pages = self.pages.lock().unwrap_or_else(|e| e.into_inner());
+                pages.push(Page { first_key: keys.first().cloned(), len: keys.len(), first_id: first });
             }
             BulkStep::After(keys) => {
-                if let Some(Some(first)) = self.pages.lock().unwrap_or_else(|e| e.into_inner()).pop_front() {
+                let mut pages = self.pages.lock().unwrap_or_else(|e| e.into_inner());
+                let page = pages.iter().position(|p| p.first_key.as_ref() == keys.first() && p.len == keys.len());
+                if let Some(first) = page.and_then(|at| pages.remove(at).first_id) {
                     self.ledger.written_each(keys, first);
                 }
             }
@@ -591,11 +603,12 @@ mod tests {
         let pages: Vec<Vec<Vec<u8>>> =
             (0..3).map(|p| (0..2).map(|k| format!("k:{p}:{k}").into_bytes()).collect()).collect();
         // Three pipelines sent before the first is answered (a walk of the
-        // key index), answered in order.
+        // key index), or one per cluster node at once, answered in any
+        // order.
         for page in &pages {
             echo.step(BulkStep::Before(page));
         }
-        for page in &pages {
+        for page in pages.iter().rev() {
             echo.step(BulkStep::After(page));
         }
         // No notification came (the keys were gone already): a fence

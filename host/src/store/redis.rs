@@ -143,7 +143,7 @@ impl RedisBackend {
         tally: impl Fn(&Value) -> u64,
     ) -> Result<BulkResult, BackendError> {
         let mut result = BulkResult::default();
-        let budget = AtomicU64::new(0);
+        let taking = Taking { plan, taken: AtomicU64::new(0) };
         // An exact key needs no scan.
         if let [walk] = walks
             && let Some(literal) = walk.literal()
@@ -166,7 +166,7 @@ impl RedisBackend {
         let scan_pattern = scan_pattern_for(&walks.iter().collect::<Vec<_>>());
         let mut affected = 0;
         if let Some(leases) = self.leases(walks, &scan_pattern).await {
-            let (walked, complete) = self.walk_index(walks, &leases, plan, &budget, &act, &tally, &mut result).await?;
+            let (walked, complete) = self.walk_index(walks, &leases, &taking, &act, &tally, &mut result).await?;
             if complete {
                 result.affected = walked;
                 Metrics::count(&metrics().bulk_operations, "index");
@@ -181,9 +181,9 @@ impl RedisBackend {
         let scanned = match self.target.is_cluster() {
             false => {
                 let client = self.target.node(None).map_err(failed)?;
-                self.scan(&client, walks, &scan_pattern, plan, &budget, &act, &tally, &mut result).await?
+                self.scan(&client, walks, &scan_pattern, &taking, &act, &tally, &mut result).await?
             }
-            true => self.scan_primaries(walks, &scan_pattern, plan, &budget, &act, &tally, &mut result).await?,
+            true => self.scan_primaries(walks, &scan_pattern, &taking, &act, &tally, &mut result).await?,
         };
         Metrics::count(&metrics().bulk_operations, "scan");
         result.affected = affected + scanned;
@@ -193,13 +193,11 @@ impl RedisBackend {
     /// [`RedisBackend::scan`] on every primary of the cluster at once,
     /// each page's commands split by slot. Returns the keys Redis says were
     /// affected; `result` gathers every node's.
-    #[allow(clippy::too_many_arguments)]
     async fn scan_primaries(
         &self,
         walks: &[Glob],
         pattern: &str,
-        plan: &BulkPlan<'_>,
-        budget: &AtomicU64,
+        taking: &Taking<'_, '_>,
         act: &impl Fn(&mut redis::Pipeline, &[Vec<u8>]),
         tally: &impl Fn(&Value) -> u64,
         result: &mut BulkResult,
@@ -213,11 +211,22 @@ impl RedisBackend {
         let nodes = primaries.iter().map(|node| async {
             let client = self.target.node(Some(node)).map_err(failed)?;
             let mut mine = BulkResult::default();
-            let affected = self.scan(&client, walks, pattern, plan, budget, &by_slot, tally, &mut mine).await;
+            let affected = self.scan(&client, walks, pattern, taking, &by_slot, tally, &mut mine).await;
             affected.map(|a| (a, mine)).map_err(|e| on_node(node, e))
         });
+        // Every node's walk runs to its end, whatever the others do: one
+        // cut short between sending a page and reading its answer would
+        // leave the echo ledger expecting notifications.
         let mut affected = 0;
-        for (a, mine) in futures_util::future::try_join_all(nodes).await? {
+        let mut failed = None;
+        for walked in futures_util::future::join_all(nodes).await {
+            let (a, mine) = match walked {
+                Ok(walked) => walked,
+                Err(e) => {
+                    failed.get_or_insert(e);
+                    continue;
+                }
+            };
             affected += a;
             result.affected += mine.affected;
             result.refused += mine.refused;
@@ -225,16 +234,20 @@ impl RedisBackend {
             let room = BulkResult::SAMPLE.saturating_sub(result.sample.len());
             result.sample.extend(mine.sample.into_iter().take(room));
         }
-        Ok(affected)
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(affected),
+        }
     }
 
-    /// The cluster's primaries now.
+    /// The cluster's primaries now, narrowed to the call's scope
+    /// ([`target::SCOPE`]: a sweep walks the shards its daemon holds).
     async fn primaries(&self) -> Result<Vec<Node>, BackendError> {
         let primaries = self.target.primaries(&mut self.conn.clone()).await.map_err(failed)?;
         if primaries.is_empty() {
             return Err(BackendError::Unavailable("the cluster announces no primary serving slots".into()));
         }
-        Ok(primaries)
+        Ok(target::in_scope(primaries))
     }
 
     /// [`RedisBackend::bulk`] over the key index: pages of keys taken from
@@ -245,8 +258,7 @@ impl RedisBackend {
         &self,
         walks: &[Glob],
         leases: &[Lease],
-        plan: &BulkPlan<'_>,
-        budget: &AtomicU64,
+        taking: &Taking<'_, '_>,
         act: &impl Fn(&mut redis::Pipeline, &[Vec<u8>]),
         tally: &impl Fn(&Value) -> u64,
         result: &mut BulkResult,
@@ -283,7 +295,7 @@ impl RedisBackend {
                     walk += usize::from(next.is_none());
                     after = next;
                     for key in keys {
-                        take(key, plan, budget, result, &mut page);
+                        take(key, taking, result, &mut page);
                     }
                 }
                 if page.is_empty() {
@@ -292,7 +304,7 @@ impl RedisBackend {
                 let mut pipe = redis::pipe();
                 act(&mut pipe, &page);
                 fences.push_back(index.fence(&mut pipe));
-                plan.step(BulkStep::Before(&page));
+                taking.plan.step(BulkStep::Before(&page));
                 result.affected += page.len() as u64;
                 let conn = self.conn.clone();
                 in_flight.push_back(async move {
@@ -305,7 +317,7 @@ impl RedisBackend {
             }
             let Some((replies, page, broke)) = futures_util::StreamExt::next(&mut in_flight).await else { break };
             // Answered, or failed: either way a write may have reached Redis.
-            plan.step(BulkStep::After(&page));
+            taking.plan.step(BulkStep::After(&page));
             match replies {
                 Ok(mut replies) => {
                     // The last reply is the fence's: how many subscribers
@@ -352,8 +364,7 @@ impl RedisBackend {
         node: &redis::Client,
         walks: &[Glob],
         pattern: &str,
-        plan: &BulkPlan<'_>,
-        budget: &AtomicU64,
+        taking: &Taking<'_, '_>,
         act: &impl Fn(&mut redis::Pipeline, &[Vec<u8>]),
         tally: &impl Fn(&Value) -> u64,
         result: &mut BulkResult,
@@ -369,6 +380,11 @@ impl RedisBackend {
         let mut restarts = 0;
         loop {
             let mut pipe = redis::pipe();
+            if self.target.is_cluster() {
+                // Its commands go out one slot after the other: the replies
+                // then pair with the keys in this order.
+                pending.sort_by_key(|k| target::slot(k));
+            }
             if !pending.is_empty() {
                 act(&mut pipe, &pending);
             }
@@ -379,10 +395,10 @@ impl RedisBackend {
                 return Ok(affected);
             }
             let mut broke = false;
-            plan.step(BulkStep::Before(&pending));
+            taking.plan.step(BulkStep::Before(&pending));
             let replies = retrying_noting(&mut broke, || async { pipe.query_async(&mut conn.clone()).await }).await;
             // Answered, or failed: either way a write may have reached Redis.
-            plan.step(BulkStep::After(&pending));
+            taking.plan.step(BulkStep::After(&pending));
             let mut replies: Vec<Value> = replies?;
             let scan = if cursor.is_some() { replies.pop() } else { None };
             affected += replies.iter().map(tally).sum::<u64>();
@@ -407,7 +423,11 @@ impl RedisBackend {
             let (next, keys): (u64, Vec<Vec<u8>>) =
                 redis::from_redis_value(scan).map_err(|e| BackendError::Command(e.to_string()))?;
             for key in keys.into_iter().filter(|k| walks.iter().any(|w| w.matches_bytes(k))) {
-                take(key, plan, budget, result, &mut pending);
+                take(key, taking, result, &mut pending);
+            }
+            // Other nodes' walks may have used up the limit.
+            if next != 0 && taking.taken.load(Ordering::Relaxed) >= taking.plan.limit {
+                result.truncated = true;
             }
             cursor = if next == 0 || result.truncated { None } else { Some(next) };
         }
@@ -475,13 +495,19 @@ fn sample_changed(result: &mut BulkResult, keys: &[Vec<u8>], replies: &[Value], 
     result.sample.extend(changed.into_iter().take(room).map(|k| String::from_utf8_lossy(k).into_owned()));
 }
 
+/// A bulk operation's plan, and the keys taken under it so far by every
+/// node's walk (its limit is for the whole operation).
+struct Taking<'p, 'a> {
+    plan: &'p BulkPlan<'a>,
+    taken: AtomicU64,
+}
+
 /// Queue `key` for the next pipeline if the plan allows it and its limit
-/// has room (`budget`: keys taken so far, by every node's walk); count it
-/// as refused or as cut off otherwise.
-fn take(key: Vec<u8>, plan: &BulkPlan<'_>, budget: &AtomicU64, result: &mut BulkResult, pending: &mut Vec<Vec<u8>>) {
-    if !(plan.allow)(&key) {
+/// has room; count it as refused or as cut off otherwise.
+fn take(key: Vec<u8>, taking: &Taking<'_, '_>, result: &mut BulkResult, pending: &mut Vec<Vec<u8>>) {
+    if !(taking.plan.allow)(&key) {
         result.refused += 1;
-    } else if budget.fetch_add(1, Ordering::Relaxed) < plan.limit {
+    } else if taking.taken.fetch_add(1, Ordering::Relaxed) < taking.plan.limit {
         pending.push(key);
     } else {
         result.truncated = true;
@@ -496,9 +522,10 @@ fn on_node(node: &Node, e: BackendError) -> BackendError {
     }
 }
 
-/// A policy's `SCAN` cursor on a cluster: the node's place among the
-/// primaries (sorted by address) in the top 16 bits, that node's own cursor
-/// below (Redis's cursors stay under 2^48 for any table a node can hold).
+/// A policy's `SCAN` cursor on a cluster: the shard's first slot in the
+/// top 16 bits (a replica promoted in its place keeps the walk going), that
+/// node's own cursor below (Redis's cursors stay under 2^48 for any table
+/// a node can hold).
 const NODE_SHIFT: u32 = 48;
 
 /// Retry delays when the connection was found broken. The connection manager
@@ -650,9 +677,13 @@ impl Backend for RedisBackend {
         if !self.target.is_cluster() {
             return self.query(&page(cursor)).await;
         }
-        let primaries = self.primaries().await?;
-        let at = (cursor >> NODE_SHIFT) as usize;
-        let Some(node) = primaries.get(at) else { return Ok((0, Vec::new())) };
+        let mut primaries = self.primaries().await?;
+        primaries.sort_by_key(Node::shard);
+        let shard = (cursor >> NODE_SHIFT) as u16;
+        // The shard's node, or the next one (a shard gone from the topology).
+        let Some(at) = primaries.iter().position(|n| n.shard() >= shard) else { return Ok((0, Vec::new())) };
+        let node = &primaries[at];
+        let cursor = if node.shard() == shard { cursor } else { 0 };
         let client = self.target.node(Some(node)).map_err(failed)?;
         let mut conn = client.get_multiplexed_async_connection().await.map_err(|e| on_node(node, failed(e)))?;
         let (next, keys): ScanResult = page(cursor & ((1 << NODE_SHIFT) - 1))
@@ -662,10 +693,10 @@ impl Backend for RedisBackend {
         if next >= 1 << NODE_SHIFT {
             return Err(BackendError::Command(format!("{node} answered a SCAN cursor too large to carry")));
         }
-        let next = match (next, at + 1 < primaries.len()) {
-            (0, true) => ((at + 1) as u64) << NODE_SHIFT,
-            (0, false) => 0,
-            (n, _) => ((at as u64) << NODE_SHIFT) | n,
+        let next = match (next, primaries.get(at + 1)) {
+            (0, Some(following)) => u64::from(following.shard()) << NODE_SHIFT,
+            (0, None) => 0,
+            (n, _) => (u64::from(node.shard()) << NODE_SHIFT) | n,
         };
         Ok((next, keys))
     }

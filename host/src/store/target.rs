@@ -37,8 +37,10 @@ pub struct UrlError {
     pub reason: String,
 }
 
-/// One server or a cluster, as the URL says.
+/// One server or a cluster, as the URL says. (One per daemon, cloned for
+/// each bulk operation at most: the size of a `Client` is no concern.)
 #[derive(Clone, Debug)]
+#[allow(clippy::large_enum_variant)]
 pub enum RedisTarget {
     Single(Client),
     Cluster(ClusterTarget),
@@ -59,6 +61,30 @@ pub struct Node {
     pub port: u16,
     /// Inclusive ranges.
     pub slots: Vec<(u16, u16)>,
+}
+
+impl Node {
+    /// The shard this node serves, named by its first slot: a replica
+    /// promoted in its place serves the same slots, so the same shard.
+    pub fn shard(&self) -> u16 {
+        self.slots.first().map_or(0, |(start, _)| *start)
+    }
+}
+
+tokio::task_local! {
+    /// The shards (by first slot) the bulk operations and scans of the
+    /// current call walk, when the work is split between replicas: a sweep
+    /// covers the shards its daemon holds (set around the call by the
+    /// worker). Unset: every primary.
+    pub static SCOPE: Vec<u16>;
+}
+
+/// `primaries` narrowed to the current call's [`SCOPE`], if any.
+pub fn in_scope(primaries: Vec<Node>) -> Vec<Node> {
+    match SCOPE.try_with(Clone::clone) {
+        Ok(scope) => primaries.into_iter().filter(|n| scope.contains(&n.shard())).collect(),
+        Err(_) => primaries,
+    }
 }
 
 impl std::fmt::Display for Node {
@@ -139,7 +165,10 @@ impl RedisTarget {
                     builder = builder.password(password);
                 }
                 if let ConnectionAddr::TcpTls { insecure, .. } = first.addr() {
-                    builder = builder.tls(redis::TlsMode::Secure).danger_accept_invalid_hostnames(*insecure);
+                    // `#insecure` on the URL: no certificate check, as for
+                    // one server.
+                    let mode = if *insecure { redis::TlsMode::Insecure } else { redis::TlsMode::Secure };
+                    builder = builder.tls(mode);
                 }
                 let client = builder.build()?;
                 Ok(Conn::Cluster(client.get_async_connection().await?))
@@ -328,6 +357,20 @@ mod tests {
         let nodes = parse_slots(&reply);
         assert_eq!(nodes.iter().map(|n| n.addr.as_str()).collect::<Vec<_>>(), ["127.0.0.1:7000", "127.0.0.1:7001"]);
         assert_eq!(nodes[0].slots, [(0, 5460), (10923, 16383)]);
+    }
+
+    #[tokio::test]
+    async fn a_scope_narrows_the_primaries_walked() {
+        let node = |port: u16, start: u16| Node {
+            addr: format!("h:{port}"),
+            host: "h".into(),
+            port,
+            slots: vec![(start, start + 10)],
+        };
+        let all = || vec![node(1, 0), node(2, 100), node(3, 200)];
+        assert_eq!(in_scope(all()).len(), 3);
+        let scoped = SCOPE.scope(vec![100], async { in_scope(all()) }).await;
+        assert_eq!(scoped, [node(2, 100)]);
     }
 
     #[test]
