@@ -44,6 +44,7 @@ use crate::intake::lease;
 use crate::intake::notify::{self, NotifyError};
 use crate::metrics::{Readiness, metrics};
 use crate::sandbox::runtime::{Runtime, RuntimeConfig, RuntimeError};
+use crate::store::announce::Announcer;
 use crate::store::echo::{self, EchoLedger};
 use crate::store::index::KeyIndex;
 use crate::store::redis::RedisBackend;
@@ -115,11 +116,15 @@ async fn run_wired(
     let db = target.db();
     let fence_channel = echo::fence_channel();
     let index = Arc::new(KeyIndex::new(config.index.max_keys, fence_channel.clone()));
-    let Some(redis) = connect(&target, &index, &shutdown).await else { return Ok(()) };
+    let lease = Lease::new(&config.replicas, db, &config.deploy.consumer);
+    // Replicas splitting a cluster tell each other of their writes.
+    let announcer = (target.is_cluster() && lease.enabled())
+        .then(|| Arc::new(Announcer::new(format!("{}:echo", lease.key), lease.id.clone())));
+    let Some(redis) = connect(&target, &index, announcer.clone(), &shutdown).await else { return Ok(()) };
     let runtime = Runtime::new(RuntimeConfig { max_instances: config.instance_pool, ..RuntimeConfig::default() })?;
     let ledger = Arc::new(EchoLedger::new());
 
-    let mut switches = Switches::new(Lease::new(&config.replicas, db, &config.deploy.consumer));
+    let mut switches = Switches::new(lease);
     if target.is_cluster() {
         switches = switches.split_by_shard();
     }
@@ -185,6 +190,7 @@ async fn run_wired(
         node: String::new(),
         nodes,
         shard: None,
+        announcements: announcer.as_ref().map(|a| (a.channel.clone(), a.daemon.clone())),
         first_sweep: Some(SweepReason::Start),
         db,
         routes: routes.clone(),
@@ -273,6 +279,7 @@ async fn run_wired(
 async fn connect(
     target: &RedisTarget,
     index: &Arc<KeyIndex>,
+    announcer: Option<Arc<Announcer>>,
     shutdown: &CancellationToken,
 ) -> Option<Arc<RedisBackend>> {
     let mut backoff = Backoff::new();
@@ -283,7 +290,11 @@ async fn connect(
                 if logged {
                     info!("connected to Redis");
                 }
-                return Some(Arc::new(backend.with_index(index.clone())));
+                let backend = backend.with_index(index.clone());
+                return Some(Arc::new(match announcer {
+                    Some(announcer) => backend.with_announcer(announcer),
+                    None => backend,
+                }));
             }
             Err(e) => {
                 if !logged {

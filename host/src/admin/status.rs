@@ -70,6 +70,19 @@ pub struct LeaseStatus {
     pub held: bool,
     /// The fencing token of its holding (0: standing by).
     pub token: u64,
+    /// On a Redis Cluster, the shards' leases (by first slot): which this
+    /// daemon holds.
+    #[serde(default)]
+    pub shards: Vec<ShardLease>,
+}
+
+/// One cluster shard's lease, as this daemon sees it.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ShardLease {
+    /// The shard's first slot.
+    pub slot: u16,
+    pub held: bool,
+    pub token: u64,
 }
 
 /// One pattern of the key index.
@@ -141,6 +154,13 @@ pub(super) async fn status(State(admin): State<Arc<Admin>>) -> Response {
             id: wired.switches.lease.id.clone(),
             held: wired.switches.lease.holds(),
             token: wired.switches.lease.token(),
+            shards: wired.switches.shards.as_ref().map_or_else(Vec::new, |shards| {
+                shards
+                    .all()
+                    .iter()
+                    .map(|(slot, l)| ShardLease { slot: *slot, held: l.holds(), token: l.token() })
+                    .collect()
+            }),
         }),
         subscriptions: wired.nodes.snapshot(),
         index: wired

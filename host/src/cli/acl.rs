@@ -179,13 +179,22 @@ pub fn setuser_args(req: &AclRequest<'_>) -> Vec<String> {
     args.push(format!("&__keyevent@{}__:*", req.db));
     // The echo ledger's fences (see `store::echo`), one channel per daemon.
     args.push("&cachepol:fence:*".into());
+    // Replicas splitting a cluster announce their writes to each other.
+    if let (Some(lease), true) = (req.lease_key, req.cluster) {
+        args.push(format!("&{}:db{}:echo", cachepol_guest_sdk::glob::escape(lease), req.db));
+    }
     args.push("-@all".into());
     let mut commands: Vec<&str> = [POLICY_COMMANDS, STREAM_COMMANDS, CONNECTION_COMMANDS].concat();
     if req.configure_notifications {
         commands.push("config|set");
     }
     if req.lease_key.is_some() {
-        commands.extend(["incr", "del"]);
+        // The take script reads Redis's clock for the token's floor.
+        commands.extend(["incr", "del", "time"]);
+        if req.cluster {
+            // The replicas alive, for splitting the shards.
+            commands.extend(["zadd", "zremrangebyscore", "zcard", "zrem"]);
+        }
     }
     if req.cluster {
         commands.push("cluster|slots");
@@ -203,7 +212,13 @@ pub fn setuser_args(req: &AclRequest<'_>) -> Vec<String> {
     // exactly.
     .chain(req.lease_key.into_iter().flat_map(|k| {
         let lease = format!("{}:db{}", cachepol_guest_sdk::glob::escape(k), req.db);
-        [format!("{lease}:token"), lease].map(|key| key_rule(&key, KeyOps::READ | KeyOps::WRITE))
+        // On a cluster: each shard's lease and token, and the members.
+        let shards = req.cluster.then(|| format!("{lease}:*"));
+        [format!("{lease}:token"), lease]
+            .into_iter()
+            .chain(shards)
+            .map(|key| key_rule(&key, KeyOps::READ | KeyOps::WRITE))
+            .collect::<Vec<_>>()
     }))
     .chain(req.grants.iter().map(|(pattern, ops)| key_rule(pattern, *ops)));
     args.extend(keys.filter(|k| seen.insert(k.clone())));
@@ -276,6 +291,20 @@ mod tests {
         assert!(with_lease.contains(&"+incr".to_owned()) && with_lease.contains(&"+del".to_owned()));
         assert!(with_lease.contains(&"~cachepol:lease:events:db2".to_owned()), "{with_lease:?}");
         assert!(with_lease.contains(&"~cachepol:lease:events:db2:token".to_owned()), "{with_lease:?}");
+        let on_cluster = setuser_args(&AclRequest {
+            lease_key: Some("{cachepol}:lease:events"),
+            cluster: true,
+            grants: req.grants.clone(),
+            ..req
+        });
+        for command in ["+cluster|slots", "+zadd", "+zremrangebyscore", "+time"] {
+            assert!(on_cluster.contains(&command.to_owned()), "{command} in {on_cluster:?}");
+        }
+        assert!(
+            on_cluster.contains(&"~{cachepol}:lease:events:db2:*".to_owned()),
+            "each shard's lease: {on_cluster:?}"
+        );
+        assert!(on_cluster.contains(&"&{cachepol}:lease:events:db2:echo".to_owned()), "{on_cluster:?}");
         let with_set = setuser_args(&AclRequest { configure_notifications: true, lease_key: None, ..req });
         assert!(with_set.contains(&"+config|set".to_owned()));
     }

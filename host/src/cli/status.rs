@@ -79,6 +79,28 @@ pub fn render(s: &Status, now: SystemTime) -> String {
             r.notify_keyspace_events.as_deref().filter(|f| !f.is_empty()).unwrap_or("(off)"),
         )),
     }
+    if s.subscriptions.len() > 1 {
+        let up = s.subscriptions.iter().filter(|n| n.subscribed).count();
+        let nodes: Vec<String> = s
+            .subscriptions
+            .iter()
+            .map(|n| format!("{}{}", n.node, if n.subscribed { "" } else { " (down)" }))
+            .collect();
+        out.push_str(&format!("subscribed to {up} of {} primaries: {}\n", s.subscriptions.len(), nodes.join(", ")));
+    }
+    if let Some(lease) = &s.lease {
+        let held: Vec<String> = lease.shards.iter().filter(|l| l.held).map(|l| format!("slot {}", l.slot)).collect();
+        match (lease.shards.is_empty(), lease.held) {
+            (true, true) => out.push_str(&format!("lease {}: held (token {})\n", lease.key, lease.token)),
+            (true, false) => out.push_str(&format!("lease {}: standing by\n", lease.key)),
+            (false, _) => out.push_str(&format!(
+                "shard leases: {} of {} held{}\n",
+                held.len(),
+                lease.shards.len(),
+                if held.is_empty() { String::new() } else { format!(" ({})", held.join(", ")) }
+            )),
+        }
+    }
     for p in &s.index {
         out.push_str(&format!("key index {}: {} ({} keys)\n", p.pattern, p.status, p.keys));
     }

@@ -128,7 +128,9 @@ impl Subscriptions {
             return single.run(shutdown, ready).await;
         }
         let nodes = self.template.nodes.clone();
-        let mut running: BTreeMap<String, CancellationToken> = BTreeMap::new();
+        // By node and shard: a node whose slots change (a resharding) is
+        // subscribed again under its new shard's lease.
+        let mut running: BTreeMap<(String, u16), CancellationToken> = BTreeMap::new();
         let mut tasks = JoinSet::new();
         let mut ready = Some(ready);
         let mut backoff = Backoff::new();
@@ -152,8 +154,18 @@ impl Subscriptions {
             };
             if let Some(primaries) = primaries {
                 let first = ready.is_some();
+                running.retain(|(addr, shard), stop| {
+                    let keep = primaries.iter().any(|n| n.addr == *addr && n.shard() == *shard);
+                    if !keep {
+                        info!(node = %addr, slot = shard, "a node no longer serves these slots; unsubscribing from it");
+                        stop.cancel();
+                        nodes.forget(addr);
+                    }
+                    keep
+                });
                 let mut started = Vec::new();
-                let new: Vec<&Node> = primaries.iter().filter(|n| !running.contains_key(&n.addr)).collect();
+                let new: Vec<&Node> =
+                    primaries.iter().filter(|n| !running.contains_key(&(n.addr.clone(), n.shard()))).collect();
                 for node in new {
                     let stop = shutdown.child_token();
                     let (tx, rx) = tokio::sync::oneshot::channel();
@@ -161,7 +173,7 @@ impl Subscriptions {
                         Ok(subscriber) => {
                             nodes.join(&node.addr);
                             tasks.spawn(subscriber.run(stop.clone(), tx));
-                            running.insert(node.addr.clone(), stop);
+                            running.insert((node.addr.clone(), node.shard()), stop);
                             started.push(rx);
                             if !first {
                                 info!(node = %node, "a new primary serves slots; subscribing to it");
@@ -170,15 +182,6 @@ impl Subscriptions {
                         Err(e) => warn!(node = %node, error = %e, "cannot subscribe to a primary"),
                     }
                 }
-                running.retain(|addr, stop| {
-                    let keep = primaries.iter().any(|n| n.addr == *addr);
-                    if !keep {
-                        info!(node = %addr, "a node no longer serves slots; unsubscribing from it");
-                        stop.cancel();
-                        nodes.forget(addr);
-                    }
-                    keep
-                });
                 metrics().primaries.set(primaries.len() as i64);
                 if let Some(shards) = &self.template.switches.shards {
                     shards.set(&self.template.switches.lease, primaries.iter().map(Node::shard));

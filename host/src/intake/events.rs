@@ -46,6 +46,7 @@ use crate::intake::cluster::Nodes;
 use crate::intake::notify;
 use crate::metrics::metrics;
 use crate::sandbox::manifest::Manifest;
+use crate::store::announce::Remote;
 use crate::store::echo::EchoLedger;
 use crate::store::index::{self, KeyIndex};
 use crate::wit::SweepReason;
@@ -69,6 +70,9 @@ pub struct Subscriber {
     pub node: String,
     /// Every subscription's state (readiness is all of them).
     pub nodes: Arc<Nodes>,
+    /// Where the other replicas splitting a cluster announce their writes
+    /// ([`crate::store::announce`]), and this daemon's id among them.
+    pub announcements: Option<(String, String)>,
     /// The cluster shard the node serves, by first slot: whose lease
     /// decides whether its events are this daemon's to route, when
     /// replicas split a cluster.
@@ -352,6 +356,10 @@ impl Subscriber {
             index: self.index.clone(),
             switches: self.switches.clone(),
             shard: self.shard,
+            announcements: self
+                .announcements
+                .as_ref()
+                .map(|(channel, me)| (channel.clone(), Remote::new(self.ledger.clone(), me.clone()))),
             hop_limit: self.hop_limit,
             link: link.clone(),
             skipped: AtomicU64::new(0),
@@ -360,6 +368,9 @@ impl Subscriber {
         let config = AsyncConnectionConfig::new().set_push_sender(router);
         let mut conn = client.get_multiplexed_async_connection_with_config(&config).await.map_err(|e| e.to_string())?;
         conn.subscribe(&self.fence_channel).await.map_err(|e| e.to_string())?;
+        if let Some((channel, _)) = &self.announcements {
+            conn.subscribe(channel).await.map_err(|e| e.to_string())?;
+        }
         self.ledger.listen(channels.recorded(&self.routes.load()));
         self.listen(&mut conn, channels, true).await.map_err(|e| e.to_string())?;
         Ok(conn)
@@ -631,6 +642,8 @@ struct Router {
     index: Arc<KeyIndex>,
     switches: Arc<Switches>,
     shard: Option<u16>,
+    /// The other replicas' announced writes, read on this connection.
+    announcements: Option<(String, Remote)>,
     hop_limit: u8,
     /// Told when redis-rs reports the connection closed; knows when the last
     /// push arrived.
@@ -654,7 +667,11 @@ impl AsyncPushSender for Router {
             // ledger.
             PushKind::Message => {
                 if let [Value::BulkString(channel), Value::BulkString(payload)] = push.data.as_slice() {
-                    if channel.as_slice() == self.fence_channel.as_bytes() {
+                    if let Some((_, remote)) =
+                        self.announcements.as_ref().filter(|(c, _)| c.as_bytes() == channel.as_slice())
+                    {
+                        remote.read(payload);
+                    } else if channel.as_slice() == self.fence_channel.as_bytes() {
                         if let Some(id) = crate::store::echo::parse_fence(payload) {
                             self.ledger.fence_seen_by(self.link.listener, id);
                         } else {

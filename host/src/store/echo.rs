@@ -48,6 +48,7 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use cachepol_guest_sdk::glob::Glob;
 
+use crate::store::announce::{WRITING, Writing};
 use crate::store::backend::{Backend, BackendError, BulkPlan, BulkResult, BulkStep, QueuedExpire, Rows, WriteLayer};
 use crate::store::target::Conn;
 use crate::wit::{ExpireCondition, ExpireRow, SetOptions};
@@ -306,6 +307,15 @@ impl EchoLedger {
     }
 }
 
+/// The notifications a write of the restricted API can cause, as the
+/// ledger names them.
+const WRITE_OPS: &[&str] = &["set", "expire", "del", "persist"];
+
+/// `op` as the ledger names it, if a write can cause it.
+pub fn known_op(op: &str) -> Option<&'static str> {
+    WRITE_OPS.iter().copied().find(|o| *o == op)
+}
+
 /// How often a fence is published while anything waits for one.
 pub const FENCE_EVERY: std::time::Duration = std::time::Duration::from_millis(50);
 
@@ -385,6 +395,12 @@ impl EchoLayer {
         Origin { policy: self.policy.clone(), hops: self.hops.load(Ordering::Relaxed).saturating_add(1) }
     }
 
+    /// Run the backend's `write`, telling it who writes and what the write
+    /// causes, for the replicas' announcements ([`crate::store::announce`]).
+    async fn as_writer<T>(&self, ops: &[&'static str], write: impl Future<Output = T>) -> T {
+        WRITING.scope(Writing { origin: self.origin(), ops: ops.to_vec() }, write).await
+    }
+
     /// Expect `ops` on `key` and run the write. If it changed nothing,
     /// Redis will not notify: the expectations are withdrawn at once.
     /// Otherwise (or if the answer was lost) they stay until their
@@ -397,7 +413,7 @@ impl EchoLayer {
         changed: impl Fn(&T) -> bool,
     ) -> Result<T, BackendError> {
         let ids = self.ledger.expect(key, ops, &self.origin());
-        let result = write.await;
+        let result = self.as_writer(ops, write).await;
         match &result {
             Ok(value) if !changed(value) => self.ledger.withdraw(key, ids),
             _ => self.ledger.written(key, ids),
@@ -489,7 +505,7 @@ impl WriteLayer for EchoLayer {
     async fn del(&self, inner: &dyn Backend, keys: &[String]) -> Result<u64, BackendError> {
         let origin = self.origin();
         let ids: Vec<_> = keys.iter().map(|key| self.ledger.expect(key.as_bytes(), &["del"], &origin)).collect();
-        let deleted = inner.del(keys).await;
+        let deleted = self.as_writer(&["del"], inner.del(keys)).await;
         for (key, ids) in keys.iter().zip(ids) {
             // None deleted: none will notify. Some: which ones is unknown,
             // and the rest are retired by a fence.
@@ -519,7 +535,7 @@ impl WriteLayer for EchoLayer {
     async fn expire_many(&self, inner: &dyn Backend, items: &[QueuedExpire]) -> Result<Vec<bool>, BackendError> {
         let origin = self.origin();
         let ids: Vec<_> = items.iter().map(|i| self.ledger.expect(i.key.as_bytes(), &["expire"], &origin)).collect();
-        let result = inner.expire_many(items).await;
+        let result = self.as_writer(&["expire"], inner.expire_many(items)).await;
         for (index, (item, ids)) in items.iter().zip(ids).enumerate() {
             match &result {
                 Ok(set) if !set.get(index).copied().unwrap_or(true) => self.ledger.withdraw(item.key.as_bytes(), ids),
@@ -537,7 +553,7 @@ impl WriteLayer for EchoLayer {
     ) -> Result<BulkResult, BackendError> {
         let echo = BulkEcho::new(self, "del", pattern);
         let steps = |step: BulkStep<'_>| echo.step(step);
-        inner.delete_matching(pattern, &BulkPlan { steps: Some(&steps), ..*plan }).await
+        self.as_writer(&["del"], inner.delete_matching(pattern, &BulkPlan { steps: Some(&steps), ..*plan })).await
     }
 
     async fn expire_matching(
@@ -550,7 +566,7 @@ impl WriteLayer for EchoLayer {
         let pattern = Rows::new(rows).scan_pattern();
         let echo = BulkEcho::new(self, "expire", &pattern);
         let steps = |step: BulkStep<'_>| echo.step(step);
-        inner.expire_matching(rows, &BulkPlan { steps: Some(&steps), ..*plan }).await
+        self.as_writer(&["expire"], inner.expire_matching(rows, &BulkPlan { steps: Some(&steps), ..*plan })).await
     }
 
     async fn lock_acquire(&self, inner: &dyn Backend, name: &str, ttl_ms: u64) -> Result<Option<String>, BackendError> {

@@ -5,7 +5,8 @@
 //! connection, the bulk operations pipelined) and in memory with Redis
 //! semantics ([`memory`], the fake host's keyspace). Write layers wrap a
 //! backend: [`echo`] records each write so its own notification does not
-//! wake the policy again, [`dryrun`] only logs what a write would do.
+//! wake the policy again (and [`announce`] tells other replicas of the
+//! writes, when they split a cluster), [`dryrun`] only logs what a write would do.
 //! [`target`] says whether that is one server or a Redis Cluster, and holds
 //! the connection type everything else uses.
 //! [`index`] keeps the names of the keys bulk operations can reach, fed by
@@ -16,6 +17,7 @@
 //! intake (for the index); hands back Redis's answers.
 //! May call: nothing above it (only the contract types in [`crate::wit`]).
 
+pub(crate) mod announce;
 pub mod backend;
 pub(crate) mod dryrun;
 pub(crate) mod echo;

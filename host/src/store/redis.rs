@@ -28,6 +28,7 @@ use cachepol_guest_sdk::glob::Glob;
 use redis::{RedisError, Script, Value};
 
 use crate::metrics::{Metrics, metrics};
+use crate::store::announce::Announcer;
 use crate::store::backend::{
     Backend, BackendError, BulkPlan, BulkResult, BulkStep, QueuedExpire, Rows, ScanResult, scan_pattern_for,
 };
@@ -67,13 +68,16 @@ pub struct RedisBackend {
     release: Script,
     /// Serves bulk operations when complete ([`crate::store::index`]).
     index: Option<Arc<KeyIndex>>,
+    /// Tells the other replicas splitting a cluster of each write
+    /// ([`crate::store::announce`]).
+    announcer: Option<Arc<Announcer>>,
 }
 
 impl RedisBackend {
     /// Connect (the connection manager reconnects by itself afterwards).
     pub async fn connect(target: &RedisTarget) -> Result<RedisBackend, BackendError> {
         let conn = target.connect().await.map_err(failed)?;
-        Ok(RedisBackend { conn, target: target.clone(), release: Script::new(RELEASE), index: None })
+        Ok(RedisBackend { conn, target: target.clone(), release: Script::new(RELEASE), index: None, announcer: None })
     }
 
     /// Serve bulk operations from `index` when it is complete. (Not on a
@@ -86,17 +90,40 @@ impl RedisBackend {
         self
     }
 
+    /// Announce every write to the other replicas (on a cluster they split).
+    pub(crate) fn with_announcer(mut self, announcer: Arc<Announcer>) -> RedisBackend {
+        self.announcer = Some(announcer);
+        self
+    }
+
+    /// The announcement and "done" around a write of `keys` (one node's),
+    /// when replicas split the cluster and a policy is writing.
+    fn around<K: AsRef<[u8]>>(&self, keys: &[K]) -> Option<(redis::Cmd, redis::Cmd)> {
+        self.announcer.as_ref()?.around(keys)
+    }
+
+    /// One write of `key`: on a cluster, announced to the other replicas
+    /// when they split it.
+    async fn write<T: redis::FromRedisValue>(&self, key: &[u8], cmd: redis::Cmd) -> Result<T, BackendError> {
+        if !self.target.is_cluster() {
+            return self.query(&cmd).await;
+        }
+        let reply = self.pipelined(vec![(vec![key], cmd)]).await?.pop().unwrap_or(Value::Nil);
+        redis::from_redis_value(reply).map_err(|e| BackendError::Command(e.to_string()))
+    }
+
     /// A clone of the connection, for host-side commands outside the
     /// policy API (streams, `CONFIG`).
     pub fn connection(&self) -> Conn {
         self.conn.clone()
     }
 
-    /// Send `cmds` (each with its key) and return their replies in order:
-    /// one pipeline on a single server; on a cluster, one pipeline per
-    /// slot, all at once (the cluster client routes a pipeline whole, to
-    /// the node of its first key).
-    async fn pipelined(&self, cmds: Vec<(&[u8], redis::Cmd)>) -> Result<Vec<Value>, BackendError> {
+    /// Send `cmds` (each with its keys, of one slot) and return their
+    /// replies in order: one pipeline on a single server; on a cluster, one
+    /// pipeline per slot, all at once (the cluster client routes a pipeline
+    /// whole, to the node of its first key), each announced to the other
+    /// replicas when they split the cluster.
+    async fn pipelined(&self, cmds: Vec<(Vec<&[u8]>, redis::Cmd)>) -> Result<Vec<Value>, BackendError> {
         if !self.target.is_cluster() {
             let mut pipe = redis::pipe();
             for (_, cmd) in cmds {
@@ -104,20 +131,54 @@ impl RedisBackend {
             }
             return retrying(|| async { pipe.query_async(&mut self.conn.clone()).await }).await;
         }
-        let mut by_slot: std::collections::BTreeMap<u16, (Vec<usize>, redis::Pipeline)> = Default::default();
-        for (i, (key, cmd)) in cmds.into_iter().enumerate() {
-            let (at, pipe) = by_slot.entry(target::slot(key)).or_insert_with(|| (Vec::new(), redis::pipe()));
+        type Group<'k> = (Vec<usize>, Vec<&'k [u8]>, Vec<redis::Cmd>);
+        let mut by_slot: std::collections::BTreeMap<u16, Group<'_>> = Default::default();
+        for (i, (keys, cmd)) in cmds.into_iter().enumerate() {
+            let slot = keys.first().map_or(0, |k| target::slot(k));
+            let (at, all, group) = by_slot.entry(slot).or_default();
             at.push(i);
-            pipe.add_command(cmd);
+            all.extend(keys);
+            group.push(cmd);
         }
-        let sent = by_slot.values().map(|(at, pipe)| async move {
-            let replies: Vec<Value> = retrying(|| async { pipe.query_async(&mut self.conn.clone()).await }).await?;
-            Ok::<_, BackendError>(at.iter().copied().zip(replies).collect::<Vec<_>>())
+        let sent = by_slot.into_iter().map(|(slot, (at, keys, cmds))| async move {
+            let replies = match self.around(&keys) {
+                Some(around) => self.announced(slot, around, cmds).await?,
+                None => {
+                    let mut pipe = redis::pipe();
+                    for cmd in cmds {
+                        pipe.add_command(cmd);
+                    }
+                    retrying(|| async { pipe.query_async::<Vec<Value>>(&mut self.conn.clone()).await }).await?
+                }
+            };
+            Ok::<_, BackendError>(at.into_iter().zip(replies).collect::<Vec<_>>())
         });
         let mut replies: Vec<(usize, Value)> =
             futures_util::future::try_join_all(sent).await?.into_iter().flatten().collect();
         replies.sort_by_key(|(i, _)| *i);
         Ok(replies.into_iter().map(|(_, v)| v).collect())
+    }
+
+    /// `cmds` of one `slot`, between `around`'s announcement and its
+    /// "done", in one pipeline to the slot's node; their replies.
+    async fn announced(
+        &self,
+        slot: u16,
+        (before, after): (redis::Cmd, redis::Cmd),
+        cmds: impl IntoIterator<Item = redis::Cmd>,
+    ) -> Result<Vec<Value>, BackendError> {
+        let mut pipe = redis::pipe();
+        pipe.add_command(before);
+        for cmd in cmds {
+            pipe.add_command(cmd);
+        }
+        pipe.add_command(after);
+        let mut replies =
+            retrying(|| async { self.conn.clone().pipeline_on_slot(&pipe, slot).await.and_then(server_errors) })
+                .await?;
+        replies.pop();
+        replies.remove(0);
+        Ok(replies)
     }
 
     async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, BackendError> {
@@ -154,8 +215,13 @@ impl RedisBackend {
                 let keys = std::slice::from_ref(&literal);
                 act(&mut pipe, keys);
                 plan.step(BulkStep::Before(keys));
-                let replies = retrying(|| async { pipe.query_async::<Vec<Value>>(&mut self.conn.clone()).await });
-                let replies = replies.await;
+                let replies = match self.around(keys) {
+                    Some(around) => {
+                        let cmds: Vec<redis::Cmd> = pipe.cmd_iter().cloned().collect();
+                        self.announced(target::slot(&literal), around, cmds).await
+                    }
+                    None => retrying(|| async { pipe.query_async::<Vec<Value>>(&mut self.conn.clone()).await }).await,
+                };
                 plan.step(BulkStep::After(keys));
                 let replies = replies?;
                 sample_changed(&mut result, keys, &replies, &tally);
@@ -386,7 +452,14 @@ impl RedisBackend {
                 pending.sort_by_key(|k| target::slot(k));
             }
             if !pending.is_empty() {
+                let around = self.around(&pending);
+                if let Some((before, _)) = &around {
+                    pipe.add_command(before.clone()).ignore();
+                }
                 act(&mut pipe, &pending);
+                if let Some((_, after)) = around {
+                    pipe.add_command(after).ignore();
+                }
             }
             if let Some(c) = cursor {
                 pipe.cmd("SCAN").arg(c).arg("MATCH").arg(pattern).arg("COUNT").arg(SCAN_BATCH);
@@ -588,6 +661,15 @@ pub fn is_connection_error(e: &RedisError) -> bool {
     e.is_connection_dropped() || e.is_io_error() || e.is_timeout() || e.is_connection_refusal()
 }
 
+/// A pipeline's replies as `query_async` gives them: an error reply is the
+/// pipeline's error (raw replies keep them as values).
+fn server_errors(replies: Vec<Value>) -> redis::RedisResult<Vec<Value>> {
+    match replies.iter().find_map(|v| if let Value::ServerError(e) = v { Some(e.clone()) } else { None }) {
+        Some(e) => Err(e.into()),
+        None => Ok(replies),
+    }
+}
+
 /// Keys per `MGET` command.
 const MGET_BATCH: usize = 1000;
 
@@ -627,7 +709,7 @@ impl Backend for RedisBackend {
                 cmds.push((chunk[0].as_bytes(), chunk.to_vec()));
             }
         }
-        let sent = cmds.iter().map(|(key, chunk)| (*key, redis::cmd("MGET").arg(chunk).clone())).collect();
+        let sent = cmds.iter().map(|(key, chunk)| (vec![*key], redis::cmd("MGET").arg(chunk).clone())).collect();
         let replies = self.pipelined(sent).await?;
         let mut values = vec![None; keys.len()];
         for ((_, chunk), reply) in cmds.iter().zip(replies) {
@@ -722,28 +804,41 @@ impl Backend for RedisBackend {
                 cmd.arg("XX");
             }
         }
-        let reply: Value = self.query(&cmd).await?;
+        let reply: Value = self.write(key.as_bytes(), cmd).await?;
         Ok(!matches!(reply, Value::Nil))
     }
 
+    /// On a cluster, one `UNLINK` per slot.
     async fn del(&self, keys: &[String]) -> Result<u64, BackendError> {
-        self.query(redis::cmd("UNLINK").arg(keys)).await
+        if !self.target.is_cluster() {
+            return self.query(redis::cmd("UNLINK").arg(keys)).await;
+        }
+        let cmds = target::by_slot(keys)
+            .into_iter()
+            .map(|group| {
+                let cmd = redis::cmd("UNLINK").arg(&group).clone();
+                (group.into_iter().map(String::as_bytes).collect(), cmd)
+            })
+            .collect();
+        Ok(self.pipelined(cmds).await?.iter().map(|v| if let Value::Int(n) = v { *n as u64 } else { 0 }).sum())
     }
 
     async fn expire(&self, key: &str, ttl_ms: u64, condition: ExpireCondition) -> Result<bool, BackendError> {
-        let n: i64 = self.query(&pexpire(key, ttl_ms, condition)).await?;
+        let n: i64 = self.write(key.as_bytes(), pexpire(key, ttl_ms, condition)).await?;
         Ok(n == 1)
     }
 
     async fn persist(&self, key: &str) -> Result<bool, BackendError> {
-        let n: i64 = self.query(redis::cmd("PERSIST").arg(key)).await?;
+        let n: i64 = self.write(key.as_bytes(), redis::cmd("PERSIST").arg(key).clone()).await?;
         Ok(n == 1)
     }
 
     /// One pipeline, one round trip.
     async fn expire_many(&self, items: &[QueuedExpire]) -> Result<Vec<bool>, BackendError> {
-        let cmds =
-            items.iter().map(|item| (item.key.as_bytes(), pexpire(&item.key, item.ttl_ms, item.condition))).collect();
+        let cmds = items
+            .iter()
+            .map(|item| (vec![item.key.as_bytes()], pexpire(&item.key, item.ttl_ms, item.condition)))
+            .collect();
         Ok(self.pipelined(cmds).await?.iter().map(is_one).collect())
     }
 
@@ -780,7 +875,8 @@ impl Backend for RedisBackend {
 
     async fn lock_acquire(&self, name: &str, ttl_ms: u64) -> Result<Option<String>, BackendError> {
         let token = format!("{:032x}", rand::random::<u128>());
-        let reply: Value = self.query(redis::cmd("SET").arg(name).arg(&token).arg("NX").arg("PX").arg(ttl_ms)).await?;
+        let cmd = redis::cmd("SET").arg(name).arg(&token).arg("NX").arg("PX").arg(ttl_ms).clone();
+        let reply: Value = self.write(name.as_bytes(), cmd).await?;
         Ok(if matches!(reply, Value::Nil) { None } else { Some(token) })
     }
 

@@ -278,6 +278,25 @@ pub enum Conn {
     Cluster(ClusterConnection),
 }
 
+impl Conn {
+    /// Send `pipe` to the node serving `slot` and return every reply (none
+    /// ignored). The cluster client would route a pipeline by its first
+    /// keyed command, and takes a `PUBLISH`'s channel for a key: this
+    /// sends commands that must run on one node, in order, whatever their
+    /// arguments hash to.
+    pub async fn pipeline_on_slot(&mut self, pipe: &redis::Pipeline, slot: u16) -> redis::RedisResult<Vec<Value>> {
+        let count = pipe.cmd_iter().count();
+        match self {
+            Conn::Single(c) => c.req_packed_commands(pipe, 0, count).await,
+            Conn::Cluster(c) => {
+                use redis::cluster_routing::{Route, SingleNodeRoutingInfo, SlotAddr};
+                let route = SingleNodeRoutingInfo::SpecificNode(Route::new(slot, SlotAddr::Master));
+                c.route_pipeline(pipe.clone(), 0, count, route).await
+            }
+        }
+    }
+}
+
 impl ConnectionLike for Conn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> RedisFuture<'a, Value> {
         match self {

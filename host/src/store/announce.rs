@@ -1,0 +1,243 @@
+//! Echo suppression across replicas that split a Redis Cluster.
+//!
+//! The echo ledger ([`crate::store::echo`]) knows only this daemon's
+//! writes. When replicas split a cluster by shard, a policy handling an
+//! event on one shard may write a key of another shard, whose events
+//! another daemon routes: to that daemon the write would look like the
+//! application's, delivered at hop 0 (a policy would wake itself again, and
+//! a chain of policies would never meet the hop limit).
+//!
+//! So each write is *announced* on the node that takes it: the write's
+//! commands go out in one pipeline to that node, between a `PUBLISH` of
+//! what it is (the daemon, the policy and hop count, the notifications it
+//! causes, the keys) and a `PUBLISH` saying it is done. A node runs a
+//! pipeline in order and queues a notification for its subscribers as it
+//! runs the write, so every daemon subscribed to that node reads: the
+//! announcement, then the write's notifications, then "done". The
+//! announcement puts expectations in that daemon's ledger ([`Remote`]),
+//! the notifications claim them, and "done" withdraws what was not
+//! claimed (the write changed nothing). No clock, no extra round trip.
+//!
+//! Only writes made through the echo layer are announced: it says who is
+//! writing ([`WRITING`]). Releasing a lock (a script) is not announced.
+
+use std::collections::{HashMap, VecDeque};
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crate::store::echo::{EchoLedger, Origin};
+
+tokio::task_local! {
+    /// The write under way (set by the echo layer around the backend's
+    /// call): who makes it, and the notifications it causes.
+    pub static WRITING: Writing;
+}
+
+/// Who makes a write, and the notifications it causes.
+#[derive(Clone, Debug)]
+pub struct Writing {
+    pub origin: Origin,
+    pub ops: Vec<&'static str>,
+}
+
+/// Announcements not yet done kept per subscription: more means a daemon
+/// died between its announcement and "done" (the oldest are withdrawn).
+const PENDING: usize = 4096;
+
+/// This daemon's side: the `PUBLISH` commands around its writes.
+pub struct Announcer {
+    pub channel: String,
+    /// This process's id (the lease's): its own announcements are ignored.
+    pub daemon: String,
+    seq: AtomicU64,
+}
+
+impl Announcer {
+    pub fn new(channel: String, daemon: String) -> Announcer {
+        Announcer { channel, daemon, seq: AtomicU64::new(0) }
+    }
+
+    /// The announcement and the "done" of a write of `keys` (all on one
+    /// node), if a write is under way ([`WRITING`]).
+    pub fn around<K: AsRef<[u8]>>(&self, keys: &[K]) -> Option<(redis::Cmd, redis::Cmd)> {
+        let writing = WRITING.try_with(Clone::clone).ok()?;
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed).to_string();
+        let hops = writing.origin.hops.to_string();
+        let ops = writing.ops.join(",");
+        let mut fields: Vec<&[u8]> =
+            vec![b"w", self.daemon.as_bytes(), seq.as_bytes(), hops.as_bytes(), writing.origin.policy.as_bytes()];
+        fields.push(ops.as_bytes());
+        fields.extend(keys.iter().map(AsRef::as_ref));
+        let publish = |payload: Vec<u8>| redis::cmd("PUBLISH").arg(&self.channel).arg(payload).clone();
+        Some((publish(encode(&fields)), publish(encode(&[b"d", self.daemon.as_bytes(), seq.as_bytes()]))))
+    }
+}
+
+/// Length-prefixed fields (`<len>:<bytes>`): keys are binary.
+fn encode(fields: &[&[u8]]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for field in fields {
+        out.extend_from_slice(field.len().to_string().as_bytes());
+        out.push(b':');
+        out.extend_from_slice(field);
+    }
+    out
+}
+
+fn decode(mut payload: &[u8]) -> Option<Vec<&[u8]>> {
+    let mut fields = Vec::new();
+    while !payload.is_empty() {
+        let colon = payload.iter().position(|b| *b == b':')?;
+        let len: usize = std::str::from_utf8(&payload[..colon]).ok()?.parse().ok()?;
+        let rest = &payload[colon + 1..];
+        fields.push(rest.get(..len)?);
+        payload = &rest[len..];
+    }
+    Some(fields)
+}
+
+/// An announcement read back.
+#[derive(Debug, PartialEq, Eq)]
+enum Announcement<'a> {
+    Writes { daemon: &'a [u8], seq: u64, origin: Origin, ops: Vec<&'a str>, keys: Vec<&'a [u8]> },
+    Done { daemon: &'a [u8], seq: u64 },
+}
+
+fn parse(payload: &[u8]) -> Option<Announcement<'_>> {
+    let fields = decode(payload)?;
+    let number = |f: &[u8]| std::str::from_utf8(f).ok()?.parse::<u64>().ok();
+    match fields.as_slice() {
+        [b"w", daemon, seq, hops, policy, ops, keys @ ..] => Some(Announcement::Writes {
+            daemon,
+            seq: number(seq)?,
+            origin: Origin {
+                policy: std::str::from_utf8(policy).ok()?.into(),
+                hops: u8::try_from(number(hops)?).ok()?,
+            },
+            ops: std::str::from_utf8(ops).ok()?.split(',').filter(|o| !o.is_empty()).collect(),
+            keys: keys.to_vec(),
+        }),
+        [b"d", daemon, seq] => Some(Announcement::Done { daemon, seq: number(seq)? }),
+        _ => None,
+    }
+}
+
+type Expected = Vec<(Vec<u8>, Range<u64>)>;
+
+/// An announcement by its daemon and number.
+type WriteId = (Vec<u8>, u64);
+
+/// The announcements not yet done, and their order (oldest first).
+#[derive(Default)]
+struct Open {
+    writes: HashMap<WriteId, Expected>,
+    order: VecDeque<WriteId>,
+}
+
+/// Another daemon's announced writes, as one subscription reads them: held
+/// in this daemon's ledger until their notifications claim them or their
+/// "done" arrives. Dropped with its subscription, withdrawing what is left.
+pub struct Remote {
+    ledger: Arc<EchoLedger>,
+    me: String,
+    pending: Mutex<Open>,
+}
+
+impl Remote {
+    pub fn new(ledger: Arc<EchoLedger>, me: String) -> Remote {
+        Remote { ledger, me, pending: Mutex::default() }
+    }
+
+    /// A message on the announcement channel.
+    pub fn read(&self, payload: &[u8]) {
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        let Open { writes: open, order } = &mut *pending;
+        match parse(payload) {
+            Some(Announcement::Writes { daemon, .. }) | Some(Announcement::Done { daemon, .. })
+                if daemon == self.me.as_bytes() => {}
+            Some(Announcement::Writes { daemon, seq, origin, ops, keys }) => {
+                let ops: Vec<&'static str> = ops.into_iter().filter_map(crate::store::echo::known_op).collect();
+                let expected = keys.iter().map(|key| (key.to_vec(), self.ledger.expect(key, &ops, &origin))).collect();
+                open.insert((daemon.to_vec(), seq), expected);
+                order.push_back((daemon.to_vec(), seq));
+                while order.len() > PENDING {
+                    let oldest = order.pop_front().expect("longer than PENDING");
+                    if let Some(expected) = open.remove(&oldest) {
+                        self.withdraw(expected);
+                    }
+                }
+            }
+            Some(Announcement::Done { daemon, seq }) => {
+                if let Some(expected) = open.remove(&(daemon.to_vec(), seq)) {
+                    self.withdraw(expected);
+                }
+            }
+            None => tracing::debug!("an unreadable write announcement; ignored"),
+        }
+    }
+
+    fn withdraw(&self, expected: Expected) {
+        for (key, ids) in expected {
+            self.ledger.withdraw(&key, ids);
+        }
+    }
+}
+
+impl Drop for Remote {
+    fn drop(&mut self) {
+        let open = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()));
+        for expected in open.writes.into_values() {
+            self.withdraw(expected);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn writing() -> Writing {
+        Writing { origin: Origin { policy: "copier".into(), hops: 2 }, ops: vec!["set", "expire"] }
+    }
+
+    fn payload(cmd: &redis::Cmd) -> Vec<u8> {
+        match cmd.args_iter().nth(2) {
+            Some(redis::Arg::Simple(bytes)) => bytes.to_vec(),
+            _ => panic!("PUBLISH channel payload"),
+        }
+    }
+
+    #[tokio::test]
+    async fn another_daemons_write_is_its_echo_until_done() {
+        let theirs = Announcer::new("ch".into(), "a/1".into());
+        let key: &[u8] = b"k:\x00binary";
+        let (announce, done) = WRITING.scope(writing(), async { theirs.around(&[key]) }).await.unwrap();
+        assert!(theirs.around(&[key]).is_none(), "nothing is announced outside a write");
+
+        let ledger = Arc::new(EchoLedger::new());
+        let remote = Remote::new(ledger.clone(), "b/2".into());
+        remote.read(&payload(&announce));
+        // The write's notification, read between the two: the writer's
+        // policy one hop further, as if this daemon had written it.
+        assert_eq!(ledger.claim("set", key), Some(Origin { policy: "copier".into(), hops: 2 }));
+        remote.read(&payload(&done));
+        assert!(ledger.is_empty(), "done withdraws the `expire` that never came");
+        assert_eq!(ledger.claim("set", key), None, "a later write is the application's");
+    }
+
+    #[tokio::test]
+    async fn own_announcements_are_ignored_and_a_lost_subscription_withdraws() {
+        let mine = Announcer::new("ch".into(), "a/1".into());
+        let (announce, _) = WRITING.scope(writing(), async { mine.around(&[b"k"]) }).await.unwrap();
+        let ledger = Arc::new(EchoLedger::new());
+        Remote::new(ledger.clone(), "a/1".into()).read(&payload(&announce));
+        assert!(ledger.is_empty(), "its own ledger has its writes already");
+        let remote = Remote::new(ledger.clone(), "b/2".into());
+        remote.read(&payload(&announce));
+        assert!(!ledger.is_empty());
+        drop(remote);
+        assert!(ledger.is_empty());
+        assert!(parse(b"3:abc").is_none() && parse(b"9:x").is_none());
+    }
+}
