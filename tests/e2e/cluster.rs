@@ -122,11 +122,16 @@ fn a_failed_primary_is_replaced_by_its_replica_and_its_slots_are_handled() {
 /// Two daemons on a 3-primary cluster, once they have split its shards 2
 /// and 1.
 fn split_pair(cluster: &Cluster, setup: &Setup) -> (Daemon, Daemon) {
-    let a = cluster.daemon(setup);
+    split_pair_at(cluster, &cluster.url(), setup, &["--configure-notifications"])
+}
+
+/// [`split_pair`] on `url`, with `extra` arguments.
+fn split_pair_at(cluster: &Cluster, url: &str, setup: &Setup, extra: &[&str]) -> (Daemon, Daemon) {
+    let a = cluster.daemon_at(url, setup, extra);
     a.wait_for("holding 3 of 3 shards", Duration::from_secs(20));
     // A second daemon joins: the first gives one shard back, the second
     // takes it.
-    let b = cluster.daemon(setup);
+    let b = cluster.daemon_at(url, setup, extra);
     b.wait_for("holding 1 of 3 shards", Duration::from_secs(20));
     a.wait_for("holding 2 of 3 shards", Duration::from_secs(20));
     (a, b)
@@ -228,4 +233,92 @@ fn two_daemons_on_a_cluster_split_the_shards_handle_each_event_once_and_one_take
     }
     eventually(&b, "the next events handled by the one left", || cluster.recorded_events("recorder") == before + 50);
     assert_eq!(b.stop(), Some(0));
+}
+
+/// `cachepol acl` on a cluster: the rule applied on every node, two
+/// replicas run as that user (leases, shard split, announcements, scans of
+/// every primary) and nothing is refused.
+#[test]
+fn replicas_run_on_a_cluster_as_the_acl_user() {
+    let cluster = Cluster::start(3, 0);
+    // The user may read notify-keyspace-events, not set it.
+    cluster.on_every_node(&["CONFIG", "SET", "notify-keyspace-events", "KEA"]);
+    let setup =
+        Setup::new(&["genre-invalidation", "ttl-table"]).config("[replicas]\nenabled = true\nlease_ttl_ms = 3000");
+    let url = cluster.url_as("cachepol", "s3cret");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cachepol"))
+        .args(["acl", "--redis-url", &url, "--policies"])
+        .arg(setup.policies())
+        .arg("--config")
+        .arg(setup.config_file())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Apply this rule on every node"));
+    let line = String::from_utf8(out.stdout).unwrap();
+    let mut args: Vec<String> = line.split_whitespace().map(str::to_owned).collect();
+    assert_eq!(args.drain(..2).collect::<Vec<_>>(), ["ACL", "SETUSER"], "{line}");
+    let mut setuser = vec!["ACL", "SETUSER"];
+    setuser.extend(args.iter().map(String::as_str));
+    cluster.on_every_node(&setuser);
+
+    let (a, b) = split_pair_at(&cluster, &url, &setup, &[]);
+    let dance: Vec<String> = (0..30).map(|n| format!("service_playlist:dance:{n}")).collect();
+    for key in &dance {
+        cluster.set(key, "p");
+    }
+    let jobs: Vec<String> = (0..30).map(|n| format!("job:{n}")).collect();
+    for key in &jobs {
+        cluster.set(key, "queued");
+    }
+    assert_eq!(nodes_of(&cluster, &jobs).len(), 3);
+    for key in &jobs {
+        eventually(&a, &format!("{key} has its TTL"), || cluster.cmd::<i64>(key, &["PTTL", key]) > 0);
+    }
+    let (ok, out) = cluster.cli(&["deploy", "--service", "catalog", "--tag", "genre=dance"]);
+    assert!(ok, "{out}");
+    eventually(&a, "the genre's keys deleted from every primary", || {
+        cluster.keys("service_playlist:dance:*").is_empty()
+    });
+    for daemon in [&a, &b] {
+        let log = daemon.log_text().to_lowercase();
+        assert!(!log.contains("noperm") && !log.contains("no permissions"), "{}", daemon.log_text());
+    }
+    assert_eq!(a.stop(), Some(0));
+    assert_eq!(b.stop(), Some(0));
+}
+
+/// A policy's own `scan` walks every primary (its cursor carries the
+/// shard), and `mget` of keys on several slots reads them all.
+#[test]
+fn a_policys_scan_and_mget_reach_every_primary() {
+    let cluster = Cluster::start(3, 0);
+    let keys: Vec<String> = (0..150).map(|n| format!("rec:{n}")).collect();
+    for key in &keys {
+        cluster.set(key, "v");
+    }
+    // Two values on two nodes.
+    let other = ('b'..='z')
+        .map(|c| format!("rec:{c}"))
+        .find(|k| cluster.node_of(k).port != cluster.node_of("rec:a").port)
+        .unwrap();
+    cluster.set("rec:a", r#"{"count": 2}"#);
+    cluster.set(&other, r#"{"count": 5}"#);
+    assert_eq!(nodes_of(&cluster, &keys).len(), 3);
+    let setup = Setup::new(&["recorder"]).config(&format!(
+        "[policies.recorder]\nconfig = {{ count_on_deploy = \"rec:*\", sum_json = [\"rec:a\", \"{other}\", \"rec:none\"] }}"
+    ));
+    let daemon = cluster.daemon(&setup);
+    let (ok, out) = cluster.cli(&["deploy", "--service", "ci"]);
+    assert!(ok, "{out}");
+    let counted = "recorder:recorder:counted";
+    eventually(&daemon, "the keys counted", || cluster.cmd::<Option<String>>(counted, &["GET", counted]).is_some());
+    assert_eq!(
+        cluster.cmd::<Option<String>>(counted, &["GET", counted]).as_deref(),
+        Some("152"),
+        "every primary's keys"
+    );
+    let sum = "recorder:recorder:sum";
+    assert_eq!(cluster.cmd::<Option<String>>(sum, &["GET", sum]).as_deref(), Some("7 1"), "both values, one missing");
+    assert_eq!(daemon.stop(), Some(0));
 }

@@ -131,6 +131,10 @@ impl Subscriptions {
         // By node and shard: a node whose slots change (a resharding) is
         // subscribed again under its new shard's lease.
         let mut running: BTreeMap<(String, u16), CancellationToken> = BTreeMap::new();
+        // Reads a subscribed node was missing from: let go at the second
+        // in a row (nodes answering `CLUSTER SLOTS` may disagree for a
+        // moment during a failover).
+        let mut missing: BTreeMap<(String, u16), u8> = BTreeMap::new();
         let mut tasks = JoinSet::new();
         let mut ready = Some(ready);
         let mut backoff = Backoff::new();
@@ -155,18 +159,35 @@ impl Subscriptions {
             if let Some(primaries) = primaries {
                 let first = ready.is_some();
                 running.retain(|(addr, shard), stop| {
-                    let keep = primaries.iter().any(|n| n.addr == *addr && n.shard() == *shard);
-                    if !keep {
-                        info!(node = %addr, slot = shard, "a node no longer serves these slots; unsubscribing from it");
-                        stop.cancel();
-                        nodes.forget(addr);
+                    let key = (addr.clone(), *shard);
+                    if primaries.iter().any(|n| n.addr == *addr && n.shard() == *shard) {
+                        missing.remove(&key);
+                        return true;
                     }
-                    keep
+                    let reads = missing.entry(key.clone()).or_default();
+                    *reads += 1;
+                    if *reads < 2 {
+                        return true;
+                    }
+                    missing.remove(&key);
+                    info!(node = %addr, slot = shard, "a node no longer serves these slots; unsubscribing from it");
+                    stop.cancel();
+                    nodes.forget(addr);
+                    false
                 });
                 let mut started = Vec::new();
                 let new: Vec<&Node> =
                     primaries.iter().filter(|n| !running.contains_key(&(n.addr.clone(), n.shard()))).collect();
                 for node in new {
+                    // The same node under another shard (its slots moved):
+                    // the old subscription goes at once.
+                    running.retain(|(addr, _), stop| {
+                        let same = *addr == node.addr;
+                        if same {
+                            stop.cancel();
+                        }
+                        !same
+                    });
                     let stop = shutdown.child_token();
                     let (tx, rx) = tokio::sync::oneshot::channel();
                     match self.subscriber(node, first) {

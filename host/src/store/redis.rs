@@ -71,13 +71,23 @@ pub struct RedisBackend {
     /// Tells the other replicas splitting a cluster of each write
     /// ([`crate::store::announce`]).
     announcer: Option<Arc<Announcer>>,
+    /// On a cluster, a connection per primary for policies' `SCAN` pages
+    /// (by address; dropped when it fails).
+    node_conns: Arc<std::sync::Mutex<HashMap<String, redis::aio::MultiplexedConnection>>>,
 }
 
 impl RedisBackend {
     /// Connect (the connection manager reconnects by itself afterwards).
     pub async fn connect(target: &RedisTarget) -> Result<RedisBackend, BackendError> {
         let conn = target.connect().await.map_err(failed)?;
-        Ok(RedisBackend { conn, target: target.clone(), release: Script::new(RELEASE), index: None, announcer: None })
+        Ok(RedisBackend {
+            conn,
+            target: target.clone(),
+            release: Script::new(RELEASE),
+            index: None,
+            announcer: None,
+            node_conns: Arc::default(),
+        })
     }
 
     /// Serve bulk operations from `index` when it is complete. (Not on a
@@ -304,6 +314,17 @@ impl RedisBackend {
             Some(e) => Err(e),
             None => Ok(affected),
         }
+    }
+
+    /// A connection to `node`, kept for the next call.
+    async fn node_conn(&self, node: &Node) -> Result<redis::aio::MultiplexedConnection, BackendError> {
+        if let Some(conn) = self.node_conns.lock().unwrap_or_else(|e| e.into_inner()).get(&node.addr) {
+            return Ok(conn.clone());
+        }
+        let client = self.target.node(Some(node)).map_err(failed)?;
+        let conn = client.get_multiplexed_async_connection().await.map_err(|e| on_node(node, failed(e)))?;
+        self.node_conns.lock().unwrap_or_else(|e| e.into_inner()).insert(node.addr.clone(), conn.clone());
+        Ok(conn)
     }
 
     /// The cluster's primaries now, narrowed to the call's scope
@@ -766,12 +787,12 @@ impl Backend for RedisBackend {
         let Some(at) = primaries.iter().position(|n| n.shard() >= shard) else { return Ok((0, Vec::new())) };
         let node = &primaries[at];
         let cursor = if node.shard() == shard { cursor } else { 0 };
-        let client = self.target.node(Some(node)).map_err(failed)?;
-        let mut conn = client.get_multiplexed_async_connection().await.map_err(|e| on_node(node, failed(e)))?;
-        let (next, keys): ScanResult = page(cursor & ((1 << NODE_SHIFT) - 1))
-            .query_async(&mut conn)
-            .await
-            .map_err(|e| on_node(node, failed(e)))?;
+        let mut conn = self.node_conn(node).await?;
+        let (next, keys): ScanResult =
+            page(cursor & ((1 << NODE_SHIFT) - 1)).query_async(&mut conn).await.map_err(|e| {
+                self.node_conns.lock().unwrap_or_else(|e| e.into_inner()).remove(&node.addr);
+                on_node(node, failed(e))
+            })?;
         if next >= 1 << NODE_SHIFT {
             return Err(BackendError::Command(format!("{node} answered a SCAN cursor too large to carry")));
         }

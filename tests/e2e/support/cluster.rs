@@ -57,6 +57,18 @@ impl Cluster {
         format!("redis+cluster://127.0.0.1:{}", self.running().next().expect("a node runs").port)
     }
 
+    /// `redis+cluster://user:password@...`.
+    pub fn url_as(&self, user: &str, password: &str) -> String {
+        self.url().replace("redis+cluster://", &format!("redis+cluster://{user}:{password}@"))
+    }
+
+    /// Run `args` on every running node.
+    pub fn on_every_node(&self, args: &[&str]) {
+        for node in self.running() {
+            node.cmd::<redis::Value>(args);
+        }
+    }
+
     fn running(&self) -> impl Iterator<Item = &RedisServer> {
         self.nodes.iter().filter(|n| n.child.is_some())
     }
@@ -127,7 +139,12 @@ impl Cluster {
 
     /// A `cachepol` daemon on this cluster, ready.
     pub fn daemon(&self, setup: &Setup) -> Daemon {
-        let daemon = Daemon::spawn_url(&self.url(), setup, &["--configure-notifications"], "info,cachepol=debug");
+        self.daemon_at(&self.url(), setup, &["--configure-notifications"])
+    }
+
+    /// A `cachepol` daemon on `url` (one of this cluster's), ready.
+    pub fn daemon_at(&self, url: &str, setup: &Setup, extra: &[&str]) -> Daemon {
+        let daemon = Daemon::spawn_url(url, setup, extra, "info,cachepol=debug");
         daemon.wait_for("cachepol ready", Duration::from_secs(60));
         daemon
     }
