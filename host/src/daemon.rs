@@ -188,8 +188,9 @@ async fn run_wired(
             .node(None)
             .map_err(|e| DaemonError::RedisUrl { url: config.redis_url.clone(), error: e.to_string() })?,
         node: String::new(),
-        nodes,
+        nodes: nodes.clone(),
         shard: None,
+        slots: Vec::new(),
         announcements: announcer.as_ref().map(|a| (a.channel.clone(), a.daemon.clone())),
         first_sweep: Some(SweepReason::Start),
         db,
@@ -243,7 +244,7 @@ async fn run_wired(
             if switches.lease.enabled() {
                 match RedisBackend::connect(&target).await {
                     Ok(own) => {
-                        leasing = Some(tokio::spawn(lease::run(switches.clone(), own.connection(), routes.clone(), lease_stop.clone())));
+                        leasing = Some(tokio::spawn(lease::run(switches.clone(), nodes.clone(), own.connection(), routes.clone(), lease_stop.clone())));
                     }
                     Err(e) => warn!(error = %e, "no connection for the keyspace-event lease; this daemon stands by"),
                 }

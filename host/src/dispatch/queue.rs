@@ -43,6 +43,9 @@ pub struct KeyNotification {
     pub generation: u64,
     /// When the notification arrived: the start of the event's lag.
     pub received: std::time::Instant,
+    /// The cluster shard it came from, when replicas split a cluster: a
+    /// daemon that no longer holds it leaves it to the one that does.
+    pub shard: Option<u16>,
 }
 
 /// Why a policy did not handle a deploy hook, and what retrying would do.
@@ -384,6 +387,7 @@ mod tests {
             hops: 0,
             generation: 0,
             received: std::time::Instant::now(),
+            shard: None,
         }
     }
 

@@ -76,7 +76,15 @@ impl Routes {
     /// [`MAX_KEY_LEN`]) owes each of those policies a `sweep(gap)` instead,
     /// which reaches the key on Redis's side; the echo and hop rules are the
     /// same, so a sweep's own writes never owe it another sweep.
-    pub fn key_event(&self, db: u32, op: &str, key: &[u8], origin: Option<&EchoOrigin>, hop_limit: u8) -> Routed {
+    pub fn key_event(
+        &self,
+        db: u32,
+        shard: Option<u16>,
+        op: &str,
+        key: &[u8],
+        origin: Option<&EchoOrigin>,
+        hop_limit: u8,
+    ) -> Routed {
         let mut routed = Routed::default();
         let hops = origin.map_or(0, |o| o.hops);
         let text = if key.len() > MAX_KEY_LEN { None } else { std::str::from_utf8(key).ok() };
@@ -100,7 +108,7 @@ impl Routes {
                 continue;
             };
             let (op, key) = shared.get_or_insert_with(|| (Arc::from(op), Arc::from(text))).clone();
-            let event = KeyNotification { db, op, key, hops, generation: route.generation, received };
+            let event = KeyNotification { db, op, key, hops, generation: route.generation, received, shard };
             match route.queue.push_key(event) {
                 Pushed::Queued => routed.queued += 1,
                 Pushed::Coalesced => routed.coalesced += 1,

@@ -359,6 +359,12 @@ impl Worker {
         {
             let (seq, k) = self.backlog[index].pop_front().expect("checked");
             self.buffered -= 1;
+            // Its shard was handed over (replicas splitting a cluster):
+            // the new holder routes its events and swept it on taking it.
+            if !self.switches.routes_node(k.shard) {
+                tracing::debug!(policy = %self.name, key = %k.key, "its shard is another replica's now: left to it");
+                continue;
+            }
             // Routed under another version's subscriptions (queued across
             // a swap): only what this version subscribes to.
             if k.generation != self.generation && !manifest.wants_key_event(&k.op, k.key.as_bytes()) {

@@ -42,6 +42,9 @@ pub struct NodeState {
     pub subscribed: bool,
     /// The node sends every notification the policies need.
     pub notifications: bool,
+    /// The shard it serves, by first slot (on a cluster).
+    #[serde(default)]
+    pub shard: Option<u16>,
 }
 
 /// The subscriptions of this daemon, by node.
@@ -57,11 +60,17 @@ impl Nodes {
         self.states.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A subscription to `node` starts: readiness waits for it.
-    pub fn join(&self, node: &str) {
+    /// A subscription to `node` (serving `shard`) starts: readiness waits
+    /// for it.
+    pub fn join(&self, node: &str, shard: Option<u16>) {
         let mut states = self.lock();
-        states.insert(node.to_string(), NodeState { node: node.into(), ..NodeState::default() });
+        states.insert(node.to_string(), NodeState { node: node.into(), shard, ..NodeState::default() });
         Self::publish(&states);
+    }
+
+    /// Whether the primary of the shard starting at `slot` is subscribed.
+    pub fn hears(&self, slot: u16) -> bool {
+        self.lock().values().any(|s| s.shard == Some(slot) && s.subscribed)
     }
 
     /// Update `node`'s state and readiness from every node's. A node let
@@ -120,7 +129,7 @@ impl Subscriptions {
     pub async fn run(self, shutdown: CancellationToken, ready: tokio::sync::oneshot::Sender<()>) {
         if !self.target.is_cluster() {
             let mut single = self.template;
-            single.nodes.join("");
+            single.nodes.join("", None);
             match self.target.node(None) {
                 Ok(client) => single.client = client,
                 Err(e) => return warn!(error = %e, "cannot subscribe to keyspace notifications"),
@@ -192,7 +201,7 @@ impl Subscriptions {
                     let (tx, rx) = tokio::sync::oneshot::channel();
                     match self.subscriber(node, first) {
                         Ok(subscriber) => {
-                            nodes.join(&node.addr);
+                            nodes.join(&node.addr, Some(node.shard()));
                             tasks.spawn(subscriber.run(stop.clone(), tx));
                             running.insert((node.addr.clone(), node.shard()), stop);
                             started.push(rx);
@@ -204,8 +213,10 @@ impl Subscriptions {
                     }
                 }
                 metrics().primaries.set(primaries.len() as i64);
+                // The shards as subscribed (a node is let go at the second
+                // read without it), not as one read says.
                 if let Some(shards) = &self.template.switches.shards {
-                    shards.set(&self.template.switches.lease, primaries.iter().map(Node::shard));
+                    shards.set(&self.template.switches.lease, running.keys().map(|(_, shard)| *shard));
                 }
                 if let Some(tx) = ready.take() {
                     info!(primaries = primaries.len(), "Redis Cluster: one keyspace subscription per primary");
@@ -241,6 +252,7 @@ impl Subscriptions {
         subscriber.client = self.target.node(Some(node))?;
         subscriber.node = node.addr.clone();
         subscriber.shard = Some(node.shard());
+        subscriber.slots = node.slots.clone();
         subscriber.first_sweep = if first { None } else { Some(SweepReason::Reconnect) };
         Ok(subscriber)
     }
@@ -265,7 +277,8 @@ mod tests {
     #[test]
     fn ready_only_when_every_primary_is_subscribed_and_sending() {
         let mut states = BTreeMap::new();
-        let state = |subscribed, notifications| NodeState { node: String::new(), subscribed, notifications };
+        let state =
+            |subscribed, notifications| NodeState { node: String::new(), subscribed, notifications, shard: None };
         assert_eq!(Nodes::summary(&states), (false, true, 0), "no subscription yet");
         states.insert("a:1".to_string(), state(true, true));
         states.insert("b:2".to_string(), state(false, false));

@@ -73,6 +73,8 @@ pub struct Subscriber {
     /// Where the other replicas splitting a cluster announce their writes
     /// ([`crate::store::announce`]), and this daemon's id among them.
     pub announcements: Option<(String, String)>,
+    /// The slots the node serves (a cluster's primary; empty otherwise).
+    pub slots: Vec<(u16, u16)>,
     /// The cluster shard the node serves, by first slot: whose lease
     /// decides whether its events are this daemon's to route, when
     /// replicas split a cluster.
@@ -356,16 +358,18 @@ impl Subscriber {
             index: self.index.clone(),
             switches: self.switches.clone(),
             shard: self.shard,
-            announcements: self
-                .announcements
-                .as_ref()
-                .map(|(channel, me)| (channel.clone(), Remote::new(self.ledger.clone(), me.clone()))),
+            announcements: self.announcements.as_ref().map(|(channel, me)| {
+                (channel.clone(), Remote::new(self.ledger.clone(), me.clone(), self.slots.clone()))
+            }),
             hop_limit: self.hop_limit,
             link: link.clone(),
             skipped: AtomicU64::new(0),
             undeliverable: AtomicU64::new(0),
         };
-        let config = AsyncConnectionConfig::new().set_push_sender(router);
+        // A reply (to a SUBSCRIBE as the policies change, say) may wait
+        // behind a backlog of notifications: a busy link, not a dead one
+        // (redis-rs gives up after 500 ms by default).
+        let config = AsyncConnectionConfig::new().set_push_sender(router).set_response_timeout(Some(PING_EVERY));
         let mut conn = client.get_multiplexed_async_connection_with_config(&config).await.map_err(|e| e.to_string())?;
         conn.subscribe(&self.fence_channel).await.map_err(|e| e.to_string())?;
         if let Some((channel, _)) = &self.announcements {
@@ -729,7 +733,7 @@ impl Router {
         if !self.switches.routes_node(self.shard) || self.switches.lease.is_own_key(payload) {
             return true;
         }
-        let routed = self.routes.load().key_event(db, op, payload, origin.as_ref(), self.hop_limit);
+        let routed = self.routes.load().key_event(db, self.shard, op, payload, origin.as_ref(), self.hop_limit);
         if routed.swept_instead > 0 {
             let undeliverable = self.undeliverable.fetch_add(1, Ordering::Relaxed) + 1;
             if undeliverable.is_power_of_two() {

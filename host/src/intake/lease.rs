@@ -34,6 +34,7 @@
 //! token is shown in the log, `/status` and `/metrics`
 //! (`cachepol_lease_token`).
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -46,6 +47,7 @@ use tracing::{info, warn};
 use crate::dispatch::lease::Lease;
 use crate::dispatch::routes::Routes;
 use crate::dispatch::switches::Switches;
+use crate::intake::cluster::Nodes;
 use crate::metrics::{Readiness, metrics};
 use crate::store::redis::is_connection_error;
 use crate::wit::SweepReason;
@@ -85,12 +87,17 @@ return 0
 ";
 
 /// Count this daemon among the replicas alive until `ARGV[2]` ms from
-/// Redis's clock, forget those past theirs, and return how many remain:
-/// `KEYS[1]` the members' sorted set, `ARGV[1]` this daemon's id.
+/// Redis's clock (`ARGV[3]` = 1; 0 takes it out), forget those past
+/// theirs, and return how many remain: `KEYS[1]` the members' sorted set,
+/// `ARGV[1]` this daemon's id.
 const MEMBERS: &str = r"
 local now = redis.call('TIME')
 local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-redis.call('ZADD', KEYS[1], ms + tonumber(ARGV[2]), ARGV[1])
+if ARGV[3] == '1' then
+  redis.call('ZADD', KEYS[1], ms + tonumber(ARGV[2]), ARGV[1])
+else
+  redis.call('ZREM', KEYS[1], ARGV[1])
+end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ms)
 redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]) * 2)
 return redis.call('ZCARD', KEYS[1])
@@ -133,16 +140,18 @@ impl Requests {
     }
 
     /// Extend `lease`: 1 extended (and confirmed), 0 another daemon holds
-    /// it, -1 nobody does.
-    async fn renew(&self, lease: &Lease, conn: &mut Conn) -> redis::RedisResult<i64> {
+    /// it, -1 nobody does; and whether the holding had lapsed by the time
+    /// the answer came (its deadline passed: events were skipped).
+    async fn renew(&self, lease: &Lease, conn: &mut Conn) -> redis::RedisResult<(i64, bool)> {
         let sent = Instant::now();
         let mut call = self.renew.key(&lease.key);
         call.arg(lease.value()).arg(self.ttl_ms);
         let held = bounded(self.every, call.invoke_async::<i64>(conn)).await?;
+        let lapsed = !lease.holds();
         if held == 1 {
             lease.extend(sent);
         }
-        Ok(held)
+        Ok((held, lapsed))
     }
 
     /// Stop holding `lease` and delete it if it is still ours: whether it was.
@@ -165,9 +174,15 @@ fn hearing() -> bool {
 
 /// Take, keep and give back the lease until `stop`; sweep every policy on
 /// each takeover. `stop` comes after the daemon's in-flight calls are done.
-pub async fn run(switches: Arc<Switches>, mut conn: Conn, routes: Arc<ArcSwap<Routes>>, stop: CancellationToken) {
+pub async fn run(
+    switches: Arc<Switches>,
+    nodes: Arc<Nodes>,
+    mut conn: Conn,
+    routes: Arc<ArcSwap<Routes>>,
+    stop: CancellationToken,
+) {
     if switches.shards.is_some() {
-        return run_shards(switches, conn, routes, stop).await;
+        return run_shards(switches, nodes, conn, routes, stop).await;
     }
     let lease = &switches.lease;
     if !lease.enabled() {
@@ -190,9 +205,8 @@ pub async fn run(switches: Arc<Switches>, mut conn: Conn, routes: Arc<ArcSwap<Ro
                 warn!(key = %lease.key, "the keyspace subscription is down: giving the lease up to a standby");
                 requests.give_back(lease, &mut conn).await;
             } else {
-                let lapsed = !lease.holds();
                 match requests.renew(lease, &mut conn).await {
-                    Ok(1) => {
+                    Ok((1, lapsed)) => {
                         answered = Instant::now();
                         if lapsed {
                             // Events were skipped while it could not be
@@ -201,7 +215,7 @@ pub async fn run(switches: Arc<Switches>, mut conn: Conn, routes: Arc<ArcSwap<Ro
                             routes.load().sweep_all(SweepReason::Gap);
                         }
                     }
-                    Ok(n) => {
+                    Ok((n, _)) => {
                         answered = Instant::now();
                         let why = if n == 0 { "another daemon took it" } else { "it expired or Redis lost it" };
                         warn!(key = %lease.key, "lost the keyspace-event lease ({why}): standing by");
@@ -260,27 +274,45 @@ fn refused(e: &redis::RedisError, key: &str, logged: &mut bool) {
 /// Replicas sharing a Redis Cluster: one lease per shard, split evenly.
 ///
 /// Every round (a third of the TTL), each daemon counts itself among the
-/// replicas alive (a sorted set scored by Redis's clock) and aims at its
-/// share, `ceil(shards / replicas)`: it renews the shards it holds, gives
-/// back those over its share (a daemon that joins gets work within a
-/// round), and takes free ones up to it, while subscribed to every
-/// primary. Taking any sweeps every policy, over the shards it then holds:
-/// their events between the last holder and now went to nobody.
-async fn run_shards(switches: Arc<Switches>, mut conn: Conn, routes: Arc<ArcSwap<Routes>>, stop: CancellationToken) {
+/// replicas alive (a sorted set scored by Redis's clock), as long as it
+/// hears at least one primary, and aims at its share,
+/// `ceil(shards / replicas)`. It renews the shards it holds, gives back
+/// those over its share (a daemon that joins gets work within a round) and
+/// those whose primary it has not heard for a round, and takes free ones
+/// up to its share whose primary it hears. A shard found free two rounds
+/// in a row is taken even above the share: a replica that counts itself
+/// but cannot take it (not subscribed to that primary) must not leave it
+/// to nobody. Taking any shard, or confirming one again after a lapse,
+/// sweeps every policy over the shards then held: their events between
+/// the last holder and now went to nobody.
+async fn run_shards(
+    switches: Arc<Switches>,
+    nodes: Arc<Nodes>,
+    mut conn: Conn,
+    routes: Arc<ArcSwap<Routes>>,
+    stop: CancellationToken,
+) {
     let (base, shards) = (&switches.lease, switches.shards.as_ref().expect("checked by run"));
     let requests = Requests::new(base.ttl);
     let every = requests.every;
     let members = redis::Script::new(MEMBERS);
     let ready = &metrics().ready;
     let mut answered = Instant::now();
-    let mut deaf_since: Option<Instant> = None;
+    let mut deaf_since: BTreeMap<u16, Instant> = BTreeMap::new();
+    let mut free_rounds: BTreeMap<u16, u32> = BTreeMap::new();
     let mut refused_logged = false;
     let mut share_logged = None;
     loop {
-        deaf_since = if hearing() { None } else { deaf_since.or(Some(Instant::now())) };
         let all = shards.all();
+        for (slot, _) in &all {
+            if nodes.hears(*slot) {
+                deaf_since.remove(slot);
+            } else {
+                deaf_since.entry(*slot).or_insert_with(Instant::now);
+            }
+        }
         let mut call = members.key(base.members_key());
-        call.arg(&base.id).arg(requests.ttl_ms);
+        call.arg(&base.id).arg(requests.ttl_ms).arg(if hearing() { "1" } else { "0" });
         let replicas = match bounded(every, call.invoke_async::<u64>(&mut conn)).await {
             Ok(n) => {
                 answered = Instant::now();
@@ -293,16 +325,23 @@ async fn run_shards(switches: Arc<Switches>, mut conn: Conn, routes: Arc<ArcSwap
         };
         let share = all.len().div_ceil(replicas);
         let mut held = 0;
+        let mut swept_for = Vec::new();
         for (slot, lease) in all.iter().filter(|(_, l)| l.thinks_it_holds()) {
-            let deaf = deaf_since.is_some_and(|at| at.elapsed() >= every);
+            let deaf = deaf_since.get(slot).is_some_and(|at| at.elapsed() >= every);
             if deaf || held >= share {
-                let why = if deaf { "the keyspace subscriptions are down" } else { "balancing between replicas" };
+                let why = if deaf { "its primary is not heard" } else { "balancing between replicas" };
                 requests.give_back(lease, &mut conn).await;
                 info!(slot, key = %lease.key, "gave a shard's keyspace-event lease back ({why})");
                 continue;
             }
             match requests.renew(lease, &mut conn).await {
-                Ok(1) => held += 1,
+                Ok((1, lapsed)) => {
+                    held += 1;
+                    if lapsed {
+                        info!(slot, key = %lease.key, "a shard's keyspace-event lease is confirmed again after a lapse");
+                        swept_for.push(*slot);
+                    }
+                }
                 Ok(_) => {
                     warn!(slot, key = %lease.key, "lost a shard's keyspace-event lease: another daemon handles it");
                     lease.drop_holding();
@@ -313,26 +352,24 @@ async fn run_shards(switches: Arc<Switches>, mut conn: Conn, routes: Arc<ArcSwap
                 }
             }
         }
-        let mut took = Vec::new();
-        if ready.subscribed.load(Ordering::Relaxed) {
-            for (slot, lease) in all.iter().filter(|(_, l)| !l.thinks_it_holds()) {
-                if held >= share {
-                    break;
+        for (slot, lease) in all.iter().filter(|(slot, l)| !l.thinks_it_holds() && nodes.hears(*slot)) {
+            if held >= share && !free_twice(&requests, lease, &mut conn, &mut free_rounds, *slot).await {
+                continue;
+            }
+            match requests.take(lease, &mut conn).await {
+                Ok(Some(token)) => {
+                    held += 1;
+                    swept_for.push(*slot);
+                    free_rounds.remove(slot);
+                    metrics().lease_takeovers.inc();
+                    info!(slot, token, key = %lease.key, id = %base.id, "took a shard's keyspace-event lease: this daemon handles its events and sweeps it");
                 }
-                match requests.take(lease, &mut conn).await {
-                    Ok(Some(token)) => {
-                        held += 1;
-                        took.push(*slot);
-                        metrics().lease_takeovers.inc();
-                        info!(slot, token, key = %lease.key, id = %base.id, "took a shard's keyspace-event lease: this daemon handles its events and sweeps it");
-                    }
-                    Ok(None) => {}
-                    Err(e) => refused(&e, &lease.key, &mut refused_logged),
-                }
+                Ok(None) => {}
+                Err(e) => refused(&e, &lease.key, &mut refused_logged),
             }
         }
-        if !took.is_empty() {
-            info!(shards = ?took, "sweeping every policy over the shards taken, for what went to nobody");
+        if !swept_for.is_empty() {
+            info!(shards = ?swept_for, "sweeping every policy over the shards held, for what went to nobody");
             routes.load().sweep_all(SweepReason::Gap);
         }
         if share_logged != Some((held, all.len(), replicas)) {
@@ -360,6 +397,26 @@ async fn run_shards(switches: Arc<Switches>, mut conn: Conn, routes: Arc<ArcSwap
     call.arg(base.members_key()).arg(&base.id);
     let _ = bounded(every, call.query_async::<i64>(&mut conn)).await;
     info!("gave the shards' keyspace-event leases back: the other replicas take over");
+}
+
+/// Whether the lease of the shard starting at `slot` has been free at two
+/// looks in a row (one `EXISTS` a round, only for daemons at their share).
+async fn free_twice(
+    requests: &Requests,
+    lease: &Lease,
+    conn: &mut Conn,
+    rounds: &mut BTreeMap<u16, u32>,
+    slot: u16,
+) -> bool {
+    let free =
+        matches!(bounded(requests.every, redis::cmd("EXISTS").arg(&lease.key).query_async::<i64>(conn)).await, Ok(0));
+    if !free {
+        rounds.remove(&slot);
+        return false;
+    }
+    let seen = rounds.entry(slot).or_default();
+    *seen += 1;
+    *seen >= 2
 }
 
 /// A lease request, bounded: the connection's own timeout (30 s) is far

@@ -18,13 +18,23 @@
 //! the notifications claim them, and "done" withdraws what was not
 //! claimed (the write changed nothing). No clock, no extra round trip.
 //!
+//! A `PUBLISH` reaches every node of a cluster, so each subscription reads
+//! every announcement; only the one from the node serving the keys is in
+//! order with their notifications, and the others are ignored.
+//! Announcements whose "done" never came (the writer or the node died in
+//! between) are withdrawn after [`STALE`].
+//!
 //! Only writes made through the echo layer are announced: it says who is
 //! writing ([`WRITING`]). Releasing a lock (a script) is not announced.
+//! A write redirected by `ASK` (its slot being migrated) fails, as the
+//! redirection covers only the first command of the pipeline, and the
+//! policy's call is retried as any failed one.
 
 use std::collections::{HashMap, VecDeque};
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use crate::store::echo::{EchoLedger, Origin};
 
@@ -44,6 +54,11 @@ pub struct Writing {
 /// Announcements not yet done kept per subscription: more means a daemon
 /// died between its announcement and "done" (the oldest are withdrawn).
 const PENDING: usize = 4096;
+
+/// How long an announcement waits for its "done": the pipeline carrying
+/// both runs on one node at once, so only a writer or node that died
+/// between them leaves one open.
+pub const STALE: Duration = Duration::from_secs(10);
 
 /// This daemon's side: the `PUBLISH` commands around its writes.
 pub struct Announcer {
@@ -128,11 +143,12 @@ type Expected = Vec<(Vec<u8>, Range<u64>)>;
 /// An announcement by its daemon and number.
 type WriteId = (Vec<u8>, u64);
 
-/// The announcements not yet done, and their order (oldest first).
+/// The announcements not yet done, and their order (oldest first, with
+/// when each came).
 #[derive(Default)]
 struct Open {
     writes: HashMap<WriteId, Expected>,
-    order: VecDeque<WriteId>,
+    order: VecDeque<(WriteId, Instant)>,
 }
 
 /// Another daemon's announced writes, as one subscription reads them: held
@@ -141,32 +157,51 @@ struct Open {
 pub struct Remote {
     ledger: Arc<EchoLedger>,
     me: String,
+    /// The slots of the node this subscription is to (inclusive ranges).
+    slots: Vec<(u16, u16)>,
     pending: Mutex<Open>,
 }
 
 impl Remote {
-    pub fn new(ledger: Arc<EchoLedger>, me: String) -> Remote {
-        Remote { ledger, me, pending: Mutex::default() }
+    pub fn new(ledger: Arc<EchoLedger>, me: String, slots: Vec<(u16, u16)>) -> Remote {
+        Remote { ledger, me, slots, pending: Mutex::default() }
+    }
+
+    /// Whether `key` is served by this subscription's node.
+    fn here(&self, key: &[u8]) -> bool {
+        let slot = crate::store::target::slot(key);
+        self.slots.iter().any(|(a, b)| (*a..=*b).contains(&slot))
     }
 
     /// A message on the announcement channel.
     pub fn read(&self, payload: &[u8]) {
         let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
         let Open { writes: open, order } = &mut *pending;
+        let now = Instant::now();
+        while order.front().is_some_and(|(_, at)| order.len() > PENDING || now.duration_since(*at) > STALE) {
+            let (oldest, _) = order.pop_front().expect("checked");
+            if let Some(expected) = open.remove(&oldest) {
+                self.withdraw(expected);
+            }
+        }
         match parse(payload) {
             Some(Announcement::Writes { daemon, .. }) | Some(Announcement::Done { daemon, .. })
                 if daemon == self.me.as_bytes() => {}
+            // Another node's copy: not in order with these keys' events.
+            Some(Announcement::Writes { keys, .. }) if !keys.first().is_some_and(|k| self.here(k)) => {}
             Some(Announcement::Writes { daemon, seq, origin, ops, keys }) => {
                 let ops: Vec<&'static str> = ops.into_iter().filter_map(crate::store::echo::known_op).collect();
-                let expected = keys.iter().map(|key| (key.to_vec(), self.ledger.expect(key, &ops, &origin))).collect();
-                open.insert((daemon.to_vec(), seq), expected);
-                order.push_back((daemon.to_vec(), seq));
-                while order.len() > PENDING {
-                    let oldest = order.pop_front().expect("longer than PENDING");
-                    if let Some(expected) = open.remove(&oldest) {
-                        self.withdraw(expected);
-                    }
+                if self.ledger.len() + keys.len() * ops.len() > crate::store::echo::CAPACITY {
+                    tracing::debug!("echo ledger full: another replica's write is not recorded");
+                    return;
                 }
+                let expected = keys.iter().map(|key| (key.to_vec(), self.ledger.expect(key, &ops, &origin))).collect();
+                let id = (daemon.to_vec(), seq);
+                // The same write sent again (its pipeline retried).
+                if let Some(earlier) = open.insert(id.clone(), expected) {
+                    self.withdraw(earlier);
+                }
+                order.push_back((id, now));
             }
             Some(Announcement::Done { daemon, seq }) => {
                 if let Some(expected) = open.remove(&(daemon.to_vec(), seq)) {
@@ -216,7 +251,7 @@ mod tests {
         assert!(theirs.around(&[key]).is_none(), "nothing is announced outside a write");
 
         let ledger = Arc::new(EchoLedger::new());
-        let remote = Remote::new(ledger.clone(), "b/2".into());
+        let remote = Remote::new(ledger.clone(), "b/2".into(), vec![(0, 16383)]);
         remote.read(&payload(&announce));
         // The write's notification, read between the two: the writer's
         // policy one hop further, as if this daemon had written it.
@@ -231,9 +266,12 @@ mod tests {
         let mine = Announcer::new("ch".into(), "a/1".into());
         let (announce, _) = WRITING.scope(writing(), async { mine.around(&[b"k"]) }).await.unwrap();
         let ledger = Arc::new(EchoLedger::new());
-        Remote::new(ledger.clone(), "a/1".into()).read(&payload(&announce));
+        Remote::new(ledger.clone(), "a/1".into(), vec![(0, 16383)]).read(&payload(&announce));
         assert!(ledger.is_empty(), "its own ledger has its writes already");
-        let remote = Remote::new(ledger.clone(), "b/2".into());
+        let elsewhere = crate::store::target::slot(b"k").wrapping_add(1) % crate::store::target::SLOTS;
+        Remote::new(ledger.clone(), "b/2".into(), vec![(elsewhere, elsewhere)]).read(&payload(&announce));
+        assert!(ledger.is_empty(), "another node's copy of the announcement");
+        let remote = Remote::new(ledger.clone(), "b/2".into(), vec![(0, 16383)]);
         remote.read(&payload(&announce));
         assert!(!ledger.is_empty());
         drop(remote);
