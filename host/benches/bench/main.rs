@@ -10,6 +10,7 @@
 //! Module map:
 //! - [`deletion`]: `delete-matching` against a naive SCAN+DEL loop and
 //!   `redis-cli --pipe`.
+//! - [`cluster`]: the same on a Redis Cluster of 3 primaries.
 //! - [`events`]: keyspace events through ttl-table against a hand-written
 //!   [`native`] daemon and a bare subscriber; CPU per event; lag after a
 //!   `redis-benchmark` burst; event-to-action latency at a fixed rate;
@@ -23,6 +24,7 @@
 #[path = "../../../tests/e2e/support/mod.rs"]
 mod support;
 
+mod cluster;
 mod deletion;
 mod events;
 mod index;
@@ -101,7 +103,7 @@ pub fn secs(t: Instant) -> f64 {
 
 fn main() {
     // `cargo bench` passes `--bench`; ours are `--quick` and `--only NAME`
-    // (deletion, index, overhead, events, swap), for profiling one scenario.
+    // (deletion, cluster, index, overhead, events, swap), for profiling one scenario.
     let args: Vec<String> = std::env::args().collect();
     if let Some(i) = args.iter().position(|a| a == native::FLAG) {
         native::main(args.get(i + 1).expect("a Redis URL after the flag"));
@@ -117,6 +119,10 @@ fn main() {
     if wanted("deletion") {
         eprintln!("bench: deletion");
         rows.extend(deletion::run(&redis, &sizes, &tokio));
+    }
+    if wanted("cluster") {
+        eprintln!("bench: deletion on a Redis Cluster");
+        rows.extend(cluster::run(&sizes, &tokio));
     }
     if wanted("index") {
         eprintln!("bench: invalidation through the key index");
