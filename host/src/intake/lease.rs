@@ -369,7 +369,8 @@ async fn run_shards(
             }
         }
         if !swept_for.is_empty() {
-            info!(shards = ?swept_for, "sweeping every policy over the shards held, for what went to nobody");
+            let slots: Vec<String> = swept_for.iter().map(u16::to_string).collect();
+            info!(slots = %slots.join(" "), "sweeping every policy over the shards held, for what went to nobody");
             routes.load().sweep_all(SweepReason::Gap);
         }
         if share_logged != Some((held, all.len(), replicas)) {
