@@ -189,7 +189,6 @@ async fn run_wired(
             .map_err(|e| DaemonError::RedisUrl { url: config.redis_url.clone(), error: e.to_string() })?,
         node: String::new(),
         nodes: nodes.clone(),
-        shard: None,
         slots: Vec::new(),
         announcements: announcer.as_ref().map(|a| (a.channel.clone(), a.daemon.clone())),
         first_sweep: Some(SweepReason::Start),

@@ -24,15 +24,7 @@ fn the_daemon_runs_as_the_acl_user_and_redis_refuses_the_rest() {
     let url = format!("redis://cachepol:s3cret@127.0.0.1:{}", redis.port);
     // Every argument of `run` that decides what is loaded is accepted.
     let cache = TempDir::new("acl-cache");
-    let out = Command::new(env!("CARGO_BIN_EXE_cachepol"))
-        .args(["acl", "--redis-url", &url, "--cache-dir"])
-        .arg(cache.path())
-        .arg("--policies")
-        .arg(setup.policies())
-        .arg("--config")
-        .arg(setup.config_file())
-        .output()
-        .unwrap();
+    let out = support::acl(&url, &setup, &["--cache-dir".as_ref(), cache.path().as_os_str()]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let line = String::from_utf8(out.stdout).unwrap();
     assert!(line.starts_with("ACL SETUSER cachepol reset on >s3cret "), "{line}");

@@ -266,20 +266,12 @@ fn replicas_run_on_a_cluster_as_the_acl_user() {
     let setup =
         Setup::new(&["genre-invalidation", "ttl-table"]).config("[replicas]\nenabled = true\nlease_ttl_ms = 3000");
     let url = cluster.url_as("cachepol", "s3cret");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cachepol"))
-        .args(["acl", "--redis-url", &url, "--policies"])
-        .arg(setup.policies())
-        .arg("--config")
-        .arg(setup.config_file())
-        .output()
-        .unwrap();
+    let out = crate::support::acl(&url, &setup, &[]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stderr).contains("Apply this rule on every node"));
     let line = String::from_utf8(out.stdout).unwrap();
-    let mut args: Vec<String> = line.split_whitespace().map(str::to_owned).collect();
-    assert_eq!(args.drain(..2).collect::<Vec<_>>(), ["ACL", "SETUSER"], "{line}");
-    let mut setuser = vec!["ACL", "SETUSER"];
-    setuser.extend(args.iter().map(String::as_str));
+    let setuser: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(setuser[..2], ["ACL", "SETUSER"], "{line}");
     cluster.on_every_node(&setuser);
 
     let (a, b) = split_pair_at(&cluster, &url, &setup, &[]);

@@ -14,19 +14,13 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::process::{Command, Stdio};
-use std::sync::Arc;
 use std::time::Instant;
 
-use cachepol::sandbox::budget::Budgets;
-use cachepol::sandbox::runtime::{LoadOptions, Runtime, RuntimeConfig};
-use cachepol::store::backend::Backend;
-use cachepol::store::redis::RedisBackend;
 use cachepol::store::target::{RedisTarget, slot};
-use cachepol::wit::{self, DeployEvent};
 
+use crate::deletion;
 use crate::report::{Row, rate};
 use crate::support::cluster::Cluster;
-use crate::support::wasm;
 use crate::{Sizes, repeat, secs};
 
 /// Keys to delete: the full run's million would take most of a minute to
@@ -122,34 +116,9 @@ fn naive(cluster: &Cluster, owner: &[u16], sizes: &Sizes) -> f64 {
 }
 
 fn cachepol(cluster: &Cluster, owner: &[u16], sizes: &Sizes, tokio: &tokio::runtime::Runtime) -> f64 {
-    let runtime = Runtime::new(RuntimeConfig::default()).unwrap();
-    let compiled = runtime.compile_file(&wasm("genre-invalidation")).unwrap();
-    let options = LoadOptions {
-        label: "bench".into(),
-        config: r#"{"keys": ["{genre}:*"]}"#.into(),
-        budgets: Budgets { keys_touched: 0, wall_time: std::time::Duration::from_secs(600), ..Budgets::default() },
-        grants: None,
-    };
     let target = RedisTarget::parse(&cluster.url()).unwrap();
-    let backend: Arc<dyn Backend> = Arc::new(tokio.block_on(RedisBackend::connect(&target)).unwrap());
-    let mut policy = tokio.block_on(runtime.load(&compiled, backend, &options)).unwrap();
     let n = keys(sizes);
-    repeat(sizes.reps, || {
-        fill(cluster, owner, n);
-        let event = wit::Event::Deploy(DeployEvent {
-            id: "bench".into(),
-            service: "quiz".into(),
-            files: vec![],
-            tags: vec![("genre".into(), "quiz".into())],
-        });
-        let started = Instant::now();
-        let report = tokio.block_on(policy.handle("bench", &event));
-        let took = secs(started);
-        assert!(report.result.is_ok(), "the policy call failed: {:?}", report.result);
-        assert_eq!(report.call.effects.deleted, n, "every quiz:* key deleted");
-        assert_eq!(dbsize(cluster), n, "no other key touched");
-        n as f64 / took
-    })
+    deletion::policy_rate(&target, sizes.reps, n, tokio, || fill(cluster, owner, n), || dbsize(cluster))
 }
 
 /// `redis-cli --pipe` on every primary at once; `None` without `redis-cli`.

@@ -72,6 +72,21 @@ fn naive(redis: &RedisServer, sizes: &Sizes) -> f64 {
 }
 
 fn cachepol(redis: &RedisServer, sizes: &Sizes, tokio: &tokio::runtime::Runtime) -> f64 {
+    let target = RedisTarget::Single(redis.client());
+    policy_rate(&target, sizes.reps, sizes.keys, tokio, || fill(redis, sizes.keys), || dbsize(redis))
+}
+
+/// genre-invalidation deleting `quiz:*` (`n` keys, as many others) through
+/// the daemon's backend on `target`, in keys per second: `refill` writes
+/// the keys before each of `reps` runs, `dbsize` counts what is left after.
+pub fn policy_rate(
+    target: &RedisTarget,
+    reps: usize,
+    n: u64,
+    tokio: &tokio::runtime::Runtime,
+    mut refill: impl FnMut(),
+    dbsize: impl Fn() -> u64,
+) -> f64 {
     let runtime = Runtime::new(RuntimeConfig::default()).unwrap();
     let compiled = runtime.compile_file(&wasm("genre-invalidation")).unwrap();
     let options = LoadOptions {
@@ -80,11 +95,10 @@ fn cachepol(redis: &RedisServer, sizes: &Sizes, tokio: &tokio::runtime::Runtime)
         budgets: Budgets { keys_touched: 0, wall_time: std::time::Duration::from_secs(600), ..Budgets::default() },
         grants: None,
     };
-    let backend: Arc<dyn Backend> =
-        Arc::new(tokio.block_on(RedisBackend::connect(&RedisTarget::Single(redis.client()))).unwrap());
+    let backend: Arc<dyn Backend> = Arc::new(tokio.block_on(RedisBackend::connect(target)).unwrap());
     let mut policy = tokio.block_on(runtime.load(&compiled, backend, &options)).unwrap();
-    repeat(sizes.reps, || {
-        fill(redis, sizes.keys);
+    repeat(reps, || {
+        refill();
         let event = wit::Event::Deploy(DeployEvent {
             id: "bench".into(),
             service: "quiz".into(),
@@ -95,9 +109,9 @@ fn cachepol(redis: &RedisServer, sizes: &Sizes, tokio: &tokio::runtime::Runtime)
         let report = tokio.block_on(policy.handle("bench", &event));
         let took = secs(started);
         assert!(report.result.is_ok(), "the policy call failed: {:?}", report.result);
-        assert_eq!(report.call.effects.deleted, sizes.keys, "every quiz:* key deleted");
-        assert_eq!(dbsize(redis), sizes.keys, "no other key touched");
-        sizes.keys as f64 / took
+        assert_eq!(report.call.effects.deleted, n, "every quiz:* key deleted");
+        assert_eq!(dbsize(), n, "no other key touched");
+        n as f64 / took
     })
 }
 

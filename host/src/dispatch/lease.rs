@@ -189,6 +189,11 @@ impl Shards {
         self.read().get(&slot).is_some_and(|l| l.holds())
     }
 
+    /// Whether this daemon holds any shard.
+    pub fn any_held(&self) -> bool {
+        self.read().values().any(|l| l.holds())
+    }
+
     /// The shards this daemon holds, by first slot.
     pub fn held(&self) -> Vec<u16> {
         self.read().iter().filter(|(_, l)| l.holds()).map(|(slot, _)| *slot).collect()

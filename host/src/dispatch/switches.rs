@@ -44,7 +44,7 @@ impl Switches {
     /// hooks are theirs to handle.
     pub fn standing_by(&self) -> bool {
         match &self.shards {
-            Some(shards) => shards.held().is_empty(),
+            Some(shards) => !shards.any_held(),
             None => !self.lease.holds(),
         }
     }

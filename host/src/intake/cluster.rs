@@ -137,13 +137,12 @@ impl Subscriptions {
             return single.run(shutdown, ready).await;
         }
         let nodes = self.template.nodes.clone();
-        // By node and shard: a node whose slots change (a resharding) is
-        // subscribed again under its new shard's lease.
-        let mut running: BTreeMap<(String, u16), CancellationToken> = BTreeMap::new();
-        // Reads a subscribed node was missing from: let go at the second
-        // in a row (nodes answering `CLUSTER SLOTS` may disagree for a
-        // moment during a failover).
-        let mut missing: BTreeMap<(String, u16), u8> = BTreeMap::new();
+        // By node and shard (a node whose slots change, a resharding, is
+        // subscribed again under its new shard's lease): how to stop it,
+        // and how many reads in a row it was missing from. It is let go at
+        // the second: nodes answering `CLUSTER SLOTS` may disagree for a
+        // moment during a failover.
+        let mut running: BTreeMap<(String, u16), (CancellationToken, u8)> = BTreeMap::new();
         let mut tasks = JoinSet::new();
         let mut ready = Some(ready);
         let mut backoff = Backoff::new();
@@ -167,18 +166,12 @@ impl Subscriptions {
             };
             if let Some(primaries) = primaries {
                 let first = ready.is_some();
-                running.retain(|(addr, shard), stop| {
-                    let key = (addr.clone(), *shard);
-                    if primaries.iter().any(|n| n.addr == *addr && n.shard() == *shard) {
-                        missing.remove(&key);
+                running.retain(|(addr, shard), (stop, missing)| {
+                    let serving = primaries.iter().any(|n| n.addr == *addr && n.shard() == *shard);
+                    *missing = if serving { 0 } else { *missing + 1 };
+                    if *missing < 2 {
                         return true;
                     }
-                    let reads = missing.entry(key.clone()).or_default();
-                    *reads += 1;
-                    if *reads < 2 {
-                        return true;
-                    }
-                    missing.remove(&key);
                     info!(node = %addr, slot = shard, "a node no longer serves these slots; unsubscribing from it");
                     stop.cancel();
                     nodes.forget(addr);
@@ -190,7 +183,7 @@ impl Subscriptions {
                 for node in new {
                     // The same node under another shard (its slots moved):
                     // the old subscription goes at once.
-                    running.retain(|(addr, _), stop| {
+                    running.retain(|(addr, _), (stop, _)| {
                         let same = *addr == node.addr;
                         if same {
                             stop.cancel();
@@ -203,7 +196,7 @@ impl Subscriptions {
                         Ok(subscriber) => {
                             nodes.join(&node.addr, Some(node.shard()));
                             tasks.spawn(subscriber.run(stop.clone(), tx));
-                            running.insert((node.addr.clone(), node.shard()), stop);
+                            running.insert((node.addr.clone(), node.shard()), (stop, 0));
                             started.push(rx);
                             if !first {
                                 info!(node = %node, "a new primary serves slots; subscribing to it");
@@ -251,7 +244,6 @@ impl Subscriptions {
         let mut subscriber = self.template.clone();
         subscriber.client = self.target.node(Some(node))?;
         subscriber.node = node.addr.clone();
-        subscriber.shard = Some(node.shard());
         subscriber.slots = node.slots.clone();
         subscriber.first_sweep = if first { None } else { Some(SweepReason::Reconnect) };
         Ok(subscriber)

@@ -75,10 +75,6 @@ pub struct Subscriber {
     pub announcements: Option<(String, String)>,
     /// The slots the node serves (a cluster's primary; empty otherwise).
     pub slots: Vec<(u16, u16)>,
-    /// The cluster shard the node serves, by first slot: whose lease
-    /// decides whether its events are this daemon's to route, when
-    /// replicas split a cluster.
-    pub shard: Option<u16>,
     /// The sweep after the first subscription: `start` for the daemon's
     /// own start, `reconnect` for a primary that appeared later, none for
     /// the primaries of a cluster at start (one sweep covers them all,
@@ -296,7 +292,7 @@ impl Subscriber {
             down_since_logged = false;
             self.cover_index(&conn, &channels).await;
             // A standby sweeps when it takes the lease instead.
-            if let Some(reason) = reason.filter(|_| self.switches.routes_node(self.shard)) {
+            if let Some(reason) = reason.filter(|_| self.switches.routes_node(self.shard())) {
                 self.routes.load().sweep_all(reason);
             }
             if let Some(tx) = ready.take() {
@@ -329,18 +325,6 @@ impl Subscriber {
         let client = redis::Client::open(resp3).map_err(|e| e.to_string())?;
         let listening = FenceListener::new(self.ledger.clone());
         let link = Arc::new(Link::new(listening.id));
-        let conn = self.subscribe_with(&client, channels, &link).await?;
-        Ok((conn, link, listening))
-    }
-
-    /// [`Subscriber::subscribe`] once the connection's fence listener is
-    /// known.
-    async fn subscribe_with(
-        &self,
-        client: &redis::Client,
-        channels: &Channels,
-        link: &Arc<Link>,
-    ) -> Result<MultiplexedConnection, String> {
         let lag = std::env::var(LAG_ENV).ok().and_then(|ms| ms.parse().ok()).map(Duration::from_millis);
         if let Some(lag) = lag {
             warn!(
@@ -357,7 +341,7 @@ impl Subscriber {
             ledger: self.ledger.clone(),
             index: self.index.clone(),
             switches: self.switches.clone(),
-            shard: self.shard,
+            shard: self.shard(),
             announcements: self.announcements.as_ref().map(|(channel, me)| {
                 (channel.clone(), Remote::new(self.ledger.clone(), me.clone(), self.slots.clone()))
             }),
@@ -377,7 +361,14 @@ impl Subscriber {
         }
         self.ledger.listen(channels.recorded(&self.routes.load()));
         self.listen(&mut conn, channels, true).await.map_err(|e| e.to_string())?;
-        Ok(conn)
+        Ok((conn, link, listening))
+    }
+
+    /// The cluster shard the node serves, by first slot: its lease decides
+    /// whether this node's events are this daemon's to route, when replicas
+    /// split a cluster.
+    fn shard(&self) -> Option<u16> {
+        self.slots.first().map(|(start, _)| *start)
     }
 
     /// Subscribe to `channels` (`on`) or unsubscribe from them.
@@ -523,7 +514,7 @@ impl Subscriber {
                 }
                 if !was {
                     info!(node = %self.node, "keyspace notification flags complete again; sweeping every policy for what it missed");
-                    if self.switches.routes_node(self.shard) {
+                    if self.switches.routes_node(self.shard()) {
                         self.routes.load().sweep_all(SweepReason::Gap);
                     }
                     self.nodes.update(&self.node, |s| s.notifications = true);

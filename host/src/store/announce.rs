@@ -48,7 +48,7 @@ tokio::task_local! {
 #[derive(Clone, Debug)]
 pub struct Writing {
     pub origin: Origin,
-    pub ops: Vec<&'static str>,
+    pub ops: &'static [&'static str],
 }
 
 /// Announcements not yet done kept per subscription: more means a daemon
@@ -233,7 +233,7 @@ mod tests {
     use super::*;
 
     fn writing() -> Writing {
-        Writing { origin: Origin { policy: "copier".into(), hops: 2 }, ops: vec!["set", "expire"] }
+        Writing { origin: Origin { policy: "copier".into(), hops: 2 }, ops: &["set", "expire"] }
     }
 
     fn payload(cmd: &redis::Cmd) -> Vec<u8> {

@@ -397,8 +397,8 @@ impl EchoLayer {
 
     /// Run the backend's `write`, telling it who writes and what the write
     /// causes, for the replicas' announcements ([`crate::store::announce`]).
-    async fn as_writer<T>(&self, ops: &[&'static str], write: impl Future<Output = T>) -> T {
-        WRITING.scope(Writing { origin: self.origin(), ops: ops.to_vec() }, write).await
+    async fn as_writer<T>(&self, ops: &'static [&'static str], write: impl Future<Output = T>) -> T {
+        WRITING.scope(Writing { origin: self.origin(), ops }, write).await
     }
 
     /// Expect `ops` on `key` and run the write. If it changed nothing,
@@ -408,7 +408,7 @@ impl EchoLayer {
     async fn expecting<T>(
         &self,
         key: &[u8],
-        ops: &[&'static str],
+        ops: &'static [&'static str],
         write: impl Future<Output = Result<T, BackendError>>,
         changed: impl Fn(&T) -> bool,
     ) -> Result<T, BackendError> {
@@ -498,7 +498,7 @@ impl WriteLayer for EchoLayer {
         value: &[u8],
         options: &SetOptions,
     ) -> Result<bool, BackendError> {
-        let ops: &[&'static str] = if options.ttl_ms.is_some() { &["set", "expire"] } else { &["set"] };
+        let ops: &'static [&'static str] = if options.ttl_ms.is_some() { &["set", "expire"] } else { &["set"] };
         self.expecting(key.as_bytes(), ops, inner.set(key, value, options), |w| *w).await
     }
 

@@ -266,8 +266,8 @@ impl RedisBackend {
         Ok(result)
     }
 
-    /// [`RedisBackend::scan`] on every primary of the cluster at once,
-    /// each page's commands split by slot. Returns the keys Redis says were
+    /// [`RedisBackend::scan`] on every primary of the cluster at once.
+    /// Returns the keys Redis says were
     /// affected; `result` gathers every node's.
     async fn scan_primaries(
         &self,
@@ -279,15 +279,10 @@ impl RedisBackend {
         result: &mut BulkResult,
     ) -> Result<u64, BackendError> {
         let primaries = self.primaries().await?;
-        let by_slot = |pipe: &mut redis::Pipeline, keys: &[Vec<u8>]| {
-            for group in target::by_slot(keys) {
-                act(pipe, &group.into_iter().cloned().collect::<Vec<_>>());
-            }
-        };
         let nodes = primaries.iter().map(|node| async {
             let client = self.target.node(Some(node)).map_err(failed)?;
             let mut mine = BulkResult::default();
-            let affected = self.scan(&client, walks, pattern, taking, &by_slot, tally, &mut mine).await;
+            let affected = self.scan(&client, walks, pattern, taking, act, tally, &mut mine).await;
             affected.map(|a| (a, mine)).map_err(|e| on_node(node, e))
         });
         // Every node's walk runs to its end, whatever the others do: one
@@ -467,17 +462,22 @@ impl RedisBackend {
         let mut restarts = 0;
         loop {
             let mut pipe = redis::pipe();
-            if self.target.is_cluster() {
-                // Its commands go out one slot after the other: the replies
-                // then pair with the keys in this order.
-                pending.sort_by_key(|k| target::slot(k));
-            }
             if !pending.is_empty() {
                 let around = self.around(&pending);
                 if let Some((before, _)) = &around {
                     pipe.add_command(before.clone()).ignore();
                 }
-                act(&mut pipe, &pending);
+                if self.target.is_cluster() {
+                    // A multi-key command takes keys of one slot: the page
+                    // goes out slot by slot, sorted, so that the replies
+                    // pair with the keys in this order.
+                    pending.sort_by_key(|k| target::slot(k));
+                    for group in pending.chunk_by(|a, b| target::slot(a) == target::slot(b)) {
+                        act(&mut pipe, group);
+                    }
+                } else {
+                    act(&mut pipe, &pending);
+                }
                 if let Some((_, after)) = around {
                     pipe.add_command(after).ignore();
                 }
@@ -883,10 +883,7 @@ impl Backend for RedisBackend {
             plan,
             |pipe, keys| {
                 for (key, row) in keys.iter().filter_map(|k| Some((k, rows.row_of(k)?))) {
-                    let cmd = pipe.cmd("PEXPIRE").arg(key).arg(row.ttl_ms);
-                    if let Some(flag) = expire_flag(Rows::condition(row)) {
-                        cmd.arg(flag);
-                    }
+                    pipe.add_command(pexpire(key, row.ttl_ms, Rows::condition(row)));
                 }
             },
             |v| u64::from(is_one(v)),
@@ -912,7 +909,7 @@ impl Backend for RedisBackend {
 }
 
 /// `PEXPIRE key ms [condition]`.
-fn pexpire(key: &str, ttl_ms: u64, condition: ExpireCondition) -> redis::Cmd {
+fn pexpire(key: impl redis::ToRedisArgs, ttl_ms: u64, condition: ExpireCondition) -> redis::Cmd {
     let mut cmd = redis::cmd("PEXPIRE");
     cmd.arg(key).arg(ttl_ms);
     if let Some(flag) = expire_flag(condition) {

@@ -383,6 +383,20 @@ pub fn cli(redis: &RedisServer, args: &[&str]) -> (bool, String) {
     (out.status.success(), text)
 }
 
+/// `cachepol acl` for `url`, loading `setup`'s policies and config, with
+/// `extra` arguments; what it printed and how it ended.
+pub fn acl(url: &str, setup: &Setup, extra: &[&std::ffi::OsStr]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_cachepol"))
+        .args(["acl", "--redis-url", url])
+        .args(extra)
+        .arg("--policies")
+        .arg(setup.policies())
+        .arg("--config")
+        .arg(setup.config_file())
+        .output()
+        .unwrap()
+}
+
 /// `cachepol deploy` against `redis`; returns the entry id.
 pub fn deploy(redis: &RedisServer, args: &[&str]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_cachepol"))
