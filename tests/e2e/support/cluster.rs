@@ -32,7 +32,7 @@ impl Cluster {
         let args =
             ["--cluster-enabled", "yes", "--cluster-node-timeout", "1000", "--cluster-config-file", "nodes.conf"];
         let nodes: Vec<RedisServer> =
-            (0..primaries * (1 + replicas)).map(|_| RedisServer::start_on(cluster_port(), &args)).collect();
+            (0..primaries * (1 + replicas)).map(|_| RedisServer::start_on(cluster_port, &args)).collect();
         let out = Command::new("redis-cli")
             .args(["--cluster", "create"])
             .args(nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)))

@@ -71,37 +71,80 @@ impl RedisServer {
     /// Start with extra arguments (later ones win: `--appendonly yes`
     /// makes a durable server, whose restarts reload its data).
     pub fn start_with(extra: &[&str]) -> RedisServer {
-        RedisServer::start_on(free_port(), extra)
+        RedisServer::start_on(free_port, extra)
     }
 
-    fn start_on(port: u16, extra: &[&str]) -> RedisServer {
-        let extra = extra.iter().map(|a| a.to_string()).collect();
-        let mut server = RedisServer { port, child: None, dir: TempDir::new("redis"), extra };
-        server.spawn();
-        server
+    /// Start on a port from `port`, trying another one when the server
+    /// that answers there is not ours: a port found free can be taken by a
+    /// test running beside this one before `redis-server` binds it, and
+    /// two tests sharing one server would kill it under each other.
+    fn start_on(port: impl Fn() -> u16, extra: &[&str]) -> RedisServer {
+        let extra: Vec<String> = extra.iter().map(|a| a.to_string()).collect();
+        for _ in 0..20 {
+            let mut server =
+                RedisServer { port: port(), child: None, dir: TempDir::new("redis"), extra: extra.clone() };
+            match server.spawn() {
+                Ok(()) => return server,
+                Err(why) => eprintln!("redis-server on port {}: {why}; trying another port", server.port),
+            }
+        }
+        panic!("redis-server did not start on any of 20 free ports");
     }
 
-    fn spawn(&mut self) {
-        let child = Command::new("redis-server")
+    /// Start `redis-server` on `self.port` and wait until it answers; an
+    /// error when it exited (its port was taken) or another server answers.
+    fn spawn(&mut self) -> Result<(), String> {
+        let mut child = Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .args(&self.extra)
+            .arg("--logfile")
+            .arg(self.log_path())
             .arg("--dir")
             .arg(self.dir.path())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server is required for end-to-end tests (cargo xtask test installs it)");
-        self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
+        let outcome = loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                break Err(format!("it exited ({status}): {}", self.log_tail(3)));
+            }
+            // PING fails while a durable server loads its data.
             if let Ok(mut c) = self.client().get_connection()
                 && redis::cmd("PING").query::<String>(&mut c).is_ok()
+                && let Ok(info) = redis::cmd("INFO").arg("server").query::<String>(&mut c)
             {
-                return;
+                let pid = info.lines().find_map(|l| l.strip_prefix("process_id:")).map(str::trim);
+                break match pid == Some(child.id().to_string().as_str()) {
+                    true => Ok(()),
+                    false => Err(format!("another server (pid {}) answers there", pid.unwrap_or("?"))),
+                };
             }
-            assert!(Instant::now() < deadline, "redis-server did not start on port {}", self.port);
+            if Instant::now() > deadline {
+                break Err(format!("it did not answer within 30 s: {}", self.log_tail(3)));
+            }
             std::thread::sleep(Duration::from_millis(20));
+        };
+        match outcome {
+            Ok(()) => self.child = Some(child),
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
         }
+        outcome
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("redis.log")
+    }
+
+    /// The last `lines` lines of the server's log.
+    fn log_tail(&self, lines: usize) -> String {
+        let log = std::fs::read_to_string(self.log_path()).unwrap_or_default();
+        let all: Vec<&str> = log.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
     }
 
     pub fn url(&self) -> String {
@@ -127,7 +170,9 @@ impl RedisServer {
     /// Start again on the same port (empty, unless started durable).
     pub fn restart(&mut self) {
         self.stop();
-        self.spawn();
+        if let Err(why) = self.spawn() {
+            panic!("redis-server did not start again on port {}: {why}", self.port);
+        }
     }
 
     /// Run one command.
@@ -170,8 +215,25 @@ impl RedisServer {
 
 impl Drop for RedisServer {
     fn drop(&mut self) {
+        // A failing test shows how its server ended: a crash report, or a
+        // log that simply stops where the process was killed.
+        if std::thread::panicking() {
+            eprintln!("--- redis-server {} log (last lines) ---\n{}", self.port, self.log_tail(20));
+        }
         self.stop();
     }
+}
+
+/// The harness's own guarantee: a server that finds its port taken by
+/// another test's server starts on another port instead of sharing it.
+#[test]
+fn a_port_taken_meanwhile_is_not_shared() {
+    let first = RedisServer::start();
+    let taken = std::cell::Cell::new(Some(first.port));
+    let second = RedisServer::start_on(|| taken.take().unwrap_or_else(free_port), &[]);
+    assert_ne!(second.port, first.port);
+    second.cmd::<()>(&["SET", "only:second", "v"]);
+    assert!(!first.exists("only:second"));
 }
 
 pub mod cluster;
