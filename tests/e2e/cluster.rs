@@ -20,6 +20,14 @@ fn status(daemon: &Daemon) -> serde_json::Value {
 }
 
 /// The shards (by first slot) `daemon` holds, from `/status`.
+/// The reason of `policy`'s last sweep, as `/status` says.
+fn last_sweep(daemon: &Daemon, policy: &str) -> String {
+    let status = status(daemon);
+    let policies = status["policies"].as_array().cloned().unwrap_or_default();
+    let policy = policies.iter().find(|p| p["name"] == policy);
+    policy.and_then(|p| p["last_sweep"]["reason"].as_str()).unwrap_or_default().to_owned()
+}
+
 fn held_shards(daemon: &Daemon) -> Vec<u16> {
     let shards = status(daemon)["lease"]["shards"].as_array().cloned().unwrap_or_default();
     shards.iter().filter(|s| s["held"] == true).map(|s| s["slot"].as_u64().unwrap() as u16).collect()
@@ -100,8 +108,15 @@ fn a_failed_primary_is_replaced_by_its_replica_and_its_slots_are_handled() {
     cluster.set(key, "g");
     eventually(&daemon, "a TTL before the failover", || cluster.cmd::<i64>(key, &["PTTL", key]) > 0);
 
+    // The start sweep is done: from here on, SCANs come from the sweep
+    // for the promoted primary alone.
+    eventually(&daemon, "the start sweep", || last_sweep(&daemon, "ttl-table") == "start");
+    for p in cluster.primaries() {
+        cluster.by_port(p.port).cmd::<()>(&["CONFIG", "RESETSTAT"]);
+    }
     // The primary of that slot dies; its replica is promoted.
     let dead = cluster.node_of(key).port;
+    let others: Vec<u16> = cluster.primaries().iter().map(|p| p.port).filter(|p| *p != dead).collect();
     cluster.by_port_mut(dead).stop();
     cluster.wait_until("the replica is promoted", |c| {
         c.primaries().len() == 3 && c.primaries().iter().all(|p| p.port != dead)
@@ -124,6 +139,13 @@ fn a_failed_primary_is_replaced_by_its_replica_and_its_slots_are_handled() {
             .iter()
             .any(|s| s["node"] == format!("127.0.0.1:{promoted}") && s["subscribed"] == true)
     });
+    // What the new primary may have taken unheard is on it alone: its
+    // sweep walks it, not the primaries that never stopped being heard.
+    eventually(&daemon, "the sweep for the new primary", || last_sweep(&daemon, "ttl-table") == "reconnect");
+    assert!(cluster.by_port(promoted).scan_calls() > 0, "the promoted primary is swept");
+    for port in others {
+        assert_eq!(cluster.by_port(port).scan_calls(), 0, "127.0.0.1:{port} is not swept again");
+    }
     let later = "graph_data:{failover}3";
     cluster.set(later, "g");
     eventually(&daemon, "a write after the failover has its TTL", || cluster.cmd::<i64>(later, &["PTTL", later]) > 0);

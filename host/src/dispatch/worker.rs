@@ -38,7 +38,7 @@ use tracing::Instrument;
 use crate::config::Mode;
 use crate::dispatch::audit;
 use crate::dispatch::breaker::{Admit, Breaker, FailurePolicy, Health};
-use crate::dispatch::queue::{FailureKind, HookDone, HookFailure, Item, KeyNotification, PolicyQueue};
+use crate::dispatch::queue::{FailureKind, HookDone, HookFailure, Item, KeyNotification, PolicyQueue, Reach};
 use crate::dispatch::switches::Switches;
 use crate::metrics::{PolicyMetrics, SweepRecord, metrics};
 use crate::sandbox::runtime::{CallFailure, CallReport, LoadedPolicy};
@@ -97,7 +97,7 @@ pub enum Control {
 enum Work {
     /// Keyspace events, by when each arrived.
     Keys(Vec<Instant>),
-    Sweep(SweepReason),
+    Sweep(SweepReason, Reach),
     Deploy(HookDone),
 }
 
@@ -387,13 +387,13 @@ impl Worker {
     }
 
     fn start_barrier(&mut self, seq: u64, item: Item, cooling: bool) {
-        if self.switches.standing_by() && matches!(item, Item::Sweep(_) | Item::Key(_)) {
+        if self.switches.standing_by() && matches!(item, Item::Sweep(..) | Item::Key(_)) {
             tracing::debug!(policy = %self.name, "standing by: a sweep left to the lease holder");
             return;
         }
         if let Some(why) = self.held(cooling) {
             match item {
-                Item::Key(_) | Item::Sweep(_) => self.owes_sweep = true,
+                Item::Key(_) | Item::Sweep(..) => self.owes_sweep = true,
                 Item::Deploy(hook, done) => {
                     let _ = done.send(Err(HookFailure::failed(format!("not delivered: the policy is {why}"))));
                     tracing::info!(policy = %self.name, hook = %hook.id, "deploy hook not delivered: {why}");
@@ -404,7 +404,7 @@ impl Worker {
         let lane = self.lanes[0].as_ref().expect("every lane is idle");
         lane.hops.store(0, Ordering::Relaxed);
         let (id, event, work) = match item {
-            Item::Sweep(reason) => {
+            Item::Sweep(reason, reach) => {
                 self.owes_sweep = false;
                 if reason == SweepReason::Gap {
                     let lost = self.queue.take_overload();
@@ -419,7 +419,7 @@ impl Worker {
                         );
                     }
                 }
-                (format!("sweep-{seq}"), wit::Event::Sweep(SweepEvent { reason }), Work::Sweep(reason))
+                (format!("sweep-{seq}"), wit::Event::Sweep(SweepEvent { reason }), Work::Sweep(reason, reach))
             }
             Item::Deploy(hook, done) => (hook.id.clone(), wit::Event::Deploy(hook), Work::Deploy(done)),
             Item::Key(k) => {
@@ -430,9 +430,12 @@ impl Worker {
             }
         };
         self.barrier_running = true;
-        // Replicas splitting a cluster: a sweep walks the shards this
-        // daemon holds, the others' sweeps walk theirs.
-        let scope = if matches!(work, Work::Sweep(_)) { self.switches.sweep_scope() } else { None };
+        // On a cluster, a sweep walks the shards it was asked for and, with
+        // replicas splitting the work, only those this daemon holds.
+        let scope = match &work {
+            Work::Sweep(_, reach) => reach.within(self.switches.sweep_scope()),
+            _ => None,
+        };
         self.spawn(0, id, seq, Call::One(event), work, scope);
     }
 
@@ -496,7 +499,7 @@ impl Worker {
                 self.barrier_running = false;
                 let _ = done.send(result);
             }
-            Work::Sweep(reason) => {
+            Work::Sweep(reason, reach) => {
                 self.barrier_running = false;
                 let effects = &report.call.effects;
                 self.metrics.swept(SweepRecord {
@@ -507,7 +510,7 @@ impl Worker {
                     deleted: effects.deleted,
                     expired: effects.expired,
                 });
-                self.sweep_done(reason, result.is_ok());
+                self.sweep_done(reason, reach, result.is_ok());
             }
         }
     }
@@ -516,7 +519,7 @@ impl Worker {
     /// failure (Redis restarting) would leave the cache wrong until the
     /// next, so a failed one is tried again, later and later, and one that
     /// keeps failing is an error in the log.
-    fn sweep_done(&mut self, reason: SweepReason, ok: bool) {
+    fn sweep_done(&mut self, reason: SweepReason, reach: Reach, ok: bool) {
         if ok {
             if self.sweep_failures >= SWEEP_RETRIES {
                 tracing::info!(policy = %self.name, attempts = self.sweep_failures + 1, "sweep succeeded again");
@@ -541,14 +544,14 @@ impl Worker {
         let queue = self.queue.clone();
         tokio::spawn(async move {
             tokio::time::sleep(delay).await;
-            let _ = queue.push(Item::Sweep(reason));
+            let _ = queue.push(Item::Sweep(reason, reach));
         });
     }
 
     /// Queue the sweep owed for events dropped while held back.
     fn settle(&mut self) {
         if std::mem::take(&mut self.owes_sweep) {
-            let _ = self.queue.push(Item::Sweep(SweepReason::Gap));
+            let _ = self.queue.push(Item::Sweep(SweepReason::Gap, Reach::Everywhere));
         }
     }
 }

@@ -8,9 +8,9 @@
 //! connection of its own to that node. The topology is read again every
 //! [`REFRESH`], and at once when a subscription is lost (a primary failing
 //! over is the usual reason). A primary that appears (a promoted replica, a
-//! node added) is subscribed, and every policy gets `sweep(reconnect)` for
-//! what it may have been written meanwhile; a node that no longer serves
-//! slots is let go.
+//! node added) is subscribed, and every policy gets `sweep(reconnect)` over
+//! that node's shard alone, for what may have been written there meanwhile;
+//! a node that no longer serves slots is let go.
 //!
 //! On a single server there is one subscription, to it, and no topology.
 //!

@@ -45,6 +45,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::dispatch::lease::Lease;
+use crate::dispatch::queue::Reach;
 use crate::dispatch::routes::Routes;
 use crate::dispatch::switches::Switches;
 use crate::intake::cluster::Nodes;
@@ -370,8 +371,8 @@ async fn run_shards(
         }
         if !swept_for.is_empty() {
             let slots: Vec<String> = swept_for.iter().map(u16::to_string).collect();
-            info!(slots = %slots.join(" "), "sweeping every policy over the shards held, for what went to nobody");
-            routes.load().sweep_all(SweepReason::Gap);
+            info!(slots = %slots.join(" "), "sweeping every policy over the shards taken, for what went to nobody");
+            routes.load().sweep(SweepReason::Gap, Reach::Shards(swept_for.iter().copied().collect()));
         }
         if share_logged != Some((held, all.len(), replicas)) {
             info!(
