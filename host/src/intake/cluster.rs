@@ -6,8 +6,10 @@
 //! it reaches). So the daemon does it itself: it reads the primaries from
 //! `CLUSTER SLOTS` and runs one [`Subscriber`] per primary, each on a RESP3
 //! connection of its own to that node. The topology is read again every
-//! [`REFRESH`], and at once when a subscription is lost (a primary failing
-//! over is the usual reason). A primary that appears (a promoted replica, a
+//! [`REFRESH`], at once when a subscription is lost (a primary failing
+//! over is the usual reason), and at once when a command's reply says the
+//! layout changed (`MOVED`, `CLUSTERDOWN`, a node unreachable: the store's
+//! [`crate::store::target::TopologyHint`]), at most every [`HINTED`]. A primary that appears (a promoted replica, a
 //! node added) is subscribed, and every policy gets `sweep(reconnect)` over
 //! that node's shard alone, for what may have been written there meanwhile;
 //! a node that no longer serves slots is let go.
@@ -33,6 +35,11 @@ use crate::wit::SweepReason;
 
 /// How often the primaries are read again while nothing is lost.
 pub const REFRESH: Duration = Duration::from_secs(5);
+
+/// The least time between two reads asked for by failing commands: while
+/// a node is down, every command sent to it fails, and one read per
+/// failure would only load the nodes still up.
+pub const HINTED: Duration = Duration::from_millis(500);
 
 /// One subscription's state, as `/status` shows it.
 #[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
@@ -227,11 +234,20 @@ impl Subscriptions {
                     });
                 }
             }
+            let read_at = tokio::time::Instant::now();
             let wait = if running.is_empty() { backoff.next_delay() } else { REFRESH };
+            let hint = self.target.topology_hint().cloned().unwrap_or_default();
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = tokio::time::sleep(wait) => {}
                 _ = nodes.lost.notified() => {}
+                _ = hint.raised() => {
+                    tracing::debug!("a command's reply says the cluster's layout changed; reading it again");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep_until(read_at + HINTED) => {}
+                    }
+                }
             }
         }
         while tasks.join_next().await.is_some() {}

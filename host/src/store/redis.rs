@@ -317,9 +317,16 @@ impl RedisBackend {
             return Ok(conn.clone());
         }
         let client = self.target.node(Some(node)).map_err(failed)?;
-        let conn = client.get_multiplexed_async_connection().await.map_err(|e| on_node(node, failed(e)))?;
+        let conn = client.get_multiplexed_async_connection().await.map_err(|e| on_node(node, self.node_failed(e)))?;
         self.node_conns.lock().unwrap_or_else(|e| e.into_inner()).insert(node.addr.clone(), conn.clone());
         Ok(conn)
+    }
+
+    /// [`failed`], for a command sent to one node: an error saying the
+    /// cluster's layout changed raises its [`target::TopologyHint`].
+    fn node_failed(&self, e: RedisError) -> BackendError {
+        self.target.saw(&e);
+        failed(e)
     }
 
     /// The cluster's primaries now, narrowed to the call's scope
@@ -456,7 +463,7 @@ impl RedisBackend {
         // echo fences, the index builder) may be the first to find it broken
         // after a Redis restart and reconnect it, and this scan would go on
         // with a cursor the restarted server knows nothing of.
-        let conn = RedisTarget::Single(node.clone()).connect().await.map_err(failed)?;
+        let conn = RedisTarget::Single(node.clone()).connect().await.map_err(|e| self.node_failed(e))?;
         let mut pending: Vec<Vec<u8>> = Vec::new();
         let mut cursor: Option<u64> = Some(0);
         let mut restarts = 0;
@@ -490,7 +497,10 @@ impl RedisBackend {
             }
             let mut broke = false;
             taking.plan.step(BulkStep::Before(&pending));
-            let replies = retrying_noting(&mut broke, || async { pipe.query_async(&mut conn.clone()).await }).await;
+            let replies = retrying_noting(&mut broke, || async {
+                pipe.query_async(&mut conn.clone()).await.inspect_err(|e| self.target.saw(e))
+            })
+            .await;
             // Answered, or failed: either way a write may have reached Redis.
             taking.plan.step(BulkStep::After(&pending));
             let mut replies: Vec<Value> = replies?;
@@ -791,7 +801,7 @@ impl Backend for RedisBackend {
         let (next, keys): ScanResult =
             page(cursor & ((1 << NODE_SHIFT) - 1)).query_async(&mut conn).await.map_err(|e| {
                 self.node_conns.lock().unwrap_or_else(|e| e.into_inner()).remove(&node.addr);
-                on_node(node, failed(e))
+                on_node(node, self.node_failed(e))
             })?;
         if next >= 1 << NODE_SHIFT {
             return Err(BackendError::Command(format!("{node} answered a SCAN cursor too large to carry")));

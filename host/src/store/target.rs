@@ -11,14 +11,21 @@
 //! and refreshes its slot map) on a cluster. What the cluster client does
 //! not do is here too: the list of primaries ([`RedisTarget::primaries`]),
 //! for the per-node work no cluster client routes (keyspace subscriptions,
-//! `SCAN`), and a plain connection to one node ([`RedisTarget::node`]).
+//! `SCAN`), a plain connection to one node ([`RedisTarget::node`]), and a
+//! [`TopologyHint`] raised by any reply saying the layout changed, so that
+//! the subscriptions follow a failover at once rather than at their next
+//! periodic read.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::{ConnectionLike, ConnectionManager};
 use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
-use redis::{Client, ConnectionAddr, ConnectionInfo, IntoConnectionInfo, RedisFuture, Value};
+use redis::{
+    Client, ConnectionAddr, ConnectionInfo, ErrorKind, IntoConnectionInfo, RedisError, RedisFuture, ServerErrorKind,
+    Value,
+};
 
 /// How long a connection attempt may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -50,6 +57,38 @@ pub enum RedisTarget {
 #[derive(Clone, Debug)]
 pub struct ClusterTarget {
     seeds: Vec<ConnectionInfo>,
+    /// Shared by every connection made from this target.
+    hint: TopologyHint,
+}
+
+/// Raised when a reply says the cluster's layout changed under a command:
+/// its slot moved (`MOVED`, `ASK`, `TRYAGAIN`), the cluster or the slot's
+/// primary is down (`CLUSTERDOWN`, `MASTERDOWN`), or a node cannot be
+/// reached. The cluster client follows redirections itself and says
+/// nothing; the keyspace subscriptions, which it does not keep, wait on
+/// this to read the topology again at once.
+#[derive(Clone, Debug, Default)]
+pub struct TopologyHint(Arc<tokio::sync::Notify>);
+
+impl TopologyHint {
+    /// Raise the hint if `e` says the topology changed.
+    pub fn saw(&self, e: &RedisError) {
+        if Self::telling(e) {
+            self.0.notify_one();
+        }
+    }
+
+    fn telling(e: &RedisError) -> bool {
+        e.is_cluster_error()
+            || matches!(e.kind(), ErrorKind::Server(ServerErrorKind::MasterDown) | ErrorKind::ClusterConnectionNotFound)
+            || e.is_connection_dropped()
+            || e.is_connection_refusal()
+    }
+
+    /// Wait until raised (a hint raised while nobody waited is kept, once).
+    pub async fn raised(&self) {
+        self.0.notified().await;
+    }
 }
 
 /// A primary of the cluster and the slot ranges it serves.
@@ -121,11 +160,27 @@ impl RedisTarget {
         if seeds.is_empty() {
             return Err(bad("name at least one node: redis+cluster://host:port[,host:port...]".into()));
         }
-        Ok(RedisTarget::Cluster(ClusterTarget { seeds }))
+        Ok(RedisTarget::Cluster(ClusterTarget { seeds, hint: TopologyHint::default() }))
     }
 
     pub fn is_cluster(&self) -> bool {
         matches!(self, RedisTarget::Cluster(_))
+    }
+
+    /// The cluster's [`TopologyHint`] (`None` on a single server).
+    pub fn topology_hint(&self) -> Option<&TopologyHint> {
+        match self {
+            RedisTarget::Single(_) => None,
+            RedisTarget::Cluster(cluster) => Some(&cluster.hint),
+        }
+    }
+
+    /// Raise the topology hint if `e`, from a command sent to one of the
+    /// cluster's nodes, says the topology changed.
+    pub fn saw(&self, e: &RedisError) {
+        if let Some(hint) = self.topology_hint() {
+            hint.saw(e);
+        }
     }
 
     /// The database keyspace events come from (always 0 on a cluster).
@@ -171,7 +226,7 @@ impl RedisTarget {
                     builder = builder.tls(mode);
                 }
                 let client = builder.build()?;
-                Ok(Conn::Cluster(client.get_async_connection().await?))
+                Ok(Conn::Cluster(client.get_async_connection().await?, cluster.hint.clone()))
             }
         }
     }
@@ -275,7 +330,8 @@ pub fn by_slot<K: AsRef<[u8]>>(keys: &[K]) -> Vec<Vec<&K>> {
 #[derive(Clone)]
 pub enum Conn {
     Single(ConnectionManager),
-    Cluster(ClusterConnection),
+    /// The cluster client, and the hint its errors raise.
+    Cluster(ClusterConnection, TopologyHint),
 }
 
 impl Conn {
@@ -288,10 +344,10 @@ impl Conn {
         let count = pipe.cmd_iter().count();
         match self {
             Conn::Single(c) => c.req_packed_commands(pipe, 0, count).await,
-            Conn::Cluster(c) => {
+            Conn::Cluster(c, hint) => {
                 use redis::cluster_routing::{Route, SingleNodeRoutingInfo, SlotAddr};
                 let route = SingleNodeRoutingInfo::SpecificNode(Route::new(slot, SlotAddr::Master));
-                c.route_pipeline(pipe.clone(), 0, count, route).await
+                c.route_pipeline(pipe.clone(), 0, count, route).await.inspect_err(|e| hint.saw(e))
             }
         }
     }
@@ -301,7 +357,9 @@ impl ConnectionLike for Conn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> RedisFuture<'a, Value> {
         match self {
             Conn::Single(c) => c.req_packed_command(cmd),
-            Conn::Cluster(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c, hint) => {
+                Box::pin(async move { c.req_packed_command(cmd).await.inspect_err(|e| hint.saw(e)) })
+            }
         }
     }
 
@@ -313,14 +371,16 @@ impl ConnectionLike for Conn {
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
             Conn::Single(c) => c.req_packed_commands(cmd, offset, count),
-            Conn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::Cluster(c, hint) => {
+                Box::pin(async move { c.req_packed_commands(cmd, offset, count).await.inspect_err(|e| hint.saw(e)) })
+            }
         }
     }
 
     fn get_db(&self) -> i64 {
         match self {
             Conn::Single(c) => c.get_db(),
-            Conn::Cluster(_) => 0,
+            Conn::Cluster(..) => 0,
         }
     }
 }
@@ -376,6 +436,31 @@ mod tests {
         let nodes = parse_slots(&reply);
         assert_eq!(nodes.iter().map(|n| n.addr.as_str()).collect::<Vec<_>>(), ["127.0.0.1:7000", "127.0.0.1:7001"]);
         assert_eq!(nodes[0].slots, [(0, 5460), (10923, 16383)]);
+    }
+
+    #[test]
+    fn replies_saying_the_layout_changed_raise_the_topology_hint() {
+        use futures_util::FutureExt;
+        let hint = TopologyHint::default();
+        let raised = |hint: &TopologyHint| hint.raised().now_or_never().is_some();
+        let server = |kind: ServerErrorKind, text: &'static str| RedisError::from((ErrorKind::Server(kind), text));
+        hint.saw(&server(ServerErrorKind::ResponseError, "WRONGTYPE"));
+        hint.saw(&server(ServerErrorKind::CrossSlot, "CROSSSLOT"));
+        assert!(!raised(&hint), "a command's own fault says nothing of the topology");
+        hint.saw(&server(ServerErrorKind::Moved, "MOVED 3999 127.0.0.1:7001"));
+        hint.saw(&server(ServerErrorKind::ClusterDown, "CLUSTERDOWN"));
+        assert!(raised(&hint));
+        assert!(!raised(&hint), "raised hints are taken once, however many replies said it");
+        for e in [
+            server(ServerErrorKind::MasterDown, "MASTERDOWN"),
+            server(ServerErrorKind::Ask, "ASK 3999 127.0.0.1:7002"),
+            RedisError::from(std::io::Error::from(std::io::ErrorKind::ConnectionRefused)),
+        ] {
+            hint.saw(&e);
+            assert!(raised(&hint), "{e}");
+        }
+        let single = RedisTarget::parse("redis://127.0.0.1:1").unwrap();
+        assert!(single.topology_hint().is_none(), "one server has no topology to follow");
     }
 
     #[tokio::test]
