@@ -155,6 +155,48 @@ fn a_failed_primary_is_replaced_by_its_replica_and_its_slots_are_handled() {
     assert_eq!(daemon.stop(), Some(0));
 }
 
+/// A primary restarted in place, with no replica to take over: its
+/// subscription comes back, the notification flags it lost are set again,
+/// and its shard is swept, whether it comes back empty or with its data.
+fn a_primary_restarted_in_place(durable: bool) {
+    let extra: &[&str] = if durable { &["--appendonly", "yes", "--appendfsync", "always"] } else { &[] };
+    let mut cluster = Cluster::start_with(3, 0, extra);
+    let setup = Setup::new(&["ttl-table"]);
+    let daemon = cluster.daemon(&setup);
+    eventually(&daemon, "the start sweep", || last_sweep(&daemon, "ttl-table") == "start");
+    let before = "graph_data:{restart}0";
+    cluster.set(before, "g");
+    eventually(&daemon, "a TTL before the restart", || cluster.cmd::<i64>(before, &["PTTL", before]) > 0);
+
+    let port = cluster.node_of(before).port;
+    cluster.by_port_mut(port).restart();
+    cluster.wait_until("the restarted primary serves its slots again", |c| c.ok(3));
+    let meanwhile = "graph_data:{restart}1";
+    cluster.set(meanwhile, "g");
+    daemon.wait_for("keyspace subscription restored", Duration::from_secs(30));
+    eventually(&daemon, "the restarted primary's shard is swept", || last_sweep(&daemon, "ttl-table") == "reconnect");
+    eventually(&daemon, "a key written around the restart has its TTL", || {
+        cluster.cmd::<i64>(meanwhile, &["PTTL", meanwhile]) > 0
+    });
+    let flags: Vec<String> = cluster.by_port(port).cmd(&["CONFIG", "GET", "notify-keyspace-events"]);
+    assert!(flags[1].contains('E'), "the flags are set again on the restarted node: {flags:?}");
+    assert_eq!(cluster.exists(before), durable, "its data came back only if it was kept");
+    let later = "graph_data:{restart}2";
+    cluster.set(later, "g");
+    eventually(&daemon, "a write after the restart has its TTL", || cluster.cmd::<i64>(later, &["PTTL", later]) > 0);
+    assert_eq!(daemon.stop(), Some(0));
+}
+
+#[test]
+fn a_primary_restarted_empty_in_place_is_subscribed_again_and_swept() {
+    a_primary_restarted_in_place(false);
+}
+
+#[test]
+fn a_primary_restarted_with_its_data_in_place_is_subscribed_again_and_swept() {
+    a_primary_restarted_in_place(true);
+}
+
 /// Two daemons on a 3-primary cluster, once they have split its shards 2
 /// and 1.
 fn split_pair(cluster: &Cluster, setup: &Setup) -> (Daemon, Daemon) {

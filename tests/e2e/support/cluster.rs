@@ -29,8 +29,15 @@ impl Cluster {
     /// `primaries` primaries, each with `replicas` replicas; returns once
     /// every node says the cluster is ok and every replica is in sync.
     pub fn start(primaries: usize, replicas: usize) -> Cluster {
-        let args =
-            ["--cluster-enabled", "yes", "--cluster-node-timeout", "1000", "--cluster-config-file", "nodes.conf"];
+        Cluster::start_with(primaries, replicas, &[])
+    }
+
+    /// [`Cluster::start`] with extra `redis-server` arguments for every
+    /// node (`--appendonly yes`: nodes restarted in place keep their data).
+    pub fn start_with(primaries: usize, replicas: usize, extra: &[&str]) -> Cluster {
+        let mut args =
+            vec!["--cluster-enabled", "yes", "--cluster-node-timeout", "1000", "--cluster-config-file", "nodes.conf"];
+        args.extend(extra);
         let nodes: Vec<RedisServer> =
             (0..primaries * (1 + replicas)).map(|_| RedisServer::start_on(cluster_port, &args)).collect();
         let out = Command::new("redis-cli")
@@ -41,15 +48,19 @@ impl Cluster {
             .expect("redis-cli is required for the cluster tests");
         assert!(out.status.success(), "redis-cli --cluster create: {}", String::from_utf8_lossy(&out.stdout));
         let cluster = Cluster { nodes };
-        cluster.wait_until("the cluster is ok with every replica in sync", |c| {
-            c.nodes.iter().all(|n| {
-                let info: String = n.cmd(&["CLUSTER", "INFO"]);
-                let replication: String = n.cmd(&["INFO", "replication"]);
-                info.contains("cluster_state:ok")
-                    && (replication.contains("role:master") || replication.contains("master_link_status:up"))
-            }) && c.primaries().len() == primaries
-        });
+        cluster.wait_until("the cluster is ok with every replica in sync", |c| c.ok(primaries));
         cluster
+    }
+
+    /// Every running node says the cluster is ok and its replicas are in
+    /// sync, with `primaries` primaries.
+    pub fn ok(&self, primaries: usize) -> bool {
+        self.running().all(|n| {
+            let info: String = n.cmd(&["CLUSTER", "INFO"]);
+            let replication: String = n.cmd(&["INFO", "replication"]);
+            info.contains("cluster_state:ok")
+                && (replication.contains("role:master") || replication.contains("master_link_status:up"))
+        }) && self.primaries().len() == primaries
     }
 
     /// `redis+cluster://` with one seed.
