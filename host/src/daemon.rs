@@ -46,6 +46,7 @@ use crate::metrics::{Readiness, metrics};
 use crate::sandbox::runtime::{Runtime, RuntimeConfig, RuntimeError};
 use crate::store::announce::Announcer;
 use crate::store::echo::{self, EchoLedger};
+use crate::store::eviction;
 use crate::store::index::KeyIndex;
 use crate::store::redis::RedisBackend;
 use crate::store::target::RedisTarget;
@@ -121,6 +122,7 @@ async fn run_wired(
     let announcer = (target.is_cluster() && lease.enabled())
         .then(|| Arc::new(Announcer::new(format!("{}:echo", lease.key), lease.id.clone())));
     let Some(redis) = connect(&target, &index, announcer.clone(), &shutdown).await else { return Ok(()) };
+    eviction::warn_if_at_risk(&mut redis.connection(), lease.enabled()).await;
     let runtime = Runtime::new(RuntimeConfig { max_instances: config.instance_pool, ..RuntimeConfig::default() })?;
     let ledger = Arc::new(EchoLedger::new());
 

@@ -77,6 +77,8 @@ fn metrics_move_by_what_the_policies_did() {
     assert_eq!(status["ready"], true, "{status}");
     assert!(status["redis"]["version"].as_str().is_some_and(|v| !v.is_empty()), "{status}");
     let genre = status["policies"].as_array().unwrap().iter().find(|p| p["name"] == "genre-invalidation").unwrap();
+    assert_eq!(status["redis"]["maxmemory_policy"], "noeviction", "{status}");
+    assert!(!daemon.log_text().contains("Redis evicts keys"), "nothing to warn of without eviction");
     assert_eq!(genre["mode"], "enforce");
     assert_eq!(genre["last_sweep"]["reason"], "start");
     assert!(genre["last_event_ms"].as_u64().is_some(), "{genre}");
@@ -88,6 +90,22 @@ fn metrics_move_by_what_the_policies_did() {
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{table}{}", String::from_utf8_lossy(&out.stderr));
     assert!(table.contains("ready") && table.contains("genre-invalidation") && table.contains("start ok"), "{table}");
+    assert_eq!(daemon.stop(), Some(0));
+}
+
+/// A Redis that evicts when full may evict the daemon's own keys (the
+/// deploy stream, the kill switch, the leases): said once at start, and
+/// shown in `/status`.
+#[test]
+fn a_redis_that_may_evict_the_daemons_keys_is_named_at_start() {
+    let redis = RedisServer::start_with(&["--maxmemory", "256mb", "--maxmemory-policy", "allkeys-lru"]);
+    let setup = Setup::new(&["recorder"]);
+    let daemon = Daemon::start(&redis, &setup);
+    daemon.wait_for("may evict any of cachepol's keys", Duration::from_secs(30));
+    let (code, body) = http(&daemon.admin(), "GET", "/status", &[], b"");
+    assert_eq!(code, 200, "{body}");
+    let status: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(status["redis"]["maxmemory_policy"], "allkeys-lru", "{status}");
     assert_eq!(daemon.stop(), Some(0));
 }
 

@@ -55,6 +55,10 @@ pub struct RedisStatus {
     /// hits / (hits + misses), since Redis started or `CONFIG RESETSTAT`.
     pub hit_rate: Option<f64>,
     pub used_memory: Option<u64>,
+    /// What Redis evicts when full (`noeviction`, `allkeys-lru`, ...): the
+    /// daemon's own keys may be among them (see [`crate::store::eviction`]).
+    #[serde(default)]
+    pub maxmemory_policy: Option<String>,
     pub notify_keyspace_events: Option<String>,
     /// Why the rest is missing.
     pub error: Option<String>,
@@ -248,6 +252,7 @@ async fn redis_status(wired: &Wired) -> RedisStatus {
             _ => None,
         },
         used_memory: number("used_memory"),
+        maxmemory_policy: fields.get("maxmemory_policy").map(|v| (*v).to_owned()),
         notify_keyspace_events: flags.get("notify-keyspace-events").cloned(),
         error: None,
     }

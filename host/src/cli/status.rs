@@ -70,12 +70,13 @@ pub fn render(s: &Status, now: SystemTime) -> String {
     match &r.error {
         Some(e) => out.push_str(&format!("redis: {e}\n")),
         None => out.push_str(&format!(
-            "redis {}: hit rate {} ({} hits, {} misses), used memory {}, notify-keyspace-events {}\n",
+            "redis {}: hit rate {} ({} hits, {} misses), used memory {} (maxmemory-policy {}), notify-keyspace-events {}\n",
             r.version.as_deref().unwrap_or("?"),
             r.hit_rate.map_or_else(|| "-".into(), |h| format!("{:.1}%", h * 100.0)),
             r.keyspace_hits.unwrap_or(0),
             r.keyspace_misses.unwrap_or(0),
             r.used_memory.map_or_else(|| "?".into(), mib),
+            r.maxmemory_policy.as_deref().unwrap_or("?"),
             r.notify_keyspace_events.as_deref().filter(|f| !f.is_empty()).unwrap_or("(off)"),
         )),
     }

@@ -8,7 +8,8 @@
 //! wake the policy again (and [`announce`] tells other replicas of the
 //! writes, when they split a cluster), [`dryrun`] only logs what a write would do.
 //! [`target`] says whether that is one server or a Redis Cluster, and holds
-//! the connection type everything else uses.
+//! the connection type everything else uses; [`eviction`] says whether
+//! Redis may evict the daemon's own keys.
 //! [`index`] keeps the names of the keys bulk operations can reach, fed by
 //! the keyspace subscriber, so that they walk names instead of scanning
 //! Redis ([`keyset`] stores them).
@@ -21,6 +22,7 @@ pub(crate) mod announce;
 pub mod backend;
 pub(crate) mod dryrun;
 pub(crate) mod echo;
+pub mod eviction;
 pub mod index;
 pub mod keyset;
 pub mod memory;
