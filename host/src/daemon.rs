@@ -344,7 +344,7 @@ async fn periodic_sweeps(routes: Arc<ArcSwap<Routes>>, switches: Arc<Switches>, 
                 if switches.standing_by() {
                     continue;
                 }
-                let _ = route.queue.push(Item::Sweep(SweepReason::Periodic, Default::default()));
+                let _ = route.queue.push(Item::Sweep(SweepReason::Periodic));
             }
         }
     }

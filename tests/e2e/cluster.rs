@@ -19,15 +19,17 @@ fn status(daemon: &Daemon) -> serde_json::Value {
     serde_json::from_str(&body).unwrap()
 }
 
-/// The shards (by first slot) `daemon` holds, from `/status`.
-/// The reason of `policy`'s last sweep, as `/status` says.
+/// The reason of `policy`'s last sweep, as `/status` says (`failed` after
+/// it if it failed: a failed sweep is tried again).
 fn last_sweep(daemon: &Daemon, policy: &str) -> String {
     let status = status(daemon);
     let policies = status["policies"].as_array().cloned().unwrap_or_default();
-    let policy = policies.iter().find(|p| p["name"] == policy);
-    policy.and_then(|p| p["last_sweep"]["reason"].as_str()).unwrap_or_default().to_owned()
+    let sweep = &policies.iter().find(|p| p["name"] == policy).map(|p| p["last_sweep"].clone()).unwrap_or_default();
+    let reason = sweep["reason"].as_str().unwrap_or_default();
+    if sweep["ok"] == true { reason.to_owned() } else { format!("{reason} failed") }
 }
 
+/// The shards (by first slot) `daemon` holds, from `/status`.
 fn held_shards(daemon: &Daemon) -> Vec<u16> {
     let shards = status(daemon)["lease"]["shards"].as_array().cloned().unwrap_or_default();
     shards.iter().filter(|s| s["held"] == true).map(|s| s["slot"].as_u64().unwrap() as u16).collect()
@@ -108,8 +110,8 @@ fn a_failed_primary_is_replaced_by_its_replica_and_its_slots_are_handled() {
     cluster.set(key, "g");
     eventually(&daemon, "a TTL before the failover", || cluster.cmd::<i64>(key, &["PTTL", key]) > 0);
 
-    // The start sweep is done: from here on, SCANs come from the sweep
-    // for the promoted primary alone.
+    // The start sweep is done: from here on, SCANs come from the sweep for
+    // the promoted primary.
     eventually(&daemon, "the start sweep", || last_sweep(&daemon, "ttl-table") == "start");
     for p in cluster.primaries() {
         cluster.by_port(p.port).cmd::<()>(&["CONFIG", "RESETSTAT"]);
@@ -139,12 +141,12 @@ fn a_failed_primary_is_replaced_by_its_replica_and_its_slots_are_handled() {
             .iter()
             .any(|s| s["node"] == format!("127.0.0.1:{promoted}") && s["subscribed"] == true)
     });
-    // What the new primary may have taken unheard is on it alone: its
-    // sweep walks it, not the primaries that never stopped being heard.
+    // The sweep for the new primary walks every primary: what a policy
+    // reconciles for one node's missed events may be stored on another
+    // (file-cache-clear's deferred clears, key-naming's cleaned marker).
     eventually(&daemon, "the sweep for the new primary", || last_sweep(&daemon, "ttl-table") == "reconnect");
-    assert!(cluster.by_port(promoted).scan_calls() > 0, "the promoted primary is swept");
-    for port in others {
-        assert_eq!(cluster.by_port(port).scan_calls(), 0, "127.0.0.1:{port} is not swept again");
+    for port in others.iter().chain([&promoted]) {
+        eventually(&daemon, "every primary swept", || cluster.by_port(*port).scan_calls() > 0);
     }
     let later = "graph_data:{failover}3";
     cluster.set(later, "g");
@@ -164,6 +166,9 @@ fn a_primary_restarted_in_place(durable: bool) {
     let setup = Setup::new(&["ttl-table"]);
     let daemon = cluster.daemon(&setup);
     eventually(&daemon, "the start sweep", || last_sweep(&daemon, "ttl-table") == "start");
+    for p in cluster.primaries() {
+        cluster.by_port(p.port).cmd::<()>(&["CONFIG", "RESETSTAT"]);
+    }
     let before = "graph_data:{restart}0";
     cluster.set(before, "g");
     eventually(&daemon, "a TTL before the restart", || cluster.cmd::<i64>(before, &["PTTL", before]) > 0);
@@ -174,7 +179,10 @@ fn a_primary_restarted_in_place(durable: bool) {
     let meanwhile = "graph_data:{restart}1";
     cluster.set(meanwhile, "g");
     daemon.wait_for("keyspace subscription restored", Duration::from_secs(30));
-    eventually(&daemon, "the restarted primary's shard is swept", || last_sweep(&daemon, "ttl-table") == "reconnect");
+    eventually(&daemon, "the sweep for the restarted primary", || last_sweep(&daemon, "ttl-table") == "reconnect");
+    for p in cluster.primaries() {
+        eventually(&daemon, "the sweep walks every primary", || cluster.by_port(p.port).scan_calls() > 0);
+    }
     eventually(&daemon, "a key written around the restart has its TTL", || {
         cluster.cmd::<i64>(meanwhile, &["PTTL", meanwhile]) > 0
     });
@@ -279,22 +287,28 @@ fn two_daemons_on_a_cluster_split_the_shards_handle_each_event_once_and_one_take
         assert!(daemon.log_text().contains("event=\"key-"), "each daemon handles its shards' events");
     }
 
-    // An operator's sweep: each daemon sweeps the shards it holds, so
-    // each primary is scanned once, not once per daemon.
+    // An operator's sweep is run by the replica holding the first shard
+    // alone: it walks every primary, each once, not once per daemon.
     let primaries = cluster.primaries();
     for p in &primaries {
         cluster.by_port(p.port).cmd::<()>(&["CONFIG", "RESETSTAT"]);
     }
     let (ok, out) = cluster.cli(&["sweep", "recorder"]);
     assert!(ok, "{out}");
-    let swept = |daemon: &Daemon| {
-        let (_, text) = http(&daemon.admin(), "GET", "/metrics", &[], b"");
-        metric(&text, "cachepol_sweeps_total{policy=\"recorder\",kind=\"manual\"}") == 1.0
+    let sweeps = || {
+        [&a, &b]
+            .iter()
+            .map(|daemon| {
+                let (_, text) = http(&daemon.admin(), "GET", "/metrics", &[], b"");
+                metric(&text, "cachepol_sweeps_total{policy=\"recorder\",kind=\"manual\"}")
+            })
+            .sum::<f64>()
     };
-    eventually(&a, "both daemons swept", || swept(&a) && swept(&b));
+    eventually(&a, "the operator's sweep ran", || sweeps() >= 1.0);
     std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(sweeps(), 1.0, "one daemon ran it");
     for p in &primaries {
-        assert_eq!(cluster.by_port(p.port).scan_calls(), 1, "{} scanned by one daemon", p.addr);
+        assert_eq!(cluster.by_port(p.port).scan_calls(), 1, "{} scanned once", p.addr);
     }
 
     // One dies: the other takes its shards over within about the lease's

@@ -18,10 +18,9 @@
 //!   policy alternates between its backlog and sweeps, never falling
 //!   behind for good. Nothing is lost silently, memory stays bounded;
 //! - deploy hooks and sweeps are never dropped (they are rare, and a hook is
-//!   only acknowledged once handled). A sweep asked for while one for the
-//!   same reason still waits is folded into it, its [`Reach`] widened.
+//!   only acknowledged once handled).
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::{Notify, oneshot};
@@ -86,57 +85,7 @@ pub enum Item {
     Key(KeyNotification),
     /// The hook, and where to report whether it was handled.
     Deploy(DeployEvent, HookDone),
-    Sweep(SweepReason, Reach),
-}
-
-/// Where a sweep needs to look. On a cluster, what one primary's lost
-/// subscription or returning flags may have missed is on that primary
-/// alone: its sweep walks its shard, not every node.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub enum Reach {
-    /// Every node (the only one, on a single server).
-    #[default]
-    Everywhere,
-    /// The cluster shards named by their first slot.
-    Shards(BTreeSet<u16>),
-}
-
-impl Reach {
-    /// The shard of one node (`None`: the single server, so everywhere).
-    pub fn node(shard: Option<u16>) -> Reach {
-        shard.map_or(Reach::Everywhere, |s| Reach::Shards(BTreeSet::from([s])))
-    }
-
-    /// Cover `other` too.
-    pub fn widen(&mut self, other: Reach) {
-        match (&mut *self, other) {
-            (Reach::Everywhere, _) => {}
-            (Reach::Shards(mine), Reach::Shards(theirs)) => mine.extend(theirs),
-            (_, Reach::Everywhere) => *self = Reach::Everywhere,
-        }
-    }
-
-    /// The shards a sweep walks, given those this daemon holds (`None`:
-    /// it routes every node): both must cover a shard. `None`: every node.
-    pub fn within(&self, held: Option<Vec<u16>>) -> Option<Vec<u16>> {
-        match (self, held) {
-            (Reach::Everywhere, held) => held,
-            (Reach::Shards(only), None) => Some(only.iter().copied().collect()),
-            (Reach::Shards(only), Some(held)) => Some(held.into_iter().filter(|s| only.contains(s)).collect()),
-        }
-    }
-}
-
-impl std::fmt::Display for Reach {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Reach::Everywhere => f.write_str("every node"),
-            Reach::Shards(shards) => {
-                let slots: Vec<String> = shards.iter().map(u16::to_string).collect();
-                write!(f, "the shards at slots {}", slots.join(" "))
-            }
-        }
-    }
+    Sweep(SweepReason),
 }
 
 /// What happened to a pushed keyspace event.
@@ -195,9 +144,8 @@ struct Inner {
     barrier_at: u64,
     keys_waiting: usize,
     bytes_waiting: usize,
-    /// The push number of the `sweep(gap)` waiting in `items`, if one is
-    /// (there is never more than one).
-    gap_at: Option<u64>,
+    /// A `sweep(gap)` is waiting in `items`.
+    gap_queued: bool,
     closed: bool,
     stats: QueueStats,
     overload: Overload,
@@ -236,7 +184,7 @@ impl PolicyQueue {
                 barrier_at: 0,
                 keys_waiting: 0,
                 bytes_waiting: 0,
-                gap_at: None,
+                gap_queued: false,
                 closed: false,
                 stats: QueueStats::default(),
                 overload: Overload::default(),
@@ -324,18 +272,12 @@ impl PolicyQueue {
         if let Some(m) = &self.metrics {
             m.dropped.inc();
         }
-        // A dropped event may be of any shard: the waiting gap sweep, if it
-        // was for some shards only, now covers every node.
-        if let Some(at) = inner.gap_at {
-            let index = (at - inner.popped) as usize;
-            if let Some(Item::Sweep(_, reach)) = inner.items.get_mut(index) {
-                *reach = Reach::Everywhere;
-            }
+        if inner.gap_queued {
             return;
         }
+        inner.gap_queued = true;
         inner.stats.gaps += 1;
-        inner.gap_at = Some(inner.pushed);
-        inner.push_back(Item::Sweep(SweepReason::Gap, Reach::Everywhere));
+        inner.push_back(Item::Sweep(SweepReason::Gap));
         drop(inner);
         self.ready.notify_one();
     }
@@ -346,32 +288,22 @@ impl PolicyQueue {
         std::mem::take(&mut self.lock().overload)
     }
 
-    /// Queue a deploy hook or a sweep (never dropped while open). A sweep
-    /// for a reason one already waiting has is folded into it, which starts
-    /// after whatever the new one was asked for anyway. Returns the item
-    /// back if the queue is closed.
+    /// Queue a deploy hook or a sweep (never dropped while open; a sweep
+    /// identical to one already waiting is redundant and skipped). Returns
+    /// the item back if the queue is closed.
     pub fn push(&self, item: Item) -> Result<(), Item> {
         let mut inner = self.lock();
         if inner.closed {
             return Err(item);
         }
-        let item = match item {
-            Item::Sweep(reason, reach) => {
-                let waiting = inner.items.iter_mut().find_map(|i| match i {
-                    Item::Sweep(r, waiting) if *r == reason => Some(waiting),
-                    _ => None,
-                });
-                if let Some(waiting) = waiting {
-                    waiting.widen(reach);
-                    return Ok(());
-                }
-                if reason == SweepReason::Gap {
-                    inner.gap_at = Some(inner.pushed);
-                }
-                Item::Sweep(reason, reach)
-            }
-            other => other,
-        };
+        if let Item::Sweep(reason) = &item
+            && inner.items.iter().any(|i| matches!(i, Item::Sweep(r) if r == reason))
+        {
+            return Ok(());
+        }
+        if matches!(item, Item::Sweep(SweepReason::Gap)) {
+            inner.gap_queued = true;
+        }
         inner.push_back(item);
         drop(inner);
         self.ready.notify_one();
@@ -398,7 +330,7 @@ impl PolicyQueue {
                         }
                         // Events dropped from now on happen after this sweep
                         // started: they need another.
-                        Item::Sweep(SweepReason::Gap, _) => inner.gap_at = None,
+                        Item::Sweep(SweepReason::Gap) => inner.gap_queued = false,
                         _ => {}
                     }
                     return Some(item);
@@ -417,7 +349,7 @@ impl PolicyQueue {
     pub fn close(&self) -> Vec<Item> {
         let mut inner = self.lock();
         inner.closed = true;
-        inner.gap_at = None;
+        inner.gap_queued = false;
         inner.waiting.clear();
         inner.popped = inner.pushed;
         inner.keys_waiting = 0;
@@ -537,52 +469,12 @@ mod tests {
         assert_eq!(q.take_overload(), Overload::default(), "counted once");
     }
 
-    #[tokio::test]
-    async fn a_sweep_asked_for_again_while_one_waits_is_folded_into_it() {
-        let q = PolicyQueue::new(3, 1 << 20);
-        let shards = |s: &[u16]| Reach::Shards(s.iter().copied().collect());
-        q.push(Item::Sweep(SweepReason::Reconnect, shards(&[0]))).unwrap();
-        q.push(Item::Sweep(SweepReason::Reconnect, shards(&[5461]))).unwrap();
-        q.push(Item::Sweep(SweepReason::Gap, shards(&[0]))).unwrap();
-        // An event dropped from the queue may be of any shard: the gap
-        // sweep waiting for one shard now covers every node.
-        for i in 0..4 {
-            q.push_key(key("set", &format!("k{i}")));
-        }
-        let mut sweeps = Vec::new();
-        while !q.is_empty() {
-            if let Some(Item::Sweep(reason, reach)) = q.pop().await {
-                sweeps.push((reason, reach));
-            }
-        }
-        assert_eq!(
-            sweeps,
-            [(SweepReason::Reconnect, shards(&[0, 5461])), (SweepReason::Gap, Reach::Everywhere)],
-            "one sweep per reason, over what each was asked for"
-        );
-    }
-
-    #[test]
-    fn a_sweeps_reach_meets_the_shards_held() {
-        let reach = Reach::node(Some(5461));
-        assert_eq!(reach.within(None), Some(vec![5461]), "alone: that shard");
-        assert_eq!(reach.within(Some(vec![0, 5461])), Some(vec![5461]), "held: still that shard");
-        assert_eq!(reach.within(Some(vec![0])), Some(vec![]), "another replica's shard: nothing");
-        assert_eq!(Reach::Everywhere.within(Some(vec![0])), Some(vec![0]), "everywhere this daemon holds");
-        assert_eq!(Reach::Everywhere.within(None), None);
-        assert_eq!(Reach::node(None), Reach::Everywhere, "a single server");
-        let mut widened = Reach::node(Some(0));
-        widened.widen(Reach::Everywhere);
-        assert_eq!(widened, Reach::Everywhere);
-        assert_eq!(Reach::node(Some(0)).to_string(), "the shards at slots 0");
-    }
-
     fn kind(item: Item) -> &'static str {
         match item {
             Item::Key(_) => "key",
             Item::Deploy(..) => "deploy",
-            Item::Sweep(SweepReason::Gap, _) => "gap",
-            Item::Sweep(..) => "sweep",
+            Item::Sweep(SweepReason::Gap) => "gap",
+            Item::Sweep(_) => "sweep",
         }
     }
 

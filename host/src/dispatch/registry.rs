@@ -302,7 +302,7 @@ impl Registry {
                 // new subscriptions: what the old version left is
                 // reconciled under the new one.
                 if same_file || adds_subscriptions(&old, &manifest) {
-                    let _ = queue.push(crate::dispatch::queue::Item::Sweep(SweepReason::Reload, Default::default()));
+                    let _ = queue.push(crate::dispatch::queue::Item::Sweep(SweepReason::Reload));
                 }
                 info!(
                     policy = %name,
@@ -347,7 +347,7 @@ impl Registry {
                 );
                 self.publish();
                 if self.sweep_new {
-                    let _ = queue.push(crate::dispatch::queue::Item::Sweep(SweepReason::Start, Default::default()));
+                    let _ = queue.push(crate::dispatch::queue::Item::Sweep(SweepReason::Start));
                 }
                 info!(
                     policy = %name,

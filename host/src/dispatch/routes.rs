@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use crate::dispatch::matcher::Matcher;
-use crate::dispatch::queue::{HookFailure, Item, KeyNotification, PolicyQueue, Pushed, Reach};
+use crate::dispatch::queue::{HookFailure, Item, KeyNotification, PolicyQueue, Pushed};
 use crate::sandbox::grants::MAX_KEY_LEN;
 use crate::sandbox::manifest::Manifest;
 use crate::store::echo::Origin as EchoOrigin;
@@ -128,15 +128,10 @@ impl Routes {
         self.routes.iter().filter(|r| r.manifest.wants_deploy(service)).collect()
     }
 
-    /// Queue a sweep over every node for every policy.
+    /// Queue a sweep for every policy.
     pub fn sweep_all(&self, reason: SweepReason) {
-        self.sweep(reason, Reach::Everywhere);
-    }
-
-    /// Queue a sweep for every policy, over `reach`.
-    pub fn sweep(&self, reason: SweepReason, reach: Reach) {
         for route in &self.routes {
-            let _ = route.queue.push(Item::Sweep(reason, reach.clone()));
+            let _ = route.queue.push(Item::Sweep(reason));
         }
     }
 

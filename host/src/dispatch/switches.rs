@@ -58,9 +58,16 @@ impl Switches {
         }
     }
 
-    /// The shards a sweep covers now, by first slot (`None`: every node).
-    pub fn sweep_scope(&self) -> Option<Vec<u16>> {
-        self.shards.as_ref().map(Shards::held)
+    /// Whether this daemon runs the sweeps made for nobody in particular
+    /// (periodic ones, an operator's) on every replica's behalf: the lease
+    /// holder on one server; on a cluster, the replica holding the first
+    /// shard. A sweep walks every primary, so one replica running it is
+    /// enough.
+    pub fn leads_sweeps(&self) -> bool {
+        match &self.shards {
+            Some(shards) => shards.all().first().is_some_and(|(_, lease)| lease.holds()),
+            None => !self.standing_by(),
+        }
     }
 
     pub fn is_disabled(&self, policy: &str) -> bool {

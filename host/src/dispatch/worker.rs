@@ -38,11 +38,10 @@ use tracing::Instrument;
 use crate::config::Mode;
 use crate::dispatch::audit;
 use crate::dispatch::breaker::{Admit, Breaker, FailurePolicy, Health};
-use crate::dispatch::queue::{FailureKind, HookDone, HookFailure, Item, KeyNotification, PolicyQueue, Reach};
+use crate::dispatch::queue::{FailureKind, HookDone, HookFailure, Item, KeyNotification, PolicyQueue};
 use crate::dispatch::switches::Switches;
 use crate::metrics::{PolicyMetrics, SweepRecord, metrics};
 use crate::sandbox::runtime::{CallFailure, CallReport, LoadedPolicy};
-use crate::store::target::SCOPE;
 use crate::wit::{self, KeyEvent, SweepEvent, SweepReason};
 
 /// Failed sweeps in a row before it is an error (it is still retried).
@@ -97,7 +96,7 @@ pub enum Control {
 enum Work {
     /// Keyspace events, by when each arrived.
     Keys(Vec<Instant>),
-    Sweep(SweepReason, Reach),
+    Sweep(SweepReason),
     Deploy(HookDone),
 }
 
@@ -383,17 +382,21 @@ impl Worker {
         let id = if first == last { format!("key-{first}") } else { format!("keys-{first}-{last}") };
         self.metrics.delivered.inc_by(events.len() as u64);
         let work = Work::Keys(received);
-        self.spawn(index, id, first, Call::Keys(events), work, None);
+        self.spawn(index, id, first, Call::Keys(events), work);
     }
 
     fn start_barrier(&mut self, seq: u64, item: Item, cooling: bool) {
-        if self.switches.standing_by() && matches!(item, Item::Sweep(..) | Item::Key(_)) {
+        if self.switches.standing_by() && matches!(item, Item::Sweep(_) | Item::Key(_)) {
             tracing::debug!(policy = %self.name, "standing by: a sweep left to the lease holder");
+            return;
+        }
+        if matches!(item, Item::Sweep(SweepReason::Periodic | SweepReason::Manual)) && !self.switches.leads_sweeps() {
+            tracing::debug!(policy = %self.name, "a sweep left to the replica holding the first shard");
             return;
         }
         if let Some(why) = self.held(cooling) {
             match item {
-                Item::Key(_) | Item::Sweep(..) => self.owes_sweep = true,
+                Item::Key(_) | Item::Sweep(_) => self.owes_sweep = true,
                 Item::Deploy(hook, done) => {
                     let _ = done.send(Err(HookFailure::failed(format!("not delivered: the policy is {why}"))));
                     tracing::info!(policy = %self.name, hook = %hook.id, "deploy hook not delivered: {why}");
@@ -404,7 +407,7 @@ impl Worker {
         let lane = self.lanes[0].as_ref().expect("every lane is idle");
         lane.hops.store(0, Ordering::Relaxed);
         let (id, event, work) = match item {
-            Item::Sweep(reason, reach) => {
+            Item::Sweep(reason) => {
                 self.owes_sweep = false;
                 if reason == SweepReason::Gap {
                     let lost = self.queue.take_overload();
@@ -419,7 +422,7 @@ impl Worker {
                         );
                     }
                 }
-                (format!("sweep-{seq}"), wit::Event::Sweep(SweepEvent { reason }), Work::Sweep(reason, reach))
+                (format!("sweep-{seq}"), wit::Event::Sweep(SweepEvent { reason }), Work::Sweep(reason))
             }
             Item::Deploy(hook, done) => (hook.id.clone(), wit::Event::Deploy(hook), Work::Deploy(done)),
             Item::Key(k) => {
@@ -430,18 +433,11 @@ impl Worker {
             }
         };
         self.barrier_running = true;
-        // On a cluster, a sweep walks the shards it was asked for and, with
-        // replicas splitting the work, only those this daemon holds.
-        let scope = match &work {
-            Work::Sweep(_, reach) => reach.within(self.switches.sweep_scope()),
-            _ => None,
-        };
-        self.spawn(0, id, seq, Call::One(event), work, scope);
+        self.spawn(0, id, seq, Call::One(event), work);
     }
 
     /// Start one call on lane `index`; the lane comes back with its report.
-    /// `scope`: the cluster shards its bulk operations walk (`None`: all).
-    fn spawn(&mut self, index: usize, id: String, seq: u64, call: Call, work: Work, scope: Option<Vec<u16>>) {
+    fn spawn(&mut self, index: usize, id: String, seq: u64, call: Call, work: Work) {
         let mut lane = self.lanes[index].take().expect("an idle lane");
         let (resets, epoch) = (self.resets, self.breaker.epoch());
         let span = tracing::debug_span!("event", policy = %self.name, seq, lane = index);
@@ -452,10 +448,7 @@ impl Worker {
             };
             Finished { index, lane, work, report, id, resets, epoch }
         };
-        match scope {
-            Some(scope) => self.calls.push(Box::pin(SCOPE.scope(scope, run).instrument(span))),
-            None => self.calls.push(Box::pin(run.instrument(span))),
-        }
+        self.calls.push(Box::pin(run.instrument(span)));
     }
 
     /// A lane is back: audit, breaker, and the work's own follow-up.
@@ -499,7 +492,7 @@ impl Worker {
                 self.barrier_running = false;
                 let _ = done.send(result);
             }
-            Work::Sweep(reason, reach) => {
+            Work::Sweep(reason) => {
                 self.barrier_running = false;
                 let effects = &report.call.effects;
                 self.metrics.swept(SweepRecord {
@@ -510,7 +503,7 @@ impl Worker {
                     deleted: effects.deleted,
                     expired: effects.expired,
                 });
-                self.sweep_done(reason, reach, result.is_ok());
+                self.sweep_done(reason, result.is_ok());
             }
         }
     }
@@ -519,7 +512,7 @@ impl Worker {
     /// failure (Redis restarting) would leave the cache wrong until the
     /// next, so a failed one is tried again, later and later, and one that
     /// keeps failing is an error in the log.
-    fn sweep_done(&mut self, reason: SweepReason, reach: Reach, ok: bool) {
+    fn sweep_done(&mut self, reason: SweepReason, ok: bool) {
         if ok {
             if self.sweep_failures >= SWEEP_RETRIES {
                 tracing::info!(policy = %self.name, attempts = self.sweep_failures + 1, "sweep succeeded again");
@@ -544,14 +537,14 @@ impl Worker {
         let queue = self.queue.clone();
         tokio::spawn(async move {
             tokio::time::sleep(delay).await;
-            let _ = queue.push(Item::Sweep(reason, reach));
+            let _ = queue.push(Item::Sweep(reason));
         });
     }
 
     /// Queue the sweep owed for events dropped while held back.
     fn settle(&mut self) {
         if std::mem::take(&mut self.owes_sweep) {
-            let _ = self.queue.push(Item::Sweep(SweepReason::Gap, Reach::Everywhere));
+            let _ = self.queue.push(Item::Sweep(SweepReason::Gap));
         }
     }
 }

@@ -10,9 +10,10 @@
 //! over is the usual reason), and at once when a command's reply says the
 //! layout changed (`MOVED`, `CLUSTERDOWN`, a node unreachable: the store's
 //! [`crate::store::target::TopologyHint`]), at most every [`HINTED`]. A primary that appears (a promoted replica, a
-//! node added) is subscribed, and every policy gets `sweep(reconnect)` over
-//! that node's shard alone, for what may have been written there meanwhile;
-//! a node that no longer serves slots is let go.
+//! node added) is subscribed, and every policy gets `sweep(reconnect)` for
+//! what may have been written there meanwhile (over every primary: what a
+//! policy reconciles may be stored on any shard); a node that no longer
+//! serves slots is let go.
 //!
 //! On a single server there is one subscription, to it, and no topology.
 //!
@@ -22,8 +23,9 @@
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use futures_util::FutureExt;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -146,10 +148,11 @@ impl Subscriptions {
         let nodes = self.template.nodes.clone();
         // By node and shard (a node whose slots change, a resharding, is
         // subscribed again under its new shard's lease): how to stop it,
-        // and how many reads in a row it was missing from. It is let go at
-        // the second: nodes answering `CLUSTER SLOTS` may disagree for a
-        // moment during a failover.
-        let mut running: BTreeMap<(String, u16), (CancellationToken, u8)> = BTreeMap::new();
+        // and since when it is missing from the reads. It is let go once
+        // missing for [`REFRESH`]: nodes answering `CLUSTER SLOTS` may
+        // disagree for a moment during a failover, and reads asked for by
+        // failing commands come faster than that.
+        let mut running: BTreeMap<(String, u16), (CancellationToken, Option<Instant>)> = BTreeMap::new();
         let mut tasks = JoinSet::new();
         let mut ready = Some(ready);
         let mut backoff = Backoff::new();
@@ -168,6 +171,11 @@ impl Subscriptions {
                         warned = true;
                     }
                     conn = None;
+                    // This read's own failure is no news: the next one
+                    // waits for the backoff.
+                    if let Some(hint) = self.target.topology_hint() {
+                        let _ = hint.raised().now_or_never();
+                    }
                     None
                 }
             };
@@ -175,8 +183,8 @@ impl Subscriptions {
                 let first = ready.is_some();
                 running.retain(|(addr, shard), (stop, missing)| {
                     let serving = primaries.iter().any(|n| n.addr == *addr && n.shard() == *shard);
-                    *missing = if serving { 0 } else { *missing + 1 };
-                    if *missing < 2 {
+                    *missing = if serving { None } else { missing.or(Some(Instant::now())) };
+                    if missing.is_none_or(|since| since.elapsed() < REFRESH) {
                         return true;
                     }
                     info!(node = %addr, slot = shard, "a node no longer serves these slots; unsubscribing from it");
@@ -203,7 +211,7 @@ impl Subscriptions {
                         Ok(subscriber) => {
                             nodes.join(&node.addr, Some(node.shard()));
                             tasks.spawn(subscriber.run(stop.clone(), tx));
-                            running.insert((node.addr.clone(), node.shard()), (stop, 0));
+                            running.insert((node.addr.clone(), node.shard()), (stop, None));
                             started.push(rx);
                             if !first {
                                 info!(node = %node, "a new primary serves slots; subscribing to it");

@@ -157,7 +157,7 @@ pub async fn watch(w: Watch, stop: CancellationToken) {
                 match routes.load().get(&name) {
                     Some(route) => {
                         info!(policy = %name, reason = reason_name, "sweep requested by the operator: queued");
-                        let _ = route.queue.push(Item::Sweep(reason, Default::default()));
+                        let _ = route.queue.push(Item::Sweep(reason));
                     }
                     None => info!(policy = %name, "sweep requested by the operator for a policy not loaded here"),
                 }
@@ -169,7 +169,7 @@ pub async fn watch(w: Watch, stop: CancellationToken) {
                 for name in enabled {
                     info!(policy = %name, key = %key, "policy enabled by the operator: its lease holder sweeps it to catch up");
                     if let Some(route) = routes.load().get(&name).filter(|_| !switches.standing_by()) {
-                        let _ = route.queue.push(Item::Sweep(SweepReason::Manual, Default::default()));
+                        let _ = route.queue.push(Item::Sweep(SweepReason::Manual));
                     }
                 }
             }

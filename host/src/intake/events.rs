@@ -40,7 +40,6 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::IndexConfig;
-use crate::dispatch::queue::Reach;
 use crate::dispatch::routes::Routes;
 use crate::dispatch::switches::Switches;
 use crate::intake::cluster::Nodes;
@@ -283,12 +282,10 @@ impl Subscriber {
             let reason = if first { self.first_sweep } else { Some(SweepReason::Reconnect) };
             first = false;
             let m = metrics();
-            // What this node took unheard is on this node alone.
-            let reach = Reach::node(self.shard());
             if reason == Some(SweepReason::Reconnect) {
                 m.reconnects.inc();
                 m.gaps.inc();
-                info!(ops = %channels, node = %self.node, over = %reach, "keyspace subscription restored; sweeping every policy to reconcile");
+                info!(ops = %channels, node = %self.node, "keyspace subscription restored; sweeping every policy to reconcile");
             } else {
                 info!(ops = %channels, node = %self.node, "subscribed to keyspace notifications");
             }
@@ -296,7 +293,7 @@ impl Subscriber {
             self.cover_index(&conn, &channels).await;
             // A standby sweeps when it takes the lease instead.
             if let Some(reason) = reason.filter(|_| self.switches.routes_node(self.shard())) {
-                self.routes.load().sweep(reason, reach);
+                self.routes.load().sweep_all(reason);
             }
             if let Some(tx) = ready.take() {
                 let _ = tx.send(());
@@ -415,7 +412,7 @@ impl Subscriber {
         self.ledger.listen(wanted.recorded(&routes));
         info!(ops = %wanted, "keyspace subscription follows the loaded policies");
         for route in routes.routes().iter().filter(|r| current.miss_any(&r.manifest)) {
-            let _ = route.queue.push(crate::dispatch::queue::Item::Sweep(SweepReason::Reload, Default::default()));
+            let _ = route.queue.push(crate::dispatch::queue::Item::Sweep(SweepReason::Reload));
         }
         *current = wanted;
         Ok(())
@@ -516,10 +513,9 @@ impl Subscriber {
                     info!(added = %notify::text(&added), "enabled keyspace notification flags");
                 }
                 if !was {
-                    let reach = Reach::node(self.shard());
-                    info!(node = %self.node, over = %reach, "keyspace notification flags complete again; sweeping every policy for what it missed");
+                    info!(node = %self.node, "keyspace notification flags complete again; sweeping every policy for what it missed");
                     if self.switches.routes_node(self.shard()) {
-                        self.routes.load().sweep(SweepReason::Gap, reach);
+                        self.routes.load().sweep_all(SweepReason::Gap);
                     }
                     self.nodes.update(&self.node, |s| s.notifications = true);
                 }

@@ -45,7 +45,6 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::dispatch::lease::Lease;
-use crate::dispatch::queue::Reach;
 use crate::dispatch::routes::Routes;
 use crate::dispatch::switches::Switches;
 use crate::intake::cluster::Nodes;
@@ -284,8 +283,9 @@ fn refused(e: &redis::RedisError, key: &str, logged: &mut bool) {
 /// in a row is taken even above the share: a replica that counts itself
 /// but cannot take it (not subscribed to that primary) must not leave it
 /// to nobody. Taking any shard, or confirming one again after a lapse,
-/// sweeps every policy over the shards then held: their events between
-/// the last holder and now went to nobody.
+/// sweeps every policy: their events between the last holder and now went
+/// to nobody. (The sweep walks every primary: what a policy reconciles
+/// for one shard's missed events may be stored on another.)
 async fn run_shards(
     switches: Arc<Switches>,
     nodes: Arc<Nodes>,
@@ -371,8 +371,8 @@ async fn run_shards(
         }
         if !swept_for.is_empty() {
             let slots: Vec<String> = swept_for.iter().map(u16::to_string).collect();
-            info!(slots = %slots.join(" "), "sweeping every policy over the shards taken, for what went to nobody");
-            routes.load().sweep(SweepReason::Gap, Reach::Shards(swept_for.iter().copied().collect()));
+            info!(slots = %slots.join(" "), "shards taken or confirmed after a lapse: sweeping every policy for what went to nobody");
+            routes.load().sweep_all(SweepReason::Gap);
         }
         if share_logged != Some((held, all.len(), replicas)) {
             info!(

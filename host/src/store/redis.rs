@@ -329,14 +329,16 @@ impl RedisBackend {
         failed(e)
     }
 
-    /// The cluster's primaries now, narrowed to the call's scope
-    /// ([`target::SCOPE`]: a sweep walks the shards its daemon holds).
+    /// The cluster's primaries now. Every bulk operation and sweep walks
+    /// them all: a policy's sweep reconciles state that may live on any
+    /// shard (a deferred clear stored away from its lock, a marker saying
+    /// which version was cleaned), so it is never narrowed to some.
     async fn primaries(&self) -> Result<Vec<Node>, BackendError> {
         let primaries = self.target.primaries(&mut self.conn.clone()).await.map_err(failed)?;
         if primaries.is_empty() {
             return Err(BackendError::Unavailable("the cluster announces no primary serving slots".into()));
         }
-        Ok(target::in_scope(primaries))
+        Ok(primaries)
     }
 
     /// [`RedisBackend::bulk`] over the key index: pages of keys taken from

@@ -110,22 +110,6 @@ impl Node {
     }
 }
 
-tokio::task_local! {
-    /// The shards (by first slot) the bulk operations and scans of the
-    /// current call walk, when the work is split between replicas: a sweep
-    /// covers the shards its daemon holds (set around the call by the
-    /// worker). Unset: every primary.
-    pub static SCOPE: Vec<u16>;
-}
-
-/// `primaries` narrowed to the current call's [`SCOPE`], if any.
-pub fn in_scope(primaries: Vec<Node>) -> Vec<Node> {
-    match SCOPE.try_with(Clone::clone) {
-        Ok(scope) => primaries.into_iter().filter(|n| scope.contains(&n.shard())).collect(),
-        Err(_) => primaries,
-    }
-}
-
 impl std::fmt::Display for Node {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.addr)
@@ -461,20 +445,6 @@ mod tests {
         }
         let single = RedisTarget::parse("redis://127.0.0.1:1").unwrap();
         assert!(single.topology_hint().is_none(), "one server has no topology to follow");
-    }
-
-    #[tokio::test]
-    async fn a_scope_narrows_the_primaries_walked() {
-        let node = |port: u16, start: u16| Node {
-            addr: format!("h:{port}"),
-            host: "h".into(),
-            port,
-            slots: vec![(start, start + 10)],
-        };
-        let all = || vec![node(1, 0), node(2, 100), node(3, 200)];
-        assert_eq!(in_scope(all()).len(), 3);
-        let scoped = SCOPE.scope(vec![100], async { in_scope(all()) }).await;
-        assert_eq!(scoped, [node(2, 100)]);
     }
 
     #[test]
