@@ -141,6 +141,14 @@ async fn run_wired(
     let registry = Registry::new(runtime, config.clone(), redis.clone(), ledger.clone(), switches.clone());
     let routes = registry.routes();
     let nodes = Arc::new(Nodes::default());
+    if let Some(announcer) = &announcer {
+        // A write on a node this daemon routes is recognised by its own
+        // ledger: only writes landing on another replica's shard need
+        // announcing.
+        let (nodes, switches) = (nodes.clone(), switches.clone());
+        announcer
+            .skip_routed(Box::new(move |slot| nodes.shard_of(slot).is_some_and(|s| switches.routes_node(Some(s)))));
+    }
     admin.wire(Wired {
         routes: routes.clone(),
         switches: switches.clone(),

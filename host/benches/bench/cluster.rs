@@ -41,7 +41,7 @@ fn owners(cluster: &Cluster) -> Vec<u16> {
 }
 
 /// `names` grouped by the primary serving them, then by slot.
-fn by_node(owner: &[u16], names: impl Iterator<Item = String>) -> BTreeMap<u16, BTreeMap<u16, Vec<String>>> {
+pub fn by_node(owner: &[u16], names: impl Iterator<Item = String>) -> BTreeMap<u16, BTreeMap<u16, Vec<String>>> {
     let mut nodes: BTreeMap<u16, BTreeMap<u16, Vec<String>>> = BTreeMap::new();
     for name in names {
         let s = slot(name.as_bytes());
@@ -196,5 +196,9 @@ pub fn run(sizes: &Sizes, tokio: &tokio::runtime::Runtime) -> Vec<Row> {
             met: None,
         });
     }
+    for node in cluster.primaries() {
+        cluster.by_port(node.port).cmd::<()>(&["FLUSHALL"]);
+    }
+    rows.extend(crate::cluster_events::rows(&cluster, &owner, sizes));
     rows
 }

@@ -23,15 +23,15 @@ use crate::report::{Row, rate};
 use crate::support::{Daemon, RedisServer, Setup, rss_kib};
 use crate::{Sizes, median, repeat};
 
-const POLICIES: [&str; 4] = ["ttl-table", "genre-invalidation", "file-cache-clear", "key-naming"];
+pub const POLICIES: [&str; 4] = ["ttl-table", "genre-invalidation", "file-cache-clear", "key-naming"];
 /// The same rows as [`crate::native`]'s.
-const TTL_CONFIG: &str = "[policies.ttl-table]\nconfig = { rows = [{ pattern = \"ev:*\", ttl = 3600 }, \
+pub const TTL_CONFIG: &str = "[policies.ttl-table]\nconfig = { rows = [{ pattern = \"ev:*\", ttl = 3600 }, \
                           { pattern = \"lat:*\", ttl = 3600 }, { pattern = \"job:*\", ttl = 86400 }] }";
 
 /// Subscribe to `__keyevent@0__:<op>` and pass each key with `prefix` and
 /// the time it arrived to `seen`, until it returns false or `stop` is set.
 /// Returns once subscribed.
-fn observe(
+pub fn observe(
     redis: &RedisServer,
     op: &str,
     prefix: String,
@@ -162,7 +162,7 @@ fn clock_ticks_per_sec() -> f64 {
 }
 
 /// A daemon doing ttl-table's job.
-trait Contender {
+pub trait Contender {
     fn pid(&self) -> u32;
     /// The log, to tell whether it had to sweep (cachepol only).
     fn log(&self) -> String {
@@ -211,10 +211,10 @@ impl Contender for Running {
 }
 
 /// The hand-written native daemon ([`crate::native`]), killed on drop.
-struct Native(Child);
+pub struct Native(Child);
 
 impl Native {
-    fn start(redis: &RedisServer) -> Native {
+    pub fn start(redis: &RedisServer) -> Native {
         let mut child = Command::new(std::env::current_exe().expect("the bench binary"))
             .args([crate::native::FLAG, &redis.url()])
             .stdout(Stdio::null())

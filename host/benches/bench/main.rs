@@ -10,7 +10,9 @@
 //! Module map:
 //! - [`deletion`]: `delete-matching` against a naive SCAN+DEL loop and
 //!   `redis-cli --pipe`.
-//! - [`cluster`]: the same on a Redis Cluster of 3 primaries.
+//! - [`cluster`]: the same on a Redis Cluster of 3 primaries, and
+//!   [`cluster_events`]: keyspace events through ttl-table there, one
+//!   daemon and two replicas against a native daemon per primary.
 //! - [`events`]: keyspace events through ttl-table against a hand-written
 //!   [`native`] daemon and a bare subscriber; CPU per event; lag after a
 //!   `redis-benchmark` burst; event-to-action latency at a fixed rate;
@@ -25,6 +27,7 @@
 mod support;
 
 mod cluster;
+mod cluster_events;
 mod deletion;
 mod events;
 mod index;
@@ -121,7 +124,7 @@ fn main() {
         rows.extend(deletion::run(&redis, &sizes, &tokio));
     }
     if wanted("cluster") {
-        eprintln!("bench: deletion on a Redis Cluster");
+        eprintln!("bench: deletion and keyspace events on a Redis Cluster");
         rows.extend(cluster::run(&sizes, &tokio));
     }
     if wanted("index") {

@@ -54,6 +54,9 @@ pub struct NodeState {
     /// The shard it serves, by first slot (on a cluster).
     #[serde(default)]
     pub shard: Option<u16>,
+    /// The slot ranges it serves (inclusive; on a cluster).
+    #[serde(skip)]
+    pub slots: Vec<(u16, u16)>,
 }
 
 /// The subscriptions of this daemon, by node.
@@ -69,12 +72,24 @@ impl Nodes {
         self.states.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A subscription to `node` (serving `shard`) starts: readiness waits
-    /// for it.
-    pub fn join(&self, node: &str, shard: Option<u16>) {
+    /// A subscription to `node` (serving `slots`, the shard of the first)
+    /// starts: readiness waits for it.
+    pub fn join(&self, node: &str, slots: &[(u16, u16)]) {
         let mut states = self.lock();
-        states.insert(node.to_string(), NodeState { node: node.into(), shard, ..NodeState::default() });
+        let shard = slots.first().map(|(start, _)| *start);
+        states.insert(
+            node.to_string(),
+            NodeState { node: node.into(), shard, slots: slots.to_vec(), ..NodeState::default() },
+        );
         Self::publish(&states);
+    }
+
+    /// The shard (by first slot) of the node serving `slot`, as the
+    /// topology was last read (`None`: no node known to serve it).
+    pub fn shard_of(&self, slot: u16) -> Option<u16> {
+        let states = self.lock();
+        let mut serving = states.values().filter(|s| s.slots.iter().any(|(a, b)| (*a..=*b).contains(&slot)));
+        serving.next().and_then(|s| s.shard)
     }
 
     /// Whether the primary of the shard starting at `slot` is subscribed.
@@ -138,7 +153,7 @@ impl Subscriptions {
     pub async fn run(self, shutdown: CancellationToken, ready: tokio::sync::oneshot::Sender<()>) {
         if !self.target.is_cluster() {
             let mut single = self.template;
-            single.nodes.join("", None);
+            single.nodes.join("", &[]);
             match self.target.node(None) {
                 Ok(client) => single.client = client,
                 Err(e) => return warn!(error = %e, "cannot subscribe to keyspace notifications"),
@@ -209,7 +224,7 @@ impl Subscriptions {
                     let (tx, rx) = tokio::sync::oneshot::channel();
                     match self.subscriber(node, first) {
                         Ok(subscriber) => {
-                            nodes.join(&node.addr, Some(node.shard()));
+                            nodes.join(&node.addr, &node.slots);
                             tasks.spawn(subscriber.run(stop.clone(), tx));
                             running.insert((node.addr.clone(), node.shard()), (stop, None));
                             started.push(rx);
@@ -293,8 +308,13 @@ mod tests {
     #[test]
     fn ready_only_when_every_primary_is_subscribed_and_sending() {
         let mut states = BTreeMap::new();
-        let state =
-            |subscribed, notifications| NodeState { node: String::new(), subscribed, notifications, shard: None };
+        let state = |subscribed, notifications| NodeState {
+            node: String::new(),
+            subscribed,
+            notifications,
+            shard: None,
+            slots: Vec::new(),
+        };
         assert_eq!(Nodes::summary(&states), (false, true, 0), "no subscription yet");
         states.insert("a:1".to_string(), state(true, true));
         states.insert("b:2".to_string(), state(false, false));
@@ -303,5 +323,18 @@ mod tests {
         assert_eq!(Nodes::summary(&states), (true, true, 2));
         states.insert("b:2".to_string(), state(true, false));
         assert_eq!(Nodes::summary(&states), (true, false, 2));
+    }
+
+    #[test]
+    fn a_slot_is_found_in_its_nodes_shard() {
+        let nodes = Nodes::default();
+        nodes.join("a:1", &[(0, 5460), (10923, 11000)]);
+        nodes.join("b:2", &[(5461, 10922)]);
+        assert_eq!(nodes.shard_of(0), Some(0));
+        assert_eq!(nodes.shard_of(10950), Some(0), "a node's second range");
+        assert_eq!(nodes.shard_of(6000), Some(5461));
+        assert_eq!(nodes.shard_of(16000), None, "no node known to serve it");
+        nodes.forget("b:2");
+        assert_eq!(nodes.shard_of(6000), None);
     }
 }

@@ -24,6 +24,12 @@
 //! Announcements whose "done" never came (the writer or the node died in
 //! between) are withdrawn after [`STALE`].
 //!
+//! A write on a shard this daemon routes itself is not announced: its own
+//! ledger recognises it, and no other replica routes that shard. Most
+//! policies write the keys they are told about, so most writes go
+//! unannounced; only those landing on another replica's shard pay for two
+//! `PUBLISH`es, which the cluster bus carries to every node.
+//!
 //! Only writes made through the echo layer are announced: it says who is
 //! writing ([`WRITING`]). Releasing a lock (a script) is not announced.
 //! A write redirected by `ASK` (its slot being migrated) fails, as the
@@ -33,7 +39,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::store::echo::{EchoLedger, Origin};
@@ -60,23 +66,40 @@ const PENDING: usize = 4096;
 /// between them leaves one open.
 pub const STALE: Duration = Duration::from_secs(10);
 
+/// Whether this daemon routes the events of the node serving a slot (set
+/// by whoever knows the topology and the leases).
+pub type RoutesSlot = Box<dyn Fn(u16) -> bool + Send + Sync>;
+
 /// This daemon's side: the `PUBLISH` commands around its writes.
 pub struct Announcer {
     pub channel: String,
     /// This process's id (the lease's): its own announcements are ignored.
     pub daemon: String,
     seq: AtomicU64,
+    /// Unset: every write is announced.
+    routes: OnceLock<RoutesSlot>,
 }
 
 impl Announcer {
     pub fn new(channel: String, daemon: String) -> Announcer {
-        Announcer { channel, daemon, seq: AtomicU64::new(0) }
+        Announcer { channel, daemon, seq: AtomicU64::new(0), routes: OnceLock::new() }
+    }
+
+    /// Say which slots' writes need no announcing: those of the nodes this
+    /// daemon routes. (Once; later calls are ignored.)
+    pub fn skip_routed(&self, routes: RoutesSlot) {
+        let _ = self.routes.set(routes);
     }
 
     /// The announcement and the "done" of a write of `keys` (all on one
-    /// node), if a write is under way ([`WRITING`]).
+    /// node), if a write is under way ([`WRITING`]) on a node another
+    /// replica routes.
     pub fn around<K: AsRef<[u8]>>(&self, keys: &[K]) -> Option<(redis::Cmd, redis::Cmd)> {
         let writing = WRITING.try_with(Clone::clone).ok()?;
+        let slot = crate::store::target::slot(keys.first()?.as_ref());
+        if self.routes.get().is_some_and(|routes| routes(slot)) {
+            return None;
+        }
         let seq = self.seq.fetch_add(1, Ordering::Relaxed).to_string();
         let hops = writing.origin.hops.to_string();
         let ops = writing.ops.join(",");
@@ -259,6 +282,18 @@ mod tests {
         remote.read(&payload(&done));
         assert!(ledger.is_empty(), "done withdraws the `expire` that never came");
         assert_eq!(ledger.claim("set", key), None, "a later write is the application's");
+    }
+
+    #[tokio::test]
+    async fn writes_on_a_node_this_daemon_routes_are_not_announced() {
+        let mine = Announcer::new("ch".into(), "a/1".into());
+        let routed = crate::store::target::slot(b"mine");
+        mine.skip_routed(Box::new(move |slot| slot == routed));
+        let mine = &mine;
+        let around = |key: &'static [u8]| WRITING.scope(writing(), async move { mine.around(&[key]) });
+        assert!(around(b"mine").await.is_none(), "its own ledger recognises it");
+        assert_ne!(crate::store::target::slot(b"theirs"), routed);
+        assert!(around(b"theirs").await.is_some(), "another replica routes that node");
     }
 
     #[tokio::test]
