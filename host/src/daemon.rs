@@ -349,7 +349,8 @@ async fn periodic_sweeps(routes: Arc<ArcSwap<Routes>>, switches: Arc<Switches>, 
             let due = last.entry(route.name.to_string()).or_insert(now);
             if now.duration_since(*due) >= every {
                 *due = now;
-                if switches.standing_by() {
+                // One replica sweeps for all (each sweep walks every node).
+                if !switches.leads_sweeps() {
                     continue;
                 }
                 let _ = route.queue.push(Item::Sweep(SweepReason::Periodic));

@@ -13,7 +13,8 @@
 //! On a Redis Cluster the work is split by shard: one such lease per
 //! primary's slots ([`Shards`], keyed by the shard's first slot, so that a
 //! replica promoted in its place keeps the same lease), and a daemon routes
-//! the events of the shards it holds and sweeps only those.
+//! the events of the shards it holds. (Its sweeps walk every primary: what
+//! a policy reconciles may be stored on any shard.)
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

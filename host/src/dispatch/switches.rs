@@ -62,7 +62,7 @@ impl Switches {
     /// (periodic ones, an operator's) on every replica's behalf: the lease
     /// holder on one server; on a cluster, the replica holding the first
     /// shard. A sweep walks every primary, so one replica running it is
-    /// enough.
+    /// enough. Decided when the sweep is asked for: a sweep queued is run.
     pub fn leads_sweeps(&self) -> bool {
         match &self.shards {
             Some(shards) => shards.all().first().is_some_and(|(_, lease)| lease.holds()),

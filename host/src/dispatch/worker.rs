@@ -390,10 +390,6 @@ impl Worker {
             tracing::debug!(policy = %self.name, "standing by: a sweep left to the lease holder");
             return;
         }
-        if matches!(item, Item::Sweep(SweepReason::Periodic | SweepReason::Manual)) && !self.switches.leads_sweeps() {
-            tracing::debug!(policy = %self.name, "a sweep left to the replica holding the first shard");
-            return;
-        }
         if let Some(why) = self.held(cooling) {
             match item {
                 Item::Key(_) | Item::Sweep(_) => self.owes_sweep = true,

@@ -84,6 +84,15 @@ impl Nodes {
         Self::publish(&states);
     }
 
+    /// Note the slot ranges `node` serves as the topology now says (they
+    /// change under resharding while its first slot, and so its
+    /// subscription, stays).
+    fn serves(&self, node: &str, slots: &[(u16, u16)]) {
+        if let Some(state) = self.lock().get_mut(node) {
+            state.slots = slots.to_vec();
+        }
+    }
+
     /// The shard (by first slot) of the node serving `slot`, as the
     /// topology was last read (`None`: no node known to serve it).
     pub fn shard_of(&self, slot: u16) -> Option<u16> {
@@ -186,8 +195,9 @@ impl Subscriptions {
                         warned = true;
                     }
                     conn = None;
-                    // This read's own failure is no news: the next one
-                    // waits for the backoff.
+                    // This read's own failure is no news: the next read
+                    // waits as usual (the refresh, or the backoff when
+                    // nothing is subscribed).
                     if let Some(hint) = self.target.topology_hint() {
                         let _ = hint.raised().now_or_never();
                     }
@@ -235,9 +245,12 @@ impl Subscriptions {
                         Err(e) => warn!(node = %node, error = %e, "cannot subscribe to a primary"),
                     }
                 }
+                for node in &primaries {
+                    nodes.serves(&node.addr, &node.slots);
+                }
                 metrics().primaries.set(primaries.len() as i64);
-                // The shards as subscribed (a node is let go at the second
-                // read without it), not as one read says.
+                // The shards as subscribed (a node is let go once missing
+                // for a while), not as one read says.
                 if let Some(shards) = &self.template.switches.shards {
                     shards.set(&self.template.switches.lease, running.keys().map(|(_, shard)| *shard));
                 }

@@ -151,10 +151,14 @@ pub async fn watch(w: Watch, stop: CancellationToken) {
         }
         if let Ok(now) = asked {
             // Read by every daemon (the counts stay current), acted on by
-            // the one holding the keyspace-event lease.
+            // one: the lease holder, or on a cluster the replica holding the
+            // first shard (a sweep walks every node).
             for (name, reason) in requests.update(now).into_iter().filter(|_| !switches.standing_by()) {
                 let reason_name = sweep_reason_name(reason);
                 match routes.load().get(&name) {
+                    Some(_) if !switches.leads_sweeps() => {
+                        info!(policy = %name, reason = reason_name, "sweep requested by the operator: left to the replica holding the first shard");
+                    }
                     Some(route) => {
                         info!(policy = %name, reason = reason_name, "sweep requested by the operator: queued");
                         let _ = route.queue.push(Item::Sweep(reason));

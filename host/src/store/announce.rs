@@ -32,9 +32,12 @@
 //!
 //! Only writes made through the echo layer are announced: it says who is
 //! writing ([`WRITING`]). Releasing a lock (a script) is not announced.
-//! A write redirected by `ASK` (its slot being migrated) fails, as the
-//! redirection covers only the first command of the pipeline, and the
-//! policy's call is retried as any failed one.
+//! An announced write redirected by `ASK` (its slot being migrated) fails,
+//! as the redirection covers only the first command of the pipeline, and
+//! the policy's call is retried as any failed one. (An unannounced write is
+//! redirected by the cluster client; if its slot moved to a node another
+//! replica routes, that replica takes it for the application's until the
+//! topology is read again.)
 
 use std::collections::{HashMap, VecDeque};
 use std::ops::Range;
