@@ -54,11 +54,16 @@ fn quiz(n: u64) -> impl Iterator<Item = String> {
     (0..n).map(|i| format!("quiz:{i}"))
 }
 
-/// Empty every primary, then write `n` keys `quiz:<i>` and `n` keys `keep:<i>`.
-fn fill(cluster: &Cluster, owner: &[u16], n: u64) {
+/// Empty every primary.
+pub fn flush(cluster: &Cluster) {
     for node in cluster.primaries() {
         cluster.by_port(node.port).cmd::<()>(&["FLUSHALL"]);
     }
+}
+
+/// Empty every primary, then write `n` keys `quiz:<i>` and `n` keys `keep:<i>`.
+fn fill(cluster: &Cluster, owner: &[u16], n: u64) {
+    flush(cluster);
     let names = quiz(n).chain((0..n).map(|i| format!("keep:{i}")));
     for (port, slots) in by_node(owner, names) {
         let mut conn = cluster.by_port(port).conn();
@@ -178,14 +183,8 @@ pub fn run(sizes: &Sizes, tokio: &tokio::runtime::Runtime) -> Vec<Row> {
     let pipe = redis_cli_pipe(&cluster, &owner, sizes);
     let scenario =
         format!("Redis Cluster (3 primaries): delete-matching `quiz:*`, {} of {} keys", keys(sizes), 2 * keys(sizes));
-    let mut rows = vec![Row {
-        scenario: scenario.clone(),
-        cachepol: rate(ours),
-        baseline: format!("naive SCAN + DEL per key, primary by primary (Rust): {}", rate(naive)),
-        ratio: format!("{:.0}x", ours / naive),
-        target: ">= 50x".into(),
-        met: Some(ours / naive >= 50.0),
-    }];
+    let mut rows =
+        vec![deletion::against_naive(&scenario, ours, "naive SCAN + DEL per key, primary by primary", naive)];
     if let Some(pipe) = pipe {
         rows.push(Row {
             scenario,
@@ -196,9 +195,7 @@ pub fn run(sizes: &Sizes, tokio: &tokio::runtime::Runtime) -> Vec<Row> {
             met: None,
         });
     }
-    for node in cluster.primaries() {
-        cluster.by_port(node.port).cmd::<()>(&["FLUSHALL"]);
-    }
+    flush(&cluster);
     rows.extend(crate::cluster_events::rows(&cluster, &owner, sizes));
     rows
 }

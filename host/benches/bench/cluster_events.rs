@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use crate::cluster::by_node;
+use crate::cluster::{by_node, flush};
 use crate::events::{Contender, Native, POLICIES, TTL_CONFIG, cpu_secs, observe};
 use crate::report::{Row, rate};
 use crate::support::cluster::Cluster;
@@ -117,15 +117,6 @@ impl Drop for LogsOnFailure<'_> {
     }
 }
 
-/// Empty every primary between scenarios: a sweep (when a daemon falls
-/// behind, or takes a shard) walks every `ev:*` key, and past the keys
-/// budget per call (1M by default) it would stop short.
-fn flush(cluster: &Cluster) {
-    for node in cluster.primaries() {
-        cluster.by_port(node.port).cmd::<()>(&["FLUSHALL"]);
-    }
-}
-
 /// How many shards `daemon` said it holds last.
 fn held(daemon: &Daemon) -> usize {
     let log = daemon.log_text();
@@ -142,6 +133,9 @@ pub fn rows(cluster: &Cluster, owner: &[u16], sizes: &Sizes) -> Vec<Row> {
         bursts(cluster, owner, &pids(&one), sizes, "one")
     };
     one.into_iter().for_each(|d| assert_eq!(d.stop(), Some(0)));
+    // Emptied between scenarios: a sweep (when a daemon falls behind, or
+    // takes a shard) walks every `ev:*` key, and past the keys budget per
+    // call (1M by default) it would stop short.
     flush(cluster);
 
     let (pair, _setup) = daemons(cluster, 2, "[replicas]\nenabled = true\n");

@@ -84,15 +84,6 @@ impl Nodes {
         Self::publish(&states);
     }
 
-    /// Note the slot ranges `node` serves as the topology now says (they
-    /// change under resharding while its first slot, and so its
-    /// subscription, stays).
-    fn serves(&self, node: &str, slots: &[(u16, u16)]) {
-        if let Some(state) = self.lock().get_mut(node) {
-            state.slots = slots.to_vec();
-        }
-    }
-
     /// The shard (by first slot) of the node serving `slot`, as the
     /// topology was last read (`None`: no node known to serve it).
     pub fn shard_of(&self, slot: u16) -> Option<u16> {
@@ -245,8 +236,10 @@ impl Subscriptions {
                         Err(e) => warn!(node = %node, error = %e, "cannot subscribe to a primary"),
                     }
                 }
+                // A node's ranges change under resharding while its first
+                // slot, and so its subscription, stays.
                 for node in &primaries {
-                    nodes.serves(&node.addr, &node.slots);
+                    nodes.update(&node.addr, |s| s.slots.clone_from(&node.slots));
                 }
                 metrics().primaries.set(primaries.len() as i64);
                 // The shards as subscribed (a node is let go once missing

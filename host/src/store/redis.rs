@@ -151,22 +151,32 @@ impl RedisBackend {
             group.push(cmd);
         }
         let sent = by_slot.into_iter().map(|(slot, (at, keys, cmds))| async move {
-            let replies = match self.around(&keys) {
-                Some(around) => self.announced(slot, around, cmds).await?,
-                None => {
-                    let mut pipe = redis::pipe();
-                    for cmd in cmds {
-                        pipe.add_command(cmd);
-                    }
-                    retrying(|| async { pipe.query_async::<Vec<Value>>(&mut self.conn.clone()).await }).await?
-                }
-            };
+            let replies = self.on_slot(slot, &keys, cmds).await?;
             Ok::<_, BackendError>(at.into_iter().zip(replies).collect::<Vec<_>>())
         });
         let mut replies: Vec<(usize, Value)> =
             futures_util::future::try_join_all(sent).await?.into_iter().flatten().collect();
         replies.sort_by_key(|(i, _)| *i);
         Ok(replies.into_iter().map(|(_, v)| v).collect())
+    }
+
+    /// `cmds` writing `keys`, all of one `slot`, in one pipeline; their
+    /// replies. Announced to the other replicas when a policy writes on a
+    /// node another replica routes.
+    async fn on_slot<K: AsRef<[u8]>>(
+        &self,
+        slot: u16,
+        keys: &[K],
+        cmds: Vec<redis::Cmd>,
+    ) -> Result<Vec<Value>, BackendError> {
+        if let Some(around) = self.around(keys) {
+            return self.announced(slot, around, cmds).await;
+        }
+        let mut pipe = redis::pipe();
+        for cmd in cmds {
+            pipe.add_command(cmd);
+        }
+        retrying(|| async { pipe.query_async::<Vec<Value>>(&mut self.conn.clone()).await }).await
     }
 
     /// `cmds` of one `slot`, between `around`'s announcement and its
@@ -225,13 +235,8 @@ impl RedisBackend {
                 let keys = std::slice::from_ref(&literal);
                 act(&mut pipe, keys);
                 plan.step(BulkStep::Before(keys));
-                let replies = match self.around(keys) {
-                    Some(around) => {
-                        let cmds: Vec<redis::Cmd> = pipe.cmd_iter().cloned().collect();
-                        self.announced(target::slot(&literal), around, cmds).await
-                    }
-                    None => retrying(|| async { pipe.query_async::<Vec<Value>>(&mut self.conn.clone()).await }).await,
-                };
+                let cmds: Vec<redis::Cmd> = pipe.cmd_iter().cloned().collect();
+                let replies = self.on_slot(target::slot(&literal), keys, cmds).await;
                 plan.step(BulkStep::After(keys));
                 let replies = replies?;
                 sample_changed(&mut result, keys, &replies, &tally);
