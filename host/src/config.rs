@@ -94,6 +94,10 @@ pub struct Config {
     pub control_key: String,
     /// The Redis Hash of sweep requests (`cachepol sweep NAME`).
     pub sweep_key: String,
+    /// The Redis Hash of where sweeps and hooks too long for one call
+    /// stopped, so that a restarted daemon (or a replica taking over) goes
+    /// on from there ([`crate::store::walks`]).
+    pub walks_key: String,
     /// Where the admin server listens (`/metrics`, `/livez`, `/readyz`,
     /// `/status`, `POST /deploys`); `none` turns it off.
     pub admin_addr: String,
@@ -168,6 +172,7 @@ impl Default for Config {
             policies: BTreeMap::new(),
             control_key: "cachepol:control:disabled".into(),
             sweep_key: "cachepol:control:sweeps".into(),
+            walks_key: "cachepol:walks".into(),
             admin_addr: DEFAULT_ADMIN_ADDR.into(),
             deploy_token: None,
             index: IndexConfig::default(),
@@ -347,11 +352,12 @@ impl Config {
             return Ok(());
         }
         let (defaults, replicas, deploy) = (Config::default(), ReplicaConfig::default(), DeployConfig::default());
-        let keys: [(&str, &mut String, &str); 5] = [
+        let keys: [(&str, &mut String, &str); 6] = [
             ("deploy.stream", &mut self.deploy.stream, &deploy.stream),
             ("deploy.dead_letter", &mut self.deploy.dead_letter, &deploy.dead_letter),
             ("control_key", &mut self.control_key, &defaults.control_key),
             ("sweep_key", &mut self.sweep_key, &defaults.sweep_key),
+            ("walks_key", &mut self.walks_key, &defaults.walks_key),
             ("replicas.lease_key", &mut self.replicas.lease_key, &replicas.lease_key),
         ];
         let mut slots = Vec::new();
@@ -404,6 +410,7 @@ impl Config {
             policies: _,
             control_key,
             sweep_key,
+            walks_key,
             admin_addr,
             deploy_token,
             index,
@@ -445,6 +452,7 @@ impl Config {
             ("shutdown_grace_ms", self.shutdown_grace_ms != *shutdown_grace_ms),
             ("control_key", self.control_key != *control_key),
             ("sweep_key", self.sweep_key != *sweep_key),
+            ("walks_key", self.walks_key != *walks_key),
             ("admin_addr", self.admin_addr != *admin_addr),
             ("deploy_token", self.deploy_token != *deploy_token),
             ("index", self.index != *index),

@@ -142,7 +142,7 @@ impl Metrics {
         r.register("budget_trips", "Calls stopped by a budget, by budget", m.budget_trips.clone());
         r.register(
             "bulk_keys",
-            "Keys deleted or expired by bulk operations (delete-matching, expire-matching); not in dry-run",
+            "Keys deleted or expired by bulk operations (delete-matching, expire-matching; not in dry-run), and keys they examined (kind=examined: Redis's work, COUNT per SCAN page or keys taken from the key index)",
             m.bulk_keys.clone(),
         );
         r.register("sweeps", "Sweeps run, by reason", m.sweeps.clone());
@@ -239,6 +239,7 @@ impl Metrics {
                     lag: self.lag.get_or_create_owned(&label),
                     last_event_ms: AtomicU64::new(0),
                     last_sweep: Mutex::new(None),
+                    walking: Mutex::new(None),
                 })
             })
             .clone()
@@ -280,6 +281,7 @@ pub struct PolicyMetrics {
     /// atomic, not behind the sweep's lock: it is written on every call.
     last_event_ms: AtomicU64,
     last_sweep: Mutex<Option<SweepRecord>>,
+    walking: Mutex<Option<WalkProgress>>,
 }
 
 /// What a policy did last, as `/status` shows it.
@@ -288,6 +290,51 @@ pub struct Activity {
     /// When a keyspace event was last handled (Unix milliseconds).
     pub last_event_ms: Option<u64>,
     pub last_sweep: Option<SweepRecord>,
+    /// A sliced sweep or hook under way, if any.
+    #[serde(default)]
+    pub walking: Option<WalkProgress>,
+}
+
+/// How far a sweep or hook run in slices has got
+/// ([`crate::store::walks`]).
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct WalkProgress {
+    /// `sweep(<reason>)` or `hook <id>`.
+    pub what: String,
+    pub started_ms: u64,
+    pub slices: u32,
+    /// Keys examined and changed so far.
+    pub examined: u64,
+    pub changed: u64,
+    /// Keys in the keyspace when it started (the whole walk's size, about).
+    pub keyspace: u64,
+    /// Keys examined per second so far.
+    pub rate: u64,
+    /// Seconds left at that rate (`None` when the keyspace size is unknown).
+    pub eta_secs: Option<u64>,
+}
+
+impl WalkProgress {
+    /// Progress of `what` from its totals, `now_ms` being the time now.
+    pub fn new(what: String, started_ms: u64, slices: u32, (examined, changed): (u64, u64), keyspace: u64) -> Self {
+        let secs = (unix_ms(SystemTime::now()).saturating_sub(started_ms) as f64 / 1000.0).max(0.001);
+        let rate = (examined as f64 / secs) as u64;
+        let eta_secs = (keyspace > 0 && rate > 0).then(|| keyspace.saturating_sub(examined) / rate);
+        WalkProgress { what, started_ms, slices, examined, changed, keyspace, rate, eta_secs }
+    }
+}
+
+impl std::fmt::Display for WalkProgress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {} keys examined, {} changed, {}/s", self.what, self.examined, self.changed, self.rate)?;
+        if self.keyspace > 0 {
+            write!(f, " of about {} keys", self.keyspace)?;
+        }
+        match self.eta_secs {
+            Some(eta) => write!(f, ", about {eta} s left"),
+            None => Ok(()),
+        }
+    }
 }
 
 /// The breaker's states, by the value of `cachepol_policy_health`.
@@ -303,6 +350,12 @@ pub struct SweepRecord {
     pub error: Option<String>,
     pub deleted: u64,
     pub expired: u64,
+    /// Keys its bulk operations examined, over every slice.
+    #[serde(default)]
+    pub examined: u64,
+    /// Calls it took (more than one when its walks did not fit one).
+    #[serde(default)]
+    pub slices: u32,
 }
 
 fn unix_ms(at: SystemTime) -> u64 {
@@ -336,7 +389,13 @@ impl PolicyMetrics {
         self.last_event_ms.store(unix_ms(SystemTime::now()), Ordering::Relaxed);
     }
 
-    /// A bulk operation changed `n` keys (`kind`: deleted or expired).
+    /// A sliced sweep or hook got this far (`None`: none under way).
+    pub fn walking(&self, progress: Option<WalkProgress>) {
+        *self.walking.lock().unwrap_or_else(|e| e.into_inner()) = progress;
+    }
+
+    /// A bulk operation changed `n` keys (`kind`: deleted or expired), or
+    /// examined them (`examined`).
     pub fn bulk(&self, kind: &str, n: u64) {
         if n > 0 {
             let labels = PolicyKindLabels { policy: self.name.clone(), kind: kind.to_owned() };
@@ -365,7 +424,11 @@ impl PolicyMetrics {
     /// What the policy did last.
     pub fn snapshot(&self) -> Activity {
         let last_event_ms = self.last_event_ms.load(Ordering::Relaxed);
-        Activity { last_event_ms: (last_event_ms > 0).then_some(last_event_ms), last_sweep: self.last_sweep().clone() }
+        Activity {
+            last_event_ms: (last_event_ms > 0).then_some(last_event_ms),
+            last_sweep: self.last_sweep().clone(),
+            walking: self.walking.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+        }
     }
 
     /// Calls so far, by result.

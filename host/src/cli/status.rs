@@ -134,10 +134,11 @@ fn policy_row(p: &PolicyStatus, now: SystemTime) -> [String; 9] {
         format!("{} ({} dropped)", p.counters.delivered, p.counters.dropped),
         format!("{ok} ok, {failed} failed"),
         p.activity.last_event_ms.map_or_else(|| "-".into(), ago),
-        p.activity.last_sweep.as_ref().map_or_else(
-            || "-".into(),
-            |w| format!("{} {} {}", w.reason, if w.ok { "ok" } else { "FAILED" }, ago(w.at_ms)),
-        ),
+        match (&p.activity.walking, &p.activity.last_sweep) {
+            (Some(walking), _) => format!("under way: {walking}"),
+            (None, Some(w)) => format!("{} {} {}", w.reason, if w.ok { "ok" } else { "FAILED" }, ago(w.at_ms)),
+            (None, None) => "-".into(),
+        },
     ]
 }
 

@@ -146,6 +146,9 @@ struct Inner {
     bytes_waiting: usize,
     /// A `sweep(gap)` is waiting in `items`.
     gap_queued: bool,
+    /// Sweeps asked for since the worker last looked
+    /// ([`PolicyQueue::take_sweeps_asked`]).
+    sweeps_asked: u64,
     closed: bool,
     stats: QueueStats,
     overload: Overload,
@@ -185,6 +188,7 @@ impl PolicyQueue {
                 keys_waiting: 0,
                 bytes_waiting: 0,
                 gap_queued: false,
+                sweeps_asked: 0,
                 closed: false,
                 stats: QueueStats::default(),
                 overload: Overload::default(),
@@ -277,6 +281,7 @@ impl PolicyQueue {
         }
         inner.gap_queued = true;
         inner.stats.gaps += 1;
+        inner.sweeps_asked += 1;
         inner.push_back(Item::Sweep(SweepReason::Gap));
         drop(inner);
         self.ready.notify_one();
@@ -292,6 +297,28 @@ impl PolicyQueue {
     /// identical to one already waiting is redundant and skipped). Returns
     /// the item back if the queue is closed.
     pub fn push(&self, item: Item) -> Result<(), Item> {
+        if matches!(item, Item::Sweep(_)) {
+            self.lock().sweeps_asked += 1;
+        }
+        self.push_item(item)
+    }
+
+    /// Queue the next slice of a sweep run in slices
+    /// ([`crate::store::walks`]), behind what is queued already: unlike
+    /// [`PolicyQueue::push`], not a new request for a sweep.
+    pub fn push_slice(&self, reason: SweepReason) -> Result<(), Item> {
+        self.push_item(Item::Sweep(reason))
+    }
+
+    /// Sweeps asked for with [`PolicyQueue::push`] since the last call:
+    /// a request coming while a sweep is walked in slices means the walk
+    /// must run again once done (what it reconciles may have changed
+    /// behind the positions already passed).
+    pub fn take_sweeps_asked(&self) -> u64 {
+        std::mem::take(&mut self.lock().sweeps_asked)
+    }
+
+    fn push_item(&self, item: Item) -> Result<(), Item> {
         let mut inner = self.lock();
         if inner.closed {
             return Err(item);

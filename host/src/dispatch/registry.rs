@@ -34,6 +34,7 @@ use crate::store::backend::{Backend, Layered};
 use crate::store::dryrun::DryRunLayer;
 use crate::store::echo::{EchoLayer, EchoLedger};
 use crate::store::redis::RedisBackend;
+use crate::store::walks::WalkStore;
 use crate::wit::SweepReason;
 
 /// Why a file was not (re)loaded. Each names the step.
@@ -106,6 +107,8 @@ pub struct Registry {
     routes: Arc<ArcSwap<Routes>>,
     /// The operator's kill switch, which every worker consults.
     switches: Arc<Switches>,
+    /// Where every policy's sliced sweeps and hooks stand.
+    walks: Arc<WalkStore>,
     entries: BTreeMap<PathBuf, Entry>,
     workers: tokio::task::JoinSet<()>,
     /// Bumped whenever the routes are republished.
@@ -127,9 +130,11 @@ impl Registry {
         ledger: Arc<EchoLedger>,
         switches: Arc<Switches>,
     ) -> Registry {
+        let walks = Arc::new(WalkStore::in_redis(redis.connection(), config.walks_key.clone()));
         Registry {
             runtime,
             config,
+            walks,
             redis,
             ledger,
             routes: Arc::new(ArcSwap::from_pointee(Routes::default())),
@@ -329,7 +334,7 @@ impl Registry {
                         .counted(crate::metrics::metrics().policy(&name)),
                 );
                 let version_lanes = version.lanes.len();
-                let (worker, control) = Worker::new(version, queue.clone(), self.switches.clone());
+                let (worker, control) = Worker::new(version, queue.clone(), self.switches.clone(), self.walks.clone());
                 self.workers.spawn(worker.run());
                 self.entries.insert(
                     path.clone(),

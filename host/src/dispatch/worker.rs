@@ -40,9 +40,10 @@ use crate::dispatch::audit;
 use crate::dispatch::breaker::{Admit, Breaker, FailurePolicy, Health};
 use crate::dispatch::queue::{FailureKind, HookDone, HookFailure, Item, KeyNotification, PolicyQueue};
 use crate::dispatch::switches::Switches;
-use crate::metrics::{PolicyMetrics, SweepRecord, metrics};
+use crate::metrics::{PolicyMetrics, SweepRecord, WalkProgress, metrics};
 use crate::sandbox::runtime::{CallFailure, CallReport, LoadedPolicy};
-use crate::wit::{self, KeyEvent, SweepEvent, SweepReason};
+use crate::store::walks::{WalkBook, WalkStore};
+use crate::wit::{self, DeployEvent, KeyEvent, SweepEvent, SweepReason};
 
 /// Failed sweeps in a row before it is an error (it is still retried).
 const SWEEP_RETRIES: u32 = 3;
@@ -60,6 +61,13 @@ const BACKLOG_PER_LANE: usize = 32;
 /// one pipelined round trip for many events, and an idle one gets each
 /// event alone at once.
 const MAX_BATCH: usize = 64;
+
+/// How often a sweep or hook run in slices says how far it got.
+const PROGRESS_EVERY: Duration = Duration::from_secs(10);
+
+/// The walk book of a policy's sweeps ([`WalkStore`]): one per policy,
+/// whatever the reason each slice is asked for.
+const SWEEP_BOOK: &str = "sweep";
 
 /// One instance of a policy version and its write path.
 pub struct Lane {
@@ -97,7 +105,17 @@ enum Work {
     /// Keyspace events, by when each arrived.
     Keys(Vec<Instant>),
     Sweep(SweepReason),
-    Deploy(HookDone),
+    /// The hook is kept: a hook whose walks do not fit one call is called
+    /// again with it until they are done.
+    Deploy(DeployEvent, HookDone),
+}
+
+/// A call run as a slice of a longer one ([`crate::store::walks`]).
+struct Slice {
+    /// Its book in the [`WalkStore`].
+    book: String,
+    /// A new request for it came since the last slice.
+    asked: bool,
 }
 
 /// What a call delivers.
@@ -113,6 +131,7 @@ struct Finished {
     work: Work,
     report: CallReport,
     id: String,
+    seq: u64,
     /// The breaker's reset count when the call started: an instance that
     /// was out while the breaker tripped is re-created on its return.
     resets: u64,
@@ -156,6 +175,10 @@ pub struct Worker {
     tally: audit::Tally,
     hasher: std::collections::hash_map::RandomState,
     metrics: Arc<PolicyMetrics>,
+    /// Where the policy's sliced sweeps and hooks stand.
+    walks: Arc<WalkStore>,
+    /// When a sliced call last said how far it got.
+    walk_logged: Option<Instant>,
 }
 
 impl Worker {
@@ -164,6 +187,7 @@ impl Worker {
         version: Version,
         queue: Arc<PolicyQueue>,
         switches: Arc<Switches>,
+        walks: Arc<WalkStore>,
     ) -> (Worker, mpsc::UnboundedSender<Control>) {
         let (tx, control) = mpsc::unbounded_channel();
         let name: Arc<str> = Arc::from(version.policy().name());
@@ -192,6 +216,8 @@ impl Worker {
             tally: audit::Tally::default(),
             hasher: Default::default(),
             metrics: metrics().policy(&name_for_metrics),
+            walks,
+            walk_logged: None,
         };
         worker.install(version);
         (worker, tx)
@@ -382,7 +408,7 @@ impl Worker {
         let id = if first == last { format!("key-{first}") } else { format!("keys-{first}-{last}") };
         self.metrics.delivered.inc_by(events.len() as u64);
         let work = Work::Keys(received);
-        self.spawn(index, id, first, Call::Keys(events), work);
+        self.spawn(index, id, first, Call::Keys(events), work, None);
     }
 
     fn start_barrier(&mut self, seq: u64, item: Item, cooling: bool) {
@@ -402,7 +428,7 @@ impl Worker {
         }
         let lane = self.lanes[0].as_ref().expect("every lane is idle");
         lane.hops.store(0, Ordering::Relaxed);
-        let (id, event, work) = match item {
+        let (id, event, work, slice) = match item {
             Item::Sweep(reason) => {
                 self.owes_sweep = false;
                 if reason == SweepReason::Gap {
@@ -418,9 +444,13 @@ impl Worker {
                         );
                     }
                 }
-                (format!("sweep-{seq}"), wit::Event::Sweep(SweepEvent { reason }), Work::Sweep(reason))
+                let slice = Slice { book: SWEEP_BOOK.into(), asked: self.queue.take_sweeps_asked() > 0 };
+                (format!("sweep-{seq}"), wit::Event::Sweep(SweepEvent { reason }), Work::Sweep(reason), slice)
             }
-            Item::Deploy(hook, done) => (hook.id.clone(), wit::Event::Deploy(hook), Work::Deploy(done)),
+            Item::Deploy(hook, done) => {
+                let slice = Slice { book: format!("hook:{}", hook.id), asked: false };
+                (hook.id.clone(), wit::Event::Deploy(hook.clone()), Work::Deploy(hook, done), slice)
+            }
             Item::Key(k) => {
                 // Keys never become barriers; handled as an event anyway.
                 self.backlog[0].push_back((seq, k));
@@ -429,27 +459,79 @@ impl Worker {
             }
         };
         self.barrier_running = true;
-        self.spawn(0, id, seq, Call::One(event), work);
+        self.spawn(0, id, seq, Call::One(event), work, Some(slice));
     }
 
     /// Start one call on lane `index`; the lane comes back with its report.
-    fn spawn(&mut self, index: usize, id: String, seq: u64, call: Call, work: Work) {
+    /// A `slice` runs as the next slice of its book: where its walks
+    /// stopped is read before the call and kept after it.
+    fn spawn(&mut self, index: usize, id: String, seq: u64, call: Call, work: Work, slice: Option<Slice>) {
         let mut lane = self.lanes[index].take().expect("an idle lane");
         let (resets, epoch) = (self.resets, self.breaker.epoch());
         let span = tracing::debug_span!("event", policy = %self.name, seq, lane = index);
+        let (walks, name) = (self.walks.clone(), self.name.clone());
         let run = async move {
-            let report = match call {
-                Call::One(event) => lane.policy.handle(&id, &event).await,
-                Call::Keys(events) => lane.policy.handle_keys(&id, events).await,
+            let report = match (call, slice) {
+                (Call::One(event), Some(slice)) => {
+                    let loaded = walks.load(&name, &slice.book).await;
+                    let kept = loaded.is_some();
+                    let mut book = loaded.unwrap_or_default();
+                    if book.slices == 0 {
+                        book.started_ms = crate::store::walks::now_ms();
+                        book.keyspace = walks.keyspace().await;
+                    } else if slice.asked {
+                        book.again = true;
+                    }
+                    let report = lane.policy.handle_slice(&id, &event, book).await;
+                    match &report.call.walks {
+                        Some(book) if book.unfinished() || report.result.is_err() => {
+                            walks.save(&name, &slice.book, book).await;
+                        }
+                        Some(_) if kept => walks.clear(&name, &slice.book).await,
+                        _ => {}
+                    }
+                    report
+                }
+                (Call::One(event), None) => lane.policy.handle(&id, &event).await,
+                (Call::Keys(events), _) => lane.policy.handle_keys(&id, events).await,
             };
-            Finished { index, lane, work, report, id, resets, epoch }
+            Finished { index, lane, work, report, id, seq, resets, epoch }
         };
         self.calls.push(Box::pin(run.instrument(span)));
     }
 
+    /// A slice of `what` left walks unfinished (or, done, must walk again):
+    /// show how far it got, in the log at most every [`PROGRESS_EVERY`].
+    /// Returns whether another slice is due.
+    fn walked(&mut self, what: String, book: Option<&WalkBook>, ok: bool) -> bool {
+        let Some(book) = book else { return false };
+        let progress = WalkProgress::new(what, book.started_ms, book.slices, book.totals(), book.keyspace);
+        let more = ok && (book.unfinished() || book.again);
+        if more {
+            if self.walk_logged.is_none_or(|at| at.elapsed() >= PROGRESS_EVERY) {
+                self.walk_logged = Some(Instant::now());
+                tracing::info!(policy = %self.name, slices = book.slices, "walking in slices: {progress}");
+            }
+            self.metrics.walking(Some(progress));
+        } else {
+            if book.slices > 1 || self.walk_logged.is_some() {
+                tracing::info!(
+                    policy = %self.name,
+                    slices = book.slices,
+                    "{} after {} slices: {progress}",
+                    if ok { "walked to the end" } else { "stopped" },
+                    book.slices
+                );
+            }
+            self.walk_logged = None;
+            self.metrics.walking(None);
+        }
+        more
+    }
+
     /// A lane is back: audit, breaker, and the work's own follow-up.
     fn finish(&mut self, done: Finished) {
-        let Finished { index, mut lane, work, report, id, resets, epoch } = done;
+        let Finished { index, mut lane, work, report, id, seq, resets, epoch } = done;
         match &work {
             Work::Keys(received) => self.tally.add(&self.name, &id, received.len(), self.mode, &report),
             _ => audit::record(&self.name, &id, self.mode, &report),
@@ -461,6 +543,7 @@ impl Worker {
             self.metrics.bulk("deleted", report.call.effects.bulk_deleted);
             self.metrics.bulk("expired", report.call.effects.bulk_expired);
         }
+        self.metrics.bulk("examined", report.call.keys_examined);
         let result = classify(&report);
         if epoch == self.breaker.epoch() && self.breaker.record(result.is_ok(), Instant::now()) {
             self.resets += 1;
@@ -484,20 +567,38 @@ impl Worker {
                 let now = Instant::now();
                 self.metrics.handled(received.iter().map(|r| now.saturating_duration_since(*r)));
             }
-            Work::Deploy(done) => {
+            Work::Deploy(hook, done) => {
                 self.barrier_running = false;
+                // Its walks go on at once, the hook held until they are done:
+                // its size alone never fails it.
+                if self.walked(format!("hook {}", hook.id), report.call.walks.as_ref(), result.is_ok()) {
+                    self.barrier = Some((seq, Item::Deploy(hook, done)));
+                    return;
+                }
                 let _ = done.send(result);
             }
             Work::Sweep(reason) => {
                 self.barrier_running = false;
+                let name = wit::sweep_reason_name(reason);
+                // The next slice goes behind the events queued meanwhile.
+                if self.walked(format!("sweep({name})"), report.call.walks.as_ref(), result.is_ok()) {
+                    let _ = self.queue.push_slice(reason);
+                    return;
+                }
                 let effects = &report.call.effects;
+                let (examined, slices) = match &report.call.walks {
+                    Some(book) => (book.totals().0, book.slices),
+                    None => (report.call.keys_examined, 1),
+                };
                 self.metrics.swept(SweepRecord {
-                    reason: wit::sweep_reason_name(reason).to_owned(),
+                    reason: name.to_owned(),
                     at_ms: 0,
                     ok: result.is_ok(),
                     error: result.as_ref().err().map(|e| e.reason.clone()),
                     deleted: effects.deleted,
                     expired: effects.expired,
+                    examined,
+                    slices,
                 });
                 self.sweep_done(reason, result.is_ok());
             }
@@ -531,9 +632,11 @@ impl Worker {
             tracing::info!(policy = %self.name, delay_ms = delay.as_millis() as u64, "sweep failed; trying again later");
         }
         let queue = self.queue.clone();
+        // The same sweep again (its walks go on where they stopped), not
+        // a new request.
         tokio::spawn(async move {
             tokio::time::sleep(delay).await;
-            let _ = queue.push(Item::Sweep(reason));
+            let _ = queue.push_slice(reason);
         });
     }
 

@@ -19,10 +19,17 @@ pub struct Budgets {
     pub memory_bytes: usize,
     /// Redis API calls per event.
     pub host_calls: u32,
-    /// Keys touched per event: deleted or expired (bulk operations
-    /// included), and read by `mget`. 0 means unlimited (only when set
-    /// explicitly).
+    /// Keys changed per event: deleted or given a TTL (bulk operations
+    /// included, counted as Redis reports them: a key an only-if-persistent
+    /// sweep leaves alone does not count), and read by `mget`. 0 means
+    /// unlimited (only when set explicitly).
     pub keys_touched: u64,
+    /// Keys bulk operations may examine per event: Redis's work (`COUNT`
+    /// per `SCAN` page, or each key taken from the key index), whatever
+    /// they change. A sweep or hook reaching further is run in slices
+    /// ([`crate::store::walks`]); any other call fails past it. 0 means
+    /// unlimited (only when set explicitly).
+    pub keys_examined: u64,
     /// Largest value `set` may write, in bytes.
     pub value_bytes: usize,
     /// Log lines per event; more are counted and dropped.
@@ -39,6 +46,7 @@ impl Default for Budgets {
             memory_bytes: 64 << 20,
             host_calls: 1_000,
             keys_touched: 1_000_000,
+            keys_examined: 10_000_000,
             value_bytes: 1 << 20,
             log_lines: 200,
             wall_time: Duration::from_secs(30),
@@ -50,6 +58,11 @@ impl Budgets {
     /// The keys-touched limit as a count (`u64::MAX` when unlimited).
     pub fn keys_limit(&self) -> u64 {
         if self.keys_touched == 0 { u64::MAX } else { self.keys_touched }
+    }
+
+    /// The keys-examined limit as a count (`u64::MAX` when unlimited).
+    pub fn examined_limit(&self) -> u64 {
+        if self.keys_examined == 0 { u64::MAX } else { self.keys_examined }
     }
 }
 

@@ -16,6 +16,7 @@ use crate::sandbox::budget::Budgets;
 use crate::sandbox::grants::{Grants, MAX_KEY_LEN};
 use crate::sandbox::guest_io::{LineVerdict, LogAllowance, log_truncated};
 use crate::store::backend::{Backend, BackendError, BulkPlan, BulkResult, QueuedExpire};
+use crate::store::walks::WalkBook;
 use crate::wit::{self, Denial, Error, ExpireCondition, ExpireRow, KeyOps, KeyTtl, ScanPage, SetOptions, ValueKind};
 
 /// What a host function returns: a trap (`Err`) or a result for the guest.
@@ -41,6 +42,12 @@ const GRANT_WORK_PER_CALL: usize = 40_000_000;
 /// cannot grow the host's memory with it.
 const MAX_QUEUED: usize = 1_000;
 const MAX_QUEUED_BYTES: usize = 1 << 20;
+
+/// Keys one slice of a sliced call (a sweep, a hook) may examine: about
+/// half a second of Redis's work, so that the policy's keyspace events
+/// queued meanwhile are handled between slices instead of waiting for a
+/// walk of millions of keys.
+pub const SLICE_EXAMINED: u64 = 250_000;
 
 /// What a policy's calls did during one event, for the audit trail.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -77,6 +84,11 @@ pub struct CallState {
     pub denials: Vec<Denial>,
     pub denials_total: u32,
     pub effects: Effects,
+    /// Keys examined by bulk operations (Redis's work).
+    pub keys_examined: u64,
+    /// The walks of a sliced call, as far as they got
+    /// ([`HostApi::slice_walks`]).
+    pub walks: Option<WalkBook>,
     /// The first budget the call ran out of.
     pub budget_exceeded: Option<String>,
     /// Which budget that was (`host_calls`, `grant_work`, `keys`,
@@ -101,6 +113,8 @@ impl Default for CallState {
             denials: Vec::new(),
             denials_total: 0,
             effects: Effects::default(),
+            keys_examined: 0,
+            walks: None,
             budget_exceeded: None,
             budget_kind: None,
             redis_unavailable: 0,
@@ -124,6 +138,9 @@ pub struct HostApi {
     /// `expire-queued` writes not sent yet, in order, and their keys' bytes.
     queued: Vec<QueuedExpire>,
     queued_bytes: usize,
+    /// The next call is a slice of a sliced call: its bulk operations go
+    /// on from this book's positions and stop at the slice's allowance.
+    walks: Option<WalkBook>,
 }
 
 /// What a gated call is about.
@@ -153,7 +170,18 @@ impl HostApi {
             events: 1,
             queued: Vec::new(),
             queued_bytes: 0,
+            walks: None,
         }
+    }
+
+    /// Run the next call as a slice of the sliced call `book` describes
+    /// (a sweep or a hook): each bulk operation goes on where the book says
+    /// it stopped, or answers at once if it already reached its end, and
+    /// one that reaches the slice's allowance stops there (kept in the
+    /// book) instead of failing. The book comes back in the call's report.
+    pub fn slice_walks(&mut self, mut book: WalkBook) {
+        book.begin_slice();
+        self.walks = Some(book);
     }
 
     /// Start a new call for `events` events: fresh budgets and an empty
@@ -198,6 +226,7 @@ impl HostApi {
     /// The report of the call that just ended.
     pub fn take_call(&mut self) -> CallState {
         (self.call.log_lines, self.call.logs_dropped) = self.log.counts();
+        self.call.walks = self.walks.take();
         std::mem::take(&mut self.call)
     }
 
@@ -327,15 +356,30 @@ impl HostApi {
         };
         let grants = self.grants.clone();
         let allow = move |key: &[u8]| grants.allows_key(need, key);
+        let pattern = work.describe();
+        // In a sliced call: this operation's walk, and where it stopped.
+        let walk = self.walks.as_mut().map(|book| book.next(&format!("{op} {pattern}")));
+        let resume = match (&self.walks, walk) {
+            (Some(book), Some(at)) if book.walks[at].done => {
+                tracing::debug!(policy = %self.policy, op, %pattern, "already walked to its end in an earlier slice");
+                return Ok(0);
+            }
+            (Some(book), Some(at)) => Some(book.walks[at].at.clone()),
+            _ => None,
+        };
         // One bulk operation stays within one event's keys budget, however
         // many events share the call: it is a limit on blast radius.
-        let plan = BulkPlan::new(&allow, self.keys_left().min(self.budgets.keys_limit()));
+        let mut plan = BulkPlan::new(&allow, self.keys_left().min(self.budgets.keys_limit()));
+        let examine = self.budgets.examined_limit().saturating_sub(self.call.keys_examined);
+        plan.examine = if walk.is_some() { examine.min(SLICE_EXAMINED) } else { examine };
+        plan.resume = resume.as_ref();
         let result = match work {
             Bulk::Delete(pattern) => self.backend.delete_matching(pattern, &plan).await,
             Bulk::Expire(rows) => self.backend.expire_matching(rows, &plan).await,
         }
         .map_err(|e| self.redis_failed(op, e))?;
         self.call.keys_touched += result.affected;
+        self.call.keys_examined += result.examined;
         let effects = &mut self.call.effects;
         match work {
             Bulk::Delete(_) => {
@@ -348,17 +392,32 @@ impl HostApi {
             }
         }
         self.call.effects.note_keys(result.sample.iter().map(String::as_str));
-        let pattern = work.describe();
         if result.refused > 0 {
             tracing::warn!(policy = %self.policy, op, %pattern, refused = result.refused, "keys outside the grants were skipped");
         }
+        if let (Some(book), Some(at)) = (self.walks.as_mut(), walk) {
+            let walk = &mut book.walks[at];
+            walk.examined += result.examined;
+            walk.changed += result.affected;
+            match result.stopped {
+                // The next slice goes on from there.
+                Some(position) if result.truncated => walk.at = position,
+                _ => walk.done = true,
+            }
+            return Ok(result.affected);
+        }
         if result.truncated {
+            let examined_out = self.call.keys_examined >= self.budgets.examined_limit();
+            let (kind, budget) = if examined_out {
+                ("keys_examined", format!("keys-examined budget of {} per event", self.budgets.examined_limit()))
+            } else {
+                ("keys", format!("keys-touched budget of {} per event", self.budgets.keys_limit()))
+            };
             return Err(self.exceeded(
-                "keys",
+                kind,
                 format!(
-                    "{op}({pattern}) stopped after {} keys: keys-touched budget of {} per event",
-                    result.affected,
-                    self.budgets.keys_limit()
+                    "{op}({pattern}) stopped after changing {} keys and examining {}: {budget}",
+                    result.affected, result.examined
                 ),
             ));
         }

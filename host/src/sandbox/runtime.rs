@@ -36,6 +36,7 @@ use crate::sandbox::guest_io::{GuestOutput, LogAllowance, panic_message};
 use crate::sandbox::hostapi::{CallState, HostApi};
 use crate::sandbox::manifest::{Manifest, ManifestError};
 use crate::store::backend::Backend;
+use crate::store::walks::WalkBook;
 use crate::wit::{self, Policy, PolicyPre};
 
 /// Why a component could not be loaded. Each message is one line and says
@@ -782,23 +783,32 @@ impl LoadedPolicy {
     /// Deliver one event. Never panics and never propagates a guest fault:
     /// the report says what happened.
     pub async fn handle(&mut self, event_id: &str, event: &wit::Event) -> CallReport {
-        self.deliver(event_id, Delivery::One(event.clone())).await
+        self.deliver(event_id, Delivery::One(event.clone()), None).await
+    }
+
+    /// Deliver one event as a slice of a sliced call (a sweep or a hook
+    /// whose walks may not fit one call: [`crate::store::walks`]): its bulk
+    /// operations go on from `book`'s positions and stop at the slice's
+    /// allowance. The report's `call.walks` says how far they got (`None`
+    /// if the call could not start).
+    pub async fn handle_slice(&mut self, event_id: &str, event: &wit::Event, book: WalkBook) -> CallReport {
+        self.deliver(event_id, Delivery::One(event.clone()), Some(book)).await
     }
 
     /// Deliver keyspace events in one call (`handle-keys`; one `handle`
     /// after another for a 0.1.0 policy), budgets scaled to their number.
     /// The report sums the batch: its effects, and its first failure.
     pub async fn handle_keys(&mut self, event_id: &str, events: Vec<wit::KeyEvent>) -> CallReport {
-        self.deliver(event_id, Delivery::Keys(events)).await
+        self.deliver(event_id, Delivery::Keys(events), None).await
     }
 
-    async fn deliver(&mut self, event_id: &str, delivery: Delivery) -> CallReport {
+    async fn deliver(&mut self, event_id: &str, delivery: Delivery, walks: Option<WalkBook>) -> CallReport {
         // Debug level: at 100k calls a second, recording a span per call
         // would cost more than the call; lines logged here name the policy
         // and the event themselves.
         let span = tracing::debug_span!("policy_call", policy = %self.manifest.name, event = %event_id);
         let started = Instant::now();
-        let (result, call) = self.handle_inner(delivery).instrument(span.clone()).await;
+        let (result, call) = self.handle_inner(delivery, walks).instrument(span.clone()).await;
         let report = CallReport { result, call, elapsed: started.elapsed() };
         self.stats.calls += 1;
         self.stats.denials += u64::from(report.call.denials_total);
@@ -814,7 +824,11 @@ impl LoadedPolicy {
         report
     }
 
-    async fn handle_inner(&mut self, delivery: Delivery) -> (Result<wit::Outcome, CallFailure>, CallState) {
+    async fn handle_inner(
+        &mut self,
+        delivery: Delivery,
+        walks: Option<WalkBook>,
+    ) -> (Result<wit::Outcome, CallFailure>, CallState) {
         let mut instance = match self.instance.take() {
             Some(instance) => instance,
             None => match self.restart().await {
@@ -822,6 +836,9 @@ impl LoadedPolicy {
                 Err(failure) => return (Err(failure), CallState::default()),
             },
         };
+        if let Some(book) = walks {
+            instance.store.data_mut().api.slice_walks(book);
+        }
         let events = match &delivery {
             Delivery::One(_) => 1,
             Delivery::Keys(events) => u32::try_from(events.len()).unwrap_or(u32::MAX),

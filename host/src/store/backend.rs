@@ -12,6 +12,7 @@ use async_trait::async_trait;
 
 use cachepol_guest_sdk::glob::{self, Glob};
 
+use crate::store::walks::Position;
 use crate::wit::{ExpireCondition, ExpireRow, KeyTtl, SetOptions, ValueKind};
 
 /// A failure of the store itself (not of the policy's arguments).
@@ -30,16 +31,26 @@ pub struct BulkPlan<'a> {
     /// Every key found by the scan is passed through this (the grants
     /// check); only keys it accepts are touched.
     pub allow: &'a (dyn Fn(&[u8]) -> bool + Send + Sync),
-    /// Touch at most this many keys; the result says whether more remained.
+    /// Change at most this many keys (deleted, or given a TTL): keys are
+    /// sent only while the keys sent and not yet answered, plus those Redis
+    /// said it changed, stay under it. The result says whether the walk
+    /// stopped short.
     pub limit: u64,
+    /// Examine at most about this many keys (Redis's work: `COUNT` per
+    /// `SCAN` page, or each key taken from the key index); the walk stops
+    /// at the first page boundary past it.
+    pub examine: u64,
+    /// Where an earlier slice of the same walk stopped.
+    pub resume: Option<&'a Position>,
     /// Told about each batch of keys just before its writes are sent and
     /// just after they are answered (the echo layer's ledger).
     pub steps: Option<&'a (dyn Fn(BulkStep<'_>) + Send + Sync)>,
 }
 
 impl<'a> BulkPlan<'a> {
+    /// A plan changing at most `limit` keys, examining as many as it takes.
     pub fn new(allow: &'a (dyn Fn(&[u8]) -> bool + Send + Sync), limit: u64) -> BulkPlan<'a> {
-        BulkPlan { allow, limit, steps: None }
+        BulkPlan { allow, limit, examine: u64::MAX, resume: None, steps: None }
     }
 
     /// Report a step to [`BulkPlan::steps`], if anyone listens.
@@ -64,10 +75,15 @@ pub enum BulkStep<'k> {
 pub struct BulkResult {
     /// Keys deleted, or whose TTL was set.
     pub affected: u64,
+    /// Keys examined: `COUNT` per `SCAN` page, or keys taken from the index.
+    pub examined: u64,
     /// Keys that matched the pattern but were refused by the plan's filter.
     pub refused: u64,
-    /// The limit stopped the operation before the scan was complete.
+    /// A limit stopped the operation before the walk was complete.
     pub truncated: bool,
+    /// Where the walk stopped, when [`BulkResult::truncated`]: the next
+    /// slice goes on from there ([`BulkPlan::resume`]).
+    pub stopped: Option<Position>,
     /// A few of the affected keys, for the audit log.
     pub sample: Vec<String>,
 }

@@ -28,6 +28,7 @@ use async_trait::async_trait;
 use cachepol_guest_sdk::glob::Glob;
 
 use crate::store::backend::{Backend, BackendError, BulkPlan, BulkResult, Rows, ScanResult, expire_applies};
+use crate::store::walks::{NodeAt, Position};
 use crate::wit::{ExpireCondition, ExpireRow, KeyTtl, SetCondition, SetOptions, ValueKind};
 
 /// The fake clock starts here (2024-01-01T00:00:00Z), so `now-ms` looks real.
@@ -493,12 +494,6 @@ impl State {
             _ => false,
         }
     }
-
-    /// Keys matching `pattern`, in slot order (`SCAN` to completion).
-    fn matching(&self, pattern: &str) -> Vec<String> {
-        let glob = Glob::new(pattern);
-        self.slots.values().filter(|k| glob.is_match_all() || glob.matches(k)).cloned().collect()
-    }
 }
 
 /// A [`Backend`] over a [`FakeRedis`], tagging its writes with an origin.
@@ -519,6 +514,9 @@ impl FakeClient {
         Ok(s)
     }
 
+    /// A bulk operation over the keys matching `pattern`, in `SCAN` order
+    /// from where the plan resumes, stopping (and saying where) when the
+    /// plan's limits are reached, as the daemon's walks do.
     fn bulk(
         &self,
         pattern: &str,
@@ -527,15 +525,28 @@ impl FakeClient {
     ) -> Result<BulkResult, BackendError> {
         let mut s = self.begin()?;
         let mut result = BulkResult::default();
-        for key in s.matching(pattern) {
+        let Some(from) = plan.resume.map_or(Some(0), |at| at.resume_on("", FAKE_RUN_ID)) else {
+            return Ok(result);
+        };
+        let glob = Glob::new(pattern);
+        let keys: Vec<(u64, String)> = s.slots.range(from..).map(|(slot, key)| (*slot, key.clone())).collect();
+        for (slot, key) in keys {
+            let full = result.affected >= plan.limit || result.examined >= plan.examine;
+            if !(glob.is_match_all() || glob.matches(&key)) {
+                result.examined += 1;
+                continue;
+            }
             if !(plan.allow)(key.as_bytes()) {
                 result.refused += 1;
                 continue;
             }
-            if result.affected >= plan.limit {
+            if full {
                 result.truncated = true;
+                let at = NodeAt { run_id: FAKE_RUN_ID.into(), cursor: slot, done: false };
+                result.stopped = Some(Position { nodes: [(String::new(), at)].into(), index: None });
                 break;
             }
+            result.examined += 1;
             if apply(&mut s, &key, self.origin.as_ref()) {
                 result.record(key.as_bytes());
             }
@@ -543,6 +554,9 @@ impl FakeClient {
         Ok(result)
     }
 }
+
+/// The fake's `run_id`: its cursors (slots) stay valid for its life.
+const FAKE_RUN_ID: &str = "fake";
 
 #[async_trait]
 impl Backend for FakeClient {

@@ -12,7 +12,8 @@
 //! Redis may evict the daemon's own keys.
 //! [`index`] keeps the names of the keys bulk operations can reach, fed by
 //! the keyspace subscriber, so that they walk names instead of scanning
-//! Redis ([`keyset`] stores them).
+//! Redis ([`keyset`] stores them). [`walks`] keeps where a bulk walk too
+//! long for one call stopped, so that the next slice goes on from there.
 //!
 //! Receives calls from the sandbox's host API, and every notification from
 //! intake (for the index); hands back Redis's answers.
@@ -28,3 +29,4 @@ pub mod keyset;
 pub mod memory;
 pub mod redis;
 pub mod target;
+pub mod walks;

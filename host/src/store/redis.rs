@@ -18,7 +18,7 @@
 //! `UNLINK` and the pipelined `MGET`s are split by slot, and pipelines of
 //! single-key commands are sent one per slot.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -34,6 +34,7 @@ use crate::store::backend::{
 };
 use crate::store::index::{self, Fence, KeyIndex, Lease};
 use crate::store::target::{self, Conn, Node, RedisTarget};
+use crate::store::walks::{NodeAt, Position};
 use crate::wit::{ExpireCondition, ExpireRow, KeyTtl, SetCondition, SetOptions, ValueKind};
 
 /// Keys asked for per `SCAN` page in bulk operations (and per page taken
@@ -206,16 +207,20 @@ impl RedisBackend {
     }
 
     /// Walk the keys matching any of `walks` (each key handled by the first
-    /// that matches it), handing each page's allowed keys (at most the
-    /// plan's remaining limit) to `act`, which adds its commands for them to
-    /// a pipeline. `tally` says how many keys each of those commands'
-    /// replies counts for; replies are counted page by page, never kept (a
-    /// bulk operation may touch millions of keys).
+    /// that matches it), handing each page's allowed keys to `act`, which
+    /// adds its commands for them to a pipeline. `tally` says how many keys
+    /// each of those commands' replies counts for; replies are counted page
+    /// by page, never kept (a bulk operation may touch millions of keys).
     ///
     /// The keys come from the key index when it is complete for every walk
     /// ([`crate::store::index`]), else from `SCAN MATCH`. If the index goes
     /// incomplete on the way (a gap in the subscription, as a Redis restart
     /// causes), the operation goes on with a scan from the start.
+    ///
+    /// The walk stops short once the plan's limits are reached (keys
+    /// changed, keys examined), at a page boundary, and says where
+    /// ([`BulkResult::stopped`]); a plan that resumes such a walk goes on
+    /// from there ([`crate::store::walks`]).
     async fn bulk(
         &self,
         walks: &[Glob],
@@ -224,12 +229,13 @@ impl RedisBackend {
         tally: impl Fn(&Value) -> u64,
     ) -> Result<BulkResult, BackendError> {
         let mut result = BulkResult::default();
-        let taking = Taking { plan, taken: AtomicU64::new(0) };
+        let taking = Taking::new(plan);
         // An exact key needs no scan.
         if let [walk] = walks
             && let Some(literal) = walk.literal()
         {
             let exists: bool = self.query(redis::cmd("EXISTS").arg(&literal)).await?;
+            result.examined = 1;
             if exists && (plan.allow)(&literal) && plan.limit > 0 {
                 let mut pipe = redis::pipe();
                 let keys = std::slice::from_ref(&literal);
@@ -245,75 +251,91 @@ impl RedisBackend {
             return Ok(result);
         }
         let scan_pattern = scan_pattern_for(&walks.iter().collect::<Vec<_>>());
-        let mut affected = 0;
+        let resume = plan.resume.cloned().unwrap_or_default();
         if let Some(leases) = self.leases(walks, &scan_pattern).await {
-            let (walked, complete) = self.walk_index(walks, &leases, &taking, &act, &tally, &mut result).await?;
-            if complete {
-                result.affected = walked;
-                Metrics::count(&metrics().bulk_operations, "index");
-                return Ok(result);
+            match self.walk_index(walks, &leases, resume.index.clone(), &taking, &act, &tally, &mut result).await? {
+                Walked::Complete => {
+                    Metrics::count(&metrics().bulk_operations, "index");
+                    return Ok(result);
+                }
+                Walked::Stopped(at) => {
+                    result.truncated = true;
+                    result.stopped = Some(Position { index: Some(at), ..Position::default() });
+                    Metrics::count(&metrics().bulk_operations, "index");
+                    return Ok(result);
+                }
+                Walked::Stale => tracing::info!(
+                    pattern = %scan_pattern,
+                    "the key index went incomplete during a bulk operation; scanning for the rest"
+                ),
             }
-            tracing::info!(
-                pattern = %scan_pattern,
-                "the key index went incomplete during a bulk operation; scanning for the rest"
-            );
-            affected = walked;
         }
-        let scanned = match self.target.is_cluster() {
+        // A walk the index served stopped at a key, not a cursor: the scan
+        // starts from the beginning (keys already handled are found again,
+        // and answer as unchanged).
+        let stopped = match self.target.is_cluster() {
             false => {
                 let client = self.target.node(None).map_err(failed)?;
-                self.scan(&client, walks, &scan_pattern, &taking, &act, &tally, &mut result).await?
+                let at = self.scan(&client, "", walks, &scan_pattern, &resume, &taking, &act, &tally, &mut result);
+                let at = at.await?;
+                (!at.done).then(|| [(String::new(), at)].into())
             }
-            true => self.scan_primaries(walks, &scan_pattern, &taking, &act, &tally, &mut result).await?,
+            true => self.scan_primaries(walks, &scan_pattern, &resume, &taking, &act, &tally, &mut result).await?,
         };
         Metrics::count(&metrics().bulk_operations, "scan");
-        result.affected = affected + scanned;
+        if let Some(nodes) = stopped {
+            result.truncated = true;
+            result.stopped = Some(Position { nodes, index: None });
+        }
         Ok(result)
     }
 
-    /// [`RedisBackend::scan`] on every primary of the cluster at once.
-    /// Returns the keys Redis says were
-    /// affected; `result` gathers every node's.
+    /// [`RedisBackend::scan`] on every primary of the cluster at once,
+    /// each from where `resume` left it. `result` gathers every node's;
+    /// returns where each node stands if any stopped short.
+    #[allow(clippy::too_many_arguments)]
     async fn scan_primaries(
         &self,
         walks: &[Glob],
         pattern: &str,
+        resume: &Position,
         taking: &Taking<'_, '_>,
         act: &impl Fn(&mut redis::Pipeline, &[Vec<u8>]),
         tally: &impl Fn(&Value) -> u64,
         result: &mut BulkResult,
-    ) -> Result<u64, BackendError> {
+    ) -> Result<Option<BTreeMap<String, NodeAt>>, BackendError> {
         let primaries = self.primaries().await?;
         let nodes = primaries.iter().map(|node| async {
             let client = self.target.node(Some(node)).map_err(failed)?;
             let mut mine = BulkResult::default();
-            let affected = self.scan(&client, walks, pattern, taking, act, tally, &mut mine).await;
-            affected.map(|a| (a, mine)).map_err(|e| on_node(node, e))
+            let shard = node.shard().to_string();
+            let at = self.scan(&client, &shard, walks, pattern, resume, taking, act, tally, &mut mine).await;
+            at.map(|at| (shard, at, mine)).map_err(|e| on_node(node, e))
         });
         // Every node's walk runs to its end, whatever the others do: one
         // cut short between sending a page and reading its answer would
         // leave the echo ledger expecting notifications.
-        let mut affected = 0;
         let mut failed = None;
+        let mut positions = BTreeMap::new();
         for walked in futures_util::future::join_all(nodes).await {
-            let (a, mine) = match walked {
+            let (shard, at, mine) = match walked {
                 Ok(walked) => walked,
                 Err(e) => {
                     failed.get_or_insert(e);
                     continue;
                 }
             };
-            affected += a;
             result.affected += mine.affected;
+            result.examined += mine.examined;
             result.refused += mine.refused;
-            result.truncated |= mine.truncated;
             let room = BulkResult::SAMPLE.saturating_sub(result.sample.len());
             result.sample.extend(mine.sample.into_iter().take(room));
+            positions.insert(shard, at);
         }
-        match failed {
-            Some(e) => Err(e),
-            None => Ok(affected),
+        if let Some(e) = failed {
+            return Err(e);
         }
+        Ok(positions.values().any(|at| !at.done).then_some(positions))
     }
 
     /// A connection to `node`, kept for the next call.
@@ -347,28 +369,35 @@ impl RedisBackend {
     }
 
     /// [`RedisBackend::bulk`] over the key index: pages of keys taken from
-    /// it under `leases`, [`IN_FLIGHT`] pipelines at a time. Returns the
-    /// keys Redis says were affected, and `false` if the walk stopped short
-    /// because the index went stale (what was sent is in `result`).
+    /// it under `leases`, from `after` (a walk and the last key an earlier
+    /// slice took), [`IN_FLIGHT`] pipelines at a time. What was sent is
+    /// in `result`.
+    #[allow(clippy::too_many_arguments)]
     async fn walk_index(
         &self,
         walks: &[Glob],
         leases: &[Lease],
+        after: Option<(usize, Vec<u8>)>,
         taking: &Taking<'_, '_>,
         act: &impl Fn(&mut redis::Pipeline, &[Vec<u8>]),
         tally: &impl Fn(&Value) -> u64,
         result: &mut BulkResult,
-    ) -> Result<(u64, bool), BackendError> {
+    ) -> Result<Walked, BackendError> {
         let index = self.index.as_deref().expect("leases come from the index");
         let first_walk = |key: &[u8]| walks.iter().position(|w| w.matches_bytes(key));
-        let (mut walk, mut after): (usize, Option<Vec<u8>>) = (0, None);
+        let (mut walk, mut after): (usize, Option<Vec<u8>>) = match after {
+            Some((walk, key)) if walk < walks.len() => (walk, Some(key)),
+            _ => (0, None),
+        };
+        // The last key taken: where a walk stopped short goes on.
+        let mut last: Option<(usize, Vec<u8>)> = after.clone().map(|k| (walk, k));
+        let mut stop = false;
         let mut stale = false;
         let mut failed = None;
-        let mut affected = 0;
         let mut in_flight = futures_util::stream::FuturesOrdered::new();
         let mut fences = std::collections::VecDeque::new();
         loop {
-            while in_flight.len() < IN_FLIGHT && failed.is_none() && !stale && !result.truncated {
+            while in_flight.len() < IN_FLIGHT && failed.is_none() && !stale && !stop {
                 // Each deleted key comes back as a notification: stay within
                 // [`PAGES_AHEAD`] pages of what the subscription has read,
                 // or Redis's output buffer for it overflows and it is cut.
@@ -380,7 +409,7 @@ impl RedisBackend {
                     }
                 }
                 let mut page = Vec::new();
-                while walk < leases.len() && page.len() < SCAN_BATCH && !result.truncated {
+                while walk < leases.len() && page.len() < SCAN_BATCH && !stop {
                     let room = SCAN_BATCH - page.len();
                     let Ok((keys, next)) =
                         index.page(leases[walk], &walks[walk], after.as_deref(), room, |k| first_walk(k) == Some(walk))
@@ -388,12 +417,27 @@ impl RedisBackend {
                         stale = true;
                         break;
                     };
-                    walk += usize::from(next.is_none());
+                    let finished = next.is_none();
                     after = next;
                     for key in keys {
-                        take(key, taking, result, &mut page);
+                        match taking.take_one(&key, result) {
+                            Took::Full => {
+                                stop = true;
+                                break;
+                            }
+                            Took::Refused => last = Some((walk, key)),
+                            Took::Taken => {
+                                last = Some((walk, key.clone()));
+                                page.push(key);
+                            }
+                        }
+                    }
+                    if !stop && finished {
+                        walk += 1;
+                        after = None;
                     }
                 }
+                stop |= taking.spent();
                 if page.is_empty() {
                     break;
                 }
@@ -401,7 +445,8 @@ impl RedisBackend {
                 act(&mut pipe, &page);
                 fences.push_back(index.fence(&mut pipe));
                 taking.plan.step(BulkStep::Before(&page));
-                result.affected += page.len() as u64;
+                result.examined += page.len() as u64;
+                taking.examined(page.len() as u64);
                 let conn = self.conn.clone();
                 in_flight.push_back(async move {
                     let mut broke = false;
@@ -419,7 +464,9 @@ impl RedisBackend {
                     // The last reply is the fence's: how many subscribers
                     // it reached (none: the subscription is gone).
                     let listeners = replies.pop();
-                    affected += replies.iter().map(tally).sum::<u64>();
+                    let changed = replies.iter().map(tally).sum::<u64>();
+                    taking.answered(page.len() as u64, changed);
+                    result.affected += changed;
                     sample_changed(result, &page, &replies, tally);
                     // A broken connection may be a restarted Redis, whose
                     // keys the index no longer describes (deleted keys back
@@ -429,50 +476,64 @@ impl RedisBackend {
                 Err(e) => failed = Some(e),
             }
         }
+        if let Some(e) = failed {
+            return Err(e);
+        }
         // Done only once the subscription has read past the last page with
         // no gap: else a restart during the walk could go unnoticed.
-        if failed.is_none() && !stale {
+        if !stale {
             let back = match fences.pop_back() {
                 Some(last) => last.back(index::FENCE_WAIT * 5).await.is_ok(),
                 None => true,
             };
             stale = !back || !leases.iter().all(|l| index.holds(*l));
         }
-        match failed {
-            Some(e) => Err(e),
-            None => Ok((affected, !stale)),
-        }
+        Ok(match (stale, stop && walk < leases.len()) {
+            (true, _) => Walked::Stale,
+            (false, true) => Walked::Stopped(last.unwrap_or((walk, Vec::new()))),
+            (false, false) => Walked::Complete,
+        })
     }
 
-    /// [`RedisBackend::bulk`] by `SCAN MATCH`: each page's request for the
-    /// next rides in the same pipeline as the commands for the current
-    /// one, so a page costs one round trip. Returns the keys Redis says
-    /// were affected.
+    /// [`RedisBackend::bulk`] by `SCAN MATCH` on one node (`shard` names it
+    /// in positions: `""` for a single server), from where `resume` left
+    /// it: each page's request for the next rides in the same pipeline as
+    /// the commands for the current one, so a page costs one round trip.
+    /// Returns where the node's walk stands.
     ///
     /// If the connection breaks mid-way, the scan starts over from cursor 0
     /// once it is back: Redis may have restarted, and a `SCAN` cursor means
     /// nothing on a restarted server (its dict has a new hash seed), so
     /// going on would silently skip keys. Keys already deleted are not found
-    /// again; keys whose TTL was set may be set (and counted) again.
+    /// again; keys whose TTL was set are found again and answer unchanged.
+    /// For the same reason a cursor kept from an earlier slice is used only
+    /// on the server that gave it (its `run_id`).
     #[allow(clippy::too_many_arguments)]
     async fn scan(
         &self,
         node: &redis::Client,
+        shard: &str,
         walks: &[Glob],
         pattern: &str,
+        resume: &Position,
         taking: &Taking<'_, '_>,
         act: &impl Fn(&mut redis::Pipeline, &[Vec<u8>]),
         tally: &impl Fn(&Value) -> u64,
         result: &mut BulkResult,
-    ) -> Result<u64, BackendError> {
-        let mut affected = 0;
+    ) -> Result<NodeAt, BackendError> {
         // A connection of its own: on the shared one, another user (the
         // echo fences, the index builder) may be the first to find it broken
         // after a Redis restart and reconnect it, and this scan would go on
         // with a cursor the restarted server knows nothing of.
         let conn = RedisTarget::Single(node.clone()).connect().await.map_err(|e| self.node_failed(e))?;
+        let mut run_id = run_id(&conn).await?;
+        let Some(from) = resume.resume_on(shard, &run_id) else {
+            return Ok(NodeAt { run_id, cursor: 0, done: true });
+        };
         let mut pending: Vec<Vec<u8>> = Vec::new();
-        let mut cursor: Option<u64> = Some(0);
+        let mut cursor: Option<u64> = Some(from);
+        // Where the walk goes on next time, once it stops short.
+        let mut stopped_at: Option<u64> = None;
         let mut restarts = 0;
         loop {
             let mut pipe = redis::pipe();
@@ -500,7 +561,7 @@ impl RedisBackend {
                 pipe.cmd("SCAN").arg(c).arg("MATCH").arg(pattern).arg("COUNT").arg(SCAN_BATCH);
             }
             if pending.is_empty() && cursor.is_none() {
-                return Ok(affected);
+                return Ok(NodeAt { run_id, cursor: stopped_at.unwrap_or(0), done: stopped_at.is_none() });
             }
             let mut broke = false;
             taking.plan.step(BulkStep::Before(&pending));
@@ -512,11 +573,12 @@ impl RedisBackend {
             taking.plan.step(BulkStep::After(&pending));
             let mut replies: Vec<Value> = replies?;
             let scan = if cursor.is_some() { replies.pop() } else { None };
-            affected += replies.iter().map(tally).sum::<u64>();
-            result.affected += pending.len() as u64;
+            let changed = replies.iter().map(tally).sum::<u64>();
+            taking.answered(pending.len() as u64, changed);
+            result.affected += changed;
             sample_changed(result, &pending, &replies, tally);
             pending.clear();
-            if broke && !result.truncated {
+            if broke {
                 restarts += 1;
                 if restarts > MAX_SCAN_RESTARTS {
                     return Err(BackendError::Unavailable(format!(
@@ -527,20 +589,38 @@ impl RedisBackend {
                     pattern,
                     "the connection to Redis broke during a bulk operation; starting its scan over"
                 );
-                cursor = Some(0);
+                run_id = self::run_id(&conn).await?;
+                (cursor, stopped_at) = (Some(0), None);
                 continue;
             }
-            let Some(scan) = scan else { return Ok(affected) };
+            let (Some(scan), Some(requested)) = (scan, cursor) else { continue };
             let (next, keys): (u64, Vec<Vec<u8>>) =
                 redis::from_redis_value(scan).map_err(|e| BackendError::Command(e.to_string()))?;
+            result.examined += SCAN_BATCH as u64;
+            taking.examined(SCAN_BATCH as u64);
+            let mut cut = false;
             for key in keys.into_iter().filter(|k| walks.iter().any(|w| w.matches_bytes(k))) {
-                take(key, taking, result, &mut pending);
+                match taking.take_one(&key, result) {
+                    Took::Taken => pending.push(key),
+                    Took::Refused => {}
+                    Took::Full => {
+                        cut = true;
+                        break;
+                    }
+                }
             }
-            // Other nodes' walks may have used up the limit.
-            if next != 0 && taking.taken.load(Ordering::Relaxed) >= taking.plan.limit {
-                result.truncated = true;
-            }
-            cursor = if next == 0 || result.truncated { None } else { Some(next) };
+            // A page cut part-way is walked again next time (its keys
+            // already changed answer as unchanged); one taken whole goes on
+            // after it. Other nodes' walks may have used up the limits.
+            (cursor, stopped_at) = if cut {
+                (None, Some(requested))
+            } else if next == 0 {
+                (None, None)
+            } else if taking.spent() {
+                (None, Some(next))
+            } else {
+                (Some(next), None)
+            };
         }
     }
 
@@ -606,23 +686,75 @@ fn sample_changed(result: &mut BulkResult, keys: &[Vec<u8>], replies: &[Value], 
     result.sample.extend(changed.into_iter().take(room).map(|k| String::from_utf8_lossy(k).into_owned()));
 }
 
-/// A bulk operation's plan, and the keys taken under it so far by every
-/// node's walk (its limit is for the whole operation).
+/// A bulk operation's plan, and what it has used of its limits so far
+/// across every node's walk (the limits are for the whole operation).
 struct Taking<'p, 'a> {
     plan: &'p BulkPlan<'a>,
-    taken: AtomicU64,
+    /// Keys sent and not answered yet, plus those Redis said it changed:
+    /// what the plan's limit bounds, so that it is never passed even by
+    /// pages in flight.
+    committed: AtomicU64,
+    examined: AtomicU64,
 }
 
-/// Queue `key` for the next pipeline if the plan allows it and its limit
-/// has room; count it as refused or as cut off otherwise.
-fn take(key: Vec<u8>, taking: &Taking<'_, '_>, result: &mut BulkResult, pending: &mut Vec<Vec<u8>>) {
-    if !(taking.plan.allow)(&key) {
-        result.refused += 1;
-    } else if taking.taken.fetch_add(1, Ordering::Relaxed) < taking.plan.limit {
-        pending.push(key);
-    } else {
-        result.truncated = true;
+impl<'p, 'a> Taking<'p, 'a> {
+    fn new(plan: &'p BulkPlan<'a>) -> Taking<'p, 'a> {
+        Taking { plan, committed: AtomicU64::new(0), examined: AtomicU64::new(0) }
     }
+
+    /// Whether `key` goes into the next pipeline: not if the plan refuses
+    /// it (counted in `result`), nor if the limit has no room left for it.
+    fn take_one(&self, key: &[u8], result: &mut BulkResult) -> Took {
+        if !(self.plan.allow)(key) {
+            result.refused += 1;
+            return Took::Refused;
+        }
+        if self.committed.fetch_add(1, Ordering::Relaxed) < self.plan.limit {
+            return Took::Taken;
+        }
+        self.committed.fetch_sub(1, Ordering::Relaxed);
+        Took::Full
+    }
+
+    /// `sent` keys were answered, `changed` of them changed.
+    fn answered(&self, sent: u64, changed: u64) {
+        self.committed.fetch_sub(sent.saturating_sub(changed), Ordering::Relaxed);
+    }
+
+    fn examined(&self, n: u64) {
+        self.examined.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// A limit is reached: the walk stops at the end of this page.
+    fn spent(&self) -> bool {
+        self.committed.load(Ordering::Relaxed) >= self.plan.limit
+            || self.examined.load(Ordering::Relaxed) >= self.plan.examine
+    }
+}
+
+/// What [`Taking::take_one`] did with a key.
+enum Took {
+    Taken,
+    Refused,
+    /// The limit has no room: the walk stops before this key.
+    Full,
+}
+
+/// How a walk over the key index ended.
+enum Walked {
+    Complete,
+    /// A limit stopped it after this key of this walk.
+    Stopped((usize, Vec<u8>)),
+    /// The index went incomplete: the rest must be scanned.
+    Stale,
+}
+
+/// The `run_id` of the server behind `conn`: a `SCAN` cursor is valid
+/// only on the server that gave it.
+async fn run_id(conn: &Conn) -> Result<String, BackendError> {
+    let info: String =
+        retrying(|| async { redis::cmd("INFO").arg("server").query_async(&mut conn.clone()).await }).await?;
+    Ok(info.lines().find_map(|l| l.strip_prefix("run_id:")).unwrap_or_default().trim().to_owned())
 }
 
 /// Name the node an error came from.
