@@ -16,6 +16,7 @@ mod index;
 mod lanes;
 mod ops;
 mod policies;
+mod production;
 mod reload;
 mod replicas;
 mod resync;

@@ -50,6 +50,14 @@ impl Drop for TempDir {
     }
 }
 
+/// The server the tests run against: `redis-server`, or the binary named
+/// by `CACHEPOL_TEST_SERVER` (`cargo xtask test` runs the end-to-end suite
+/// a second time with `valkey-server`). A server that cannot be started
+/// fails the test; none is ever skipped.
+pub fn server_binary() -> String {
+    std::env::var("CACHEPOL_TEST_SERVER").unwrap_or_else(|_| "redis-server".to_owned())
+}
+
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
@@ -94,7 +102,7 @@ impl RedisServer {
     /// Start `redis-server` on `self.port` and wait until it answers; an
     /// error when it exited (its port was taken) or another server answers.
     fn spawn(&mut self) -> Result<(), String> {
-        let mut child = Command::new("redis-server")
+        let mut child = Command::new(server_binary())
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .args(&self.extra)
             .arg("--logfile")
@@ -104,7 +112,9 @@ impl RedisServer {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("redis-server is required for end-to-end tests (cargo xtask test installs it)");
+            .unwrap_or_else(|e| {
+                panic!("cannot start {} ({e}); `cargo xtask test` installs what the tests need", server_binary())
+            });
         let deadline = Instant::now() + Duration::from_secs(30);
         let outcome = loop {
             if let Ok(Some(status)) = child.try_wait() {

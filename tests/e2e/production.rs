@@ -1,0 +1,119 @@
+//! The production-shaped tier: a server started with the canonical `KEA`
+//! flags, `maxmemory` with `allkeys-lru`, and a keyspace in the millions
+//! written while no daemon ran (`DEBUG POPULATE`, which sends no
+//! notifications), on Redis 7 and Valkey 9 (`cargo xtask test` runs this
+//! module on both). What a lab-sized keyspace never shows: sweeps and hooks
+//! that reach more keys than one call's budgets allow finish, in slices,
+//! and go on where they stopped after a daemon restart.
+
+use std::time::{Duration, Instant};
+
+use crate::support::{Daemon, RedisServer, Setup, dead_letters, deploy, pending};
+
+/// A production cache's shape, as far as one machine allows.
+const PRODUCTION: &[&str] = &[
+    "--enable-debug-command",
+    "yes",
+    "--notify-keyspace-events",
+    "KEA",
+    "--maxmemory",
+    "4gb",
+    "--maxmemory-policy",
+    "allkeys-lru",
+];
+
+/// Keys written before any daemon: three times one call's keys budget.
+const MILLIONS: u64 = 3_000_000;
+
+/// `keys` and `expires` of db 0, from `INFO keyspace`: free for Redis to
+/// answer, unlike a `KEYS` or `TTL` loop over millions of keys.
+fn keyspace(redis: &RedisServer) -> (u64, u64) {
+    let info: String = redis.cmd(&["INFO", "keyspace"]);
+    let Some(db0) = info.lines().find_map(|l| l.strip_prefix("db0:")) else { return (0, 0) };
+    let field =
+        |name: &str| db0.split(',').find_map(|kv| kv.strip_prefix(name)?.strip_prefix('=')?.parse().ok()).unwrap_or(0);
+    (field("keys"), field("expires"))
+}
+
+/// `n` keys `<prefix>:<i>` without a TTL, written with no notification.
+fn populate(redis: &RedisServer, n: u64, prefix: &str) {
+    redis.cmd::<()>(&["DEBUG", "POPULATE", &n.to_string(), prefix, "8"]);
+}
+
+/// Poll `check` for up to five minutes (a debug build walking millions of
+/// keys); fail with `what` and the daemon's log.
+fn within_minutes(daemon: &Daemon, what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}\n--- daemon log ---\n{}", tail(daemon));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn tail(daemon: &Daemon) -> String {
+    let log = daemon.log_text();
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(60)..].join("\n")
+}
+
+#[test]
+fn a_cache_of_millions_written_while_no_daemon_ran_gets_every_ttl() {
+    let redis = RedisServer::start_with(PRODUCTION);
+    populate(&redis, MILLIONS, "job");
+    assert_eq!(keyspace(&redis), (MILLIONS, 0));
+    let daemon = Daemon::start(&redis, &Setup::new(&["ttl-table"]));
+    within_minutes(&daemon, "every job:* key with its TTL", || keyspace(&redis).1 >= MILLIONS);
+    // The walk took several slices, and said so once it was done.
+    within_minutes(&daemon, "the sweep's final line", || daemon.log_text().contains("walked to the end"));
+    assert!(!daemon.log_text().contains("budget exceeded"), "a slice is not a budget failure:\n{}", tail(&daemon));
+    let walks: u64 = redis.cmd(&["HLEN", "cachepol:walks"]);
+    assert_eq!(walks, 0, "a finished walk leaves no position behind");
+    let ttl: i64 = redis.cmd(&["TTL", "job:2999999"]);
+    assert!(ttl > 86_000, "the table's 24 h TTL: {ttl}");
+    assert_eq!(daemon.stop(), Some(0));
+}
+
+#[test]
+fn a_sweep_killed_halfway_goes_on_where_it_stopped_after_a_restart() {
+    let redis = RedisServer::start_with(PRODUCTION);
+    populate(&redis, MILLIONS, "job");
+    let setup = Setup::new(&["ttl-table"]);
+    let first = Daemon::start(&redis, &setup);
+    within_minutes(&first, "a third of the keys with a TTL", || keyspace(&redis).1 >= MILLIONS / 3);
+    first.kill();
+    let (_, expires) = keyspace(&redis);
+    assert!(expires < MILLIONS, "the sweep finished before the kill; the test proves nothing");
+    let kept: Option<String> = redis.cmd(&["HGET", "cachepol:walks", "ttl-table/sweep"]);
+    let kept = kept.expect("where the sweep stopped is kept in Redis");
+    assert!(kept.contains("\"cursor\""), "{kept}");
+
+    let second = Daemon::start(&redis, &setup);
+    within_minutes(&second, "every job:* key with its TTL after the restart", || keyspace(&redis).1 >= MILLIONS);
+    // The second daemon went on from the kept position: its first slice
+    // is numbered after the first daemon's.
+    within_minutes(&second, "the sweep's final line", || second.log_text().contains("walked to the end"));
+    let log = second.log_text();
+    let resumed = log
+        .lines()
+        .filter(|l| l.contains("walking in slices"))
+        .find_map(|l| l.split("slices=").nth(1)?.split(|c: char| !c.is_ascii_digit()).next()?.parse::<u32>().ok());
+    assert!(resumed.is_some_and(|n| n > 1), "the walk went on from its kept position:\n{}", tail(&second));
+    assert_eq!(second.stop(), Some(0));
+}
+
+#[test]
+fn a_hook_deleting_millions_of_keys_finishes_and_leaves_the_rest() {
+    let redis = RedisServer::start_with(PRODUCTION);
+    populate(&redis, MILLIONS, "quiz");
+    populate(&redis, 1_000, "keep");
+    let daemon = Daemon::start(&redis, &Setup::new(&["file-cache-clear"]));
+    deploy(&redis, &["--service", "quiz", "--file", "quiz_generator.py"]);
+    within_minutes(&daemon, "the hook handled and acknowledged", || {
+        pending(&redis) == 0 && keyspace(&redis).0 < 10_000
+    });
+    assert!(dead_letters(&redis).is_empty(), "size alone never dead-letters a hook");
+    assert!(redis.keys("quiz:*").is_empty(), "every matching key deleted");
+    assert_eq!(redis.keys("keep:*").len(), 1_000, "nothing else touched");
+    assert!(daemon.log_text().contains("walked to the end"), "it took several slices:\n{}", tail(&daemon));
+    assert_eq!(daemon.stop(), Some(0));
+}
