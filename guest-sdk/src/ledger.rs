@@ -555,10 +555,14 @@ impl TriggerLedger {
         }
     }
 
-    /// Keep the walk's place for the next sweep.
+    /// Keep the walk's place for the next sweep. A call whose budget is
+    /// spent cannot: the next sweep then goes on from the place kept last,
+    /// and what was acted on since is recorded, so it is not redone.
     fn pause(&self, walk: Walk, report: SweepReport) -> Result<SweepReport, Error> {
-        redis::set_string(&self.walk_key(), &walk.to_string(), None)?;
-        Ok(report)
+        match redis::set_string(&self.walk_key(), &walk.to_string(), None) {
+            Ok(()) | Err(Error::BudgetExceeded(_)) => Ok(report),
+            Err(e) => Err(e),
+        }
     }
 
     /// Record what the policy just acted on, or forget a trigger that went.
