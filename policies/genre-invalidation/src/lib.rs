@@ -7,6 +7,14 @@
 //! tagged `genre=dance` (several tags, several genres) or through the app
 //! writing `last_updated:dance`.
 //!
+//! Keyspace notifications can be lost (a daemon restart, a cut
+//! subscription, notifications off for a moment, a queue overflow), and the
+//! host answers each gap with a sweep. A [`TriggerLedger`] remembers, in the
+//! policy's own state keys, the `last_updated:<genre>` value it last acted
+//! on; every sweep invalidates the genres whose trigger changed since, and
+//! only those. The first sweep on a cache it has no record of records what
+//! it finds as the baseline and invalidates nothing.
+//!
 //! Key names come from config as templates with a `{genre}` placeholder; a
 //! template with its own wildcard is cleared with `delete-matching`, the
 //! others are deleted in one `del`. Genre names are glob-escaped, so a genre
@@ -30,6 +38,9 @@ pub struct Config {
     pub tag: String,
     /// Services whose deploy hooks are read (`*`: all).
     pub services: Vec<String>,
+    /// Where the trigger ledger keeps what the policy last acted on (its
+    /// own keys, outside the daemon's `cachepol:`).
+    pub state_prefix: String,
 }
 
 impl Default for Config {
@@ -45,6 +56,7 @@ impl Default for Config {
             trigger_ops: vec!["set".into()],
             tag: "genre".into(),
             services: vec!["*".into()],
+            state_prefix: "cachepol-state:genre-invalidation:".into(),
         }
     }
 }
@@ -52,8 +64,15 @@ impl Default for Config {
 pub struct GenreInvalidation {
     keys: Vec<Template>,
     trigger: Template,
+    ledger: TriggerLedger,
+    /// A trigger that disappears is a change too (`trigger_ops` has a
+    /// removal: `del`, `expired` or `evicted`).
+    removals: bool,
     config: Config,
 }
+
+/// Keyspace events of a key going away.
+const REMOVAL_OPS: &[&str] = &["del", "expired", "evicted"];
 
 fn genre_template(source: &str) -> Result<Template, String> {
     let template = Template::parse(source).map_err(|e| e.to_string())?;
@@ -85,6 +104,11 @@ impl GenreInvalidation {
         Ok(deleted)
     }
 
+    /// The genre a trigger key names.
+    fn genre_of(&self, key: &str) -> Option<String> {
+        self.trigger.capture(key).and_then(|values| values.into_iter().next()).map(|(_, genre)| genre)
+    }
+
     fn invalidate_all<'a>(&self, genres: impl Iterator<Item = &'a str>) -> Result<Outcome, Error> {
         let mut notes = Vec::new();
         for genre in genres {
@@ -107,7 +131,11 @@ impl Policy for GenreInvalidation {
         }
         let keys = config.keys.iter().map(|k| genre_template(k)).collect::<Result<_, _>>()?;
         let trigger = genre_template(&config.trigger)?;
-        Ok(GenreInvalidation { keys, trigger, config })
+        let removals = config.trigger_ops.iter().any(|op| REMOVAL_OPS.contains(&op.as_str()));
+        let ledger = TriggerLedger::new(&trigger.wildcard(), &config.state_prefix)
+            .map_err(|e| e.to_string())?
+            .watching(if removals { Watch::WritesAndRemovals } else { Watch::Writes });
+        Ok(GenreInvalidation { keys, trigger, ledger, removals, config })
     }
 
     fn manifest(&self) -> Manifest {
@@ -118,7 +146,7 @@ impl Policy for GenreInvalidation {
             .description("drop a genre's cached graph, playlists and art when the genre changes")
             .on_deploys(&services)
             .on_keys(&ops, &[&trigger])
-            .grant(&trigger, KeyOps::READ);
+            .ledger(&self.ledger);
         for template in &self.keys {
             manifest = manifest.grant(&template.wildcard(), KeyOps::DELETE);
         }
@@ -130,10 +158,40 @@ impl Policy for GenreInvalidation {
     }
 
     fn on_key(&mut self, event: KeyEvent) -> Result<Outcome, Error> {
-        match self.trigger.capture(&event.key) {
-            Some(values) => self.invalidate_all(values.iter().map(|(_, genre)| genre.as_str())),
-            None => Ok(Outcome::done()),
+        let Some(genre) = self.genre_of(&event.key) else { return Ok(Outcome::done()) };
+        // Recorded once acted on, so the next sweep does not do it again.
+        self.ledger.act_on(&event.key, |_| self.invalidate_all(std::iter::once(genre.as_str())))
+    }
+
+    fn on_sweep(&mut self, reason: SweepReason) -> Result<Outcome, Error> {
+        let mut invalidated = Vec::new();
+        let report = self.ledger.sweep(|trigger| {
+            // A trigger that went is only a change if its removal is one
+            // of the events the policy reacts to; either way it is forgotten.
+            if trigger.is_removed() && !self.removals {
+                return Ok(());
+            }
+            if let Some(genre) = self.genre_of(&trigger.key) {
+                self.invalidate_all(std::iter::once(genre.as_str()))?;
+                invalidated.push(genre);
+            }
+            Ok(())
+        })?;
+        if report.baseline && report.recorded > 0 {
+            info!(
+                "sweep ({}): first sweep of this cache: {} `{}` keys recorded as they are, no genre invalidated",
+                reason.name(),
+                report.recorded,
+                self.ledger.triggers()
+            );
         }
+        if !invalidated.is_empty() {
+            info!("sweep ({}): changed while unobserved, invalidated: {}", reason.name(), invalidated.join(", "));
+        }
+        if !report.finished {
+            info!("sweep ({}): trigger walk cut short by its limits; it goes on at the next sweep", reason.name());
+        }
+        Ok(Outcome::done().with_note(report.to_string()))
     }
 }
 
