@@ -19,3 +19,4 @@ mod policies;
 mod reload;
 mod replicas;
 mod resync;
+mod triggers;
