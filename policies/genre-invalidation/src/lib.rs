@@ -41,6 +41,9 @@ pub struct Config {
     /// Where the trigger ledger keeps what the policy last acted on (its
     /// own keys, outside the daemon's `cachepol:`).
     pub state_prefix: String,
+    /// Also sweep this often, in seconds (off by default): a bound on how
+    /// long a trigger lost without the daemon noticing stays unreconciled.
+    pub sweep_every_secs: Option<u32>,
 }
 
 impl Default for Config {
@@ -57,6 +60,7 @@ impl Default for Config {
             tag: "genre".into(),
             services: vec!["*".into()],
             state_prefix: "cachepol-state:genre-invalidation:".into(),
+            sweep_every_secs: None,
         }
     }
 }
@@ -147,6 +151,9 @@ impl Policy for GenreInvalidation {
             .on_deploys(&services)
             .on_keys(&ops, &[&trigger])
             .ledger(&self.ledger);
+        if let Some(secs) = self.config.sweep_every_secs {
+            manifest = manifest.sweep_every(secs);
+        }
         for template in &self.keys {
             manifest = manifest.grant(&template.wildcard(), KeyOps::DELETE);
         }
