@@ -368,10 +368,14 @@ impl TriggerLedger {
         self
     }
 
-    /// Most `scan`, `mget` and `exists` calls one sweep spends walking
-    /// (default 400, at least 1). The walk stops there and the next sweep
-    /// goes on: leave room in the host-call budget (1,000 per event by
-    /// default) for what the policy does per trigger.
+    /// Most host calls the ledger itself spends in one sweep (`scan`,
+    /// `mget`, `exists`, recording, keeping its place; default 400, at
+    /// least 1). The walk stops there and the next sweep goes on: leave
+    /// room in the host-call budget (1,000 per event by default) for what
+    /// the policy does per trigger. A sweep always moves the walk on by at
+    /// least one trigger or page, whatever the limit. Should the host's
+    /// budget run out first, that sweep fails (the host's rule), but the
+    /// walk's place is kept every few pages, so the next one goes on.
     pub fn walk_calls(mut self, calls: u32) -> TriggerLedger {
         self.walk_calls = calls.max(1);
         self
@@ -461,9 +465,9 @@ impl TriggerLedger {
     /// Bounded by the ledger's limits ([`TriggerLedger::walk_calls`],
     /// [`TriggerLedger::changes_per_sweep`]) and by the host's budgets: when
     /// one stops it, the walk's place is kept in Redis and the next sweep
-    /// goes on from there ([`SweepReport::finished`] says which). The first
-    /// walk ever records a baseline instead of acting on triggers it has no
-    /// record of ([`SweepReport::baseline`]). An error from `act` stops the
+    /// goes on from there ([`SweepReport::finished`] says which). The first walk ever
+    /// records a baseline instead of acting on triggers it has no record of
+    /// ([`SweepReport::baseline`]). Another error from `act` stops the
     /// sweep and is returned; what was acted on before it stays recorded.
     ///
     /// ```no_run
@@ -492,77 +496,25 @@ impl TriggerLedger {
     }
 
     /// [`TriggerLedger::sweep`], its own keys' refusal an error.
-    fn walk(&self, mut act: impl FnMut(&Trigger) -> Result<(), Error>) -> Result<SweepReport, Error> {
+    fn walk(&self, act: impl FnMut(&Trigger) -> Result<(), Error>) -> Result<SweepReport, Error> {
         let established = redis::exists(&self.since_key())?;
-        let mut walk = match redis::get_string(&self.walk_key())? {
+        let place = match redis::get_string(&self.walk_key())? {
             None => Walk::START,
             Some(text) => Walk::parse(&text).unwrap_or_else(|| {
                 warn!("unreadable walk position `{text}` under `{}`: starting the walk over", self.walk_key());
                 Walk::START
             }),
         };
-        let mut report = SweepReport { baseline: !established, ..SweepReport::default() };
-        let mut calls = 0;
-        loop {
-            if calls >= self.walk_calls {
-                return self.pause(walk, report);
-            }
-            let pattern = match walk.pass {
-                Pass::Triggers => self.triggers.as_str().to_owned(),
-                Pass::Records => format!("{}*", glob::escape(&self.record_key(""))),
-            };
-            calls += 1;
-            let page = match redis::scan(walk.cursor, &pattern, self.page_size) {
-                Ok(page) => page,
-                Err(Error::BudgetExceeded(why)) => {
-                    warn!("ledger walk stopped by the call's budget ({why}); it goes on at the next sweep");
-                    return self.pause(walk, report);
-                }
-                Err(e) => return Err(e),
-            };
-            let mut keys = Vec::with_capacity(page.keys.len());
-            let mut seen = HashSet::new();
-            // SCAN may return a key twice.
-            keys.extend(page.keys.into_iter().filter(|k| seen.insert(k.clone())));
-            let step = match walk.pass {
-                Pass::Triggers => self.visit_triggers(&keys, established, &mut act, &mut report, &mut calls),
-                Pass::Records => self.visit_records(&keys, &mut act, &mut report, &mut calls),
-            };
-            match step {
-                Ok(Step::Go) => {}
-                // This page again next time: what was acted on is recorded.
-                Ok(Step::Stop) => return self.pause(walk, report),
-                Err(e) => {
-                    // Best effort: keep the place so the work done counts.
-                    let _ = redis::set_string(&self.walk_key(), &walk.to_string(), None);
-                    return Err(e);
-                }
-            }
-            walk.cursor = page.cursor;
-            if walk.cursor != 0 {
-                continue;
-            }
-            if walk.pass == Pass::Triggers && self.watch.removals() {
-                walk = Walk { pass: Pass::Records, cursor: 0 };
-                continue;
-            }
-            redis::del(&[self.walk_key()])?;
-            if !established {
-                redis::set_string(&self.since_key(), &crate::clock::now_ms().to_string(), None)?;
-            }
-            report.finished = true;
-            return Ok(report);
-        }
-    }
-
-    /// Keep the walk's place for the next sweep. A call whose budget is
-    /// spent cannot: the next sweep then goes on from the place kept last,
-    /// and what was acted on since is recorded, so it is not redone.
-    fn pause(&self, walk: Walk, report: SweepReport) -> Result<SweepReport, Error> {
-        match redis::set_string(&self.walk_key(), &walk.to_string(), None) {
-            Ok(()) | Err(Error::BudgetExceeded(_)) => Ok(report),
-            Err(e) => Err(e),
-        }
+        let mut walker = Walker {
+            ledger: self,
+            act,
+            established,
+            calls: 2,
+            pages: 0,
+            report: SweepReport { baseline: !established, ..SweepReport::default() },
+        };
+        walker.run(place)?;
+        Ok(walker.report)
     }
 
     /// Record what the policy just acted on, or forget a trigger that went.
@@ -576,41 +528,134 @@ impl TriggerLedger {
             }
         }
     }
+}
+
+/// Keep the walk's place every this many pages even when they held no
+/// trigger: a sweep stopped by the host's budget (before the ledger's own
+/// limits) then loses at most these, and the walk still moves on.
+const SAVE_EVERY_PAGES: u32 = 8;
+
+/// One sweep's walk: what it has spent and found so far.
+struct Walker<'a, F> {
+    ledger: &'a TriggerLedger,
+    act: F,
+    /// The ledger was established (a first walk finished) when it began.
+    established: bool,
+    /// Host calls spent by the ledger in this sweep.
+    calls: u32,
+    /// Pages walked to their end in this sweep.
+    pages: u32,
+    report: SweepReport,
+}
+
+impl<F: FnMut(&Trigger) -> Result<(), Error>> Walker<'_, F> {
+    /// Walk from `place` until the end, or until a limit stops it there.
+    fn run(&mut self, mut place: Walk) -> Result<(), Error> {
+        let ledger = self.ledger;
+        loop {
+            if self.spent() {
+                return self.keep(place);
+            }
+            let pattern = match place.pass {
+                Pass::Triggers => ledger.triggers.as_str().to_owned(),
+                Pass::Records => format!("{}*", glob::escape(&ledger.record_key(""))),
+            };
+            let page = self.call(|| redis::scan(place.cursor, &pattern, ledger.page_size))?;
+            let mut seen = HashSet::new();
+            // SCAN may return a key twice.
+            let keys: Vec<String> = page.keys.into_iter().filter(|k| seen.insert(k.clone())).collect();
+            let before = (self.report.acted, self.report.recorded, self.report.stale);
+            let step = match place.pass {
+                Pass::Triggers => self.triggers_page(&keys),
+                Pass::Records => self.records_page(&keys),
+            };
+            match step {
+                Ok(Step::Go) => {}
+                // This page again next time: what was acted on is recorded.
+                Ok(Step::Stop) => return self.keep(place),
+                Err(e) => {
+                    // Best effort, so that the work done counts.
+                    let _ = redis::set_string(&ledger.walk_key(), &place.to_string(), None);
+                    return Err(e);
+                }
+            }
+            place.cursor = page.cursor;
+            self.pages += 1;
+            if place.cursor == 0 {
+                if place.pass == Pass::Triggers && ledger.watch.removals() {
+                    place = Walk { pass: Pass::Records, cursor: 0 };
+                    continue;
+                }
+                return self.finish();
+            }
+            let worked = before != (self.report.acted, self.report.recorded, self.report.stale);
+            if worked || self.pages.is_multiple_of(SAVE_EVERY_PAGES) {
+                self.keep(place)?;
+            }
+        }
+    }
+
+    /// Whether the ledger's calls for this sweep are spent. Never before
+    /// it moved the walk on (a page walked, a trigger recorded or acted
+    /// on), or a limit lower than one page's cost would stop every sweep
+    /// at the same place.
+    fn spent(&self) -> bool {
+        let moved = self.pages > 0 || self.report.recorded + self.report.acted + self.report.stale > 0;
+        self.calls >= self.ledger.walk_calls && moved
+    }
+
+    /// One host call of the ledger's, counted.
+    fn call<T>(&mut self, call: impl FnOnce() -> Result<T, Error>) -> Result<T, Error> {
+        self.calls += 1;
+        call()
+    }
+
+    /// Keep the walk's place in Redis for the next sweep.
+    fn keep(&mut self, place: Walk) -> Result<(), Error> {
+        let key = self.ledger.walk_key();
+        self.call(|| redis::set_string(&key, &place.to_string(), None))
+    }
+
+    /// The walk reached its end: the next sweep starts a new one, and a
+    /// first walk establishes the ledger.
+    fn finish(&mut self) -> Result<(), Error> {
+        let ledger = self.ledger;
+        self.call(|| redis::del(&[ledger.walk_key()]))?;
+        if !self.established {
+            self.call(|| redis::set_string(&ledger.since_key(), &crate::clock::now_ms().to_string(), None))?;
+        }
+        self.report.finished = true;
+        Ok(())
+    }
 
     /// The triggers pass over one page of trigger keys.
-    fn visit_triggers(
-        &self,
-        keys: &[String],
-        established: bool,
-        act: &mut impl FnMut(&Trigger) -> Result<(), Error>,
-        report: &mut SweepReport,
-        calls: &mut u32,
-    ) -> Result<Step, Error> {
+    fn triggers_page(&mut self, keys: &[String]) -> Result<Step, Error> {
+        let ledger = self.ledger;
         for chunk in keys.chunks(MGET_CHUNK) {
-            let records: Vec<String> = chunk.iter().map(|k| self.record_key(k)).collect();
+            let records: Vec<String> = chunk.iter().map(|k| ledger.record_key(k)).collect();
             // Under `Removals` the scan is proof enough that a key exists.
-            let (values, records) = if self.watch.writes() {
-                let mut both = redis::mget(&[chunk, &records[..]].concat())?;
+            let (values, records) = if ledger.watch.writes() {
+                let mut both = self.call(|| redis::mget(&[chunk, &records[..]].concat()))?;
                 let records = both.split_off(chunk.len());
                 (both, records)
             } else {
-                (vec![Some(Vec::new()); chunk.len()], redis::mget(&records)?)
+                (vec![Some(Vec::new()); chunk.len()], self.call(|| redis::mget(&records))?)
             };
-            *calls += 1;
             for ((key, value), record) in chunk.iter().zip(values).zip(records) {
                 // Gone since the scan, or not a string: the records pass
                 // sees to keys that went.
                 let Some(value) = value else { continue };
-                let verdict = judge(self.watch, established, &value, record.as_deref());
+                let verdict = judge(ledger.watch, self.established, &value, record.as_deref());
                 let trigger = Trigger { key: key.clone(), value: Some(value) };
                 match verdict {
-                    Verdict::Unchanged => report.unchanged += 1,
+                    Verdict::Unchanged => self.report.unchanged += 1,
+                    Verdict::Record if self.spent() => return Ok(Step::Stop),
                     Verdict::Record => {
-                        self.settle(&trigger)?;
-                        report.recorded += 1;
+                        self.call(|| ledger.settle(&trigger))?;
+                        self.report.recorded += 1;
                     }
                     Verdict::Act => {
-                        if let Step::Stop = self.hand_over(&trigger, act, report)? {
+                        if let Step::Stop = self.hand_over(&trigger)? {
                             return Ok(Step::Stop);
                         }
                     }
@@ -621,45 +666,35 @@ impl TriggerLedger {
     }
 
     /// The records pass over one page of record keys.
-    fn visit_records(
-        &self,
-        records: &[String],
-        act: &mut impl FnMut(&Trigger) -> Result<(), Error>,
-        report: &mut SweepReport,
-        calls: &mut u32,
-    ) -> Result<Step, Error> {
-        let prefix = self.record_key("");
-        let (keys, stale): (Vec<&str>, Vec<&String>) = records.iter().fold((Vec::new(), Vec::new()), |mut acc, r| {
-            match r.strip_prefix(&prefix).filter(|k| self.triggers.matches(k)) {
-                Some(key) => acc.0.push(key),
-                None => acc.1.push(r),
+    fn records_page(&mut self, records: &[String]) -> Result<Step, Error> {
+        let ledger = self.ledger;
+        let prefix = ledger.record_key("");
+        let (mut keys, mut stale) = (Vec::new(), Vec::new());
+        for record in records {
+            match record.strip_prefix(&prefix).filter(|k| ledger.triggers.matches(k)) {
+                Some(key) => keys.push(key.to_owned()),
+                None => stale.push(record.clone()),
             }
-            acc
-        });
+        }
         if !stale.is_empty() {
-            let stale: Vec<String> = stale.into_iter().cloned().collect();
-            redis::del(&stale)?;
-            *calls += 1;
-            report.stale += u32::try_from(stale.len()).unwrap_or(u32::MAX);
+            self.call(|| redis::del(&stale))?;
+            self.report.stale += u32::try_from(stale.len()).unwrap_or(u32::MAX);
         }
         for chunk in keys.chunks(MGET_CHUNK) {
-            let owned: Vec<String> = chunk.iter().map(|k| k.to_string()).collect();
-            let values = redis::mget(&owned)?;
-            *calls += 1;
-            for (key, value) in owned.into_iter().zip(values) {
+            let values = self.call(|| redis::mget(chunk))?;
+            for (key, value) in chunk.iter().zip(values) {
                 if value.is_some() {
                     continue;
                 }
                 // `MGET` reads other types as missing: ask before calling
                 // a hash or a list gone.
-                if *calls >= self.walk_calls {
+                if self.spent() {
                     return Ok(Step::Stop);
                 }
-                *calls += 1;
-                if redis::exists(&key)? {
+                if self.call(|| redis::exists(key))? {
                     continue;
                 }
-                if let Step::Stop = self.hand_over(&Trigger { key, value: None }, act, report)? {
+                if let Step::Stop = self.hand_over(&Trigger { key: key.clone(), value: None })? {
                     return Ok(Step::Stop);
                 }
             }
@@ -669,19 +704,15 @@ impl TriggerLedger {
 
     /// Hand one trigger to the policy and record it, unless this sweep
     /// has acted on as many as it may.
-    fn hand_over(
-        &self,
-        trigger: &Trigger,
-        act: &mut impl FnMut(&Trigger) -> Result<(), Error>,
-        report: &mut SweepReport,
-    ) -> Result<Step, Error> {
-        if report.acted >= self.changes {
+    fn hand_over(&mut self, trigger: &Trigger) -> Result<Step, Error> {
+        if self.report.acted >= self.ledger.changes {
             return Ok(Step::Stop);
         }
-        act(trigger)?;
-        self.settle(trigger)?;
-        report.acted += 1;
-        report.removed += u32::from(trigger.is_removed());
+        (self.act)(trigger)?;
+        let ledger = self.ledger;
+        self.call(|| ledger.settle(trigger))?;
+        self.report.acted += 1;
+        self.report.removed += u32::from(trigger.is_removed());
         Ok(Step::Go)
     }
 }

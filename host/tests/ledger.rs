@@ -9,6 +9,7 @@ mod common;
 
 use cachepol::fake::FakeHost;
 use cachepol::sandbox::grants::{GrantConfig, Grants};
+use cachepol::sandbox::runtime::LoadOptions;
 use cachepol::wit::{Event, SweepReason};
 
 async fn cascade(config: &str) -> FakeHost {
@@ -24,6 +25,15 @@ async fn flows(host: &mut FakeHost, ids: impl IntoIterator<Item = u32>) {
         host.redis().app_set(&format!("flow:state:{id}"), b"s", None);
     }
     host.redis().take_events();
+}
+
+/// Flows `ids` among `others` keys that are no trigger, for walks of many
+/// pages.
+async fn flows_among(host: &mut FakeHost, ids: std::ops::Range<u32>, others: u32) {
+    for i in 0..others {
+        host.redis().app_set(&format!("other:{i}"), b"x", None);
+    }
+    flows(host, ids).await;
 }
 
 /// Sweep, and return the sweep's note: the triggers acted on, then the
@@ -136,15 +146,11 @@ async fn what_is_watched_decides_what_counts_as_a_change() {
 
 #[tokio::test]
 async fn a_walk_cut_short_by_its_limits_goes_on_at_the_next_sweep() {
-    // Pages of 10 keys, 4 calls per sweep: 120 flows and 300 other keys
+    // Pages of 10 keys, 6 calls per sweep: 120 flows and 300 other keys
     // take many sweeps to walk, and each goes on where the last stopped.
-    let config = r#"{"page_size": 10, "walk_calls": 4, "changes_per_sweep": 7}"#;
+    let config = r#"{"page_size": 10, "walk_calls": 6, "changes_per_sweep": 7}"#;
     let mut host = cascade(config).await;
-    flows(&mut host, 0..120).await;
-    for i in 0..300 {
-        host.redis().app_set(&format!("other:{i}"), b"x", None);
-    }
-    host.redis().take_events();
+    flows_among(&mut host, 0..120, 300).await;
     let mut sweeps = 0;
     loop {
         let note = sweep(&mut host).await;
@@ -154,7 +160,7 @@ async fn a_walk_cut_short_by_its_limits_goes_on_at_the_next_sweep() {
             break;
         }
         assert!(host.redis().snapshot().contains_key("cachepol-state:cascade:walk"), "its place is kept");
-        assert!(sweeps < 200, "the walk never finishes");
+        assert!(sweeps < 400, "the walk never finishes");
     }
     assert!(sweeps > 3, "the limits cut the walk: {sweeps} sweeps");
     let records = host.redis().snapshot().into_keys().filter(|k| k.contains(":seen:")).count();
@@ -186,13 +192,40 @@ async fn a_walk_cut_short_by_its_limits_goes_on_at_the_next_sweep() {
 }
 
 #[tokio::test]
+async fn a_walk_stopped_by_the_hosts_call_budget_still_goes_on_and_finishes() {
+    // The ledger's own limit is left high: the host's budget of 40 calls
+    // per event stops each sweep first, which fails it (the host's rule),
+    // but the walk's place was kept, so the next sweep goes on.
+    let runtime = common::runtime();
+    let compiled = common::compile(&runtime, &common::fixture("cascade"));
+    let budgets = cachepol::sandbox::budget::Budgets { host_calls: 40, ..Default::default() };
+    let options = LoadOptions { config: r#"{"page_size": 10}"#.into(), budgets, ..Default::default() };
+    let mut host = FakeHost::load_on(&runtime, &compiled, &options, cachepol::fake::FakeRedis::new()).await.unwrap();
+    flows_among(&mut host, 0..60, 200).await;
+    let mut sweeps = 0;
+    loop {
+        host.sweep(SweepReason::Gap).await;
+        sweeps += 1;
+        let outcome = &host.deliveries().last().unwrap().report.result;
+        match outcome {
+            Ok(o) if o.note.as_deref().is_some_and(|n| n.ends_with("walk finished")) => break,
+            Ok(_) => {}
+            Err(e) => assert!(e.to_string().contains("more than 40 host calls"), "{e}"),
+        }
+        assert!(sweeps < 100, "the walk never finishes");
+    }
+    assert!(host.failures().count() > 0, "the host's budget cut the walk");
+    let records = host.redis().snapshot().into_keys().filter(|k| k.contains(":seen:")).count();
+    assert_eq!(records, 60);
+}
+
+#[tokio::test]
 async fn a_ledger_without_its_grants_warns_and_the_live_work_goes_on() {
     let runtime = common::runtime();
     let compiled = common::compile(&runtime, &common::fixture("cascade"));
     let grant = |pattern: &str, op: &str| GrantConfig { pattern: pattern.into(), ops: vec![op.into()] };
     let grants = Grants::from_config(&[grant("flow:meta:*", "read"), grant("flow:state:*", "delete")]).unwrap();
-    let options =
-        cachepol::sandbox::runtime::LoadOptions { config: "{}".into(), grants: Some(grants), ..Default::default() };
+    let options = LoadOptions { config: "{}".into(), grants: Some(grants), ..Default::default() };
     let mut host = FakeHost::load_on(&runtime, &compiled, &options, cachepol::fake::FakeRedis::new()).await.unwrap();
     flows(&mut host, [1]).await;
     host.del(&["flow:meta:1"]).await;
