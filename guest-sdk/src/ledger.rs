@@ -96,7 +96,9 @@ use crate::{Error, KeyOps, Manifest, SetOptions, redis, warn};
 pub enum Watch {
     /// A trigger written with another value than the one acted on, or new
     /// since the baseline. Records hold the value; one `SCAN` pass over the
-    /// trigger keys per walk. The trigger keys must be strings (`MGET`).
+    /// trigger keys per walk. The trigger keys should be strings: `MGET`
+    /// reads nothing else, so a hash or list trigger is acted on live (and
+    /// recorded as existing) but never found changed by a sweep.
     Writes,
     /// A trigger acted on that no longer exists (deleted, expired,
     /// evicted). Records are empty markers; a walk is two `SCAN` passes, one
@@ -429,7 +431,15 @@ impl TriggerLedger {
         if !self.triggers.matches(key) {
             return Err(Error::policy(format!("`{key}` is not a trigger of this ledger ({})", self.triggers)));
         }
-        let value = if self.watch.writes() { redis::get(key)? } else { redis::exists(key)?.then(Vec::new) };
+        let value = match self.watch.writes() {
+            true => match redis::get(key) {
+                // A hash or a list: its existence is all a record can hold
+                // (and the sweeps, reading with `MGET`, leave it alone).
+                Err(Error::Redis(why)) if why.contains("WRONGTYPE") => redis::exists(key)?.then(Vec::new),
+                read => read?,
+            },
+            false => redis::exists(key)?.then(Vec::new),
+        };
         let trigger = Trigger { key: key.to_owned(), value };
         let done = act(&trigger)?;
         match self.settle(&trigger) {

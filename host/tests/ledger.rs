@@ -7,7 +7,7 @@
 
 mod common;
 
-use cachepol::fake::FakeHost;
+use cachepol::fake::{AppWrite, FakeHost};
 use cachepol::sandbox::grants::{GrantConfig, Grants};
 use cachepol::sandbox::runtime::LoadOptions;
 use cachepol::wit::{Event, SweepReason};
@@ -117,6 +117,18 @@ async fn what_a_live_event_acted_on_is_not_redone_by_the_sweep() {
     let note = sweep(&mut host).await;
     assert_eq!(acted(&note), "+flow:meta:9", "only the flow created while away: {note}");
     assert_eq!(states(&host), ["flow:state:1"]);
+}
+
+#[tokio::test]
+async fn a_trigger_that_is_a_hash_is_acted_on_live_and_recorded_as_existing() {
+    let mut host = cascade("{}").await;
+    host.redis().app_set("flow:state:1", b"s", None);
+    let fields = [("owner".to_owned(), "ci".to_owned())].into_iter().collect();
+    host.app_write("flow:meta:1", &AppWrite::Hset(fields)).await.unwrap();
+    assert_eq!(host.failures().count(), 0, "{:?}", host.failures().map(|(_, f)| f.to_string()).collect::<Vec<_>>());
+    assert!(states(&host).is_empty(), "the cascade ran");
+    let record = &host.redis().snapshot()["cachepol-state:cascade:seen:flow:meta:1"];
+    assert_eq!(record.value.as_string(), Some(&b""[..]), "its existence, not a value");
 }
 
 #[tokio::test]
