@@ -113,16 +113,16 @@ impl GenreInvalidation {
         self.trigger.capture(key).and_then(|values| values.into_iter().next()).map(|(_, genre)| genre)
     }
 
-    fn invalidate_all<'a>(&self, genres: impl Iterator<Item = &'a str>) -> Result<Outcome, Error> {
-        let mut notes = Vec::new();
-        for genre in genres {
-            if genre.is_empty() {
-                warn!("ignoring an empty genre name");
-                continue;
-            }
-            notes.push(format!("{genre}: {} deleted", self.invalidate(genre)?));
+    /// Invalidate `genre` because a live event or a hook says it changed.
+    /// Its trigger `key` is read first and recorded after (the ledger), so
+    /// the next sweep does not invalidate it again for the same change.
+    fn invalidate_live(&self, genre: &str, key: &str) -> Result<Option<String>, Error> {
+        if genre.is_empty() {
+            warn!("ignoring an empty genre name");
+            return Ok(None);
         }
-        Ok(Outcome::done().with_note(notes.join(", ")))
+        let deleted = self.ledger.act_on(key, |_| self.invalidate(genre))?;
+        Ok(Some(format!("{genre}: {deleted} deleted")))
     }
 }
 
@@ -161,13 +161,18 @@ impl Policy for GenreInvalidation {
     }
 
     fn on_deploy(&mut self, event: DeployEvent) -> Result<Outcome, Error> {
-        self.invalidate_all(event.tags_named(&self.config.tag))
+        let mut notes = Vec::new();
+        for genre in event.tags_named(&self.config.tag) {
+            let key = self.trigger.render_key(&[("genre", genre)]).map_err(|e| Error::policy(e.to_string()))?;
+            notes.extend(self.invalidate_live(genre, &key)?);
+        }
+        Ok(Outcome::done().with_note(notes.join(", ")))
     }
 
     fn on_key(&mut self, event: KeyEvent) -> Result<Outcome, Error> {
         let Some(genre) = self.genre_of(&event.key) else { return Ok(Outcome::done()) };
-        // Recorded once acted on, so the next sweep does not do it again.
-        self.ledger.act_on(&event.key, |_| self.invalidate_all(std::iter::once(genre.as_str())))
+        let note = self.invalidate_live(&genre, &event.key)?;
+        Ok(Outcome::done().with_note(note.unwrap_or_default()))
     }
 
     fn on_sweep(&mut self, reason: SweepReason) -> Result<Outcome, Error> {
@@ -178,9 +183,12 @@ impl Policy for GenreInvalidation {
             if trigger.is_removed() && !self.removals {
                 return Ok(());
             }
-            if let Some(genre) = self.genre_of(&trigger.key) {
-                self.invalidate_all(std::iter::once(genre.as_str()))?;
-                invalidated.push(genre);
+            match self.genre_of(&trigger.key) {
+                Some(genre) if !genre.is_empty() => {
+                    self.invalidate(&genre)?;
+                    invalidated.push(genre);
+                }
+                _ => {}
             }
             Ok(())
         })?;
