@@ -68,10 +68,9 @@ impl Default for Config {
 pub struct GenreInvalidation {
     keys: Vec<Template>,
     trigger: Template,
+    /// What it last acted on per trigger key; a trigger that disappears is
+    /// a change too when `trigger_ops` has a removal.
     ledger: TriggerLedger,
-    /// A trigger that disappears is a change too (`trigger_ops` has a
-    /// removal: `del`, `expired` or `evicted`).
-    removals: bool,
     config: Config,
 }
 
@@ -139,7 +138,7 @@ impl Policy for GenreInvalidation {
         let ledger = TriggerLedger::new(&trigger.wildcard(), &config.state_prefix)
             .map_err(|e| e.to_string())?
             .watching(if removals { Watch::WritesAndRemovals } else { Watch::Writes });
-        Ok(GenreInvalidation { keys, trigger, ledger, removals, config })
+        Ok(GenreInvalidation { keys, trigger, ledger, config })
     }
 
     fn manifest(&self) -> Manifest {
@@ -177,12 +176,9 @@ impl Policy for GenreInvalidation {
 
     fn on_sweep(&mut self, reason: SweepReason) -> Result<Outcome, Error> {
         let mut invalidated = Vec::new();
+        // Triggers that went come only when a removal is one of the events
+        // the policy reacts to (the ledger watches removals then).
         let report = self.ledger.sweep(|trigger| {
-            // A trigger that went is only a change if its removal is one
-            // of the events the policy reacts to; either way it is forgotten.
-            if trigger.is_removed() && !self.removals {
-                return Ok(());
-            }
             match self.genre_of(&trigger.key) {
                 Some(genre) if !genre.is_empty() => {
                     self.invalidate(&genre)?;
