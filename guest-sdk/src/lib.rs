@@ -37,6 +37,9 @@
 //! - `policy` (feature `bindings`): the [`Policy`] trait and the export glue.
 //! - [`redis`], [`log`], [`clock`] (feature `bindings`): what the host lends a
 //!   policy, with a few conveniences.
+//! - [`ledger`] (feature `bindings`): [`TriggerLedger`], what a policy last
+//!   acted on per trigger key, so its sweep finds the triggers whose
+//!   notifications were lost.
 //!
 //! Without the default `bindings` feature only `glob` and `keys` are built;
 //! the host uses them that way, so host and guests share one matcher.
@@ -60,10 +63,15 @@ pub mod glob;
 pub mod keys;
 
 #[cfg(feature = "bindings")]
+pub mod ledger;
+
+#[cfg(feature = "bindings")]
 mod policy;
 #[cfg(feature = "bindings")]
 mod types;
 
+#[cfg(feature = "bindings")]
+pub use ledger::{LedgerError, SweepReport, Trigger, TriggerLedger, Watch};
 #[cfg(feature = "bindings")]
 pub use policy::{NoConfig, Policy};
 #[cfg(feature = "bindings")]
@@ -561,7 +569,7 @@ pub mod prelude {
     pub use crate::keys::{self, Template};
     pub use crate::{
         DeployEvent, Error, Event, ExpireCondition, ExpireRow, KeyEvent, KeyOps, KeyTtl, Manifest, NoConfig, Outcome,
-        Policy, SetCondition, SetOptions, SweepReason, export_policy, redis,
+        Policy, SetCondition, SetOptions, SweepReason, Trigger, TriggerLedger, Watch, export_policy, redis,
     };
     pub use serde::Deserialize;
 }

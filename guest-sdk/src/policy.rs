@@ -148,7 +148,9 @@ pub trait Policy: Sized + 'static {
     /// Keyspace notifications are fire-and-forget, so the host sweeps after
     /// every start, reconnect and dropped event; a policy that reacts to
     /// keys should bring the keyspace to where its events would have left
-    /// it, with bulk calls rather than key by key.
+    /// it, with bulk calls rather than key by key. A policy that reacts to
+    /// a few trigger keys can have a [`TriggerLedger`](crate::TriggerLedger)
+    /// tell it which of them moved since it last acted.
     ///
     /// ```no_run
     /// # use std::time::Duration;

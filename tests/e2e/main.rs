@@ -20,3 +20,4 @@ mod production;
 mod reload;
 mod replicas;
 mod resync;
+mod triggers;

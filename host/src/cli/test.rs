@@ -35,6 +35,7 @@ Steps (one per [[steps]]; writes emit the keyspace events Redis would):
   sadd/srem = { key, members }     zadd = { key, members = {m = score} }   zrem = { key, members }
   advance = seconds                sweep = "start|reconnect|gap|periodic|manual|reload"
   deploy = { service, files, tags = {k = v} or ["k=v"] }   event = { op, key }   expect = {..}
+  unnoticed = [{ set = {..} }, { del = [..] }, ...]   writes whose events are lost (the daemon away)
 Expectations ([expect] and expect steps): present, absent, none_matching, keys (exactly these),
 values, lists, hashes, sets, zsets, ttl ({ key = [min, max] } or "persistent"), denials
 ([{ op, target }], none unless listed), failures (0 unless given).

@@ -32,6 +32,8 @@ pub struct FakeHost {
     policy: LoadedPolicy,
     deliveries: Vec<Delivery>,
     next_id: u64,
+    /// Whether application writes and expiries reach the policy as events.
+    listening: bool,
 }
 
 impl FakeHost {
@@ -52,7 +54,7 @@ impl FakeHost {
         // under this provisional origin.
         let backend = Arc::new(redis.client(&options.label));
         let policy = runtime.load(compiled, backend, options).await?;
-        let mut host = FakeHost { redis, policy, deliveries: Vec::new(), next_id: 1 };
+        let mut host = FakeHost { redis, policy, deliveries: Vec::new(), next_id: 1, listening: true };
         // Rebind the backend so the policy's writes carry its real name.
         host.policy.rebind_backend(Arc::new(host.redis.client(host.policy.name())));
         Ok(host)
@@ -79,6 +81,15 @@ impl FakeHost {
     /// Every failed delivery so far.
     pub fn failures(&self) -> impl Iterator<Item = (&Delivery, &CallFailure)> {
         self.deliveries.iter().filter_map(|d| d.report.result.as_ref().err().map(|f| (d, f)))
+    }
+
+    /// Stop or resume delivering keyspace events: while not listening,
+    /// application writes and expiries change the keyspace and their events
+    /// are dropped, as when the daemon is stopped or its subscription is
+    /// cut. Deploy hooks (a durable stream) and sweeps are still delivered;
+    /// a sweep is how the policy finds out what it missed.
+    pub fn set_listening(&mut self, listening: bool) {
+        self.listening = listening;
     }
 
     /// The application writes `key`.
@@ -164,8 +175,10 @@ impl FakeHost {
 
     /// Deliver pending keyspace events, and those they cause, in order.
     async fn pump(&mut self) {
-        let pending = self.redis.take_events().into();
-        self.dispatch(pending).await;
+        let pending = self.redis.take_events();
+        if self.listening {
+            self.dispatch(pending.into()).await;
+        }
     }
 
     async fn dispatch(&mut self, mut queue: VecDeque<KeyspaceEvent>) {

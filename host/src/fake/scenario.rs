@@ -4,7 +4,9 @@
 //! A scenario gives the policy's config, the keys that exist at the start
 //! (with TTLs), a sequence of steps (application writes, deploy hooks,
 //! sweeps, clock advances, raw keyspace events) and what must hold afterwards
-//! (and optionally at checkpoints in between). TOML or JSON:
+//! (and optionally at checkpoints in between). An `unnoticed` step holds
+//! application writes whose events are lost (the daemon away), so that a
+//! later `sweep` step shows the policy reconciling. TOML or JSON:
 //!
 //! ```toml
 //! description = "a deploy tagged genre=dance drops only dance's keys"
@@ -199,6 +201,10 @@ pub enum Step {
     Zadd(ZaddStep),
     /// The application removes sorted-set members (`ZREM`).
     Zrem(MembersStep),
+    /// Application steps whose keyspace events are lost (the daemon was
+    /// stopped, or its subscription cut): they change the keyspace, the
+    /// policy hears nothing until a sweep. Writes and `advance` only.
+    Unnoticed(Vec<Step>),
     /// A checkpoint: these must hold now.
     Expect(Expect),
 }
@@ -278,6 +284,21 @@ impl Step {
             Step::Zrem(m) => (&m.key, AppWrite::Zrem(m.members.clone())),
             _ => return None,
         })
+    }
+
+    /// The steps an `unnoticed` step holds (none for other steps).
+    fn unnoticed(&self) -> &[Step] {
+        match self {
+            Step::Unnoticed(inner) => inner,
+            _ => &[],
+        }
+    }
+
+    /// Whether this step is something the application (or time) does to
+    /// the keyspace, which is what an `unnoticed` step may hold.
+    fn is_app_side(&self) -> bool {
+        matches!(self, Step::Set(_) | Step::Del(_) | Step::Expire(_) | Step::Persist(_) | Step::Advance(_))
+            || self.app_write().is_some()
     }
 }
 
@@ -423,7 +444,18 @@ impl Scenario {
         for (key, initial) in &scenario.keys {
             initial.value().map_err(|e| format!("keys.\"{key}\": {e}"))?;
         }
-        for step in &scenario.steps {
+        let unnoticed = scenario.steps.iter().filter_map(|s| match s {
+            Step::Unnoticed(inner) => Some(inner),
+            _ => None,
+        });
+        for inner in unnoticed {
+            if inner.is_empty() || !inner.iter().all(Step::is_app_side) {
+                return Err("an `unnoticed` step holds one or more application writes or `advance` steps \
+                            (not deploy, sweep, event, expect or unnoticed)"
+                    .to_owned());
+            }
+        }
+        for step in scenario.steps.iter().chain(scenario.steps.iter().flat_map(Step::unnoticed)) {
             if let Step::Sweep(reason) = step {
                 sweep_reason(reason)?;
             }
@@ -531,44 +563,19 @@ pub async fn run(runtime: &Runtime, compiled: &Compiled, scenario: &Scenario) ->
     let mut seen = 0;
     for (index, step) in scenario.steps.iter().enumerate() {
         match step {
-            Step::Set(s) => host.set(&s.key, s.value.as_bytes(), s.ttl.map(secs)).await,
-            Step::Del(keys) => host.del(&keys.iter().map(String::as_str).collect::<Vec<_>>()).await,
-            Step::Expire(e) => host.expire(&e.key, secs(e.ttl)).await,
-            Step::Persist(key) => host.persist(key).await,
-            Step::Advance(s) => host.advance(secs(*s)).await,
-            Step::Deploy(d) => {
-                let tags = d.tags.pairs().unwrap_or_default();
-                let tags: Vec<(&str, &str)> = tags.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-                let files: Vec<&str> = d.files.iter().map(String::as_str).collect();
-                host.deploy(&d.service, &files, &tags).await;
-            }
-            Step::Sweep(reason) => {
-                if let Ok(reason) = sweep_reason(reason) {
-                    host.sweep(reason).await;
-                }
-            }
-            Step::Event(e) => host.key_event(&e.op, &e.key).await,
-            step @ (Step::Rpush(_)
-            | Step::Lpush(_)
-            | Step::Lpop(_)
-            | Step::Rpop(_)
-            | Step::Hset(_)
-            | Step::Hdel(_)
-            | Step::Sadd(_)
-            | Step::Srem(_)
-            | Step::Zadd(_)
-            | Step::Zrem(_)) => {
-                let (key, write) = step.app_write().expect("a write step");
-                if let Err(e) = host.app_write(key, &write).await {
-                    let what = format!("step {} ({} {key})", index + 1, write.name());
-                    report.failed_checks.push((what, vec![e]));
-                }
-            }
             Step::Expect(expect) => {
                 report.checkpoints += 1;
                 check(&mut report, format!("after step {}", index + 1), expect, &host, seen);
                 seen = host.deliveries().len();
             }
+            Step::Unnoticed(inner) => {
+                host.set_listening(false);
+                for step in inner {
+                    apply(&mut host, step, index, &mut report).await;
+                }
+                host.set_listening(true);
+            }
+            step => apply(&mut host, step, index, &mut report).await,
         }
     }
     if let Some(expect) = &scenario.expect {
@@ -577,6 +584,48 @@ pub async fn run(runtime: &Runtime, compiled: &Compiled, scenario: &Scenario) ->
     }
     report.deliveries = host.deliveries().len();
     report
+}
+
+/// Carry out step `index` (any but a checkpoint or an `unnoticed` list);
+/// a write Redis would refuse fails the scenario there.
+async fn apply(host: &mut FakeHost, step: &Step, index: usize, report: &mut ScenarioReport) {
+    match step {
+        Step::Set(s) => host.set(&s.key, s.value.as_bytes(), s.ttl.map(secs)).await,
+        Step::Del(keys) => host.del(&keys.iter().map(String::as_str).collect::<Vec<_>>()).await,
+        Step::Expire(e) => host.expire(&e.key, secs(e.ttl)).await,
+        Step::Persist(key) => host.persist(key).await,
+        Step::Advance(s) => host.advance(secs(*s)).await,
+        Step::Deploy(d) => {
+            let tags = d.tags.pairs().unwrap_or_default();
+            let tags: Vec<(&str, &str)> = tags.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            let files: Vec<&str> = d.files.iter().map(String::as_str).collect();
+            host.deploy(&d.service, &files, &tags).await;
+        }
+        Step::Sweep(reason) => {
+            if let Ok(reason) = sweep_reason(reason) {
+                host.sweep(reason).await;
+            }
+        }
+        Step::Event(e) => host.key_event(&e.op, &e.key).await,
+        step @ (Step::Rpush(_)
+        | Step::Lpush(_)
+        | Step::Lpop(_)
+        | Step::Rpop(_)
+        | Step::Hset(_)
+        | Step::Hdel(_)
+        | Step::Sadd(_)
+        | Step::Srem(_)
+        | Step::Zadd(_)
+        | Step::Zrem(_)) => {
+            let (key, write) = step.app_write().expect("a write step");
+            if let Err(e) = host.app_write(key, &write).await {
+                let what = format!("step {} ({} {key})", index + 1, write.name());
+                report.failed_checks.push((what, vec![e]));
+            }
+        }
+        // Handled by `run`.
+        Step::Expect(_) | Step::Unnoticed(_) => {}
+    }
 }
 
 fn show_value(value: &Value) -> String {
@@ -785,6 +834,24 @@ mod tests {
         assert!(err.contains("name=value"), "{err}");
         let err = Scenario::parse("[[steps]]\nfly = 1\n[expect]\n", false).unwrap_err();
         assert!(err.contains("fly"), "{err}");
+    }
+
+    #[test]
+    fn unnoticed_steps_hold_application_writes_only() {
+        let s = Scenario::parse(
+            "[[steps]]\nunnoticed = [{ set = { key = \"k\", value = \"v\" } }, { del = [\"k\"] }, { advance = 1 }]\n[expect]\n",
+            false,
+        )
+        .unwrap();
+        assert!(matches!(&s.steps[0], Step::Unnoticed(inner) if inner.len() == 3));
+        for inner in ["[]", "[{ sweep = \"gap\" }]", "[{ unnoticed = [{ advance = 1 }] }]", "[{ expect = {} }]"] {
+            let err = Scenario::parse(&format!("[[steps]]\nunnoticed = {inner}\n[expect]\n"), false).unwrap_err();
+            assert!(err.contains("an `unnoticed` step holds"), "{inner}: {err}");
+        }
+        let err =
+            Scenario::parse("[[steps]]\nunnoticed = [{ sadd = { key = \"s\", members = [] } }]\n[expect]\n", false)
+                .unwrap_err();
+        assert!(err.contains("sadd s: needs at least one element"), "checked like any write: {err}");
     }
 
     #[test]
