@@ -180,12 +180,11 @@ async fn run_wired(
     if routes.load().routes().is_empty() {
         warn!(dir = %reloader.dir().display(), "no policy loaded yet");
     }
-    let added = notify::ensure(
-        &mut redis.connection(),
-        &notify::required(&routes.load().manifests()),
-        config.configure_notifications,
-    )
-    .await?;
+    // What the value cannot show (`n` under `A`) the subscriber probes.
+    let needed = notify::required(&routes.load().manifests());
+    let added = notify::ensure(&mut redis.connection(), &needed, config.configure_notifications, None)
+        .await?
+        .require(&needed)?;
     if !added.is_empty() {
         info!(added = %notify::text(&added), "enabled keyspace notification flags");
     }

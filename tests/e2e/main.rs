@@ -11,6 +11,7 @@ mod deploy_hooks;
 mod echo;
 mod failures;
 mod faults;
+mod flags;
 mod grants;
 mod index;
 mod lanes;

@@ -10,7 +10,8 @@
 //!   `notify-keyspace-events` itself), `DEBUG`, ...;
 //! - each policy grant's key pattern, read-only (`%R~`), write-only (`%W~`)
 //!   or both (`~`) as its operations need, plus the deploy stream, its
-//!   dead-letter stream, and the kill switch's set (read-only);
+//!   dead-letter stream, the kill switch's set (read-only), and the keys
+//!   the subscriber probes the notification flags with (write-only);
 //! - the one pub/sub pattern the daemon subscribes to, and the channels of
 //!   its echo fences (which it publishes to and subscribes to itself).
 
@@ -23,6 +24,7 @@ use anyhow::{Context, Result, bail};
 use cachepol::config::DeployConfig;
 use cachepol::dispatch::reload::policy_files;
 use cachepol::fake::FakeRedis;
+use cachepol::intake::notify::PROBE_PREFIX;
 use cachepol::sandbox::runtime::{Runtime, RuntimeConfig, content_hash};
 use cachepol::wit::KeyOps;
 use clap::Args;
@@ -206,6 +208,8 @@ pub fn setuser_args(req: &AclRequest<'_>) -> Vec<String> {
         key_rule(&cachepol_guest_sdk::glob::escape(&req.deploy.dead_letter), KeyOps::WRITE),
         key_rule(&cachepol_guest_sdk::glob::escape(req.control_key), KeyOps::READ),
         key_rule(&cachepol_guest_sdk::glob::escape(req.sweep_key), KeyOps::READ),
+        // The probes of the notification flags (`A` hides `n`).
+        key_rule(&format!("{PROBE_PREFIX}*"), KeyOps::WRITE),
     ]
     .into_iter()
     // The lease (`<key>:db<N>`) and its token counter (`<key>:db<N>:token`),
@@ -285,6 +289,7 @@ mod tests {
             args.contains(&"~cachepol:deploys".to_owned()) && args.contains(&"%W~cachepol:deploys:dead".to_owned())
         );
         assert!(args.contains(&"%R~cachepol:control:disabled".to_owned()));
+        assert!(args.contains(&"%W~cachepol:probe:*".to_owned()), "the flags' probes");
         assert!(!args.contains(&"+incr".to_owned()), "no lease, no INCR");
         let with_lease =
             setuser_args(&AclRequest { lease_key: Some("cachepol:lease:events"), grants: req.grants.clone(), ..req });

@@ -12,7 +12,8 @@
 //! Redis may evict the daemon's own keys.
 //! [`index`] keeps the names of the keys bulk operations can reach, fed by
 //! the keyspace subscriber, so that they walk names instead of scanning
-//! Redis ([`keyset`] stores them).
+//! Redis ([`keyset`] stores them); [`flags`] reads `notify-keyspace-events`
+//! values, for it and for the subscriber.
 //!
 //! Receives calls from the sandbox's host API, and every notification from
 //! intake (for the index); hands back Redis's answers.
@@ -23,6 +24,7 @@ pub mod backend;
 pub(crate) mod dryrun;
 pub(crate) mod echo;
 pub mod eviction;
+pub mod flags;
 pub mod index;
 pub mod keyset;
 pub mod memory;
