@@ -124,11 +124,7 @@ fn ake_then_config_set_aken_is_seen_by_a_probe() {
     assert_eq!(missing["flags"], "n", "{status}");
     assert_eq!(missing["needed_by"], "key index", "{status}");
     assert!(missing["cost"].as_str().unwrap().contains("SCAN"), "{status}");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cachepol"))
-        .args(["status", "--admin", &daemon.admin()])
-        .output()
-        .unwrap();
-    let table = String::from_utf8_lossy(&out.stdout);
+    let table = status_table(&daemon.admin());
     assert!(table.contains("missing `n` for the key index") && table.contains("SCAN"), "{table}");
     write(&redis, "before", 3);
     assert_eq!(wipe(&redis, &daemon), 3);

@@ -19,4 +19,5 @@ mod ops;
 mod policies;
 mod reload;
 mod replicas;
+mod replicas_default;
 mod resync;

@@ -59,8 +59,11 @@ use crate::store::index::{self, KeyIndex};
 use crate::wit::SweepReason;
 
 /// Fault injection for tests: with this set (milliseconds), the reader
-/// stalls that long before routing each keyspace event, as a subscriber
-/// far behind Redis would. Never set in production.
+/// stalls that long before routing each keyspace event of a key not the
+/// daemon's own, as a subscriber far behind Redis would. (The lease's
+/// renewals and the daemons' roll call notify every few seconds: stalled
+/// too, they alone would keep the reader behind for ever.) Never set in
+/// production.
 const LAG_ENV: &str = "CACHEPOL_FAULT_SUBSCRIBER_LAG_MS";
 
 /// How often the subscription connection is pinged to notice a dead peer.
@@ -302,10 +305,12 @@ impl Subscriber {
             if let Some(reason) = reason.filter(|_| self.switches.routes_node(self.shard())) {
                 self.routes.load().sweep_all(reason);
             }
+            // Subscribed before ready: the lease is taken only by a daemon
+            // subscribed, right after it is ready.
+            self.nodes.update(&self.node, |s| s.subscribed = true);
             if let Some(tx) = ready.take() {
                 let _ = tx.send(());
             }
-            self.nodes.update(&self.node, |s| s.subscribed = true);
             let stopped = self.watch(conn, channels, &link, &probe, &shutdown).await;
             if stopped {
                 return;
@@ -708,9 +713,6 @@ impl AsyncPushSender for Router {
 impl Router {
     /// Route a message from a keyevent channel.
     fn deliver(&self, channel: &[u8], payload: &[u8]) {
-        if let Some(lag) = self.lag {
-            std::thread::sleep(lag);
-        }
         if !std::str::from_utf8(channel).is_ok_and(|channel| self.route(channel, payload)) {
             let skipped = self.skipped.fetch_add(1, Ordering::Relaxed) + 1;
             if skipped.is_power_of_two() {
@@ -725,11 +727,15 @@ impl Router {
         if self.probe.observe(op, payload) {
             return true;
         }
+        let own = self.switches.lease.is_own_key(payload);
+        if let Some(lag) = self.lag.filter(|_| !own) {
+            std::thread::sleep(lag);
+        }
         self.index.observe(op, payload);
         let origin = self.ledger.claim(op, payload);
         // Another daemon holds the lease: it handles this event. The
         // lease's own keys are no application's.
-        if !self.switches.routes_node(self.shard) || self.switches.lease.is_own_key(payload) {
+        if !self.switches.routes_node(self.shard) || own {
             return true;
         }
         let routed = self.routes.load().key_event(db, self.shard, op, payload, origin.as_ref(), self.hop_limit);
