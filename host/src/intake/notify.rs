@@ -133,6 +133,8 @@ pub struct Checked {
     pub probed: Option<Probed>,
     /// Why the flags in `missing` were not set.
     pub not_set: Option<String>,
+    /// The daemon tried to set them (`--configure-notifications`).
+    pub tried: bool,
 }
 
 impl Checked {
@@ -169,8 +171,11 @@ impl Checked {
         if missing.is_empty() {
             return Ok(self.added());
         }
+        // Said when setting them failed: the advice to pass
+        // --configure-notifications is no help then.
+        let refused = self.not_set.as_deref().filter(|_| self.tried).map(|why| format!("; {why}"));
         Err(NotifyError::Missing {
-            why: self.why(),
+            why: format!("{}{}", self.why(), refused.unwrap_or_default()),
             current: self.read.clone(),
             needed: text(needed),
             missing: text(&missing),
@@ -427,6 +432,7 @@ pub async fn ensure(
         checked.not_set = Some("the daemon may not set them (no --configure-notifications)".into());
         return Ok(checked);
     }
+    checked.tried = true;
     let wanted: BTreeSet<char> = Flags::parse(&checked.read).on.union(needed).copied().collect();
     let mut set = redis::cmd("CONFIG");
     set.arg("SET").arg("notify-keyspace-events").arg(value(&wanted));
@@ -467,6 +473,29 @@ mod tests {
         assert_eq!(class_of("xadd"), Some('t'));
         assert_eq!(class_of("new"), Some('n'));
         assert_eq!(class_of("weird"), None);
+    }
+
+    #[test]
+    fn the_error_says_what_the_value_hid_and_why_nothing_was_set() {
+        let needed: BTreeSet<char> = "En".chars().collect();
+        let n: BTreeSet<char> = ['n'].into();
+        let checked = Checked {
+            read: "AKE".into(),
+            now: "AKE".into(),
+            off: n.clone(),
+            missing: n,
+            probed: Some(Probed::NotSent),
+            not_set: Some("Redis refused CONFIG SET: NOPERM".into()),
+            tried: true,
+        };
+        let e = checked.require(&needed).unwrap_err().to_string();
+        assert!(e.contains("missing `n` (`AKE` does not show `n`: a probe's `new` notification did not come back); Redis refused CONFIG SET: NOPERM"), "{e}");
+        assert!(e.contains("CONFIG SET notify-keyspace-events AKEn"), "{e}");
+        let not_allowed = Checked { tried: false, not_set: Some("no --configure-notifications".into()), ..checked };
+        let e = not_allowed.require(&needed).unwrap_err().to_string();
+        assert!(!e.contains("; no --configure-notifications"), "the message ends with that advice: {e}");
+        let state = not_allowed.state(&BTreeSet::new(), &needed);
+        assert_eq!((state.missing[0].flags.as_str(), state.missing[0].needed_by.as_str()), ("n", "key index"));
     }
 
     #[test]
