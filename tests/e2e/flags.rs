@@ -160,3 +160,34 @@ fn flags_turned_off_and_back_are_a_real_gap_and_the_index_is_rebuilt_once() {
     wipe_through_the_index(&redis, &daemon, 2);
     assert_eq!(daemon.stop(), Some(0));
 }
+
+/// The ACL user `cachepol acl` describes without --configure-notifications
+/// (no `CONFIG SET`), running a daemon told to set the flags: Redis refuses,
+/// and the daemon says so once, with what is missing and what it costs.
+#[test]
+fn an_acl_user_refused_config_set_says_once_what_is_missing_and_the_cost() {
+    let redis = server("KEA");
+    let setup = wiper("");
+    let url = format!("redis://cachepol:s3cret@127.0.0.1:{}", redis.port);
+    let out = acl(&url, &setup, &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let line = String::from_utf8(out.stdout).unwrap();
+    assert!(line.contains("~cachepol:probe:*") && !line.contains("config|set"), "{line}");
+    redis.cmd::<()>(&line.split_whitespace().collect::<Vec<_>>());
+    let daemon = Daemon::spawn_url(&url, &setup, &["--configure-notifications"], "info,cachepol=debug");
+    daemon.wait_for("cachepol ready", Duration::from_secs(60));
+    let unused = "the key index stays unused";
+    daemon.wait_for(unused, Duration::from_secs(20));
+    let said = daemon.log_text().lines().find(|l| l.contains(unused)).unwrap().to_owned();
+    for part in ["`n`", "did not come back", "Redis refused CONFIG SET", "bulk operations will SCAN"] {
+        assert!(said.contains(part), "{part} in {said}");
+    }
+    let status = flags_status(&daemon);
+    assert!(status["missing"][0]["not_set"].as_str().unwrap().contains("refused"), "{status}");
+    write(&redis, "scanned", 3);
+    assert_eq!(wipe(&redis, &daemon), 3, "bulk operations scan, as the ACL user");
+    std::thread::sleep(Duration::from_secs(6));
+    assert_eq!(count(&daemon, unused), 1, "said once\n{}", daemon.log_text());
+    assert_eq!(flags(&redis), "AKE", "nothing set");
+    assert_eq!(daemon.stop(), Some(0));
+}
