@@ -106,7 +106,8 @@ pub struct Config {
     pub deploy_token: Option<String>,
     /// The key index that serves bulk operations.
     pub index: IndexConfig,
-    /// Several daemons on one Redis ([`crate::intake::lease`]).
+    /// Several daemons on one Redis ([`crate::intake::lease`]), on by
+    /// default.
     pub replicas: ReplicaConfig,
 }
 
@@ -115,7 +116,11 @@ pub struct Config {
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ReplicaConfig {
-    /// Off by default: a single daemon needs no lease.
+    /// On by default: a second daemon started with the same config (a
+    /// Deployment scaled to two, a unit started twice) must not handle
+    /// every event again. A lone daemon simply holds the lease. Off, each
+    /// daemon handles every keyspace event, and one that sees another on
+    /// its Redis names it ([`crate::intake::peers`]).
     pub enabled: bool,
     /// How long a lease lives without renewal: a standby takes over within
     /// about this long after the holder dies (at once when it stops).
@@ -126,7 +131,7 @@ pub struct ReplicaConfig {
 
 impl Default for ReplicaConfig {
     fn default() -> ReplicaConfig {
-        ReplicaConfig { enabled: false, lease_ttl_ms: 5000, lease_key: "cachepol:lease:events".into() }
+        ReplicaConfig { enabled: true, lease_ttl_ms: 5000, lease_key: "cachepol:lease:events".into() }
     }
 }
 
@@ -536,6 +541,8 @@ mod tests {
         .unwrap();
         assert_eq!(c.deploy.stream, "deploys");
         assert_eq!(c.deploy.group, "cachepol", "unset keys keep their defaults");
+        assert!(c.replicas.enabled, "replicas share one lease by default");
+        assert!(!Config::parse("[replicas]\nenabled = false\n").unwrap().replicas.enabled);
         assert_eq!(c.budgets.fuel, 1000);
         assert_eq!(c.budgets.host_calls, Budgets::default().host_calls);
         let p = c.policy("genre-invalidation");

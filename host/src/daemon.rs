@@ -42,6 +42,7 @@ use crate::intake::deploy::DeployConsumer;
 use crate::intake::events::{Backoff, Subscriber};
 use crate::intake::lease;
 use crate::intake::notify::{self, NotifyError};
+use crate::intake::peers::{self, Peers};
 use crate::metrics::{Readiness, metrics};
 use crate::sandbox::runtime::{Runtime, RuntimeConfig, RuntimeError};
 use crate::store::announce::Announcer;
@@ -141,6 +142,7 @@ async fn run_wired(
     let registry = Registry::new(runtime, config.clone(), redis.clone(), ledger.clone(), switches.clone());
     let routes = registry.routes();
     let nodes = Arc::new(Nodes::default());
+    let peers = Arc::new(Peers::default());
     if let Some(announcer) = &announcer {
         // A write on a node this daemon routes is recognised by its own
         // ledger: only writes landing on another replica's shard need
@@ -155,6 +157,7 @@ async fn run_wired(
         index: index.clone(),
         redis: redis.connection(),
         nodes: nodes.clone(),
+        peers: peers.clone(),
     });
     let mut reloader = Reloader::new(registry, &config.policies_dir)
         .map_err(|error| DaemonError::PoliciesDir { path: config.policies_dir.clone(), error })?;
@@ -180,12 +183,11 @@ async fn run_wired(
     if routes.load().routes().is_empty() {
         warn!(dir = %reloader.dir().display(), "no policy loaded yet");
     }
-    let added = notify::ensure(
-        &mut redis.connection(),
-        &notify::required(&routes.load().manifests()),
-        config.configure_notifications,
-    )
-    .await?;
+    // What the value cannot show (`n` under `A`) the subscriber probes.
+    let needed = notify::required(&routes.load().manifests());
+    let added = notify::ensure(&mut redis.connection(), &needed, config.configure_notifications, None)
+        .await?
+        .require(&needed)?;
     if !added.is_empty() {
         info!(added = %notify::text(&added), "enabled keyspace notification flags");
     }
@@ -239,6 +241,7 @@ async fn run_wired(
         routes: routes.clone(),
     };
     sources.spawn(control::watch(watch, intake.clone()));
+    sources.spawn(peers::run(peers, switches.clone(), redis.connection(), intake.clone()));
     let reloading = tokio::spawn(reloader.run(intake.clone()));
 
     // The lease outlives intake: it is given back only once the calls in
@@ -253,7 +256,14 @@ async fn run_wired(
             if switches.lease.enabled() {
                 match RedisBackend::connect(&target).await {
                     Ok(own) => {
-                        leasing = Some(tokio::spawn(lease::run(switches.clone(), nodes.clone(), own.connection(), routes.clone(), lease_stop.clone())));
+                        let (settled_tx, settled) = tokio::sync::oneshot::channel();
+                        leasing = Some(tokio::spawn(lease::run(switches.clone(), nodes.clone(), own.connection(), routes.clone(), lease_stop.clone(), settled_tx)));
+                        // Ready once the lease is taken or seen held: a
+                        // lone daemon handles what is written after this.
+                        tokio::select! {
+                            _ = shutdown.cancelled() => {}
+                            _ = tokio::time::timeout(switches.lease.ttl, settled) => {}
+                        }
                     }
                     Err(e) => warn!(error = %e, "no connection for the keyspace-event lease; this daemon stands by"),
                 }

@@ -74,6 +74,9 @@ pub struct Metrics {
     /// Set at each scrape.
     pub resident_memory: Gauge,
     pub index_keys: Gauge,
+    pub index_builds: Counter,
+    /// Other daemons seen on the same Redis ([`crate::intake::peers`]).
+    pub peer_daemons: Gauge,
     pub lease_held: Gauge,
     pub lease_token: Gauge,
     pub lease_takeovers: Counter,
@@ -114,6 +117,8 @@ impl Metrics {
             redis_errors: Counter::default(),
             resident_memory: Gauge::default(),
             index_keys: Gauge::default(),
+            index_builds: Counter::default(),
+            peer_daemons: Gauge::default(),
             lease_held: Gauge::default(),
             lease_token: Gauge::default(),
             lease_takeovers: Counter::default(),
@@ -193,6 +198,16 @@ impl Metrics {
             m.resident_memory.clone(),
         );
         r.register("index_keys", "Key names the key index holds", m.index_keys.clone());
+        r.register(
+            "index_builds",
+            "Key index builds, each one SCAN pass: at start, after a real gap (a lost subscription, flags found off), for a newly indexed pattern",
+            m.index_builds.clone(),
+        );
+        r.register(
+            "peer_daemons",
+            "Other cachepol daemons seen on the same Redis (with [replicas] enabled = false each handles every event)",
+            m.peer_daemons.clone(),
+        );
         r.register(
             "lease_held",
             "1 while this daemon holds the keyspace-event lease ([replicas])",

@@ -17,7 +17,8 @@ fn crash_mid_hook_then_restart(deploy_config: &str, recovered_by: &str) {
     ));
     let daemon = Daemon::start(&redis, &stuck);
     deploy(&redis, &["--service", "catalog", "--tag", "genre=dance"]);
-    daemon.wait_for("deploy hook", Duration::from_secs(20));
+    // The hook taken (not the start-up line, "reading deploy hooks").
+    daemon.wait_for("deploy hook service=", Duration::from_secs(20));
     assert_eq!(pending(&redis), 1, "read but not acknowledged");
     daemon.kill();
     assert!(redis.exists("graph_data:dance"));

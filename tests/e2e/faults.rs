@@ -173,7 +173,8 @@ fn a_pending_hook_deleted_from_the_stream_is_dead_lettered_not_lost() {
     );
     let daemon = Daemon::start(&redis, &stuck);
     let id = deploy(&redis, &["--service", "catalog", "--tag", "genre=dance"]);
-    daemon.wait_for("deploy hook", Duration::from_secs(20));
+    // The hook taken (not the start-up line, "reading deploy hooks").
+    daemon.wait_for("deploy hook service=", Duration::from_secs(20));
     daemon.kill();
     // Trimmed away (here by hand) while still pending.
     redis.cmd::<i64>(&["XDEL", "cachepol:deploys", &id]);

@@ -11,17 +11,17 @@ use crate::support::*;
 
 /// A recorder that wipes `idx:a:*` on every deploy hook; its grants make
 /// the daemon index `idx:*`.
-fn wiper(extra_config: &str) -> Setup {
+pub(crate) fn wiper(extra_config: &str) -> Setup {
     Setup::new(&["recorder"]).config(&format!(
         "[policies.recorder]\nconfig = {{ name = \"idx\", ops = [\"persist\"], patterns = [\"idx:*\"], wipe = \"idx:a:*\" }}\n{extra_config}"
     ))
 }
 
-const INDEX_COMPLETE: &str = "key index complete: bulk operations on this pattern use it pattern=idx:*";
-const SERVED: &str = "bulk operation served by the key index";
-const SCANNED: &str = "bulk operation scans";
+pub(crate) const INDEX_COMPLETE: &str = "key index complete: bulk operations on this pattern use it pattern=idx:*";
+pub(crate) const SERVED: &str = "bulk operation served by the key index";
+pub(crate) const SCANNED: &str = "bulk operation scans";
 
-fn count(daemon: &Daemon, needle: &str) -> usize {
+pub(crate) fn count(daemon: &Daemon, needle: &str) -> usize {
     daemon.log_text().matches(needle).count()
 }
 
@@ -31,7 +31,7 @@ fn get(redis: &RedisServer, key: &str) -> u64 {
 
 /// Send a deploy hook and wait until the wipe it causes is done; the keys
 /// it deleted.
-fn wipe(redis: &RedisServer, daemon: &Daemon) -> u64 {
+pub(crate) fn wipe(redis: &RedisServer, daemon: &Daemon) -> u64 {
     let before = (get(redis, "recorder:idx:wiped"), get(redis, "recorder:idx:wiped_keys"));
     let _: String = redis.cmd(&["XADD", "cachepol:deploys", "*", "service", "web"]);
     eventually(daemon, &format!("the wipe after {before:?} on {}", redis.url()), || {

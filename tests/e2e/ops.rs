@@ -82,32 +82,39 @@ fn a_dead_letter_can_be_dropped_and_replay_all_sends_every_one_back() {
     assert_eq!(daemon.stop(), Some(0));
 }
 
+/// `cachepol sweep` reaches every daemon running the policy: with replicas
+/// (the default) the one holding the lease runs it, once; with replicas off
+/// each of them does.
 #[test]
-fn cachepol_sweep_runs_the_policys_sweep_in_every_daemon() {
-    let redis = RedisServer::start();
-    let setup = Setup::new(&["ttl-table"]);
-    let first = Daemon::start(&redis, &setup);
-    let second = Daemon::start(&redis, &setup);
-    // Written with notifications off: only a sweep can find it.
-    redis.cmd::<()>(&["CONFIG", "SET", "notify-keyspace-events", ""]);
-    redis.cmd::<()>(&["SET", "job:unseen", "v"]);
-    redis.cmd::<()>(&["CONFIG", "SET", "notify-keyspace-events", "KEA"]);
-    assert_eq!(redis.cmd::<i64>(&["TTL", "job:unseen"]), -1);
-    let (ok, text) = cli(&redis, &["sweep", "ttl-table"]);
-    assert!(ok && text.contains("sweep(manual) of ttl-table requested"), "{text}");
-    for daemon in [&first, &second] {
-        daemon.wait_for("sweep requested by the operator", Duration::from_secs(10));
-        let admin = daemon.admin();
-        eventually(daemon, "the manual sweep is counted", || {
-            let (_, m) = http(&admin, "GET", "/metrics", &[], b"");
-            metric(&m, "cachepol_sweeps_total{policy=\"ttl-table\",kind=\"manual\"}") == 1.0
-        });
+fn cachepol_sweep_runs_the_policys_sweep_once_or_in_every_daemon_without_replicas() {
+    for (config, sweeps) in [("", [1.0, 0.0]), ("[replicas]\nenabled = false", [1.0, 1.0])] {
+        let redis = RedisServer::start();
+        let setup = Setup::new(&["ttl-table"]).config(config);
+        let first = Daemon::start(&redis, &setup);
+        let second = Daemon::start(&redis, &setup);
+        // Written with notifications off: only a sweep can find it.
+        redis.cmd::<()>(&["CONFIG", "SET", "notify-keyspace-events", ""]);
+        redis.cmd::<()>(&["SET", "job:unseen", "v"]);
+        redis.cmd::<()>(&["CONFIG", "SET", "notify-keyspace-events", "KEA"]);
+        assert_eq!(redis.cmd::<i64>(&["TTL", "job:unseen"]), -1);
+        let (ok, text) = cli(&redis, &["sweep", "ttl-table"]);
+        assert!(ok && text.contains("sweep(manual) of ttl-table requested"), "{text}");
+        let manual = |daemon: &Daemon| {
+            let (_, m) = http(&daemon.admin(), "GET", "/metrics", &[], b"");
+            metric(&m, "cachepol_sweeps_total{policy=\"ttl-table\",kind=\"manual\"}")
+        };
+        // The first daemon holds the lease when there is one.
+        first.wait_for("sweep requested by the operator", Duration::from_secs(10));
+        eventually(&first, "the manual sweep is counted", || manual(&first) == 1.0);
+        eventually(&first, "the sweep gave the key its TTL", || redis.cmd::<i64>(&["TTL", "job:unseen"]) > 0);
+        eventually(&second, "the second daemon's part", || manual(&second) == sweeps[1]);
+        std::thread::sleep(Duration::from_millis(1500));
+        assert_eq!([manual(&first), manual(&second)], sweeps, "config {config:?}");
+        let (ok, text) = cli(&redis, &["sweep", "ttl-table", "--reason", "sideways"]);
+        assert!(!ok && text.contains("not a sweep reason"), "{text}");
+        assert_eq!(first.stop(), Some(0));
+        assert_eq!(second.stop(), Some(0));
     }
-    eventually(&first, "the sweep gave the key its TTL", || redis.cmd::<i64>(&["TTL", "job:unseen"]) > 0);
-    let (ok, text) = cli(&redis, &["sweep", "ttl-table", "--reason", "sideways"]);
-    assert!(!ok && text.contains("not a sweep reason"), "{text}");
-    assert_eq!(first.stop(), Some(0));
-    assert_eq!(second.stop(), Some(0));
 }
 
 fn hangup(daemon: &Daemon) {

@@ -61,7 +61,9 @@ fn a_cache_of_millions_written_while_no_daemon_ran_gets_every_ttl() {
     let redis = RedisServer::start_with(PRODUCTION);
     populate(&redis, MILLIONS, "job");
     assert_eq!(keyspace(&redis), (MILLIONS, 0));
-    let daemon = Daemon::start(&redis, &Setup::new(&["ttl-table"]));
+    // Kept until the end: the daemon watches the directory it holds.
+    let setup = Setup::new(&["ttl-table"]);
+    let daemon = Daemon::start(&redis, &setup);
     within_minutes(&daemon, "every job:* key with its TTL", || keyspace(&redis).1 >= MILLIONS);
     // The walk took several slices, and said so once it was done.
     within_minutes(&daemon, "the sweep's final line", || daemon.log_text().contains("walked to the end"));
@@ -106,7 +108,8 @@ fn a_hook_deleting_millions_of_keys_finishes_and_leaves_the_rest() {
     let redis = RedisServer::start_with(PRODUCTION);
     populate(&redis, MILLIONS, "quiz");
     populate(&redis, 1_000, "keep");
-    let daemon = Daemon::start(&redis, &Setup::new(&["file-cache-clear"]));
+    let setup = Setup::new(&["file-cache-clear"]);
+    let daemon = Daemon::start(&redis, &setup);
     deploy(&redis, &["--service", "quiz", "--file", "quiz_generator.py"]);
     within_minutes(&daemon, "the hook handled and acknowledged", || {
         pending(&redis) == 0 && keyspace(&redis).0 < 10_000

@@ -1,12 +1,13 @@
-//! Several daemons on one Redis (`[replicas]`): one holds the keyspace-event
-//! lease and handles each event and hook once; when it dies or freezes the
-//! other takes over and sweeps; when it stops it hands over.
+//! Several daemons on one Redis (`[replicas]`, on by default; here with a
+//! shorter lease): one holds the keyspace-event lease and handles each
+//! event and hook once; when it dies or freezes the other takes over and
+//! sweeps; when it stops it hands over.
 
 use std::time::Duration;
 
 use crate::support::{Daemon, RedisServer, Setup, deploy, eventually, http};
 
-const REPLICAS: &str = "[replicas]\nenabled = true\nlease_ttl_ms = 3000";
+const REPLICAS: &str = "[replicas]\nlease_ttl_ms = 3000";
 
 fn holds(daemon: &Daemon) -> bool {
     let (code, status) = http(&daemon.admin(), "GET", "/status", &[], b"");
@@ -99,7 +100,7 @@ fn a_holder_that_stops_gives_the_lease_back() {
     let redis = RedisServer::start();
     // A TTL far longer than the wait below: only the hand-over explains
     // the takeover.
-    let setup = Setup::new(&["recorder"]).config("[replicas]\nenabled = true\nlease_ttl_ms = 600000");
+    let setup = Setup::new(&["recorder"]).config("[replicas]\nlease_ttl_ms = 600000");
     let (a, b) = pair(&redis, &setup);
     assert_eq!(a.stop(), Some(0));
     b.wait_for("took the keyspace-event lease", Duration::from_secs(60));

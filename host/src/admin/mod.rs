@@ -56,6 +56,7 @@ pub(crate) struct Wired {
     pub(crate) redis: Conn,
     pub(crate) switches: Arc<Switches>,
     pub(crate) nodes: Arc<crate::intake::cluster::Nodes>,
+    pub(crate) peers: Arc<crate::intake::peers::Peers>,
 }
 
 /// The server's shared state.

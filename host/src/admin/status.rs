@@ -37,8 +37,13 @@ pub struct Status {
     /// What keeps it from being ready.
     pub not_ready: Vec<String>,
     pub redis: RedisStatus,
-    /// The keyspace-event lease, when replicas share the work.
+    /// The keyspace-event lease, when replicas share the work (the
+    /// default; absent with `[replicas] enabled = false`).
     pub lease: Option<LeaseStatus>,
+    /// The other daemons seen on this Redis ([`crate::intake::peers`]), by
+    /// id. With no lease, each of them handles every keyspace event too.
+    #[serde(default)]
+    pub peers: Vec<String>,
     /// The keyspace subscriptions: one, or one per primary of a cluster.
     #[serde(default)]
     pub subscriptions: Vec<NodeState>,
@@ -166,6 +171,7 @@ pub(super) async fn status(State(admin): State<Arc<Admin>>) -> Response {
                     .collect()
             }),
         }),
+        peers: wired.peers.snapshot(),
         subscriptions: wired.nodes.snapshot(),
         index: wired
             .index

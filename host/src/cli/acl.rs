@@ -10,7 +10,8 @@
 //!   `notify-keyspace-events` itself), `DEBUG`, ...;
 //! - each policy grant's key pattern, read-only (`%R~`), write-only (`%W~`)
 //!   or both (`~`) as its operations need, plus the deploy stream, its
-//!   dead-letter stream, and the kill switch's set (read-only);
+//!   dead-letter stream, the kill switch's set (read-only), and the keys
+//!   the subscriber probes the notification flags with (write-only);
 //! - the one pub/sub pattern the daemon subscribes to, and the channels of
 //!   its echo fences (which it publishes to and subscribes to itself).
 
@@ -23,6 +24,7 @@ use anyhow::{Context, Result, bail};
 use cachepol::config::DeployConfig;
 use cachepol::dispatch::reload::policy_files;
 use cachepol::fake::FakeRedis;
+use cachepol::intake::notify::PROBE_PREFIX;
 use cachepol::sandbox::runtime::{Runtime, RuntimeConfig, content_hash};
 use cachepol::wit::KeyOps;
 use clap::Args;
@@ -86,7 +88,8 @@ pub async fn run(args: AclArgs) -> Result<ExitCode> {
         control_key: &config.control_key,
         sweep_key: &config.sweep_key,
         walks_key: &config.walks_key,
-        lease_key: config.replicas.enabled.then_some(config.replicas.lease_key.as_str()),
+        lease_key: &config.replicas.lease_key,
+        replicas: config.replicas.enabled,
         configure_notifications: config.configure_notifications,
         cluster: target.is_cluster(),
         grants,
@@ -157,9 +160,13 @@ pub struct AclRequest<'a> {
     pub sweep_key: &'a str,
     /// Where sliced sweeps and hooks stopped, which the daemon keeps.
     pub walks_key: &'a str,
-    /// The keyspace-event lease, when replicas are on: its scripts `GET`,
-    /// `SET`, `PEXPIRE`, `INCR` its token and `DEL` it on release.
-    pub lease_key: Option<&'a str>,
+    /// `[replicas] lease_key`: the daemons alive on this Redis are counted
+    /// in a sorted set under it (`ZADD`, `ZREM`, `ZREMRANGEBYSCORE`, `ZRANGE`,
+    /// `TIME` in a script), replicas or not.
+    pub lease_key: &'a str,
+    /// Replicas share the keyspace-event lease (the default): its scripts
+    /// `GET`, `SET`, `PEXPIRE`, `INCR` its token and `UNLINK` it on release.
+    pub replicas: bool,
     /// The daemon sets `notify-keyspace-events` itself.
     pub configure_notifications: bool,
     /// A Redis Cluster: the clients read its topology (`CLUSTER SLOTS`).
@@ -188,22 +195,21 @@ pub fn setuser_args(req: &AclRequest<'_>) -> Vec<String> {
     args.push(format!("&__keyevent@{}__:*", req.db));
     // The echo ledger's fences (see `store::echo`), one channel per daemon.
     args.push("&cachepol:fence:*".into());
+    let lease = format!("{}:db{}", cachepol_guest_sdk::glob::escape(req.lease_key), req.db);
     // Replicas splitting a cluster announce their writes to each other.
-    if let (Some(lease), true) = (req.lease_key, req.cluster) {
-        args.push(format!("&{}:db{}:echo", cachepol_guest_sdk::glob::escape(lease), req.db));
+    if req.replicas && req.cluster {
+        args.push(format!("&{lease}:echo"));
     }
     args.push("-@all".into());
     let mut commands: Vec<&str> = [POLICY_COMMANDS, STREAM_COMMANDS, CONNECTION_COMMANDS].concat();
     if req.configure_notifications {
         commands.push("config|set");
     }
-    if req.lease_key.is_some() {
-        // The take script reads Redis's clock for the token's floor.
-        commands.extend(["incr", "del", "time"]);
-        if req.cluster {
-            // The replicas alive, for splitting the shards.
-            commands.extend(["zadd", "zremrangebyscore", "zcard", "zrem"]);
-        }
+    // The daemons alive (and the replicas splitting a cluster's shards),
+    // scored by Redis's clock; the take script reads it too.
+    commands.extend(["zadd", "zrem", "zremrangebyscore", "zrange", "time"]);
+    if req.replicas {
+        commands.push("incr");
     }
     if req.cluster {
         commands.push("cluster|slots");
@@ -216,20 +222,19 @@ pub fn setuser_args(req: &AclRequest<'_>) -> Vec<String> {
         key_rule(&cachepol_guest_sdk::glob::escape(req.control_key), KeyOps::READ),
         key_rule(&cachepol_guest_sdk::glob::escape(req.sweep_key), KeyOps::READ),
         key_rule(&cachepol_guest_sdk::glob::escape(req.walks_key), KeyOps::READ | KeyOps::WRITE),
+        // The probes of the notification flags (`A` hides `n`).
+        key_rule(&format!("{PROBE_PREFIX}*"), KeyOps::WRITE),
     ]
     .into_iter()
-    // The lease (`<key>:db<N>`) and its token counter (`<key>:db<N>:token`),
-    // exactly.
-    .chain(req.lease_key.into_iter().flat_map(|k| {
-        let lease = format!("{}:db{}", cachepol_guest_sdk::glob::escape(k), req.db);
-        // On a cluster: each shard's lease and token, and the members.
-        let shards = req.cluster.then(|| format!("{lease}:*"));
-        [format!("{lease}:token"), lease]
-            .into_iter()
-            .chain(shards)
-            .map(|key| key_rule(&key, KeyOps::READ | KeyOps::WRITE))
-            .collect::<Vec<_>>()
-    }))
+    // The daemons alive; with replicas, the lease (`<key>:db<N>`) and its
+    // token counter (`<key>:db<N>:token`), exactly, and on a cluster each
+    // shard's lease and token and the members.
+    .chain(
+        std::iter::once(format!("{lease}:daemons"))
+            .chain(req.replicas.then(|| [format!("{lease}:token"), lease.clone()]).into_iter().flatten())
+            .chain((req.replicas && req.cluster).then(|| format!("{lease}:*")))
+            .map(|key| key_rule(&key, KeyOps::READ | KeyOps::WRITE)),
+    )
     .chain(req.grants.iter().map(|(pattern, ops)| key_rule(pattern, *ops)));
     args.extend(keys.filter(|k| seen.insert(k.clone())));
     args
@@ -279,7 +284,8 @@ mod tests {
             control_key: "cachepol:control:disabled",
             sweep_key: "cachepol:control:sweeps",
             walks_key: "cachepol:walks",
-            lease_key: None,
+            lease_key: "cachepol:lease:events",
+            replicas: false,
             configure_notifications: false,
             cluster: false,
             grants: vec![("quiz:*".into(), KeyOps::DELETE), ("quiz:*".into(), KeyOps::DELETE)],
@@ -296,14 +302,17 @@ mod tests {
             args.contains(&"~cachepol:deploys".to_owned()) && args.contains(&"%W~cachepol:deploys:dead".to_owned())
         );
         assert!(args.contains(&"%R~cachepol:control:disabled".to_owned()));
+        assert!(args.contains(&"%W~cachepol:probe:*".to_owned()), "the flags' probes");
         assert!(!args.contains(&"+incr".to_owned()), "no lease, no INCR");
-        let with_lease =
-            setuser_args(&AclRequest { lease_key: Some("cachepol:lease:events"), grants: req.grants.clone(), ..req });
-        assert!(with_lease.contains(&"+incr".to_owned()) && with_lease.contains(&"+del".to_owned()));
+        assert!(args.contains(&"~cachepol:lease:events:db2:daemons".to_owned()), "the daemons alive, replicas or not");
+        assert!(args.contains(&"+zadd".to_owned()) && args.contains(&"+zrange".to_owned()));
+        let with_lease = setuser_args(&AclRequest { replicas: true, grants: req.grants.clone(), ..req });
+        assert!(with_lease.contains(&"+incr".to_owned()) && !with_lease.contains(&"+del".to_owned()));
         assert!(with_lease.contains(&"~cachepol:lease:events:db2".to_owned()), "{with_lease:?}");
         assert!(with_lease.contains(&"~cachepol:lease:events:db2:token".to_owned()), "{with_lease:?}");
         let on_cluster = setuser_args(&AclRequest {
-            lease_key: Some("{cachepol}:lease:events"),
+            lease_key: "{cachepol}:lease:events",
+            replicas: true,
             cluster: true,
             grants: req.grants.clone(),
             ..req
@@ -316,7 +325,7 @@ mod tests {
             "each shard's lease: {on_cluster:?}"
         );
         assert!(on_cluster.contains(&"&{cachepol}:lease:events:db2:echo".to_owned()), "{on_cluster:?}");
-        let with_set = setuser_args(&AclRequest { configure_notifications: true, lease_key: None, ..req });
+        let with_set = setuser_args(&AclRequest { configure_notifications: true, ..req });
         assert!(with_set.contains(&"+config|set".to_owned()));
     }
 

@@ -102,6 +102,26 @@ pub fn render(s: &Status, now: SystemTime) -> String {
             )),
         }
     }
+    if !s.peers.is_empty() {
+        let sharing = match &s.lease {
+            Some(_) => "replicas: one at a time handles keyspace events",
+            None => "[replicas] enabled = false: EACH handles every keyspace event",
+        };
+        out.push_str(&format!("other daemons on this Redis: {} ({sharing})\n", s.peers.join(", ")));
+    }
+    for n in &s.subscriptions {
+        let Some(flags) = &n.flags else { continue };
+        let on = if n.node.is_empty() { String::new() } else { format!(" on {}", n.node) };
+        if let Some(probe) = &flags.probe {
+            out.push_str(&format!("notify-keyspace-events{on} `{}`: {probe}\n", flags.value));
+        }
+        for m in &flags.missing {
+            out.push_str(&format!(
+                "notifications{on}: missing `{}` for the {}: {} ({})\n",
+                m.flags, m.needed_by, m.cost, m.not_set
+            ));
+        }
+    }
     for p in &s.index {
         out.push_str(&format!("key index {}: {} ({} keys)\n", p.pattern, p.status, p.keys));
     }

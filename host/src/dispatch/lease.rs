@@ -89,6 +89,12 @@ impl Lease {
         format!("{}:members", self.key)
     }
 
+    /// The set of the daemons alive on this Redis, replicas or not
+    /// ([`crate::intake::peers`]).
+    pub fn daemons_key(&self) -> String {
+        format!("{}:daemons", self.key)
+    }
+
     /// Whether this daemon handles keyspace events and sweeps now.
     pub fn holds(&self) -> bool {
         !self.enabled
@@ -104,10 +110,11 @@ impl Lease {
         if self.holds() && self.enabled { self.token.load(Ordering::Relaxed) } else { 0 }
     }
 
-    /// The lease's own keys (its token, its shards' leases, the members):
-    /// their notifications are not the application's.
+    /// The lease's own keys (its token, its shards' leases, the members,
+    /// the daemons alive, kept with replicas off too): their notifications
+    /// are not the application's.
     pub fn is_own_key(&self, key: &[u8]) -> bool {
-        self.enabled && key.starts_with(self.key.as_bytes())
+        key.starts_with(self.key.as_bytes())
     }
 
     /// The value this daemon's holding has in Redis.
@@ -215,7 +222,7 @@ mod tests {
         std::thread::sleep(Duration::from_millis(300));
         assert!(!lease.holds(), "past the TTL since the renewal was sent");
         assert!(lease.thinks_it_holds());
-        let off = Lease::new(&ReplicaConfig::default(), 0, "c");
+        let off = Lease::new(&ReplicaConfig { enabled: false, ..ReplicaConfig::default() }, 0, "c");
         assert!(off.holds(), "replicas off: always");
         assert!(lease.is_own_key(b"cachepol:lease:events:db0") && !lease.is_own_key(b"x"));
     }

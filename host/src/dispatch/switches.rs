@@ -21,9 +21,10 @@ pub struct Switches {
     pub shards: Option<Shards>,
 }
 
+/// A daemon alone by construction (the fake host, tests): no lease.
 impl Default for Switches {
     fn default() -> Switches {
-        Switches::new(Lease::new(&ReplicaConfig::default(), 0, ""))
+        Switches::new(Lease::new(&ReplicaConfig { enabled: false, ..ReplicaConfig::default() }, 0, ""))
     }
 }
 

@@ -51,6 +51,11 @@ pub struct NodeState {
     pub subscribed: bool,
     /// The node sends every notification the policies need.
     pub notifications: bool,
+    /// Its `notify-keyspace-events` as last checked: the value, what a
+    /// probe found where the value cannot say, what is missing and what
+    /// that costs.
+    #[serde(default)]
+    pub flags: Option<crate::intake::notify::FlagsState>,
     /// The shard it serves, by first slot (on a cluster).
     #[serde(default)]
     pub shard: Option<u16>,
@@ -314,13 +319,7 @@ mod tests {
     #[test]
     fn ready_only_when_every_primary_is_subscribed_and_sending() {
         let mut states = BTreeMap::new();
-        let state = |subscribed, notifications| NodeState {
-            node: String::new(),
-            subscribed,
-            notifications,
-            shard: None,
-            slots: Vec::new(),
-        };
+        let state = |subscribed, notifications| NodeState { subscribed, notifications, ..NodeState::default() };
         assert_eq!(Nodes::summary(&states), (false, true, 0), "no subscription yet");
         states.insert("a:1".to_string(), state(true, true));
         states.insert("b:2".to_string(), state(false, false));

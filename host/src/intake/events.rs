@@ -26,6 +26,13 @@
 //! `sweep(reconnect)` (`sweep(start)` the first time) to reconcile what it
 //! missed. Reconnects back off exponentially with jitter and are logged once
 //! per change of state, not once per retry.
+//!
+//! The node's `notify-keyspace-events` is checked on this connection after
+//! each subscription, at every ping and when the policies change
+//! ([`notify`]): what the policies and the key index need, probed where the
+//! value cannot show it (`A` hides `n`). A flag found off after it was
+//! found sent is a real gap (a sweep for the policies, a rebuild for the
+//! index); a value printed differently is not.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -43,7 +50,7 @@ use crate::config::IndexConfig;
 use crate::dispatch::routes::Routes;
 use crate::dispatch::switches::Switches;
 use crate::intake::cluster::Nodes;
-use crate::intake::notify;
+use crate::intake::notify::{self, Checked, Probe};
 use crate::metrics::metrics;
 use crate::sandbox::manifest::Manifest;
 use crate::store::announce::Remote;
@@ -52,8 +59,11 @@ use crate::store::index::{self, KeyIndex};
 use crate::wit::SweepReason;
 
 /// Fault injection for tests: with this set (milliseconds), the reader
-/// stalls that long before routing each keyspace event, as a subscriber
-/// far behind Redis would. Never set in production.
+/// stalls that long before routing each keyspace event of a key not the
+/// daemon's own, as a subscriber far behind Redis would. (The lease's
+/// renewals and the daemons' roll call notify every few seconds: stalled
+/// too, they alone would keep the reader behind for ever.) Never set in
+/// production.
 const LAG_ENV: &str = "CACHEPOL_FAULT_SUBSCRIBER_LAG_MS";
 
 /// How often the subscription connection is pinged to notice a dead peer.
@@ -264,7 +274,7 @@ impl Subscriber {
                 _ = shutdown.cancelled() => return,
                 s = self.subscribe(&channels) => s,
             };
-            let (conn, link, _listening) = match subscribed {
+            let (mut conn, link, _listening, probe) = match subscribed {
                 Ok(subscribed) => subscribed,
                 Err(e) => {
                     metrics().redis_errors.inc();
@@ -290,16 +300,18 @@ impl Subscriber {
                 info!(ops = %channels, node = %self.node, "subscribed to keyspace notifications");
             }
             down_since_logged = false;
-            self.cover_index(&conn, &channels).await;
+            self.check_flags(&mut conn, &channels, &probe, true).await;
             // A standby sweeps when it takes the lease instead.
             if let Some(reason) = reason.filter(|_| self.switches.routes_node(self.shard())) {
                 self.routes.load().sweep_all(reason);
             }
+            // Subscribed before ready: the lease is taken only by a daemon
+            // subscribed, right after it is ready.
+            self.nodes.update(&self.node, |s| s.subscribed = true);
             if let Some(tx) = ready.take() {
                 let _ = tx.send(());
             }
-            self.nodes.update(&self.node, |s| s.subscribed = true);
-            let stopped = self.watch(conn, channels, &link, &shutdown).await;
+            let stopped = self.watch(conn, channels, &link, &probe, &shutdown).await;
             if stopped {
                 return;
             }
@@ -310,21 +322,22 @@ impl Subscriber {
         }
     }
 
-    /// Connect, make sure notifications are on, subscribe. Returns the
-    /// connection (for pings), what fires when it closes, and its place
-    /// among the echo ledger's fence readers (given up when dropped, however
-    /// this subscription ends: cancelled half-way, or lost).
+    /// Connect and subscribe. Returns the connection (for pings and flag
+    /// checks), what fires when it closes, its place among the echo
+    /// ledger's fence readers (given up when dropped, however this
+    /// subscription ends: cancelled half-way, or lost), and its probe of the
+    /// node's notification flags (whose findings hold for this connection
+    /// only).
     async fn subscribe(
         &self,
         channels: &Channels,
-    ) -> Result<(MultiplexedConnection, Arc<Link>, FenceListener), String> {
-        let mut conn = self.client.get_multiplexed_async_connection().await.map_err(|e| e.to_string())?;
-        self.ensure_flags(&mut conn).await;
+    ) -> Result<(MultiplexedConnection, Arc<Link>, FenceListener, Arc<Probe>), String> {
         let info = self.client.get_connection_info().clone();
         let resp3 = info.clone().set_redis_settings(info.redis_settings().clone().set_protocol(ProtocolVersion::RESP3));
         let client = redis::Client::open(resp3).map_err(|e| e.to_string())?;
         let listening = FenceListener::new(self.ledger.clone());
         let link = Arc::new(Link::new(listening.id));
+        let probe = Arc::new(Probe::new(&self.fence_channel, &self.slots));
         let lag = std::env::var(LAG_ENV).ok().and_then(|ms| ms.parse().ok()).map(Duration::from_millis);
         if let Some(lag) = lag {
             warn!(
@@ -340,6 +353,7 @@ impl Subscriber {
             routes: self.routes.clone(),
             ledger: self.ledger.clone(),
             index: self.index.clone(),
+            probe: probe.clone(),
             switches: self.switches.clone(),
             shard: self.shard(),
             announcements: self.announcements.as_ref().map(|(channel, me)| {
@@ -361,7 +375,7 @@ impl Subscriber {
         }
         self.ledger.listen(channels.recorded(&self.routes.load()));
         self.listen(&mut conn, channels, true).await.map_err(|e| e.to_string())?;
-        Ok((conn, link, listening))
+        Ok((conn, link, listening, probe))
     }
 
     /// The cluster shard the node serves, by first slot: its lease decides
@@ -432,101 +446,95 @@ impl Subscriber {
         wanted
     }
 
-    /// The subscription carries `channels`: if they carry the index's events
-    /// and Redis sends them (setting the flags if allowed), the key index
-    /// may build. Otherwise it stays unused (bulk operations scan), said
-    /// once per subscription.
-    async fn cover_index(&self, conn: &MultiplexedConnection, channels: &Channels) {
-        if !self.index.is_active() || !channels.carry_index() {
+    /// Check the node's `notify-keyspace-events` for what the policies and,
+    /// while `channels` carry its events, the key index need (probing where
+    /// the value cannot say), set what is off if allowed, and act on what
+    /// changed. A flag found off that the check before found sent was
+    /// turned off meanwhile: a real gap (notifications were lost), whatever
+    /// is set back. How a value is printed is never one. `first`: the check
+    /// right after subscribing, whose sweep follows anyway. Logged only on
+    /// changes; a check without an answer (a backlog, Redis going away)
+    /// changes nothing, and the next ping asks again.
+    async fn check_flags(&self, conn: &mut MultiplexedConnection, channels: &Channels, probe: &Probe, first: bool) {
+        let policies = notify::required(&self.routes.load().manifests());
+        let indexing = self.index.is_active() && channels.carry_index();
+        let index = if indexing { notify::for_index() } else { BTreeSet::new() };
+        let needed: BTreeSet<char> = policies.union(&index).copied().collect();
+        let ensured = notify::ensure(conn, &needed, self.configure_notifications, Some(probe));
+        let checked = match tokio::time::timeout(2 * PING_EVERY, ensured).await {
+            Ok(Ok(checked)) => checked,
+            Ok(Err(e)) if first => {
+                tracing::error!(error = %e, node = %self.node, "keyspace notifications are incomplete");
+                self.nodes.update(&self.node, |s| s.notifications = false);
+                metrics().gaps.inc();
+                return;
+            }
+            Ok(Err(e)) => return tracing::debug!(error = %e, node = %self.node, "cannot check the notification flags"),
+            Err(_) => return,
+        };
+        let sent_before = probe.swap_sent(needed.difference(&checked.missing).copied().collect());
+        let lost: BTreeSet<char> = sent_before.intersection(&checked.off).copied().collect();
+        let added = checked.added();
+        if !added.is_empty() {
+            info!(added = %notify::text(&added), node = %self.node, "enabled keyspace notification flags");
+        }
+        self.nodes.update(&self.node, |s| s.flags = Some(checked.state(&policies, &index)));
+        self.follow_policy_flags(&checked, &policies, &lost, first);
+        if indexing {
+            self.follow_index_flags(&checked, &index, &lost);
+        }
+    }
+
+    /// The policies' flags as `checked` found them: missing, the daemon is
+    /// not ready and owes a gap; back (or turned off and set back), every
+    /// policy is swept for what it missed.
+    fn follow_policy_flags(&self, checked: &Checked, policies: &BTreeSet<char>, lost: &BTreeSet<char>, first: bool) {
+        let was = self.nodes.notifications(&self.node);
+        let lost: BTreeSet<char> = lost.intersection(policies).copied().collect();
+        if !lost.is_empty() {
+            metrics().gaps.inc();
+            warn!(flags = %notify::text(&lost), value = %checked.read, node = %self.node, "notify-keyspace-events stopped sending what the policies need: their events meanwhile are lost");
+        }
+        if let Err(e) = checked.require(policies) {
+            if was || first {
+                tracing::error!(error = %e, node = %self.node, "keyspace notifications are incomplete");
+                if lost.is_empty() {
+                    metrics().gaps.inc();
+                }
+            }
+            self.nodes.update(&self.node, |s| s.notifications = false);
             return;
         }
-        if self.index.is_covering() {
-            // Flags turned off at run time lose notifications: the index is
-            // no longer known complete, and is rebuilt once they are back.
-            match self.index_flags(conn, false).await {
-                Some(Err(notify::NotifyError::Missing { current, .. })) => {
-                    warn!(flags = %current, "notify-keyspace-events no longer reports created keys and removals: the key index is rebuilt once it does");
-                    self.index.gap();
-                }
-                _ => return,
+        if !first && (!was || !lost.is_empty()) {
+            info!(node = %self.node, "keyspace notification flags complete again; sweeping every policy for what it missed");
+            if self.switches.routes_node(self.shard()) {
+                self.routes.load().sweep_all(SweepReason::Gap);
             }
         }
-        match self.index_flags(conn, self.configure_notifications).await {
-            Some(Ok(added)) => {
-                if !added.is_empty() {
-                    info!(added = %notify::text(&added), "enabled keyspace notification flags for the key index");
-                }
-                self.index.covered();
-            }
-            Some(Err(e)) if self.index.first_unusable() => {
-                warn!(error = %e, "the key index stays unused (bulk operations scan Redis) until notifications report created keys and removals");
-            }
-            _ => {}
+        self.nodes.update(&self.node, |s| s.notifications = true);
+    }
+
+    /// The key index's flags as `checked` found them: sent, the index may
+    /// build (or goes on); turned off, it is no longer known complete and is
+    /// rebuilt once they are back; missing, it stays unused, said once.
+    fn follow_index_flags(&self, checked: &Checked, index: &BTreeSet<char>, lost: &BTreeSet<char>) {
+        let missing = checked.missing_of(index);
+        if self.index.is_covering() && (!lost.is_disjoint(index) || !missing.is_empty()) {
+            warn!(value = %checked.read, "notify-keyspace-events stopped reporting created keys or removals: the key index is rebuilt once it does");
+            self.index.gap();
         }
-    }
-
-    /// [`notify::ensure`] of the key index's flags on the subscription
-    /// connection; `None` if the answer is stuck behind a backlog of
-    /// notifications (the next ping tries again).
-    async fn index_flags(
-        &self,
-        conn: &MultiplexedConnection,
-        configure: bool,
-    ) -> Option<Result<std::collections::BTreeSet<char>, notify::NotifyError>> {
-        let (mut conn, flags) = (conn.clone(), notify::for_index());
-        tokio::time::timeout(PING_EVERY, notify::ensure(&mut conn, &flags, configure)).await.ok()
-    }
-
-    /// Make sure Redis emits what the loaded policies need (setting the
-    /// missing flags if allowed). Logged, never fatal: whatever does arrive
-    /// is handled, and the operator sees why the rest does not.
-    async fn ensure_flags(&self, conn: &mut (impl redis::aio::ConnectionLike + Send)) {
-        let needed = notify::required(&self.routes.load().manifests());
-        match notify::ensure(conn, &needed, self.configure_notifications).await {
-            Ok(added) => {
-                if !added.is_empty() {
-                    info!(added = %notify::text(&added), node = %self.node, "enabled keyspace notification flags");
-                }
-                self.nodes.update(&self.node, |s| s.notifications = true);
-            }
-            Err(e) => {
-                // Events the policies need are not being sent: not ready,
-                // and a gap (the sweep after the flags return reconciles).
-                tracing::error!(error = %e, node = %self.node, "keyspace notifications are incomplete");
-                self.nodes.update(&self.node, |s| s.notifications = false);
-                metrics().gaps.inc();
-            }
-        }
-    }
-
-    /// The policies' flags, checked again while subscribed: turned off at
-    /// run time (a `CONFIG SET`, a Redis restarted without them while the
-    /// link held) they make the daemon not ready and owe a gap; back on,
-    /// every policy is swept for what it missed. Only changes are logged.
-    async fn recheck_flags(&self, conn: &mut MultiplexedConnection) {
-        let was = self.nodes.notifications(&self.node);
-        let needed = notify::required(&self.routes.load().manifests());
-        let checked = tokio::time::timeout(PING_EVERY, notify::ensure(conn, &needed, self.configure_notifications));
-        match checked.await {
-            Ok(Ok(added)) => {
-                if !added.is_empty() {
-                    info!(added = %notify::text(&added), "enabled keyspace notification flags");
-                }
-                if !was {
-                    info!(node = %self.node, "keyspace notification flags complete again; sweeping every policy for what it missed");
-                    if self.switches.routes_node(self.shard()) {
-                        self.routes.load().sweep_all(SweepReason::Gap);
-                    }
-                    self.nodes.update(&self.node, |s| s.notifications = true);
-                }
-            }
-            Ok(Err(e @ notify::NotifyError::Missing { .. })) if was => {
-                tracing::error!(error = %e, node = %self.node, "keyspace notifications are incomplete");
-                self.nodes.update(&self.node, |s| s.notifications = false);
-                metrics().gaps.inc();
-            }
-            // Missing still, or no answer (a backlog, Redis going away).
-            _ => {}
+        if missing.is_empty() {
+            self.index.covered(&checked.now);
+        } else if self.index.first_unusable() {
+            warn!(
+                value = %checked.now,
+                missing = %notify::text(&missing),
+                "the key index stays unused: notify-keyspace-events lacks `{}` (created keys and removals){}, and {}: bulk operations will SCAN the keyspace until it sends them (`CONFIG SET notify-keyspace-events {}`)",
+                notify::text(&missing),
+                checked.why(),
+                checked.not_set.as_deref().unwrap_or("it is not set"),
+                checked.wanted(index),
+            );
         }
     }
 
@@ -539,6 +547,7 @@ impl Subscriber {
         mut conn: MultiplexedConnection,
         mut channels: Channels,
         link: &Link,
+        probe: &Probe,
         shutdown: &CancellationToken,
     ) -> bool {
         let mut ping = tokio::time::interval(PING_EVERY);
@@ -552,12 +561,11 @@ impl Subscriber {
                 _ = link.closed.notified() => return false,
                 Ok(()) = self.changes.changed() => {
                     self.changes.mark_unchanged();
-                    self.ensure_flags(&mut conn).await;
                     if let Err(e) = self.resubscribe(&mut conn, &mut channels).await {
                         warn!(error = %e, "cannot change the keyspace subscription; reconnecting");
                         return false;
                     }
-                    self.cover_index(&conn, &channels).await;
+                    self.check_flags(&mut conn, &channels, probe, false).await;
                 }
                 _ = ping.tick() => {
                     let alive = tokio::time::timeout(PING_EVERY, redis::cmd("PING").query_async::<Value>(&mut conn)).await;
@@ -568,8 +576,7 @@ impl Subscriber {
                         return false;
                     }
                     // Flags turned off, or back on.
-                    self.recheck_flags(&mut conn).await;
-                    self.cover_index(&conn, &channels).await;
+                    self.check_flags(&mut conn, &channels, probe, false).await;
                 }
             }
         }
@@ -635,6 +642,9 @@ struct Router {
     routes: Arc<ArcSwap<Routes>>,
     ledger: Arc<EchoLedger>,
     index: Arc<KeyIndex>,
+    /// This connection's probe of the notification flags: its key's
+    /// notifications and its markers are its own.
+    probe: Arc<Probe>,
     switches: Arc<Switches>,
     shard: Option<u16>,
     /// The other replicas' announced writes, read on this connection.
@@ -669,8 +679,8 @@ impl AsyncPushSender for Router {
                     } else if channel.as_slice() == self.fence_channel.as_bytes() {
                         if let Some(id) = crate::store::echo::parse_fence(payload) {
                             self.ledger.fence_seen_by(self.link.listener, id);
-                        } else {
-                            self.index.fence_seen(payload);
+                        } else if !self.index.fence_seen(payload) {
+                            self.probe.marker_seen(payload);
                         }
                     } else if !self.pattern_on.load(Ordering::Relaxed) {
                         // (While the pattern is on too, during a switch
@@ -703,9 +713,6 @@ impl AsyncPushSender for Router {
 impl Router {
     /// Route a message from a keyevent channel.
     fn deliver(&self, channel: &[u8], payload: &[u8]) {
-        if let Some(lag) = self.lag {
-            std::thread::sleep(lag);
-        }
         if !std::str::from_utf8(channel).is_ok_and(|channel| self.route(channel, payload)) {
             let skipped = self.skipped.fetch_add(1, Ordering::Relaxed) + 1;
             if skipped.is_power_of_two() {
@@ -717,11 +724,18 @@ impl Router {
     /// Route one notification; `false` if it was not routable.
     fn route(&self, channel: &str, payload: &[u8]) -> bool {
         let Some((db, op)) = parse_channel(channel) else { return false };
+        if self.probe.observe(op, payload) {
+            return true;
+        }
+        let own = self.switches.lease.is_own_key(payload);
+        if let Some(lag) = self.lag.filter(|_| !own) {
+            std::thread::sleep(lag);
+        }
         self.index.observe(op, payload);
         let origin = self.ledger.claim(op, payload);
         // Another daemon holds the lease: it handles this event. The
         // lease's own keys are no application's.
-        if !self.switches.routes_node(self.shard) || self.switches.lease.is_own_key(payload) {
+        if !self.switches.routes_node(self.shard) || own {
             return true;
         }
         let routed = self.routes.load().key_event(db, self.shard, op, payload, origin.as_ref(), self.hop_limit);

@@ -2,7 +2,7 @@
 //!
 //! Keyspace notifications go to every subscriber, so two daemons running
 //! the same policies would each handle every event. With `[replicas]
-//! enabled = true`, the daemons share one lease in Redis (the key
+//! enabled = true` (the default: a lone daemon simply holds the lease), the daemons share one lease in Redis (the key
 //! `replicas.lease_key` + `:db<N>`); the one holding it routes keyspace
 //! events to its policies, runs their sweeps and reads deploy hooks, and
 //! the others stand by: subscribed, keeping their key index, ready to take
@@ -30,7 +30,8 @@
 //! the deadline above is what keeps two holders from overlapping.
 //!
 //! A daemon that takes the lease sweeps every policy (`sweep(gap)`): events
-//! between the old holder's last one and the takeover went to nobody. The
+//! between the old holder's last one and the takeover went to nobody (a
+//! daemon taking it as it starts sweeps as its start, `sweep(start)`). The
 //! token is shown in the log, `/status` and `/metrics`
 //! (`cachepol_lease_token`).
 
@@ -48,6 +49,7 @@ use crate::dispatch::lease::Lease;
 use crate::dispatch::routes::Routes;
 use crate::dispatch::switches::Switches;
 use crate::intake::cluster::Nodes;
+use crate::intake::peers::ROLL_CALL;
 use crate::metrics::{Readiness, metrics};
 use crate::store::redis::is_connection_error;
 use crate::wit::SweepReason;
@@ -80,27 +82,12 @@ if held then return 0 end
 return -1
 ";
 
-/// Delete the lease if it is still `ARGV[1]`.
+/// Delete the lease if it is still `ARGV[1]` (with `UNLINK`, which the
+/// policies' rule allows already: `cachepol acl` need not grant `DEL`, which
+/// would let the user delete any key it may write synchronously).
 const RELEASE: &str = r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('UNLINK', KEYS[1]) end
 return 0
-";
-
-/// Count this daemon among the replicas alive until `ARGV[2]` ms from
-/// Redis's clock (`ARGV[3]` = 1; 0 takes it out), forget those past
-/// theirs, and return how many remain: `KEYS[1]` the members' sorted set,
-/// `ARGV[1]` this daemon's id.
-const MEMBERS: &str = r"
-local now = redis.call('TIME')
-local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-if ARGV[3] == '1' then
-  redis.call('ZADD', KEYS[1], ms + tonumber(ARGV[2]), ARGV[1])
-else
-  redis.call('ZREM', KEYS[1], ARGV[1])
-end
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ms)
-redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]) * 2)
-return redis.call('ZCARD', KEYS[1])
 ";
 
 /// How often a standby looks whether the lease is free.
@@ -174,20 +161,27 @@ fn hearing() -> bool {
 
 /// Take, keep and give back the lease until `stop`; sweep every policy on
 /// each takeover. `stop` comes after the daemon's in-flight calls are done.
+/// `settled` fires after the first round (the lease taken, or seen held by
+/// another daemon): the daemon says it is ready only then, so that a lone
+/// daemon handles what is written once it says so. A takeover in that
+/// first round sweeps as the daemon's start (`sweep(start)`): the
+/// subscription's own start sweep waits for the lease.
 pub async fn run(
     switches: Arc<Switches>,
     nodes: Arc<Nodes>,
     mut conn: Conn,
     routes: Arc<ArcSwap<Routes>>,
     stop: CancellationToken,
+    settled: tokio::sync::oneshot::Sender<()>,
 ) {
     if switches.shards.is_some() {
-        return run_shards(switches, nodes, conn, routes, stop).await;
+        return run_shards(switches, nodes, conn, routes, stop, settled).await;
     }
     let lease = &switches.lease;
     if !lease.enabled() {
         return;
     }
+    let mut settled = Some(settled);
     let ttl = lease.ttl;
     let requests = Requests::new(ttl);
     let every = requests.every;
@@ -232,7 +226,7 @@ pub async fn run(
                     answered = Instant::now();
                     metrics().lease_takeovers.inc();
                     info!(key = %lease.key, token, id = %lease.id, "took the keyspace-event lease: this daemon handles keyspace events, sweeps and deploy hooks; sweeping every policy for what went to nobody");
-                    routes.load().sweep_all(SweepReason::Gap);
+                    routes.load().sweep_all(first_sweep(&settled));
                     standby_logged = false;
                     refused_logged = false;
                 }
@@ -248,6 +242,11 @@ pub async fn run(
             }
         }
         Readiness::set(&ready.lease, answered.elapsed() < ttl);
+        // Settled once it could try to take the lease (only a subscribed
+        // daemon does).
+        if let Some(settled) = settled.take_if(|_| subscribed) {
+            let _ = settled.send(());
+        }
         let pause = if lease.thinks_it_holds() { every } else { every.min(STANDBY_POLL) };
         tokio::select! {
             _ = stop.cancelled() => break,
@@ -262,11 +261,17 @@ pub async fn run(
     }
 }
 
+/// The reason of a takeover's sweep: `start` in the lease loop's first
+/// round (`settled` not sent yet), `gap` later.
+fn first_sweep(settled: &Option<tokio::sync::oneshot::Sender<()>>) -> SweepReason {
+    if settled.is_some() { SweepReason::Start } else { SweepReason::Gap }
+}
+
 /// A lease request Redis refused: an ACL without `incr`/`del`, a key of the
 /// wrong type. No daemon will ever hold the lease; say so, once.
 fn refused(e: &redis::RedisError, key: &str, logged: &mut bool) {
     if !*logged && !e.is_timeout() && !is_connection_error(e) {
-        warn!(error = %e, key, "cannot take the keyspace-event lease: no daemon handles keyspace events until this is fixed");
+        warn!(error = %e, key, "cannot take the keyspace-event lease: no daemon handles keyspace events until this is fixed (re-run `cachepol acl`: replicas are on by default; or set [replicas] enabled = false for a daemon that must run alone)");
         *logged = true;
     }
 }
@@ -292,11 +297,13 @@ async fn run_shards(
     mut conn: Conn,
     routes: Arc<ArcSwap<Routes>>,
     stop: CancellationToken,
+    settled: tokio::sync::oneshot::Sender<()>,
 ) {
+    let mut settled = Some(settled);
     let (base, shards) = (&switches.lease, switches.shards.as_ref().expect("checked by run"));
     let requests = Requests::new(base.ttl);
     let every = requests.every;
-    let members = redis::Script::new(MEMBERS);
+    let members = redis::Script::new(ROLL_CALL);
     let ready = &metrics().ready;
     let mut answered = Instant::now();
     let mut deaf_since: BTreeMap<u16, Instant> = BTreeMap::new();
@@ -314,10 +321,10 @@ async fn run_shards(
         }
         let mut call = members.key(base.members_key());
         call.arg(&base.id).arg(requests.ttl_ms).arg(if hearing() { "1" } else { "0" });
-        let replicas = match bounded(every, call.invoke_async::<u64>(&mut conn)).await {
-            Ok(n) => {
+        let replicas = match bounded(every, call.invoke_async::<Vec<String>>(&mut conn)).await {
+            Ok(alive) => {
                 answered = Instant::now();
-                n.max(1) as usize
+                alive.len().max(1)
             }
             Err(e) => {
                 refused(&e, &base.members_key(), &mut refused_logged);
@@ -372,7 +379,7 @@ async fn run_shards(
         if !swept_for.is_empty() {
             let slots: Vec<String> = swept_for.iter().map(u16::to_string).collect();
             info!(slots = %slots.join(" "), "shards taken or confirmed after a lapse: sweeping every policy for what went to nobody");
-            routes.load().sweep_all(SweepReason::Gap);
+            routes.load().sweep_all(first_sweep(&settled));
         }
         if share_logged != Some((held, all.len(), replicas)) {
             info!(
@@ -386,6 +393,9 @@ async fn run_shards(
         }
         metrics().lease_held.set(held as i64);
         Readiness::set(&ready.lease, answered.elapsed() < base.ttl);
+        if let Some(settled) = settled.take() {
+            let _ = settled.send(());
+        }
         let pause = if held >= share && share > 0 { every } else { every.min(STANDBY_POLL) };
         tokio::select! {
             _ = stop.cancelled() => break,

@@ -6,7 +6,9 @@
 //! Stream read through a consumer group, and the hooks it gave up on,
 //! [`dead_letters`]), and the operator's kill switch and sweep requests
 //! ([`control`], polled every second); makes sure Redis emits
-//! the notifications the policies need ([`notify`]). Hands on typed work
+//! the notifications the policies need ([`notify`]); decides which of
+//! several daemons on one Redis handles them ([`lease`]) and names the
+//! others ([`peers`]). Hands on typed work
 //! items to the policies' queues through [`crate::dispatch`]'s routes, never
 //! waiting on a policy: the subscription socket is drained at full speed.
 //!
@@ -20,3 +22,4 @@ pub mod deploy;
 pub mod events;
 pub mod lease;
 pub mod notify;
+pub mod peers;

@@ -22,7 +22,12 @@
 //! while it is complete: built by a `SCAN` started once the subscription
 //! carried the index's events ([`OPS`]: `new`, which Redis sends for every
 //! key created, and the removals), with no gap since (a lost subscription,
-//! a daemon start, notification flags without `n`, a pattern newly added). Before serving, the operation *fences* the subscription: it
+//! a daemon start, notification flags without `n`, a pattern newly added).
+//! Whether the flags send `n` is the subscriber's finding when the value
+//! cannot show it (`A` hides `n`: [`crate::store::flags`]); a bulk
+//! operation reads the value again and trusts the index only if the value
+//! shows the flags, or is the one the subscriber found them under (a value
+//! that shows a flag off is a gap). Before serving, the operation *fences* the subscription: it
 //! publishes a marker on the daemon's fence channel and waits for it to come
 //! back through the subscription connection, after every notification Redis
 //! queued before it, so every write answered before the operation started is
@@ -48,7 +53,9 @@ use cachepol_guest_sdk::glob::{self, Coverage, Glob};
 use tokio::sync::{Notify, oneshot};
 use tracing::{info, warn};
 
+use crate::metrics::metrics;
 use crate::store::backend::scan_pattern_for;
+use crate::store::flags::{Flags, Says};
 use crate::store::keyset::{KeySet, Page};
 
 /// Events that take a key away.
@@ -71,9 +78,18 @@ const TOMBSTONES_MAX: usize = 1 << 20;
 /// The `notify-keyspace-events` flags for [`OPS`] on keyevent channels.
 pub const FLAGS: &str = "Engxe";
 
-/// Whether a `notify-keyspace-events` value carries [`OPS`].
-pub fn flags_cover_index(value: &str) -> bool {
-    FLAGS.chars().all(|c| value.contains(c) || c != 'n' && c != 'E' && value.contains('A'))
+/// What a `notify-keyspace-events` value read before a bulk operation means
+/// for the index ([`KeyIndex::flags_say`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlagsSay {
+    /// [`OPS`] are sent: shown by the value, or confirmed by the subscriber
+    /// under this very value.
+    Sent,
+    /// One at least is off: keys may be created unnotified.
+    Off,
+    /// The value cannot show it (`n` under `A`) and the subscriber has not
+    /// confirmed it under this value yet.
+    Unconfirmed,
 }
 
 /// Fault injection for tests: with this set (milliseconds), every build
@@ -157,6 +173,9 @@ struct State {
     /// The subscription carries every op and the notification flags cover
     /// every key type: builds may start.
     covering: bool,
+    /// The `notify-keyspace-events` value under which the subscriber last
+    /// found [`OPS`] sent (the value may not show it: `n` under `A`).
+    flags: Option<String>,
     /// Changes with every gap: a build or fence of an older epoch is void.
     epoch: u64,
     next_lease: u64,
@@ -305,6 +324,7 @@ impl KeyIndex {
     pub fn gap(&self) {
         let mut st = self.lock();
         st.covering = false;
+        st.flags = None;
         st.epoch += 1;
         for p in st.patterns.iter_mut().filter(|p| !matches!(p.status, Status::Dropped)) {
             p.keys.clear();
@@ -325,14 +345,31 @@ impl KeyIndex {
         !self.unusable_said.swap(true, Ordering::Relaxed)
     }
 
-    /// The subscription carries every op from now on, and the notification
-    /// flags cover every key type: builds may start.
-    pub fn covered(&self) {
+    /// The subscription carries every op from now on, and Redis sends them
+    /// under the `notify-keyspace-events` value `flags` (as the subscriber
+    /// found, by the value itself or by a probe): builds may start. Called
+    /// again at every check that finds them sent, with the value then.
+    pub fn covered(&self, flags: &str) {
         self.unusable_said.store(false, Ordering::Relaxed);
         let mut st = self.lock();
         st.covering = true;
+        st.flags = Some(flags.to_owned());
         if st.patterns.iter().any(|p| matches!(p.status, Status::Waiting)) {
             self.build.notify_one();
+        }
+    }
+
+    /// Whether `value`, the `notify-keyspace-events` read before a bulk
+    /// operation, sends [`OPS`]: said by the value, or by the subscriber's
+    /// last finding under the same value. A value that cannot say and that
+    /// the subscriber has not seen is not taken for flags turned off: the
+    /// operation scans, and the index stays until the subscriber decides.
+    pub fn flags_say(&self, value: &str) -> FlagsSay {
+        match Flags::parse(value).say(&FLAGS.chars().collect()) {
+            Says::On => FlagsSay::Sent,
+            Says::Off => FlagsSay::Off,
+            Says::Unsure if self.lock().flags.as_deref() == Some(value) => FlagsSay::Sent,
+            Says::Unsure => FlagsSay::Unconfirmed,
         }
     }
 
@@ -439,6 +476,7 @@ impl KeyIndex {
         if globs.is_empty() {
             return None;
         }
+        metrics().index_builds.inc();
         Some((st.epoch, scan_pattern_for(&globs.iter().collect::<Vec<_>>())))
     }
 
@@ -616,7 +654,7 @@ mod tests {
     }
 
     fn complete(index: &KeyIndex, scanned: &[&str]) {
-        index.covered();
+        index.covered("KEA");
         let (epoch, _) = index.start_build().expect("a build starts");
         let keys: Vec<Vec<u8>> = scanned.iter().map(|k| k.as_bytes().to_vec()).collect();
         assert!(index.add_scanned(epoch, &keys));
@@ -666,7 +704,7 @@ mod tests {
     #[test]
     fn a_removal_read_during_the_build_beats_the_scans_late_answer() {
         let index = index(&["k:*"]);
-        index.covered();
+        index.covered("KEA");
         let (epoch, pattern) = index.start_build().unwrap();
         assert_eq!(pattern, "k:*");
         index.observe("expired", b"k:1");
@@ -681,7 +719,7 @@ mod tests {
     #[test]
     fn a_gap_during_the_build_voids_it() {
         let index = index(&["k:*"]);
-        index.covered();
+        index.covered("KEA");
         let (epoch, _) = index.start_build().unwrap();
         index.gap();
         assert!(!index.add_scanned(epoch, &[b"k:1".to_vec()]));
@@ -703,7 +741,7 @@ mod tests {
         let stats = index.stats();
         assert_eq!((stats[0].status, stats[0].keys), ("dropped", 0));
         index.gap();
-        index.covered();
+        index.covered("KEA");
         assert_eq!(index.stats()[0].status, "dropped", "a dropped pattern stays dropped");
     }
 
@@ -715,6 +753,19 @@ mod tests {
         let index = KeyIndex::new(1000, "f".into());
         index.set_patterns(&patterns);
         assert_eq!(index.stats().len(), MAX_PATTERNS);
+    }
+
+    #[test]
+    fn a_value_that_cannot_show_n_is_taken_from_the_subscribers_finding() {
+        let index = index(&["k:*"]);
+        assert_eq!(index.flags_say("g$xenKE"), FlagsSay::Sent);
+        assert_eq!(index.flags_say("g$xeKE"), FlagsSay::Off);
+        assert_eq!(index.flags_say("AKE"), FlagsSay::Unconfirmed, "`A` hides `n`");
+        index.covered("AKE");
+        assert_eq!(index.flags_say("AKE"), FlagsSay::Sent, "the subscriber found `new` sent under `AKE`");
+        assert_eq!(index.flags_say("AK"), FlagsSay::Off, "no `E`, whatever was found");
+        index.gap();
+        assert_eq!(index.flags_say("AKE"), FlagsSay::Unconfirmed, "a gap voids the finding");
     }
 
     #[test]

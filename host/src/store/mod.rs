@@ -12,8 +12,9 @@
 //! Redis may evict the daemon's own keys.
 //! [`index`] keeps the names of the keys bulk operations can reach, fed by
 //! the keyspace subscriber, so that they walk names instead of scanning
-//! Redis ([`keyset`] stores them). [`walks`] keeps where a bulk walk too
-//! long for one call stopped, so that the next slice goes on from there.
+//! Redis ([`keyset`] stores them); [`flags`] reads `notify-keyspace-events`
+//! values, for it and for the subscriber. [`walks`] keeps where a bulk walk
+//! too long for one call stopped, so that the next slice goes on from there.
 //!
 //! Receives calls from the sandbox's host API, and every notification from
 //! intake (for the index); hands back Redis's answers.
@@ -24,6 +25,7 @@ pub mod backend;
 pub(crate) mod dryrun;
 pub(crate) mod echo;
 pub mod eviction;
+pub mod flags;
 pub mod index;
 pub mod keyset;
 pub mod memory;

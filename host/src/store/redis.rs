@@ -647,11 +647,20 @@ impl RedisBackend {
             Ok(replies) => replies,
             Err(e) => return scan(&format!("cannot fence the subscription: {e}")),
         };
-        if !flags.get("notify-keyspace-events").is_some_and(|f| index::flags_cover_index(f)) {
-            // Keys may have been created unnotified: the index is no longer
-            // known complete, until the subscriber finds the flags back.
-            index.gap();
-            return scan("notify-keyspace-events no longer reports created keys (`n`)");
+        match index.flags_say(flags.get("notify-keyspace-events").map_or("", String::as_str)) {
+            index::FlagsSay::Sent => {}
+            index::FlagsSay::Off => {
+                // Keys may have been created unnotified: the index is no
+                // longer known complete, until the subscriber finds the
+                // flags back.
+                index.gap();
+                return scan("notify-keyspace-events no longer reports created keys and removals");
+            }
+            index::FlagsSay::Unconfirmed => {
+                return scan(
+                    "notify-keyspace-events changed to a value that cannot show `n`; the subscriber checks it",
+                );
+            }
         }
         if listeners == 0 {
             return scan("the subscription is not listening");

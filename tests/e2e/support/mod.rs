@@ -455,6 +455,13 @@ pub fn cli(redis: &RedisServer, args: &[&str]) -> (bool, String) {
     (out.status.success(), text)
 }
 
+/// `cachepol status` of the daemon whose admin server is at `admin`: the
+/// table it printed.
+pub fn status_table(admin: &str) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_cachepol")).args(["status", "--admin", admin]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// `cachepol acl` for `url`, loading `setup`'s policies and config, with
 /// `extra` arguments; what it printed and how it ended.
 pub fn acl(url: &str, setup: &Setup, extra: &[&std::ffi::OsStr]) -> std::process::Output {
