@@ -211,7 +211,8 @@ fn allow_all(_: &[u8]) -> bool {
     true
 }
 
-const EVERYTHING: BulkPlan<'static> = BulkPlan { allow: &allow_all, limit: u64::MAX, steps: None };
+const EVERYTHING: BulkPlan<'static> =
+    BulkPlan { allow: &allow_all, limit: u64::MAX, examine: u64::MAX, resume: None, steps: None };
 
 impl Side {
     fn new(backend: Arc<dyn Backend>, raw: Option<redis::aio::MultiplexedConnection>) -> Side {

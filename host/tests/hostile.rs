@@ -222,7 +222,7 @@ async fn bulk_deletes_stop_at_the_keys_touched_budget() {
     }
     a.redis.take_events();
     match a.provoke().await {
-        CallFailure::Budget(why) => assert!(why.contains("stopped after 10 keys"), "{why}"),
+        CallFailure::Budget(why) => assert!(why.contains("stopped after changing 10 keys"), "{why}"),
         other => panic!("expected a budget failure, got {other:?}"),
     }
     // 25 keys plus `hostile:ok`, all inside `hostile:*`.
