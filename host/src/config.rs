@@ -94,9 +94,10 @@ pub struct Config {
     pub control_key: String,
     /// The Redis Hash of sweep requests (`cachepol sweep NAME`).
     pub sweep_key: String,
-    /// The Redis Hash of where sweeps and hooks too long for one call
-    /// stopped, so that a restarted daemon (or a replica taking over) goes
-    /// on from there ([`crate::store::walks`]).
+    /// The prefix of the keys saying where sweeps and hooks too long for
+    /// one call stopped (`<walks_key>:<policy>/<call>`), so that a
+    /// restarted daemon (or a replica taking over) goes on from there
+    /// ([`crate::store::walks`]).
     pub walks_key: String,
     /// Where the admin server listens (`/metrics`, `/livez`, `/readyz`,
     /// `/status`, `POST /deploys`); `none` turns it off.

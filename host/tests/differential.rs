@@ -212,7 +212,7 @@ fn allow_all(_: &[u8]) -> bool {
 }
 
 const EVERYTHING: BulkPlan<'static> =
-    BulkPlan { allow: &allow_all, limit: u64::MAX, examine: u64::MAX, resume: None, steps: None };
+    BulkPlan { allow: &allow_all, limit: u64::MAX, examine: u64::MAX, resume: None, whole_pages: false, steps: None };
 
 impl Side {
     fn new(backend: Arc<dyn Backend>, raw: Option<redis::aio::MultiplexedConnection>) -> Side {

@@ -140,11 +140,7 @@ const CONNECTION_COMMANDS: &[&str] = &[
     // Sweep requests (`cachepol sweep`), and `/status`'s view of Redis.
     "hgetall",
     "info",
-    // Where sliced sweeps and hooks stopped, and the keyspace's size
-    // for their progress.
-    "hget",
-    "hset",
-    "hdel",
+    // The keyspace's size, for the progress of sliced sweeps and hooks.
     "dbsize",
 ];
 
@@ -221,7 +217,7 @@ pub fn setuser_args(req: &AclRequest<'_>) -> Vec<String> {
         key_rule(&cachepol_guest_sdk::glob::escape(&req.deploy.dead_letter), KeyOps::WRITE),
         key_rule(&cachepol_guest_sdk::glob::escape(req.control_key), KeyOps::READ),
         key_rule(&cachepol_guest_sdk::glob::escape(req.sweep_key), KeyOps::READ),
-        key_rule(&cachepol_guest_sdk::glob::escape(req.walks_key), KeyOps::READ | KeyOps::WRITE),
+        key_rule(&format!("{}:*", cachepol_guest_sdk::glob::escape(req.walks_key)), KeyOps::READ | KeyOps::WRITE),
         // The probes of the notification flags (`A` hides `n`).
         key_rule(&format!("{PROBE_PREFIX}*"), KeyOps::WRITE),
     ]

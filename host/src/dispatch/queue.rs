@@ -306,7 +306,12 @@ impl PolicyQueue {
     /// Queue the next slice of a sweep run in slices
     /// ([`crate::store::walks`]), behind what is queued already: unlike
     /// [`PolicyQueue::push`], not a new request for a sweep.
+    /// A sweep already waiting (of any reason) goes on with the same walks:
+    /// no second one is queued.
     pub fn push_slice(&self, reason: SweepReason) -> Result<(), Item> {
+        if self.lock().items.iter().any(|i| matches!(i, Item::Sweep(_))) {
+            return Ok(());
+        }
         self.push_item(Item::Sweep(reason))
     }
 

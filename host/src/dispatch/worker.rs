@@ -62,6 +62,11 @@ const BACKLOG_PER_LANE: usize = 32;
 /// event alone at once.
 const MAX_BATCH: usize = 64;
 
+/// Slices one sweep or hook may take (about a billion keys examined): a
+/// walk past it is given up, with an error in the log, rather than keep
+/// Redis scanning for ever.
+const MAX_SLICES: u32 = 4_000;
+
 /// How often a sweep or hook run in slices says how far it got.
 const PROGRESS_EVERY: Duration = Duration::from_secs(10);
 
@@ -116,6 +121,10 @@ struct Slice {
     book: String,
     /// A new request for it came since the last slice.
     asked: bool,
+    /// A hook: a slice that fails leaves no book behind (the hook is
+    /// retried, or dead-lettered, from the start); a sweep's failed slice
+    /// keeps its walks' positions for the retry.
+    hook: bool,
 }
 
 /// What a call delivers.
@@ -444,11 +453,11 @@ impl Worker {
                         );
                     }
                 }
-                let slice = Slice { book: SWEEP_BOOK.into(), asked: self.queue.take_sweeps_asked() > 0 };
+                let slice = Slice { book: SWEEP_BOOK.into(), asked: self.queue.take_sweeps_asked() > 0, hook: false };
                 (format!("sweep-{seq}"), wit::Event::Sweep(SweepEvent { reason }), Work::Sweep(reason), slice)
             }
             Item::Deploy(hook, done) => {
-                let slice = Slice { book: format!("hook:{}", hook.id), asked: false };
+                let slice = Slice { book: format!("hook:{}", hook.id), asked: false, hook: true };
                 (hook.id.clone(), wit::Event::Deploy(hook.clone()), Work::Deploy(hook, done), slice)
             }
             Item::Key(k) => {
@@ -482,11 +491,25 @@ impl Worker {
                     } else if slice.asked {
                         book.again = true;
                     }
-                    let report = lane.policy.handle_slice(&id, &event, book).await;
+                    let before = book.progress();
+                    let mut report = lane.policy.handle_slice(&id, &event, book).await;
+                    let failed = report.result.is_err();
                     match &report.call.walks {
-                        Some(book) if book.unfinished() || report.result.is_err() => {
-                            walks.save(&name, &slice.book, book).await;
+                        Some(book) if book.unfinished() && !failed && book.progress() == before => {
+                            tracing::error!(policy = %name, call = %slice.book, "a slice moved no walk on: the walk is given up (the policy's bulk calls may depend on what changes between calls)");
+                            report.call.walks = None;
+                            walks.clear(&name, &slice.book).await;
                         }
+                        Some(book) if book.unfinished() && book.slices >= MAX_SLICES => {
+                            tracing::error!(policy = %name, call = %slice.book, slices = book.slices, "a walk still unfinished after the most slices one call may take: given up");
+                            report.call.walks = None;
+                            walks.clear(&name, &slice.book).await;
+                        }
+                        Some(book) if failed && slice.hook && (kept || book.slices > 1) => {
+                            walks.clear(&name, &slice.book).await;
+                        }
+                        Some(_) if failed && slice.hook => {}
+                        Some(book) if book.unfinished() || failed => walks.save(&name, &slice.book, book).await,
                         Some(_) if kept => walks.clear(&name, &slice.book).await,
                         _ => {}
                     }

@@ -49,6 +49,11 @@ const MAX_QUEUED_BYTES: usize = 1 << 20;
 /// walk of millions of keys.
 pub const SLICE_EXAMINED: u64 = 250_000;
 
+/// Bulk operations one sliced call may keep positions for; a call making
+/// more is not sliced (it fails on its budgets, as any other call): the
+/// book is written to Redis after every slice.
+const MAX_WALKS: usize = 64;
+
 /// What a policy's calls did during one event, for the audit trail.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Effects {
@@ -89,6 +94,10 @@ pub struct CallState {
     /// The walks of a sliced call, as far as they got
     /// ([`HostApi::slice_walks`]).
     pub walks: Option<WalkBook>,
+    /// A walk of this slice stopped short and the policy was told so with
+    /// a `budget-exceeded` error: if it gives up on that error, the call
+    /// is a slice done, not a failure.
+    pub slice_cut: bool,
     /// The first budget the call ran out of.
     pub budget_exceeded: Option<String>,
     /// Which budget that was (`host_calls`, `grant_work`, `keys`,
@@ -115,6 +124,7 @@ impl Default for CallState {
             effects: Effects::default(),
             keys_examined: 0,
             walks: None,
+            slice_cut: false,
             budget_exceeded: None,
             budget_kind: None,
             redis_unavailable: 0,
@@ -252,6 +262,18 @@ impl HostApi {
         Error::BudgetExceeded(what)
     }
 
+    /// A walk of a sliced call stops here until the next slice. The policy
+    /// is told with a `budget-exceeded` error, so that one that stops on
+    /// it does nothing it would do only once every walk is done (write a
+    /// "cleaned" marker); one that goes on past it loses nothing either.
+    /// Not a budget failure of the call.
+    fn slice_cut(&mut self, op: &str, pattern: &str) -> Error {
+        self.call.slice_cut = true;
+        Error::BudgetExceeded(format!(
+            "{op}({pattern}) goes on in the next slice: the host calls this event again until its walks are done"
+        ))
+    }
+
     fn deny(&mut self, op: &str, target: &str, reason: String) -> Error {
         tracing::warn!(policy = %self.policy, op, target, %reason, "denied");
         let denial = Denial { op: op.to_owned(), target: target.to_owned(), reason };
@@ -358,11 +380,21 @@ impl HostApi {
         let allow = move |key: &[u8]| grants.allows_key(need, key);
         let pattern = work.describe();
         // In a sliced call: this operation's walk, and where it stopped.
-        let walk = self.walks.as_mut().map(|book| book.next(&format!("{op} {pattern}")));
+        let walk = match &mut self.walks {
+            Some(book) if book.walks.len() < MAX_WALKS || book.made() < book.walks.len() => {
+                Some(book.next(&work.identity()))
+            }
+            _ => None,
+        };
+        let examine = self.budgets.examined_limit().saturating_sub(self.call.keys_examined);
         let resume = match (&self.walks, walk) {
             (Some(book), Some(at)) if book.walks[at].done => {
                 tracing::debug!(policy = %self.policy, op, %pattern, "already walked to its end in an earlier slice");
                 return Ok(0);
+            }
+            // This slice's allowance is spent: the walk waits for the next.
+            (Some(_), Some(_)) if self.call.keys_examined >= SLICE_EXAMINED || examine == 0 => {
+                return Err(self.slice_cut(op, &pattern));
             }
             (Some(book), Some(at)) => Some(book.walks[at].at.clone()),
             _ => None,
@@ -370,9 +402,12 @@ impl HostApi {
         // One bulk operation stays within one event's keys budget, however
         // many events share the call: it is a limit on blast radius.
         let mut plan = BulkPlan::new(&allow, self.keys_left().min(self.budgets.keys_limit()));
-        let examine = self.budgets.examined_limit().saturating_sub(self.call.keys_examined);
-        plan.examine = if walk.is_some() { examine.min(SLICE_EXAMINED) } else { examine };
+        plan.examine = match walk {
+            Some(_) => examine.min(SLICE_EXAMINED - self.call.keys_examined),
+            None => examine,
+        };
         plan.resume = resume.as_ref();
+        plan.whole_pages = walk.is_some();
         let result = match work {
             Bulk::Delete(pattern) => self.backend.delete_matching(pattern, &plan).await,
             Bulk::Expire(rows) => self.backend.expire_matching(rows, &plan).await,
@@ -401,7 +436,10 @@ impl HostApi {
             walk.changed += result.affected;
             match result.stopped {
                 // The next slice goes on from there.
-                Some(position) if result.truncated => walk.at = position,
+                Some(position) if result.truncated => {
+                    walk.at = position;
+                    return Err(self.slice_cut(op, &pattern));
+                }
                 _ => walk.done = true,
             }
             return Ok(result.affected);
@@ -434,6 +472,24 @@ enum Bulk<'a> {
 }
 
 impl Bulk<'_> {
+    /// What tells this walk apart from another at the same place in a
+    /// sliced call: the operation and every argument (a TTL changed by a
+    /// new config starts the walk over), as a digest (patterns may be
+    /// long, and the book is written after every slice).
+    fn identity(&self) -> String {
+        use sha2::Digest;
+        let text = match self {
+            Bulk::Delete(pattern) => format!("delete\0{pattern}"),
+            Bulk::Expire(rows) => rows
+                .iter()
+                .map(|r| format!("expire\0{}\0{}\0{}", r.pattern, r.ttl_ms, r.only_if_persistent))
+                .collect::<Vec<_>>()
+                .join("\0"),
+        };
+        let digest = sha2::Sha256::digest(text.as_bytes());
+        digest[..12].iter().map(|b| format!("{b:02x}")).collect()
+    }
+
     /// Its patterns, for log lines.
     fn describe(&self) -> String {
         match self {

@@ -808,7 +808,15 @@ impl LoadedPolicy {
         // and the event themselves.
         let span = tracing::debug_span!("policy_call", policy = %self.manifest.name, event = %event_id);
         let started = Instant::now();
-        let (result, call) = self.handle_inner(delivery, walks).instrument(span.clone()).await;
+        let (mut result, mut call) = self.handle_inner(delivery, walks).instrument(span.clone()).await;
+        if let Some(book) = &mut call.walks {
+            book.end_slice(result.is_ok());
+            // The policy stopped on a walk cut short for the next slice
+            // (the error it was given): a slice done, not a failure.
+            if call.slice_cut && matches!(result, Err(CallFailure::Returned(_))) {
+                result = Ok(wit::Outcome { deferred: 0, note: Some("its walks go on in the next slice".into()) });
+            }
+        }
         let report = CallReport { result, call, elapsed: started.elapsed() };
         self.stats.calls += 1;
         self.stats.denials += u64::from(report.call.denials_total);

@@ -42,6 +42,11 @@ pub struct BulkPlan<'a> {
     pub examine: u64,
     /// Where an earlier slice of the same walk stopped.
     pub resume: Option<&'a Position>,
+    /// A slice of a sliced call: every page is taken whole, so the walk
+    /// stops at a page boundary and always moves on (the next slice never
+    /// sees a page it handled again), even if that passes `limit` by up to
+    /// a page. Otherwise `limit` is exact and the walk stops within a page.
+    pub whole_pages: bool,
     /// Told about each batch of keys just before its writes are sent and
     /// just after they are answered (the echo layer's ledger).
     pub steps: Option<&'a (dyn Fn(BulkStep<'_>) + Send + Sync)>,
@@ -50,7 +55,7 @@ pub struct BulkPlan<'a> {
 impl<'a> BulkPlan<'a> {
     /// A plan changing at most `limit` keys, examining as many as it takes.
     pub fn new(allow: &'a (dyn Fn(&[u8]) -> bool + Send + Sync), limit: u64) -> BulkPlan<'a> {
-        BulkPlan { allow, limit, examine: u64::MAX, resume: None, steps: None }
+        BulkPlan { allow, limit, examine: u64::MAX, resume: None, whole_pages: false, steps: None }
     }
 
     /// Report a step to [`BulkPlan::steps`], if anyone listens.

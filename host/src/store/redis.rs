@@ -609,9 +609,10 @@ impl RedisBackend {
                     }
                 }
             }
-            // A page cut part-way is walked again next time (its keys
-            // already changed answer as unchanged); one taken whole goes on
-            // after it. Other nodes' walks may have used up the limits.
+            // A page cut part-way (an exact limit, never in a slice: pages
+            // are taken whole there) would be walked again; one taken whole
+            // goes on after it. Other nodes' walks may have used up the
+            // limits.
             (cursor, stopped_at) = if cut {
                 (None, Some(requested))
             } else if next == 0 {
@@ -718,7 +719,7 @@ impl<'p, 'a> Taking<'p, 'a> {
             result.refused += 1;
             return Took::Refused;
         }
-        if self.committed.fetch_add(1, Ordering::Relaxed) < self.plan.limit {
+        if self.committed.fetch_add(1, Ordering::Relaxed) < self.plan.limit || self.plan.whole_pages {
             return Took::Taken;
         }
         self.committed.fetch_sub(1, Ordering::Relaxed);

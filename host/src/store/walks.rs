@@ -11,9 +11,9 @@
 //! every walk it made has reached its end.
 //!
 //! A [`WalkBook`] holds the walks of one such call (a policy's sweep, or one
-//! hook by id). [`WalkStore`] keeps books in memory and, on a real Redis, in
-//! a hash under the daemon's namespace, so that a daemon restarted halfway
-//! (or a replica taking over) goes on where the walk stopped. A `SCAN`
+//! hook by id). [`WalkStore`] keeps books in Redis under the daemon's
+//! namespace (in memory for the fake host), so that a daemon restarted
+//! halfway (or a replica taking over) goes on where the walk stopped. A `SCAN`
 //! cursor means nothing on a restarted Redis (its dict has a new hash
 //! seed), so each node's cursor is kept with that node's `run_id`, and a
 //! different one starts the node's walk over.
@@ -113,6 +113,27 @@ impl WalkBook {
         at
     }
 
+    /// Walks made so far in this slice.
+    pub fn made(&self) -> usize {
+        self.made
+    }
+
+    /// The slice is over. If the call went through to its end, walks it
+    /// did not make this time (its calls changed: a lock now held, a
+    /// different config) are dropped; if it stopped at a walk cut short,
+    /// the walks after that one are still owed.
+    pub fn end_slice(&mut self, went_through: bool) {
+        if went_through {
+            self.walks.truncate(self.made);
+        }
+    }
+
+    /// Walks done so far (for telling a slice that moved on from one
+    /// that did not).
+    pub fn progress(&self) -> (usize, u64) {
+        (self.walks.iter().filter(|w| w.done).count(), self.totals().0)
+    }
+
     /// Some walk stopped short: the call must be made again.
     pub fn unfinished(&self) -> bool {
         self.walks.iter().any(|w| !w.done)
@@ -124,8 +145,15 @@ impl WalkBook {
     }
 }
 
-/// Books of sliced calls, by `policy/context`: in memory, and in a Redis
-/// hash when the daemon runs against one.
+/// How long a book outlives its last slice: a book nobody goes on with (a
+/// hook given up, a policy unloaded) is not kept for ever.
+const BOOK_TTL_MS: u64 = 24 * 3600 * 1000;
+
+/// Books of sliced calls, by policy and call: in memory for the fake host
+/// and tests, else in Redis, one key per book (`<prefix>:<policy>/<call>`,
+/// with [`BOOK_TTL_MS`]), so that they outlive the process and a replica
+/// taking over reads the same. Never both: a copy kept here could go stale
+/// while another daemon goes on with the walk.
 pub struct WalkStore {
     memory: Mutex<HashMap<String, WalkBook>>,
     redis: Option<(Conn, String)>,
@@ -137,36 +165,34 @@ impl WalkStore {
         WalkStore { memory: Mutex::default(), redis: None }
     }
 
-    /// Books also kept in the hash `key` (the daemon's namespace), so that
-    /// they outlive the process.
-    pub fn in_redis(conn: Conn, key: String) -> WalkStore {
-        WalkStore { memory: Mutex::default(), redis: Some((conn, key)) }
+    /// Books kept in Redis under `prefix` (the daemon's namespace).
+    pub fn in_redis(conn: Conn, prefix: String) -> WalkStore {
+        WalkStore { memory: Mutex::default(), redis: Some((conn, prefix)) }
     }
 
-    fn field(policy: &str, context: &str) -> String {
-        format!("{policy}/{context}")
+    fn key(prefix: &str, policy: &str, context: &str) -> String {
+        format!("{prefix}:{policy}/{context}")
     }
 
     /// The book of `policy`'s call `context`, if one is in progress. An
     /// unreadable one (Redis down, a record from another version) is
     /// reported and the walk starts over, which loses nothing but time.
     pub async fn load(&self, policy: &str, context: &str) -> Option<WalkBook> {
-        let field = Self::field(policy, context);
-        if let Some(book) = self.memory.lock().unwrap_or_else(|e| e.into_inner()).get(&field) {
-            return Some(book.clone());
-        }
-        let (conn, key) = self.redis.as_ref()?;
-        let text: Option<String> = match redis::cmd("HGET").arg(key).arg(&field).query_async(&mut conn.clone()).await {
+        let Some((conn, prefix)) = &self.redis else {
+            return self.memory.lock().unwrap_or_else(|e| e.into_inner()).get(&format!("{policy}/{context}")).cloned();
+        };
+        let key = Self::key(prefix, policy, context);
+        let text: Option<String> = match redis::cmd("GET").arg(&key).query_async(&mut conn.clone()).await {
             Ok(text) => text,
             Err(e) => {
-                tracing::warn!(policy, error = %e, "cannot read where the last walk stopped; it starts over");
+                tracing::warn!(policy, call = context, error = %e, "cannot read where the last walk stopped; it starts over");
                 return None;
             }
         };
         match serde_json::from_str(&text?) {
             Ok(book) => Some(book),
             Err(e) => {
-                tracing::warn!(policy, error = %e, "the record of where the last walk stopped is unreadable; it starts over");
+                tracing::warn!(policy, call = context, error = %e, "the record of where the last walk stopped is unreadable; it starts over");
                 None
             }
         }
@@ -174,14 +200,16 @@ impl WalkStore {
 
     /// Keep `book` (still in progress).
     pub async fn save(&self, policy: &str, context: &str, book: &WalkBook) {
-        let field = Self::field(policy, context);
-        self.memory.lock().unwrap_or_else(|e| e.into_inner()).insert(field.clone(), book.clone());
-        let Some((conn, key)) = &self.redis else { return };
+        let Some((conn, prefix)) = &self.redis else {
+            self.memory.lock().unwrap_or_else(|e| e.into_inner()).insert(format!("{policy}/{context}"), book.clone());
+            return;
+        };
         let text = serde_json::to_string(book).expect("a walk book serialises");
+        let key = Self::key(prefix, policy, context);
         let saved: redis::RedisResult<()> =
-            redis::cmd("HSET").arg(key).arg(&field).arg(text).query_async(&mut conn.clone()).await;
+            redis::cmd("SET").arg(&key).arg(text).arg("PX").arg(BOOK_TTL_MS).query_async(&mut conn.clone()).await;
         if let Err(e) = saved {
-            tracing::warn!(policy, error = %e, "cannot record where the walk stopped; a restart would start it over");
+            tracing::warn!(policy, call = context, error = %e, "cannot record where the walk stopped; a restart would start it over");
         }
     }
 
@@ -192,17 +220,16 @@ impl WalkStore {
         redis::cmd("DBSIZE").query_async(&mut conn.clone()).await.unwrap_or(0)
     }
 
-    /// Forget `policy`'s book for `context`: its call is done.
+    /// Forget `policy`'s book for `context`: its call is done (or given up).
     pub async fn clear(&self, policy: &str, context: &str) {
-        let field = Self::field(policy, context);
-        self.memory.lock().unwrap_or_else(|e| e.into_inner()).remove(&field);
-        // Also when this process kept none: a book an earlier one left in
-        // Redis is done with too.
-        let Some((conn, key)) = &self.redis else { return };
-        let cleared: redis::RedisResult<()> =
-            redis::cmd("HDEL").arg(key).arg(&field).query_async(&mut conn.clone()).await;
+        let Some((conn, prefix)) = &self.redis else {
+            self.memory.lock().unwrap_or_else(|e| e.into_inner()).remove(&format!("{policy}/{context}"));
+            return;
+        };
+        let key = Self::key(prefix, policy, context);
+        let cleared: redis::RedisResult<()> = redis::cmd("UNLINK").arg(&key).query_async(&mut conn.clone()).await;
         if let Err(e) = cleared {
-            tracing::warn!(policy, error = %e, "cannot forget a finished walk; the next run of that call may redo a part");
+            tracing::warn!(policy, call = context, error = %e, "cannot forget a finished walk; the next run of that call may skip what it walked");
         }
     }
 }
