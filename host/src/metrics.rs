@@ -321,7 +321,8 @@ pub struct WalkProgress {
     /// Keys examined and changed so far.
     pub examined: u64,
     pub changed: u64,
-    /// Keys in the keyspace when it started (the whole walk's size, about).
+    /// Keys its walks cover: the keyspace when it started, once per walk
+    /// (each may walk all of it), about.
     pub keyspace: u64,
     /// Keys examined per second so far.
     pub rate: u64,
@@ -343,7 +344,7 @@ impl std::fmt::Display for WalkProgress {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}: {} keys examined, {} changed, {}/s", self.what, self.examined, self.changed, self.rate)?;
         if self.keyspace > 0 {
-            write!(f, " of about {} keys", self.keyspace)?;
+            write!(f, " of about {}", self.keyspace)?;
         }
         match self.eta_secs {
             Some(eta) => write!(f, ", about {eta} s left"),

@@ -25,16 +25,6 @@ const PRODUCTION: &[&str] = &[
 /// Keys written before any daemon: three times one call's keys budget.
 const MILLIONS: u64 = 3_000_000;
 
-/// `keys` and `expires` of db 0, from `INFO keyspace`: free for Redis to
-/// answer, unlike a `KEYS` or `TTL` loop over millions of keys.
-fn keyspace(redis: &RedisServer) -> (u64, u64) {
-    let info: String = redis.cmd(&["INFO", "keyspace"]);
-    let Some(db0) = info.lines().find_map(|l| l.strip_prefix("db0:")) else { return (0, 0) };
-    let field =
-        |name: &str| db0.split(',').find_map(|kv| kv.strip_prefix(name)?.strip_prefix('=')?.parse().ok()).unwrap_or(0);
-    (field("keys"), field("expires"))
-}
-
 /// `n` keys `<prefix>:<i>` without a TTL, written with no notification.
 fn populate(redis: &RedisServer, n: u64, prefix: &str) {
     redis.cmd::<()>(&["DEBUG", "POPULATE", &n.to_string(), prefix, "8"]);
@@ -60,18 +50,26 @@ fn tail(daemon: &Daemon) -> String {
 fn a_cache_of_millions_written_while_no_daemon_ran_gets_every_ttl() {
     let redis = RedisServer::start_with(PRODUCTION);
     populate(&redis, MILLIONS, "job");
-    assert_eq!(keyspace(&redis), (MILLIONS, 0));
-    // Kept until the end: the daemon watches the directory it holds.
+    assert_eq!(redis.keyspace(), (MILLIONS, 0));
+    // Kept until the end: the daemon watches the directory it holds. Two
+    // daemons with the same default config, as a Deployment of two runs
+    // them: one holds the lease and sweeps, the other stands by.
     let setup = Setup::new(&["ttl-table"]);
     let daemon = Daemon::start(&redis, &setup);
-    within_minutes(&daemon, "every job:* key with its TTL", || keyspace(&redis).1 >= MILLIONS);
+    let other = Daemon::start(&redis, &setup);
+    within_minutes(&daemon, "every job:* key with its TTL", || redis.keyspace().1 >= MILLIONS);
     // The walk took several slices, and said so once it was done.
-    within_minutes(&daemon, "the sweep's final line", || daemon.log_text().contains("walked to the end"));
-    assert!(!daemon.log_text().contains("budget exceeded"), "a slice is not a budget failure:\n{}", tail(&daemon));
+    let sweepers = || [&daemon, &other].into_iter().filter(|d| d.log_text().contains("walked to the end")).count();
+    within_minutes(&daemon, "the sweep's final line", || sweepers() > 0);
+    assert_eq!(sweepers(), 1, "one daemon swept:\n{}\n---\n{}", tail(&daemon), tail(&other));
+    for d in [&daemon, &other] {
+        assert!(!d.log_text().contains("budget exceeded"), "a slice is not a budget failure:\n{}", tail(d));
+    }
     let kept: u64 = redis.cmd(&["EXISTS", "cachepol:walks:ttl-table/sweep"]);
     assert_eq!(kept, 0, "a finished walk leaves no position behind");
     let ttl: i64 = redis.cmd(&["TTL", "job:2999999"]);
     assert!(ttl > 86_000, "the table's 24 h TTL: {ttl}");
+    assert_eq!(other.stop(), Some(0));
     assert_eq!(daemon.stop(), Some(0));
 }
 
@@ -81,16 +79,16 @@ fn a_sweep_killed_halfway_goes_on_where_it_stopped_after_a_restart() {
     populate(&redis, MILLIONS, "job");
     let setup = Setup::new(&["ttl-table"]);
     let first = Daemon::start(&redis, &setup);
-    within_minutes(&first, "a third of the keys with a TTL", || keyspace(&redis).1 >= MILLIONS / 3);
+    within_minutes(&first, "a third of the keys with a TTL", || redis.keyspace().1 >= MILLIONS / 3);
     first.kill();
-    let (_, expires) = keyspace(&redis);
+    let (_, expires) = redis.keyspace();
     assert!(expires < MILLIONS, "the sweep finished before the kill; the test proves nothing");
     let kept: Option<String> = redis.cmd(&["GET", "cachepol:walks:ttl-table/sweep"]);
     let kept = kept.expect("where the sweep stopped is kept in Redis");
     assert!(kept.contains("\"cursor\""), "{kept}");
 
     let second = Daemon::start(&redis, &setup);
-    within_minutes(&second, "every job:* key with its TTL after the restart", || keyspace(&redis).1 >= MILLIONS);
+    within_minutes(&second, "every job:* key with its TTL after the restart", || redis.keyspace().1 >= MILLIONS);
     // The second daemon went on from the kept position: its first slice
     // is numbered after the first daemon's.
     within_minutes(&second, "the sweep's final line", || second.log_text().contains("walked to the end"));
@@ -110,14 +108,17 @@ fn a_hook_deleting_millions_of_keys_finishes_and_leaves_the_rest() {
     populate(&redis, 1_000, "keep");
     let setup = Setup::new(&["file-cache-clear"]);
     let daemon = Daemon::start(&redis, &setup);
+    let other = Daemon::start(&redis, &setup);
     deploy(&redis, &["--service", "quiz", "--file", "quiz_generator.py"]);
     // (The consumer group exists once the hook is being handled.)
     within_minutes(&daemon, "the hook handled and acknowledged", || {
-        keyspace(&redis).0 < 10_000 && pending(&redis) == 0
+        redis.keyspace().0 < 10_000 && pending(&redis) == 0
     });
     assert!(dead_letters(&redis).is_empty(), "size alone never dead-letters a hook");
     assert!(redis.keys("quiz:*").is_empty(), "every matching key deleted");
     assert_eq!(redis.keys("keep:*").len(), 1_000, "nothing else touched");
-    assert!(daemon.log_text().contains("walked to the end"), "it took several slices:\n{}", tail(&daemon));
+    let handled = [&daemon, &other].into_iter().filter(|d| d.log_text().contains("walked to the end")).count();
+    assert_eq!(handled, 1, "handled once, in several slices:\n{}\n---\n{}", tail(&daemon), tail(&other));
+    assert_eq!(other.stop(), Some(0));
     assert_eq!(daemon.stop(), Some(0));
 }

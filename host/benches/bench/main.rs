@@ -20,6 +20,8 @@
 //! - [`index`]: invalidation through the key index (100 keys among 2M, 1M
 //!   of 2M) against the `SCAN` path and `redis-cli --pipe`; its memory.
 //! - [`overhead`]: one WIT `handle` against the same logic compiled natively.
+//! - [`sweep`]: a start sweep of millions of keys (a tenth without a TTL)
+//!   in slices, against one bare `SCAN` pass; the daemon's peak RSS.
 //! - [`swap`]: hot swap, from rename to the new version handling events.
 //! - [`report`]: the table.
 
@@ -35,6 +37,7 @@ mod native;
 mod overhead;
 mod report;
 mod swap;
+mod sweep;
 
 use std::time::{Duration, Instant};
 
@@ -106,7 +109,7 @@ pub fn secs(t: Instant) -> f64 {
 
 fn main() {
     // `cargo bench` passes `--bench`; ours are `--quick` and `--only NAME`
-    // (deletion, cluster, index, overhead, events, swap), for profiling one scenario.
+    // (deletion, cluster, index, overhead, events, sweep, swap), for profiling one scenario.
     let args: Vec<String> = std::env::args().collect();
     if let Some(i) = args.iter().position(|a| a == native::FLAG) {
         native::main(args.get(i + 1).expect("a Redis URL after the flag"));
@@ -138,6 +141,10 @@ fn main() {
     if wanted("events") {
         eprintln!("bench: keyspace events, latency and memory");
         rows.extend(events::run(&redis, &sizes));
+    }
+    if wanted("sweep") {
+        eprintln!("bench: a start sweep of a production-sized keyspace");
+        rows.extend(sweep::run(&sizes));
     }
     if wanted("swap") {
         eprintln!("bench: hot swap");

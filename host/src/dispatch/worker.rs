@@ -528,7 +528,9 @@ impl Worker {
     /// Returns whether another slice is due.
     fn walked(&mut self, what: String, book: Option<&WalkBook>, ok: bool) -> bool {
         let Some(book) = book else { return false };
-        let progress = WalkProgress::new(what, book.started_ms, book.slices, book.totals(), book.keyspace);
+        // Each walk may cover the whole keyspace: the whole call's size.
+        let size = book.keyspace.saturating_mul(book.walks.len().max(1) as u64);
+        let progress = WalkProgress::new(what, book.started_ms, book.slices, book.totals(), size);
         let more = ok && (book.unfinished() || book.again);
         if more {
             if self.walk_logged.is_none_or(|at| at.elapsed() >= PROGRESS_EVERY) {
@@ -541,9 +543,8 @@ impl Worker {
                 tracing::info!(
                     policy = %self.name,
                     slices = book.slices,
-                    "{} after {} slices: {progress}",
+                    "{}: {progress}",
                     if ok { "walked to the end" } else { "stopped" },
-                    book.slices
                 );
             }
             self.walk_logged = None;
