@@ -91,7 +91,7 @@ fn throughput(redis: &RedisServer, op: &str, prefix: &str, n: u64) -> f64 {
 }
 
 /// Sample `pid`'s RSS until `stop`; returns the peak in KiB.
-fn sample_rss(pid: u32, stop: Arc<AtomicBool>) -> JoinHandle<u64> {
+pub fn sample_rss(pid: u32, stop: Arc<AtomicBool>) -> JoinHandle<u64> {
     std::thread::spawn(move || {
         let mut peak = 0;
         while !stop.load(Ordering::Relaxed) {

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use crate::Sizes;
 use crate::report::{Row, rate};
-use crate::support::{Daemon, RedisServer, Setup, http, metric, rss_kib};
+use crate::support::{Daemon, RedisServer, Setup, http, metric};
 
 /// The sweep's size: all keys, and those without a TTL among them.
 fn size(sizes: &Sizes) -> (u64, u64) {
@@ -61,17 +61,7 @@ fn start_sweep(redis: &RedisServer, total: u64) -> (f64, f64, f64) {
     let daemon = Daemon::spawn_logging(redis, &setup, &["--configure-notifications"], "info");
     daemon.wait_for("cachepol ready", Duration::from_secs(60));
     let stop = Arc::new(AtomicBool::new(false));
-    let peak = {
-        let (stop, pid) = (stop.clone(), daemon.pid());
-        std::thread::spawn(move || {
-            let mut peak = 0;
-            while !stop.load(Ordering::Relaxed) {
-                peak = peak.max(rss_kib(pid));
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            peak
-        })
-    };
+    let peak = crate::events::sample_rss(daemon.pid(), stop.clone());
     let deadline = Instant::now() + Duration::from_secs(600);
     // Done when every key has its TTL and the sweep's last line is out: the
     // final line of a sweep of several slices, or its one audit line.
