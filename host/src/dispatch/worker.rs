@@ -487,13 +487,19 @@ impl Worker {
                     let mut book = loaded.unwrap_or_default();
                     if book.slices == 0 {
                         book.started_ms = crate::store::walks::now_ms();
-                        book.keyspace = walks.keyspace().await;
                     } else if slice.asked {
                         book.again = true;
                     }
                     let before = book.progress();
                     let mut report = lane.policy.handle_slice(&id, &event, book).await;
                     let failed = report.result.is_err();
+                    // The keyspace's size is only for the progress of a call
+                    // that takes more than one slice: asked once, when its
+                    // first slice leaves walks unfinished, not on every
+                    // sweep and hook.
+                    if let Some(book) = report.call.walks.as_mut().filter(|b| b.slices == 1 && b.unfinished()) {
+                        book.keyspace = walks.keyspace().await;
+                    }
                     match &report.call.walks {
                         Some(book) if book.unfinished() && !failed && book.progress() == before => {
                             tracing::error!(policy = %name, call = %slice.book, "a slice moved no walk on: the walk is given up (the policy's bulk calls may depend on what changes between calls)");

@@ -62,8 +62,9 @@ impl Position {
 /// One bulk operation of a sliced call, as far as it got.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Walk {
-    /// The operation and its patterns: a call that makes another one at
-    /// this place (a new version of the policy) starts it over.
+    /// A digest of the operation and all its arguments: a call that makes
+    /// another one at this place (a new version of the policy, another
+    /// TTL) starts it over.
     pub what: String,
     pub done: bool,
     pub at: Position,
@@ -78,8 +79,9 @@ pub struct WalkBook {
     pub walks: Vec<Walk>,
     /// When the first slice started (Unix ms).
     pub started_ms: u64,
-    /// Keys in the keyspace when the first slice started (`DBSIZE`, summed
-    /// over primaries): the denominator of progress.
+    /// Keys in the keyspace after the first slice (`DBSIZE`, summed over
+    /// primaries; 0 for a call done in one slice): the denominator of
+    /// progress.
     pub keyspace: u64,
     /// A new request came while this book was in progress: once it is
     /// done, the call runs again from the start (what it reconciles may
