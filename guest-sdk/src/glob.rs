@@ -275,6 +275,38 @@ impl Glob {
         self.tokens.len() == prefix + 1 && self.tokens[prefix] == Token::Star
     }
 
+    /// A key this pattern matches that starts with `prefix`, if there is
+    /// one: the shortest such key, printable where the pattern allows.
+    /// Lets a host say which of its own keys (`cachepol:...`) a grant
+    /// would reach, instead of only that it would.
+    ///
+    /// ```
+    /// # use cachepol_guest_sdk::glob::Glob;
+    /// assert_eq!(Glob::new("*:*:*:*").example_starting_with(b"cachepol:"), Some(b"cachepol:::".to_vec()));
+    /// assert_eq!(Glob::new("quiz:*").example_starting_with(b"cachepol:"), None);
+    /// assert_eq!(Glob::new("cache*").example_starting_with(b"cachepol:"), Some(b"cachepol:".to_vec()));
+    /// ```
+    pub fn example_starting_with(&self, prefix: &[u8]) -> Option<Vec<u8>> {
+        let mut at = Nfa::start(&self.tokens);
+        for &byte in prefix {
+            at = at.step(&self.tokens, byte);
+            if at.is_empty() {
+                return None;
+            }
+        }
+        // From the furthest position reached, each remaining one-byte token
+        // needs one byte; stars need none.
+        let furthest = at.0.iter().rposition(|&on| on)?;
+        let mut example = prefix.to_vec();
+        for token in &self.tokens[furthest..] {
+            if let Token::One(set) = token {
+                let printable = (b'a'..=b'z').chain(b'0'..=b'9').chain(0x20..=0x7e).chain(0..=255);
+                example.push(printable.into_iter().find(|&b| set.contains(b))?);
+            }
+        }
+        (!example.is_empty() && self.matches_bytes(&example)).then_some(example)
+    }
+
     /// Legal-but-suspicious constructs, worded for a person. Empty when the
     /// pattern is clean.
     ///

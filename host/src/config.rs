@@ -382,6 +382,19 @@ impl Config {
         Ok(())
     }
 
+    /// The daemon's own keys and key prefixes, wherever the config put
+    /// them: no policy may reach them ([`crate::sandbox::reserved`]).
+    pub fn own_keys(&self) -> [&str; 6] {
+        [
+            &self.control_key,
+            &self.sweep_key,
+            &self.walks_key,
+            &self.replicas.lease_key,
+            &self.deploy.stream,
+            &self.deploy.dead_letter,
+        ]
+    }
+
     /// How many lanes the policy with `section` runs.
     /// The admin server's address, or `None` when it is off.
     pub fn admin(&self) -> Result<Option<std::net::SocketAddr>, String> {

@@ -44,6 +44,7 @@ use crate::intake::lease;
 use crate::intake::notify::{self, NotifyError};
 use crate::intake::peers::{self, Peers};
 use crate::metrics::{Readiness, metrics};
+use crate::sandbox::reserved::Reserved;
 use crate::sandbox::runtime::{Runtime, RuntimeConfig, RuntimeError};
 use crate::store::announce::Announcer;
 use crate::store::echo::{self, EchoLedger};
@@ -124,7 +125,11 @@ async fn run_wired(
         .then(|| Arc::new(Announcer::new(format!("{}:echo", lease.key), lease.id.clone())));
     let Some(redis) = connect(&target, &index, announcer.clone(), &shutdown).await else { return Ok(()) };
     eviction::warn_if_at_risk(&mut redis.connection(), lease.enabled()).await;
-    let runtime = Runtime::new(RuntimeConfig { max_instances: config.instance_pool, ..RuntimeConfig::default() })?;
+    let runtime = Runtime::new(RuntimeConfig {
+        max_instances: config.instance_pool,
+        reserved: Arc::new(Reserved::new(config.own_keys())),
+        ..RuntimeConfig::default()
+    })?;
     let ledger = Arc::new(EchoLedger::new());
 
     let mut switches = Switches::new(lease);

@@ -52,7 +52,7 @@ fn file_cache_clear_waits_for_the_edit_lock_and_survives_a_restart() {
     let daemon = Daemon::start(&redis, &setup);
     deploy(&redis, &["--service", "quiz", "--file", "src/quiz_generator.py", "--file", "app.py"]);
     eventually(&daemon, "app.py's keys cleared", || !redis.exists("api:users"));
-    let deferral = "cachepol:file-cache-clear:deferred:lock:file:quiz_generator.py";
+    let deferral = "cachepol-state:file-cache-clear:deferred:lock:file:quiz_generator.py";
     eventually(&daemon, "quiz's clear deferred", || redis.exists(deferral));
     assert!(redis.exists("quiz:1"), "the clear waits while the file is being edited");
 
@@ -101,8 +101,8 @@ fn key_naming_clears_old_versions_on_a_bump_and_deletes_stale_writes() {
         [
             "bisk:2:user:7",
             "bisk:2:user:8",
-            "cachepol:key-naming:cleaned:bisk",
-            "cachepol:key-naming:version:bisk",
+            "cachepol-state:key-naming:cleaned:bisk",
+            "cachepol-state:key-naming:version:bisk",
             "graph_data:dance"
         ]
     );

@@ -30,8 +30,20 @@ pub struct Budgets {
     /// ([`crate::store::walks`]); any other call fails past it. 0 means
     /// unlimited (only when set explicitly).
     pub keys_examined: u64,
+    /// Keys the policy's scans and bulk operations may examine per second,
+    /// across its lanes and calls ([`crate::sandbox::work`]): past it,
+    /// calls wait, or fail on `redis_work` if the wait would outlast their
+    /// wall time. 0 means unlimited.
+    pub examined_per_sec: u64,
     /// Largest value `set` may write, in bytes.
     pub value_bytes: usize,
+    /// Bytes a call may read from Redis: values from `get` and `mget`,
+    /// key names from `scan`. `mget` goes out in batches sized to what is
+    /// left of it, so neither the daemon nor Redis holds more than about
+    /// this for one call (a 1 MiB value asked for 10,000 times in one
+    /// `mget` would otherwise be 10 GiB in both). 0 means unlimited (only
+    /// when set explicitly).
+    pub read_bytes: usize,
     /// Log lines per event; more are counted and dropped.
     pub log_lines: u32,
     /// Wall-clock time per call, Redis round trips included.
@@ -47,7 +59,9 @@ impl Default for Budgets {
             host_calls: 1_000,
             keys_touched: 1_000_000,
             keys_examined: 10_000_000,
+            examined_per_sec: 250_000,
             value_bytes: 1 << 20,
+            read_bytes: 16 << 20,
             log_lines: 200,
             wall_time: Duration::from_secs(30),
         }
@@ -58,6 +72,11 @@ impl Budgets {
     /// The keys-touched limit as a count (`u64::MAX` when unlimited).
     pub fn keys_limit(&self) -> u64 {
         if self.keys_touched == 0 { u64::MAX } else { self.keys_touched }
+    }
+
+    /// The read-bytes limit (`usize::MAX` when unlimited).
+    pub fn read_limit(&self) -> usize {
+        if self.read_bytes == 0 { usize::MAX } else { self.read_bytes }
     }
 
     /// The keys-examined limit as a count (`u64::MAX` when unlimited).

@@ -9,8 +9,11 @@
 //! refusal names a key that shows why. The bulk operations also re-check
 //! each key Redis returns, so a grant check and a scan can never disagree.
 
+use std::sync::Arc;
+
 use cachepol_guest_sdk::glob::{self, Coverage, Glob};
 
+use crate::sandbox::reserved::{self, Reserved};
 use crate::wit::KeyOps;
 
 /// Longest key or pattern a policy may pass (Redis allows 512 MB; nothing
@@ -59,15 +62,45 @@ impl std::fmt::Display for GrantRule {
     }
 }
 
-/// A policy's grants, ready to check calls against.
-#[derive(Clone, Debug, Default)]
+/// A policy's grants, ready to check calls against. A key the daemon
+/// keeps for itself ([`reserved`]) is refused whatever the rules say.
+#[derive(Clone, Debug)]
 pub struct Grants {
     rules: Vec<GrantRule>,
+    reserved: Arc<Reserved>,
+}
+
+impl Default for Grants {
+    fn default() -> Grants {
+        Grants::new(Vec::new())
+    }
 }
 
 impl Grants {
     pub fn new(rules: Vec<GrantRule>) -> Grants {
-        Grants { rules }
+        Grants { rules, reserved: Reserved::builtin() }
+    }
+
+    /// These grants as a loaded policy named `policy` holds them: refused
+    /// if one asks for nothing but keys of `reserved`, else with the
+    /// policy's state namespace added (every operation on
+    /// `cachepol-state:<policy>:*`) and `reserved` held back from every
+    /// check. Also returns the grants that reach reserved keys anyway
+    /// (`*`), each with a key it will not get, to be said once.
+    pub fn for_policy(
+        mut self,
+        policy: &str,
+        reserved: Arc<Reserved>,
+    ) -> Result<(Grants, Vec<(String, String)>), String> {
+        let overlapping = reserved.check(&self)?;
+        let state = format!("{}*", reserved::state_prefix(policy));
+        let every = KeyOps::READ | KeyOps::WRITE | KeyOps::DELETE | KeyOps::EXPIRE | KeyOps::LOCK;
+        match self.rules.iter_mut().find(|r| r.pattern.as_str() == state) {
+            Some(rule) => rule.ops |= every,
+            None => self.rules.push(GrantRule { pattern: Glob::new(&state), ops: every }),
+        }
+        self.reserved = reserved;
+        Ok((self, overlapping))
     }
 
     /// Grants from operator config; errors name the offending entry.
@@ -98,12 +131,14 @@ impl Grants {
 
     /// Whether `op` on `key` is allowed.
     pub fn allows_key(&self, op: KeyOps, key: &[u8]) -> bool {
-        self.rules.iter().any(|r| r.ops.contains(op) && r.pattern.matches_bytes(key))
+        !self.reserved.holds(key) && self.rules.iter().any(|r| r.ops.contains(op) && r.pattern.matches_bytes(key))
     }
 
     /// `Ok` if `op` on `key` is allowed, else the reason for the denial.
     pub fn check_key(&self, op: KeyOps, key: &str) -> Result<(), String> {
-        if self.allows_key(op, key.as_bytes()) {
+        if self.reserved.holds(key.as_bytes()) {
+            Err("the key is one of the daemon's own (reserved)".to_owned())
+        } else if self.allows_key(op, key.as_bytes()) {
             Ok(())
         } else {
             Err(format!("no grant allows {} on this key", ops_to_string(op)))

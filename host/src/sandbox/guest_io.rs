@@ -78,9 +78,48 @@ impl LogAllowance {
     }
 }
 
+/// Longest text a policy puts anywhere a person reads (an error, a note, a
+/// denied key in a log line, a dead-letter reason, `/status`): a policy
+/// returning a 60 MB error on every call must not write 60 MB each time.
+pub const MAX_SHOWN: usize = 1024;
+
+/// `text` cut to [`MAX_SHOWN`] bytes (at a character boundary), saying
+/// how long it was.
+pub fn clip(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.len() <= MAX_SHOWN {
+        return text.into();
+    }
+    let mut end = MAX_SHOWN;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} bytes in all)", &text[..end], text.len()).into()
+}
+
+/// [`clip`], in place.
+pub fn clip_owned(text: &mut String) {
+    if text.len() > MAX_SHOWN {
+        *text = clip(text).into_owned();
+    }
+}
+
 /// Log the one line that says a policy's output is being dropped.
 pub fn log_truncated(policy: &str, limit: u32) {
     tracing::warn!(target: "cachepol::guest", policy, limit, "output truncated: the log budget of {limit} lines per event is spent");
+}
+
+#[cfg(test)]
+mod clip_tests {
+    use super::*;
+
+    #[test]
+    fn long_text_is_cut_and_says_how_long_it_was() {
+        assert_eq!(clip("short"), "short");
+        let long = "é".repeat(5_000_000);
+        let shown = clip(&long);
+        assert!(shown.len() < MAX_SHOWN + 40, "{}", shown.len());
+        assert!(shown.ends_with("… (10000000 bytes in all)"), "{}", &shown[shown.len() - 40..]);
+    }
 }
 
 /// One guest output stream (stdout or stderr) of one policy instance.

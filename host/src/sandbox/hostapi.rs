@@ -14,7 +14,8 @@ use std::sync::Arc;
 
 use crate::sandbox::budget::Budgets;
 use crate::sandbox::grants::{Grants, MAX_KEY_LEN};
-use crate::sandbox::guest_io::{LineVerdict, LogAllowance, log_truncated};
+use crate::sandbox::guest_io::{LineVerdict, LogAllowance, clip, clip_owned, log_truncated};
+use crate::sandbox::work::WorkMeter;
 use crate::store::backend::{Backend, BackendError, BulkPlan, BulkResult, QueuedExpire};
 use crate::store::walks::WalkBook;
 use crate::wit::{self, Denial, Error, ExpireCondition, ExpireRow, KeyOps, KeyTtl, ScanPage, SetOptions, ValueKind};
@@ -29,6 +30,10 @@ const MAX_SCAN_COUNT: u32 = 10_000;
 /// The most keys one `mget` reads: a call's reply is held whole, in the
 /// host and in the guest, so it is bounded like a `SCAN` page.
 const MAX_MGET_KEYS: usize = 10_000;
+/// Keys one `mget` batch asks for at most: a batch is what Redis builds
+/// its reply from and the daemon holds at once, and batches are smaller
+/// still when the call's read allowance is nearly spent.
+const MGET_BATCH: usize = 256;
 /// Denials kept by name per call; more are only counted.
 const MAX_DENIALS_KEPT: usize = 100;
 /// Work the grant checks of one call may do (`glob::covers_within` units;
@@ -91,6 +96,8 @@ pub struct CallState {
     pub effects: Effects,
     /// Keys examined by bulk operations (Redis's work).
     pub keys_examined: u64,
+    /// Bytes read from Redis: values and scanned key names.
+    pub read_bytes: usize,
     /// The walks of a sliced call, as far as they got
     /// ([`HostApi::slice_walks`]).
     pub walks: Option<WalkBook>,
@@ -110,6 +117,9 @@ pub struct CallState {
     pub queued_failed: Option<String>,
     /// Grant-check work left for this call.
     grant_work_left: usize,
+    /// When the call began (a wait for the Redis-work allowance must end
+    /// within its wall time).
+    started: std::time::Instant,
 }
 
 impl Default for CallState {
@@ -123,6 +133,7 @@ impl Default for CallState {
             denials_total: 0,
             effects: Effects::default(),
             keys_examined: 0,
+            read_bytes: 0,
             walks: None,
             slice_cut: false,
             budget_exceeded: None,
@@ -130,6 +141,7 @@ impl Default for CallState {
             redis_unavailable: 0,
             queued_failed: None,
             grant_work_left: GRANT_WORK_PER_CALL,
+            started: std::time::Instant::now(),
         }
     }
 }
@@ -151,6 +163,8 @@ pub struct HostApi {
     /// The next call is a slice of a sliced call: its bulk operations go
     /// on from this book's positions and stop at the slice's allowance.
     walks: Option<WalkBook>,
+    /// The policy's Redis-work meter, shared by its lanes.
+    meter: Arc<WorkMeter>,
 }
 
 /// What a gated call is about.
@@ -169,8 +183,10 @@ impl HostApi {
         backend: Arc<dyn Backend>,
         budgets: Budgets,
         log: LogAllowance,
+        meter: Arc<WorkMeter>,
     ) -> HostApi {
         HostApi {
+            meter,
             policy,
             grants,
             backend,
@@ -274,9 +290,20 @@ impl HostApi {
         ))
     }
 
+    /// A refusal: counted, kept (the first [`MAX_DENIALS_KEPT`]), and
+    /// logged against the call's log budget, the key cut to
+    /// [`MAX_SHOWN`](crate::sandbox::MAX_SHOWN) (a policy may pass 16 KiB
+    /// keys a thousand times an event).
     fn deny(&mut self, op: &str, target: &str, reason: String) -> Error {
-        tracing::warn!(policy = %self.policy, op, target, %reason, "denied");
-        let denial = Denial { op: op.to_owned(), target: target.to_owned(), reason };
+        let target = clip(target).into_owned();
+        let mut reason = reason;
+        clip_owned(&mut reason);
+        match self.log.take() {
+            LineVerdict::Log => tracing::warn!(policy = %self.policy, op, %target, %reason, "denied"),
+            LineVerdict::Truncate => log_truncated(&self.policy, self.budgets.log_lines),
+            LineVerdict::Drop => {}
+        }
+        let denial = Denial { op: op.to_owned(), target, reason };
         self.call.denials_total += 1;
         if self.call.denials.len() < MAX_DENIALS_KEPT {
             self.call.denials.push(denial.clone());
@@ -337,6 +364,50 @@ impl HostApi {
             self.call.redis_unavailable += 1;
         }
         Error::Redis(e.to_string())
+    }
+
+    /// Count `n` bytes read from Redis against the call's allowance; past
+    /// it, what was read is dropped and the call fails on `read_bytes`.
+    fn read(&mut self, op: &str, n: usize) -> Result<(), Error> {
+        self.call.read_bytes = self.call.read_bytes.saturating_add(n);
+        if self.call.read_bytes > self.budgets.read_limit() {
+            return Err(self.exceeded(
+                "read_bytes",
+                format!("{op} would read more than {} bytes from Redis in one call", self.budgets.read_limit()),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Before a call that makes Redis examine keys: wait while the policy
+    /// is past its Redis-work allowance, or fail on it if the wait would
+    /// outlast the call's wall time.
+    async fn pace(&mut self, op: &str) -> Result<(), Error> {
+        let wait = self.meter.wait();
+        if wait.is_zero() {
+            return Ok(());
+        }
+        let left = self.budgets.wall_time.saturating_sub(self.call.started.elapsed());
+        if wait >= left {
+            return Err(self.exceeded(
+                "redis_work",
+                format!(
+                    "{op}: the policy's scans examined more than {} keys a second; it may go on in {} ms",
+                    self.budgets.examined_per_sec,
+                    wait.as_millis()
+                ),
+            ));
+        }
+        tracing::debug!(policy = %self.policy, op, wait_ms = wait.as_millis() as u64, "waiting for the Redis-work allowance");
+        tokio::time::sleep(wait).await;
+        Ok(())
+    }
+
+    /// Count `n` keys examined by this call (Redis's work) against the
+    /// call's budget and the policy's meter.
+    fn examined(&mut self, n: u64) {
+        self.call.keys_examined += n;
+        self.meter.charge(n);
     }
 
     /// Keys-touched budget left for this call.
@@ -408,13 +479,14 @@ impl HostApi {
         };
         plan.resume = resume.as_ref();
         plan.whole_pages = walk.is_some();
+        self.pace(op).await?;
         let result = match work {
             Bulk::Delete(pattern) => self.backend.delete_matching(pattern, &plan).await,
             Bulk::Expire(rows) => self.backend.expire_matching(rows, &plan).await,
         }
         .map_err(|e| self.redis_failed(op, e))?;
         self.call.keys_touched += result.affected;
-        self.call.keys_examined += result.examined;
+        self.examined(result.examined);
         let effects = &mut self.call.effects;
         match work {
             Bulk::Delete(_) => {
@@ -522,7 +594,9 @@ impl wit::redis::Host for HostApi {
     async fn get(&mut self, key: String) -> HostResult<Option<Vec<u8>>> {
         Ok(async {
             self.request("get", KeyOps::READ, Target::Key(&key)).await?;
-            self.backend.get(&key).await.map_err(|e| self.redis_failed("get", e))
+            let value = self.backend.get(&key).await.map_err(|e| self.redis_failed("get", e))?;
+            self.read("get", value.as_ref().map_or(0, Vec::len))?;
+            Ok(value)
         }
         .await)
     }
@@ -537,7 +611,21 @@ impl wit::redis::Host for HostApi {
             }
             self.request("mget", KeyOps::READ, Target::Keys(&keys)).await?;
             self.touch("mget", keys.len() as u64)?;
-            self.backend.mget(&keys).await.map_err(|e| self.redis_failed("mget", e))
+            // In batches no bigger than what is left of the read allowance
+            // holds of values as large as a policy may write: the reply of
+            // one batch is all Redis and the daemon buffer at once.
+            let mut values = Vec::with_capacity(keys.len());
+            let mut rest = &keys[..];
+            while !rest.is_empty() {
+                let left = self.budgets.read_limit().saturating_sub(self.call.read_bytes);
+                let take = (left / self.budgets.value_bytes.max(1)).clamp(1, MGET_BATCH.min(rest.len()));
+                let (now, later) = rest.split_at(take);
+                let got = self.backend.mget(now).await.map_err(|e| self.redis_failed("mget", e))?;
+                self.read("mget", got.iter().flatten().map(Vec::len).sum())?;
+                values.extend(got);
+                rest = later;
+            }
+            Ok(values)
         }
         .await)
     }
@@ -570,10 +658,20 @@ impl wit::redis::Host for HostApi {
         Ok(async {
             self.request("scan", KeyOps::READ, Target::Pattern(&pattern)).await?;
             let count = count.clamp(1, MAX_SCAN_COUNT);
+            // A page costs Redis its `COUNT` whatever it finds.
+            if self.call.keys_examined + u64::from(count) > self.budgets.examined_limit() {
+                return Err(self.exceeded(
+                    "keys_examined",
+                    format!("scan: more than {} keys examined in one event", self.budgets.examined_limit()),
+                ));
+            }
+            self.pace("scan").await?;
+            self.examined(u64::from(count));
             let (cursor, raw) =
                 self.backend.scan(cursor, &pattern, count).await.map_err(|e| self.redis_failed("scan", e))?;
             // Re-check what Redis returned: the pattern check and Redis must
             // agree, and a key the policy may not read is never shown to it.
+            self.read("scan", raw.iter().map(Vec::len).sum())?;
             let keys = raw
                 .into_iter()
                 .filter(|k| self.grants.allows_key(KeyOps::READ, k))

@@ -17,6 +17,9 @@ pub mod grants;
 mod guest_io;
 mod hostapi;
 pub mod manifest;
+pub mod reserved;
 pub mod runtime;
+pub mod work;
 
+pub use guest_io::{MAX_SHOWN, clip};
 pub use hostapi::{CallState, Effects};

@@ -32,6 +32,9 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use crate::sandbox::budget::Budgets;
 use crate::sandbox::grants::Grants;
+use crate::sandbox::reserved::Reserved;
+use crate::sandbox::guest_io::clip_owned;
+use crate::sandbox::work::WorkMeter;
 use crate::sandbox::guest_io::{GuestOutput, LogAllowance, panic_message};
 use crate::sandbox::hostapi::{CallState, HostApi};
 use crate::sandbox::manifest::{Manifest, ManifestError};
@@ -77,6 +80,8 @@ pub enum LoadError {
     Manifest(#[from] ManifestError),
     #[error("the operator's grants for `{policy}` are wider than what it asks for: {detail}")]
     Widening { policy: String, detail: String },
+    #[error("`{policy}` may not reach the daemon's own keys: {detail}")]
+    Reserved { policy: String, detail: String },
 }
 
 /// Why one call into a policy failed.
@@ -128,11 +133,13 @@ pub struct RuntimeConfig {
     pub max_instances: u32,
     /// Upper bound for any policy's memory budget.
     pub max_memory_bytes: usize,
+    /// The daemon's own keys, which no policy's grants may reach.
+    pub reserved: Arc<Reserved>,
 }
 
 impl Default for RuntimeConfig {
     fn default() -> RuntimeConfig {
-        RuntimeConfig { max_instances: 512, max_memory_bytes: 256 << 20 }
+        RuntimeConfig { max_instances: 512, max_memory_bytes: 256 << 20, reserved: Reserved::builtin() }
     }
 }
 
@@ -143,6 +150,7 @@ pub struct Runtime {
     linker: Arc<Linker<StoreState>>,
     max_memory_bytes: usize,
     max_instances: u32,
+    reserved: Arc<Reserved>,
 }
 
 /// A compiled, import-checked component, ready to instantiate.
@@ -270,6 +278,7 @@ impl Runtime {
             linker: Arc::new(linker),
             max_memory_bytes: config.max_memory_bytes,
             max_instances: config.max_instances,
+            reserved: config.reserved,
         })
     }
 
@@ -355,6 +364,7 @@ impl Runtime {
             label: Arc::from(options.label.as_str()),
             config: options.config.clone(),
             backend,
+            meter: Arc::new(WorkMeter::new(budgets.examined_per_sec)),
             budgets,
             grants: Arc::new(Grants::default()),
         };
@@ -376,6 +386,12 @@ impl Runtime {
                 narrowed.clone()
             }
         };
+        let (grants, overlapping) = grants
+            .for_policy(&manifest.name, self.reserved.clone())
+            .map_err(|detail| LoadError::Reserved { policy: manifest.name.clone(), detail })?;
+        for (grant, key) in overlapping {
+            tracing::warn!(policy = %manifest.name, %grant, example = %key, "the grant also covers the daemon's own keys; those are held back from the policy whatever its grants");
+        }
         let name: Arc<str> = Arc::from(manifest.name.as_str());
         // From here on the manifest says what the policy may do, as narrowed
         // (what the key index keeps, say).
@@ -390,6 +406,21 @@ impl Runtime {
             stats: PolicyStats::default(),
         })
     }
+}
+
+/// A policy's error with its text cut to [`MAX_SHOWN`](crate::sandbox::MAX_SHOWN).
+fn clipped(mut error: wit::Error) -> wit::Error {
+    match &mut error {
+        wit::Error::Denied(denial) => {
+            clip_owned(&mut denial.target);
+            clip_owned(&mut denial.reason);
+        }
+        wit::Error::BudgetExceeded(text)
+        | wit::Error::InvalidArgument(text)
+        | wit::Error::Redis(text)
+        | wit::Error::Policy(text) => clip_owned(text),
+    }
+    error
 }
 
 /// How to load one policy.
@@ -542,6 +573,8 @@ struct Setup {
     backend: Arc<dyn Backend>,
     budgets: Budgets,
     grants: Arc<Grants>,
+    /// The policy's Redis-work meter: every lane's instance shares it.
+    meter: Arc<WorkMeter>,
 }
 
 impl Setup {
@@ -560,7 +593,14 @@ impl Setup {
             wasi,
             table: ResourceTable::new(),
             limiter: MemoryLimiter { limit: self.budgets.memory_bytes, exceeded: None },
-            api: HostApi::new(self.label.clone(), self.grants.clone(), self.backend.clone(), self.budgets.clone(), log),
+            api: HostApi::new(
+                self.label.clone(),
+                self.grants.clone(),
+                self.backend.clone(),
+                self.budgets.clone(),
+                log,
+                self.meter.clone(),
+            ),
             stdout,
             stderr,
         };
@@ -861,9 +901,16 @@ impl LoadedPolicy {
                 })
             })
             .await;
+        // What the policy says is cut to a size a log line, `/status` and a
+        // dead-letter reason can carry.
         let result = match result {
-            Ok(Ok(outcome)) => Ok(outcome),
-            Ok(Err(returned)) => Err(CallFailure::Returned(returned)),
+            Ok(Ok(mut outcome)) => {
+                if let Some(note) = outcome.note.as_mut() {
+                    clip_owned(note);
+                }
+                Ok(outcome)
+            }
+            Ok(Err(returned)) => Err(CallFailure::Returned(clipped(returned))),
             Err(failure) => Err(failure),
         };
         if !result.as_ref().is_err_and(CallFailure::kills_instance) {

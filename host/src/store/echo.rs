@@ -57,6 +57,9 @@ use crate::wit::{ExpireCondition, ExpireRow, SetOptions};
 /// operation falls back to a window (see the module doc), so memory stays
 /// bounded under any lag: about 50 pages in flight.
 pub const CAPACITY: usize = 50_000;
+/// Key bytes kept at once: 50,000 expectations of 16 KiB keys would be
+/// 800 MiB, so the ledger is bounded by bytes as well as by count.
+pub const CAPACITY_BYTES: usize = 16 << 20;
 
 /// Who caused an event, as far as the ledger knows.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -89,6 +92,8 @@ struct Ledger {
     /// Expected notifications per key, oldest first.
     keys: HashMap<Vec<u8>, VecDeque<Mark>>,
     marks: usize,
+    /// Bytes of the keys of `marks` (each counted once per mark).
+    bytes: usize,
     /// Expectations whose writes were answered, by the fence that retires
     /// them (in order: fences are numbered under this lock).
     retiring: VecDeque<(u64, Vec<u8>, u64)>,
@@ -112,14 +117,23 @@ impl Ledger {
         if marks.is_empty() {
             self.keys.remove(key);
         }
-        self.marks -= usize::from(found.is_some());
+        if found.is_some() {
+            self.marks -= 1;
+            self.bytes -= key.len();
+        }
         found
+    }
+
+    /// Whether `n` more expectations of `bytes` key bytes fit.
+    fn has_room(&self, n: usize, bytes: usize) -> bool {
+        self.marks + n <= CAPACITY && self.bytes + bytes <= CAPACITY_BYTES
     }
 
     fn add(&mut self, key: &[u8], op: &'static str, origin: &Origin) -> u64 {
         let id = self.next_id;
         self.next_id += 1;
         self.marks += 1;
+        self.bytes += key.len();
         self.keys.entry(key.to_vec()).or_default().push_back(Mark { id, op, origin: origin.clone() });
         id
     }
@@ -160,10 +174,17 @@ impl EchoLedger {
     }
 
     /// `origin` is about to cause each of `ops` on `key` (those it can
-    /// hear). Returns the ids of the expectations.
+    /// hear). Returns the ids of the expectations: none if the ledger is
+    /// full (the notification then reaches the policy as an application
+    /// event would; said in the log).
     pub fn expect(&self, key: &[u8], ops: &[&'static str], origin: &Origin) -> std::ops::Range<u64> {
         let mut ledger = self.lock();
         let first = ledger.next_id;
+        if !ledger.has_room(ops.len(), key.len() * ops.len()) {
+            drop(ledger);
+            tracing::warn!(policy = %origin.policy, "echo ledger full: this write's notification is not recognised as the policy's own");
+            return first..first;
+        }
         for op in ops {
             if ledger.listened.as_ref().is_none_or(|heard| heard.contains(*op)) {
                 ledger.add(key, op, origin);
@@ -177,7 +198,7 @@ impl EchoLedger {
     /// `None` if the ledger is full and nothing was recorded.
     pub fn expect_each(&self, keys: &[Vec<u8>], op: &'static str, origin: &Origin) -> Option<u64> {
         let mut ledger = self.lock();
-        if ledger.marks + keys.len() > CAPACITY {
+        if !ledger.has_room(keys.len(), keys.iter().map(Vec::len).sum()) {
             return None;
         }
         let first = ledger.next_id;
@@ -413,7 +434,12 @@ impl EchoLayer {
         changed: impl Fn(&T) -> bool,
     ) -> Result<T, BackendError> {
         let ids = self.ledger.expect(key, ops, &self.origin());
+        // If the call is cut off here (its wall time ran out), the write
+        // may or may not have reached Redis: the next fence retires the
+        // expectations either way.
+        let mut pending = Pending { ledger: &self.ledger, key, ids: Some(ids) };
         let result = self.as_writer(ops, write).await;
+        let ids = pending.ids.take().unwrap_or_default();
         match &result {
             Ok(value) if !changed(value) => self.ledger.withdraw(key, ids),
             _ => self.ledger.written(key, ids),
@@ -422,14 +448,33 @@ impl EchoLayer {
     }
 }
 
+/// Expectations of a write not answered yet: if the write's future is
+/// dropped before its answer, they are retired at the next fence instead
+/// of staying for ever (where they would take a later application event on
+/// that key for the policy's own).
+struct Pending<'a> {
+    ledger: &'a EchoLedger,
+    key: &'a [u8],
+    ids: Option<std::ops::Range<u64>>,
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        if let Some(ids) = self.ids.take() {
+            self.ledger.written(self.key, ids);
+        }
+    }
+}
+
 /// A page of a bulk operation in flight, named by its first key and size:
 /// on a cluster, pages of several nodes are in flight at once and answered
 /// in any order (a key is on one node only).
 struct Page {
-    first_key: Option<Vec<u8>>,
-    len: usize,
-    /// Its expectations' first id (`None`: the ledger was full).
-    first_id: Option<u64>,
+    /// Its keys (kept to retire their expectations if the operation ends
+    /// before the page is answered).
+    keys: Vec<Vec<u8>>,
+    /// Its expectations' first id.
+    first_id: u64,
 }
 
 /// A bulk operation's side of the ledger: each page's keys are expected
@@ -475,16 +520,29 @@ impl<'a> BulkEcho<'a> {
                     tracing::warn!(policy = %self.policy, pattern = %self.pattern, "echo ledger full: the rest of this bulk operation is covered by a window");
                     *window = Some(self.ledger.open_window(self.pattern, self.op, &self.origin));
                 }
-                let mut pages = self.pages.lock().unwrap_or_else(|e| e.into_inner());
-                pages.push(Page { first_key: keys.first().cloned(), len: keys.len(), first_id: first });
+                // Under a window, nothing waits for this page's answer.
+                if let Some(first) = first {
+                    let mut pages = self.pages.lock().unwrap_or_else(|e| e.into_inner());
+                    pages.push(Page { keys: keys.to_vec(), first_id: first });
+                }
             }
             BulkStep::After(keys) => {
                 let mut pages = self.pages.lock().unwrap_or_else(|e| e.into_inner());
-                let page = pages.iter().position(|p| p.first_key.as_ref() == keys.first() && p.len == keys.len());
-                if let Some(first) = page.and_then(|at| pages.remove(at).first_id) {
-                    self.ledger.written_each(keys, first);
+                let page = pages.iter().position(|p| p.keys.first() == keys.first() && p.keys.len() == keys.len());
+                if let Some(at) = page {
+                    self.ledger.written_each(keys, pages.remove(at).first_id);
                 }
             }
+        }
+    }
+}
+
+/// A bulk operation that ends with pages unanswered (cut off by its wall
+/// time, or failed): their expectations are retired at the next fence.
+impl Drop for BulkEcho<'_> {
+    fn drop(&mut self) {
+        for page in self.pages.get_mut().unwrap_or_else(|e| e.into_inner()).drain(..) {
+            self.ledger.written_each(&page.keys, page.first_id);
         }
     }
 }
@@ -634,6 +692,47 @@ mod tests {
         ledger.fence_seen(fence);
         assert!(ledger.is_empty(), "{} marks left", ledger.len());
         assert_eq!(ledger.claim("del", b"k:0:0"), None);
+    }
+
+    #[test]
+    fn a_bulk_operation_cut_off_mid_page_leaves_nothing_after_a_fence() {
+        let ledger = Arc::new(EchoLedger::new());
+        let (layer, _) = EchoLayer::new(ledger.clone(), "wiper".into());
+        let page: Vec<Vec<u8>> = (0..3).map(|k| format!("k:{k}").into_bytes()).collect();
+        {
+            let echo = BulkEcho::new(&layer, "del", "k:*");
+            echo.step(BulkStep::Before(&page));
+            // Dropped unanswered: the call ran out of wall time.
+        }
+        let fence = ledger.fence_to_send().expect("the cut-off page wants a fence");
+        ledger.fence_seen(fence);
+        assert!(ledger.is_empty(), "{} marks left", ledger.len());
+        assert_eq!(ledger.claim("del", b"k:1"), None, "a later application delete is the application's");
+    }
+
+    #[tokio::test]
+    async fn a_write_cut_off_before_its_answer_is_retired_by_the_next_fence() {
+        let ledger = Arc::new(EchoLedger::new());
+        let (layer, _) = EchoLayer::new(ledger.clone(), "wiper".into());
+        let never = layer.expecting(b"k", &["del"], std::future::pending::<Result<u64, BackendError>>(), |n| *n > 0);
+        assert!(tokio::time::timeout(std::time::Duration::from_millis(10), never).await.is_err());
+        assert_eq!(ledger.len(), 1, "the notification may still come");
+        let fence = ledger.fence_to_send().expect("a fence retires it");
+        ledger.fence_seen(fence);
+        assert!(ledger.is_empty());
+    }
+
+    #[test]
+    fn the_ledger_is_bounded_by_key_bytes_too() {
+        let ledger = EchoLedger::new();
+        let key = vec![b'k'; 16 * 1024];
+        let mut recorded = 0;
+        for _ in 0..2_000 {
+            recorded += ledger.expect(&key, &["del"], &origin(1)).count();
+        }
+        assert_eq!(recorded, CAPACITY_BYTES / key.len(), "recorded until the bytes ran out, then nothing");
+        let page = vec![key.clone()];
+        assert_eq!(ledger.expect_each(&page, "del", &origin(1)), None, "a full ledger says so to bulk operations");
     }
 
     #[test]

@@ -75,7 +75,14 @@ pub struct RedisBackend {
     /// On a cluster, a connection per primary for policies' `SCAN` pages
     /// (by address; dropped when it fails).
     node_conns: Arc<std::sync::Mutex<HashMap<String, redis::aio::MultiplexedConnection>>>,
+    /// On a cluster, the primaries as last read, and when: a policy's
+    /// `scan` pages reuse them for [`PRIMARIES_FRESH`] instead of sending
+    /// `CLUSTER SLOTS` before each page; any node error forgets them.
+    primaries: Arc<std::sync::Mutex<Option<(std::time::Instant, Vec<Node>)>>>,
 }
+
+/// How long a cluster's primaries, once read, serve `scan` pages.
+const PRIMARIES_FRESH: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl RedisBackend {
     /// Connect (the connection manager reconnects by itself afterwards).
@@ -88,6 +95,7 @@ impl RedisBackend {
             index: None,
             announcer: None,
             node_conns: Arc::default(),
+            primaries: Arc::default(),
         })
     }
 
@@ -353,6 +361,7 @@ impl RedisBackend {
     /// cluster's layout changed raises its [`target::TopologyHint`].
     fn node_failed(&self, e: RedisError) -> BackendError {
         self.target.saw(&e);
+        *self.primaries.lock().unwrap_or_else(|e| e.into_inner()) = None;
         failed(e)
     }
 
@@ -365,7 +374,19 @@ impl RedisBackend {
         if primaries.is_empty() {
             return Err(BackendError::Unavailable("the cluster announces no primary serving slots".into()));
         }
+        *self.primaries.lock().unwrap_or_else(|e| e.into_inner()) = Some((std::time::Instant::now(), primaries.clone()));
         Ok(primaries)
+    }
+
+    /// [`RedisBackend::primaries`], as read within [`PRIMARIES_FRESH`]:
+    /// for a policy's `scan` pages, which come one host call at a time.
+    async fn recent_primaries(&self) -> Result<Vec<Node>, BackendError> {
+        if let Some((at, primaries)) = &*self.primaries.lock().unwrap_or_else(|e| e.into_inner())
+            && at.elapsed() < PRIMARIES_FRESH
+        {
+            return Ok(primaries.clone());
+        }
+        self.primaries().await
     }
 
     /// [`RedisBackend::bulk`] over the key index: pages of keys taken from
@@ -939,7 +960,7 @@ impl Backend for RedisBackend {
         if !self.target.is_cluster() {
             return self.query(&page(cursor)).await;
         }
-        let mut primaries = self.primaries().await?;
+        let mut primaries = self.recent_primaries().await?;
         primaries.sort_by_key(Node::shard);
         let shard = (cursor >> NODE_SHIFT) as u16;
         // The shard's node, or the next one (a shard gone from the topology).

@@ -9,7 +9,7 @@
 //! file's base name, one with `/` against the whole path as the hook sent it.
 //!
 //! Deferred clears are kept in Redis (under the policy's own prefix,
-//! `cachepol:file-cache-clear:deferred:<lock>`, holding the patterns as JSON)
+//! `cachepol-state:file-cache-clear:deferred:<lock>`, holding the patterns as JSON)
 //! so they survive a daemon restart. They are resolved when the lock key is
 //! deleted, expires or is evicted (keyspace events), and on every sweep, for
 //! locks that went while nobody was listening. A lock taken again before the
@@ -62,7 +62,7 @@ impl Default for Config {
                 ("app.py".to_owned(), Patterns::One("api:*".to_owned())),
             ]),
             lock: "lock:file:{file}".into(),
-            state_prefix: "cachepol:file-cache-clear:".into(),
+            state_prefix: "cachepol-state:file-cache-clear:".into(),
             services: vec!["*".into()],
             sweep_every_secs: None,
         }

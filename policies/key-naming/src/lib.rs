@@ -18,12 +18,13 @@
 //!   `expire-matching`). The version reached and the last one cleaned are
 //!   kept in Redis under the policy's own prefix, so a restart neither
 //!   forgets a bump nor clears twice. Versions only go up; to roll back,
-//!   delete `cachepol:key-naming:version:<prefix>`.
+//!   delete `cachepol-state:key-naming:version:<prefix>`.
 //! - `schema`: keys matching `keys` must have the schema's segments, with
 //!   literal segments equal and placeholder segments non-empty and, where
 //!   `allowed` lists values for a placeholder, one of them.
 //!
-//! Keys matching `exempt` (the daemon's own `cachepol:*` by default) are
+//! Keys matching `exempt` (the daemon's own `cachepol:*` and `{cachepol}:*`, and every
+//! policy's state under `cachepol-state:*`, by default) are
 //! never judged.
 
 use std::collections::BTreeMap;
@@ -117,11 +118,11 @@ impl Default for Config {
                 legacy: vec![":1:*".into()],
                 mode: Mode::Report,
             })],
-            exempt: vec!["cachepol:*".into()],
+            exempt: vec!["cachepol:*".into(), "{cachepol}:*".into(), "cachepol-state:*".into()],
             expire_secs: 60,
             version_tag: "version".into(),
             services: vec!["*".into()],
-            state_prefix: "cachepol:key-naming:".into(),
+            state_prefix: "cachepol-state:key-naming:".into(),
         }
     }
 }
