@@ -93,11 +93,13 @@ impl Grants {
         reserved: Arc<Reserved>,
     ) -> Result<(Grants, Vec<(String, String)>), String> {
         let overlapping = reserved.check(&self)?;
-        let state = format!("{}*", reserved::state_prefix(policy));
+        let prefix = reserved::state_prefix(policy);
         let every = KeyOps::READ | KeyOps::WRITE | KeyOps::DELETE | KeyOps::EXPIRE | KeyOps::LOCK;
-        match self.rules.iter_mut().find(|r| r.pattern.as_str() == state) {
+        // The policy may ask for it itself, escaped its own way.
+        let same = |r: &GrantRule| r.pattern.is_prefix_pattern() && r.pattern.literal_prefix() == prefix.as_bytes();
+        match self.rules.iter_mut().find(|r| same(r)) {
             Some(rule) => rule.ops |= every,
-            None => self.rules.push(GrantRule { pattern: Glob::new(&state), ops: every }),
+            None => self.rules.push(GrantRule { pattern: Glob::new(&format!("{prefix}*")), ops: every }),
         }
         self.reserved = reserved;
         Ok((self, overlapping))

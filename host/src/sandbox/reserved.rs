@@ -89,8 +89,11 @@ impl Reserved {
     /// it would have reached, to say once: those keys are held back from
     /// every check whatever the grant.
     pub fn check(&self, grants: &Grants) -> Result<Vec<(String, String)>, String> {
-        let reserved: Vec<Glob> =
-            self.prefixes.iter().map(|p| Glob::new(&format!("{}*", glob::escape(&String::from_utf8_lossy(p))))).collect();
+        let reserved: Vec<Glob> = self
+            .prefixes
+            .iter()
+            .map(|p| Glob::new(&format!("{}*", glob::escape(&String::from_utf8_lossy(p)))))
+            .collect();
         let reserved: Vec<&Glob> = reserved.iter().collect();
         let mut overlapping = Vec::new();
         for rule in grants.rules() {
@@ -107,16 +110,13 @@ impl Reserved {
         Ok(overlapping)
     }
 
-    /// A reserved key `rule` matches: one of the daemon's real keys if it
-    /// matches one, else the shortest under a reserved prefix.
+    /// A reserved key `rule` matches: one of the daemon's keys (as
+    /// configured, or under its default name) if it matches one, else the shortest under a reserved prefix.
     fn reached_by(&self, rule: &GrantRule) -> Option<Vec<u8>> {
         let real = self.examples.iter().map(String::as_str).chain(SAMPLE_KEYS);
         for key in real {
-            for suffix in ["", ":db0"] {
-                let key = format!("{key}{suffix}");
-                if self.holds(key.as_bytes()) && rule.pattern.matches(&key) {
-                    return Some(key.into_bytes());
-                }
+            if self.holds(key.as_bytes()) && rule.pattern.matches(key) {
+                return Some(key.as_bytes().to_vec());
             }
         }
         self.prefixes.iter().find_map(|p| rule.pattern.example_starting_with(p))
@@ -128,10 +128,11 @@ impl Reserved {
 }
 
 /// The daemon's keys under their default names, tried first as examples.
-const SAMPLE_KEYS: [&str; 6] = [
+const SAMPLE_KEYS: [&str; 7] = [
     "cachepol:control:disabled",
     "cachepol:control:sweeps",
     "cachepol:lease:events",
+    "cachepol:lease:events:db0",
     "cachepol:deploys",
     "cachepol:deploys:dead",
     "cachepol:walks",

@@ -32,12 +32,12 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use crate::sandbox::budget::Budgets;
 use crate::sandbox::grants::Grants;
-use crate::sandbox::reserved::Reserved;
 use crate::sandbox::guest_io::clip_owned;
-use crate::sandbox::work::WorkMeter;
 use crate::sandbox::guest_io::{GuestOutput, LogAllowance, panic_message};
 use crate::sandbox::hostapi::{CallState, HostApi};
 use crate::sandbox::manifest::{Manifest, ManifestError};
+use crate::sandbox::reserved::Reserved;
+use crate::sandbox::work::WorkMeter;
 use crate::store::backend::Backend;
 use crate::store::walks::WalkBook;
 use crate::wit::{self, Policy, PolicyPre};

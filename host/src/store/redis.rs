@@ -374,7 +374,8 @@ impl RedisBackend {
         if primaries.is_empty() {
             return Err(BackendError::Unavailable("the cluster announces no primary serving slots".into()));
         }
-        *self.primaries.lock().unwrap_or_else(|e| e.into_inner()) = Some((std::time::Instant::now(), primaries.clone()));
+        *self.primaries.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some((std::time::Instant::now(), primaries.clone()));
         Ok(primaries)
     }
 
