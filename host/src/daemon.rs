@@ -44,12 +44,13 @@ use crate::intake::lease;
 use crate::intake::notify::{self, NotifyError};
 use crate::intake::peers::{self, Peers};
 use crate::metrics::{Readiness, metrics};
-use crate::sandbox::reserved::Reserved;
+use crate::sandbox::reserved::{self, Reserved};
 use crate::sandbox::runtime::{Runtime, RuntimeConfig, RuntimeError};
 use crate::store::announce::Announcer;
 use crate::store::echo::{self, EchoLedger};
 use crate::store::eviction;
 use crate::store::index::KeyIndex;
+use crate::store::legacy;
 use crate::store::redis::RedisBackend;
 use crate::store::target::RedisTarget;
 use crate::wit::SweepReason;
@@ -174,6 +175,13 @@ async fn run_wired(
         reloader.reload_config_with(source);
     }
     reloader.sync_all().await.map_err(DaemonError::Widening)?;
+    // Before any policy is called: state the previous version kept under
+    // the (now reserved) `cachepol:` namespace.
+    let loaded: Vec<String> = routes.load().routes().iter().map(|r| r.name.to_string()).collect();
+    let marker = if target.is_cluster() { "{cachepol}:control:state-moved" } else { "cachepol:control:state-moved" };
+    if let Err(e) = legacy::move_state(&redis, &loaded, marker, reserved::state_prefix).await {
+        warn!(error = %e, "cannot move the policies' state from under cachepol: yet (tried again at the next start)");
+    }
     Readiness::set(&ready.policies_loaded, true);
     // From now on the subscription is (being) set up: a policy loaded later
     // sweeps as it starts.

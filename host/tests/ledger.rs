@@ -237,7 +237,14 @@ async fn a_ledger_without_its_grants_warns_and_the_live_work_goes_on() {
     let compiled = common::compile(&runtime, &common::fixture("cascade"));
     let grant = |pattern: &str, op: &str| GrantConfig { pattern: pattern.into(), ops: vec![op.into()] };
     let grants = Grants::from_config(&[grant("flow:meta:*", "read"), grant("flow:state:*", "delete")]).unwrap();
-    let options = LoadOptions { config: "{}".into(), grants: Some(grants), ..Default::default() };
+    // A ledger kept outside the state namespace the host grants every
+    // policy (`cachepol-state:cascade:*`), which the operator's narrowed
+    // grants leave out.
+    let options = LoadOptions {
+        config: r#"{"state_prefix": "flow-ledger:"}"#.into(),
+        grants: Some(grants),
+        ..Default::default()
+    };
     let mut host = FakeHost::load_on(&runtime, &compiled, &options, cachepol::fake::FakeRedis::new()).await.unwrap();
     flows(&mut host, [1]).await;
     host.del(&["flow:meta:1"]).await;

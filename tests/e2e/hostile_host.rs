@@ -130,8 +130,9 @@ fn empty_scans_are_held_to_the_policys_redis_work_allowance() {
     eventually(&daemon, "the hook is dead-lettered", || dead_letters(&redis).len() == 1);
     let pages = info_field(&redis, "commandstats", "cmdstat_scan") - before;
     // 1,000 pages of COUNT 10,000 asked for (within the host-call budget);
-    // 250,000 keys a second allowed: about 100 pages in 3 s.
-    assert!(pages <= 150, "{pages} SCAN pages");
+    // 1,000,000 keys a second allowed, one second's worth at once: at most
+    // about 400 pages in 3 s.
+    assert!(pages <= 450, "{pages} SCAN pages");
     assert!(pages >= 20, "{pages} SCAN pages: the policy did scan");
     let (_, metrics) = http(&admin, "GET", "/metrics", &[], b"");
     assert_eq!(

@@ -74,6 +74,34 @@ fn file_cache_clear_waits_for_the_edit_lock_and_survives_a_restart() {
 }
 
 #[test]
+fn state_kept_under_cachepol_by_the_previous_version_is_moved_once_and_acted_on() {
+    let redis = RedisServer::start();
+    redis.cmd::<()>(&["SET", "quiz:1", "v"]);
+    // What the previous version left: a clear deferred while the file was
+    // edited (the editor finished while no daemon ran), and a marker.
+    let old = "cachepol:file-cache-clear:deferred:lock:file:quiz_generator.py";
+    redis.cmd::<()>(&["SET", old, r#"{"files":["quiz_generator.py"],"patterns":["quiz:*"]}"#, "EX", "86400"]);
+    redis.cmd::<()>(&["SET", "cachepol:key-naming:cleaned:bisk", "1"]);
+    let setup = Setup::new(&["file-cache-clear", "key-naming"]);
+    let daemon = Daemon::start(&redis, &setup);
+    eventually(&daemon, "the start sweep ran the deferred clear", || !redis.exists("quiz:1"));
+    assert!(redis.keys("cachepol:file-cache-clear:*").is_empty() && redis.keys("cachepol:key-naming:*").is_empty());
+    let marker: String = redis.cmd(&["GET", "cachepol-state:key-naming:cleaned:bisk"]);
+    assert_eq!(marker, "1", "moved with its value");
+    let log = daemon.log_text();
+    assert!(log.contains("moved=2"), "{log}");
+
+    // Moved once: a later start does not scan for them again.
+    assert_eq!(daemon.stop(), Some(0));
+    redis.cmd::<()>(&["SET", "cachepol:key-naming:cleaned:bisk", "9"]);
+    let daemon = Daemon::start(&redis, &setup);
+    assert!(!daemon.log_text().contains("moving the policies' state"), "{}", daemon.log_text());
+    let marker: String = redis.cmd(&["GET", "cachepol-state:key-naming:cleaned:bisk"]);
+    assert_eq!(marker, "1");
+    assert_eq!(daemon.stop(), Some(0));
+}
+
+#[test]
 fn key_naming_clears_old_versions_on_a_bump_and_deletes_stale_writes() {
     let redis = RedisServer::start();
     for key in ["bisk:1:user:7", "bisk:1:enforcer:rules", ":1:enforcer:rules", "bisk:2:user:7", "graph_data:dance"] {
@@ -93,9 +121,10 @@ fn key_naming_clears_old_versions_on_a_bump_and_deletes_stale_writes() {
     redis.cmd::<()>(&["SET", "bisk:2:user:8", "current"]);
     eventually(&daemon, "the stale write is deleted", || !redis.exists("bisk:1:user:8"));
     let mut left = redis.keys("*");
-    // The daemon's own keys: the deploy stream, and the lease and roll
-    // call of the daemons alive (replicas are on by default).
-    left.retain(|k| !k.starts_with("cachepol:deploys") && !k.starts_with("cachepol:lease:"));
+    // The daemon's own keys (reserved): the deploy stream, the lease and
+    // roll call of the daemons alive (replicas are on by default), the note
+    // that old state was moved.
+    left.retain(|k| !k.starts_with("cachepol:"));
     assert_eq!(
         left,
         [

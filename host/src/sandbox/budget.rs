@@ -59,7 +59,7 @@ impl Default for Budgets {
             host_calls: 1_000,
             keys_touched: 1_000_000,
             keys_examined: 10_000_000,
-            examined_per_sec: 250_000,
+            examined_per_sec: 1_000_000,
             value_bytes: 1 << 20,
             read_bytes: 16 << 20,
             log_lines: 200,

@@ -14,7 +14,8 @@
 //! the keyspace subscriber, so that they walk names instead of scanning
 //! Redis ([`keyset`] stores them); [`flags`] reads `notify-keyspace-events`
 //! values, for it and for the subscriber. [`walks`] keeps where a bulk walk
-//! too long for one call stopped, so that the next slice goes on from there.
+//! too long for one call stopped, so that the next slice goes on from there;
+//! [`legacy`] moves state bundled policies kept under `cachepol:` once.
 //!
 //! Receives calls from the sandbox's host API, and every notification from
 //! intake (for the index); hands back Redis's answers.
@@ -28,6 +29,7 @@ pub mod eviction;
 pub mod flags;
 pub mod index;
 pub mod keyset;
+pub mod legacy;
 pub mod memory;
 pub mod redis;
 pub mod target;

@@ -78,8 +78,11 @@ pub struct RedisBackend {
     /// On a cluster, the primaries as last read, and when: a policy's
     /// `scan` pages reuse them for [`PRIMARIES_FRESH`] instead of sending
     /// `CLUSTER SLOTS` before each page; any node error forgets them.
-    primaries: Arc<std::sync::Mutex<Option<(std::time::Instant, Vec<Node>)>>>,
+    primaries: Arc<std::sync::Mutex<Option<Primaries>>>,
 }
+
+/// A cluster's primaries, and when they were read.
+type Primaries = (std::time::Instant, Vec<Node>);
 
 /// How long a cluster's primaries, once read, serve `scan` pages.
 const PRIMARIES_FRESH: std::time::Duration = std::time::Duration::from_secs(1);
@@ -133,6 +136,11 @@ impl RedisBackend {
 
     /// A clone of the connection, for host-side commands outside the
     /// policy API (streams, `CONFIG`).
+    /// Whether this is a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        self.target.is_cluster()
+    }
+
     pub fn connection(&self) -> Conn {
         self.conn.clone()
     }
@@ -347,7 +355,7 @@ impl RedisBackend {
     }
 
     /// A connection to `node`, kept for the next call.
-    async fn node_conn(&self, node: &Node) -> Result<redis::aio::MultiplexedConnection, BackendError> {
+    pub(super) async fn node_conn(&self, node: &Node) -> Result<redis::aio::MultiplexedConnection, BackendError> {
         if let Some(conn) = self.node_conns.lock().unwrap_or_else(|e| e.into_inner()).get(&node.addr) {
             return Ok(conn.clone());
         }
@@ -369,7 +377,7 @@ impl RedisBackend {
     /// them all: a policy's sweep reconciles state that may live on any
     /// shard (a deferred clear stored away from its lock, a marker saying
     /// which version was cleaned), so it is never narrowed to some.
-    async fn primaries(&self) -> Result<Vec<Node>, BackendError> {
+    pub(super) async fn primaries(&self) -> Result<Vec<Node>, BackendError> {
         let primaries = self.target.primaries(&mut self.conn.clone()).await.map_err(failed)?;
         if primaries.is_empty() {
             return Err(BackendError::Unavailable("the cluster announces no primary serving slots".into()));
