@@ -13,6 +13,7 @@ mod failures;
 mod faults;
 mod flags;
 mod grants;
+mod hostile_ops;
 mod index;
 mod lanes;
 mod ops;

@@ -109,7 +109,7 @@ pub enum DeadLetterError {
     NotFound { id: String, stream: String },
     #[error("dead letter {id} has no original hook fields to replay")]
     Empty { id: String },
-    #[error(transparent)]
+    #[error("{}", crate::store::redis::describe(.0))]
     Redis(#[from] redis::RedisError),
 }
 
