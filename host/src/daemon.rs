@@ -79,13 +79,16 @@ pub enum DaemonError {
 pub async fn run(config: Config, reload: Option<ConfigSource>, shutdown: CancellationToken) -> Result<(), DaemonError> {
     let ready = &metrics().ready;
     let admin_stop = CancellationToken::new();
-    let admin = Admin::new(config.deploy.clone(), config.deploy_token.clone());
+    let admin = Admin::new(config.deploy.clone(), config.deploy_token.clone(), config.admin_token.clone());
     let admin_task = match config.admin().map_err(DaemonError::Config)? {
         Some(addr) => {
             let listener = admin::bind(addr).await.map_err(|error| DaemonError::Admin { addr, error })?;
             let bound = listener.local_addr().unwrap_or(addr);
             let webhook = if config.deploy_token.is_some() { "on" } else { "off (no deploy_token)" };
             info!(addr = %bound, webhook, "admin server listening on http://{bound}");
+            if !bound.ip().is_loopback() && config.admin_token.is_none() {
+                warn!(addr = %bound, "the admin server is reachable beyond loopback without admin_token: anyone who reaches it reads /status (grants, errors) and /metrics; set admin_token or CACHEPOL_ADMIN_TOKEN");
+            }
             Some(tokio::spawn(admin::serve(listener, admin.clone(), admin_stop.clone())))
         }
         None => None,
