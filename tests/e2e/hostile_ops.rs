@@ -6,9 +6,29 @@
 use std::net::TcpStream;
 use std::time::Duration;
 
-use crate::support::{Daemon, RedisServer, Setup, cli, http};
+use crate::support::{Daemon, RedisServer, Setup, cli, eventually, http, pending};
 
 const ADMIN_TOKEN: &str = "admin-token-0123456789";
+const DEPLOY_TOKEN: &str = "deploy-token-0123456789";
+
+/// What the recorder fixture counted (`recorder:recorder:<what>`), 0 if
+/// nothing.
+fn recorded(redis: &RedisServer, what: &str) -> u64 {
+    redis
+        .cmd::<Option<String>>(&["GET", &format!("recorder:recorder:{what}")])
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// `cachepol deploy` with `setup`'s config; the stream id it printed.
+fn deploy_with(redis: &RedisServer, setup: &Setup, args: &[&str]) -> String {
+    let config = setup.config_file();
+    let mut all = vec!["deploy", "--config", config.to_str().unwrap()];
+    all.extend_from_slice(args);
+    let (ok, text) = cli(redis, &all);
+    assert!(ok, "{text}");
+    text.trim().to_owned()
+}
 
 /// A Redis error reaches the operator once, as Redis said it: not
 /// `"WRONGTYPE": ...: "WRONGTYPE": ...`.
@@ -72,4 +92,62 @@ fn the_admin_token_guards_status_and_metrics() {
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains("\"policies\""), "{out:?}");
+}
+
+/// A hook posted twice with one `id` (a sender retrying after a `503` that
+/// said it may have been written), appended again by hand (as a redelivery
+/// would bring it back), and sent with `cachepol deploy`: it runs once, and
+/// every sender is told the first hook's stream id.
+#[test]
+fn a_hook_posted_twice_with_one_id_runs_once() {
+    let redis = RedisServer::start();
+    let setup = Setup::new(&["recorder"]).config(&format!("deploy_token = \"{DEPLOY_TOKEN}\""));
+    let daemon = Daemon::start(&redis, &setup);
+    let admin = daemon.admin();
+    let bearer = format!("Bearer {DEPLOY_TOKEN}");
+    let post = || {
+        let body = br#"{"service": "web", "id": "release-7"}"#;
+        let (code, body) = http(&admin, "POST", "/deploys", &[("Authorization", &bearer)], body);
+        assert_eq!(code, 202, "{body}");
+        let answer: serde_json::Value = serde_json::from_str(&body).unwrap();
+        answer["id"].as_str().unwrap().to_owned()
+    };
+    let first = post();
+    assert_eq!(post(), first, "the duplicate is answered with the first hook's stream id");
+    assert_eq!(deploy_with(&redis, &setup, &["--service", "web", "--id", "release-7"]), first);
+    assert_eq!(redis.cmd::<i64>(&["XLEN", "cachepol:deploys"]), 1, "appended once");
+    eventually(&daemon, "the hook is handled", || recorded(&redis, "deploys") == 1 && pending(&redis) == 0);
+    // The same id appended behind the publisher's back: acknowledged
+    // without running.
+    redis.cmd::<String>(&["XADD", "cachepol:deploys", "*", "service", "web", "id", "release-7"]);
+    eventually(&daemon, "the copy is acknowledged", || {
+        pending(&redis) == 0 && daemon.log_text().contains("already handled under this id")
+    });
+    // A hook of its own id runs.
+    deploy_with(&redis, &setup, &["--service", "web", "--id", "release-8"]);
+    eventually(&daemon, "the next hook is handled", || recorded(&redis, "deploys") == 2);
+    assert_eq!(daemon.log_text().matches("deploy hook service=web").count(), 2, "{}", daemon.log_text());
+    assert_eq!(daemon.stop(), Some(0));
+}
+
+/// Trimming the deploy stream (`max_len`) with a backlog no daemon has
+/// read yet keeps every hook; once they are handled, the stream is trimmed
+/// to `max_len`.
+#[test]
+fn trimming_with_a_backlog_keeps_undelivered_hooks() {
+    let redis = RedisServer::start();
+    let setup = Setup::new(&["recorder"]).config("[deploy]\nmax_len = 5");
+    // The group exists (a daemon ran before), and nobody reads it now.
+    redis.cmd::<()>(&["XGROUP", "CREATE", "cachepol:deploys", "cachepol", "0", "MKSTREAM"]);
+    const BACKLOG: u64 = 150;
+    for n in 0..BACKLOG {
+        deploy_with(&redis, &setup, &["--service", "web", "--id", &format!("backlog-{n}")]);
+    }
+    assert_eq!(redis.cmd::<u64>(&["XLEN", "cachepol:deploys"]), BACKLOG, "no hook dropped before it was delivered");
+    let daemon = Daemon::start(&redis, &setup);
+    eventually(&daemon, "every hook is handled", || recorded(&redis, "deploys") == BACKLOG && pending(&redis) == 0);
+    deploy_with(&redis, &setup, &["--service", "web", "--id", "after"]);
+    assert_eq!(redis.cmd::<u64>(&["XLEN", "cachepol:deploys"]), 5, "handled hooks are trimmed");
+    eventually(&daemon, "the last hook is handled", || recorded(&redis, "deploys") == BACKLOG + 1);
+    assert_eq!(daemon.stop(), Some(0));
 }

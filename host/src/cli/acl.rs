@@ -121,7 +121,21 @@ const POLICY_COMMANDS: &[&str] = &[
     "script|load",
 ];
 /// Commands for the deploy-hook stream and its dead letters.
-const STREAM_COMMANDS: &[&str] = &["xgroup|create", "xreadgroup", "xautoclaim", "xclaim", "xpending", "xack", "xadd"];
+/// (`xlen`, `xinfo|groups`, `xrange`, `xtrim`: trimming that keeps hooks
+/// not yet handled, in the publish script; `get`/`set`: hook ids.)
+const STREAM_COMMANDS: &[&str] = &[
+    "xgroup|create",
+    "xreadgroup",
+    "xautoclaim",
+    "xclaim",
+    "xpending",
+    "xack",
+    "xadd",
+    "xlen",
+    "xinfo|groups",
+    "xrange",
+    "xtrim",
+];
 /// Connection set-up, health checks, the subscription, and reading
 /// `notify-keyspace-events`. (redis-rs also sends `CLIENT SETINFO`, which
 /// Redis 7.0 does not know and 7.2 may refuse: it ignores the answer.)
@@ -214,6 +228,8 @@ pub fn setuser_args(req: &AclRequest<'_>) -> Vec<String> {
     let mut seen = BTreeSet::new();
     let keys = [
         key_rule(&cachepol_guest_sdk::glob::escape(&req.deploy.stream), KeyOps::READ | KeyOps::WRITE),
+        // Hook ids published and handled (`<stream>:id:*`, `<stream>:done:*`).
+        key_rule(&format!("{}:*", cachepol_guest_sdk::glob::escape(&req.deploy.stream)), KeyOps::READ | KeyOps::WRITE),
         key_rule(&cachepol_guest_sdk::glob::escape(&req.deploy.dead_letter), KeyOps::WRITE),
         key_rule(&cachepol_guest_sdk::glob::escape(req.control_key), KeyOps::READ),
         key_rule(&cachepol_guest_sdk::glob::escape(req.sweep_key), KeyOps::READ),
