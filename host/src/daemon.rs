@@ -138,10 +138,11 @@ async fn run_wired(
     if let Err(e) = control::read_at_start(&switches, &mut redis.connection(), &config.control_key).await {
         warn!(error = %e, key = %config.control_key, "cannot read the disabled policies; none is held back until they can be read");
     }
-    let sweep_requests = control::read_sweeps_at_start(&mut redis.connection(), &config.sweep_key)
-        .await
-        .inspect_err(|e| warn!(error = %e, key = %config.sweep_key, "cannot read the sweep requests yet"))
-        .unwrap_or_default();
+    let sweep_requests =
+        control::read_sweeps_at_start(&mut redis.connection(), &config.sweep_key, !config.replicas.enabled)
+            .await
+            .inspect_err(|e| warn!(error = %e, key = %config.sweep_key, "cannot read the sweep requests yet"))
+            .unwrap_or_default();
     let registry = Registry::new(runtime, config.clone(), redis.clone(), ledger.clone(), switches.clone());
     let routes = registry.routes();
     let nodes = Arc::new(Nodes::default());
@@ -347,7 +348,9 @@ fn deploy_settings(config: &Config) -> crate::config::DeployConfig {
 }
 
 /// Queue `sweep(periodic)` for each policy at its manifest's interval
-/// (while holding the keyspace-event lease, when replicas share the work).
+/// (while leading sweeps, when replicas share the work). A sweep that falls
+/// due while this daemon does not lead stays due, and is queued as soon as
+/// it does (a takeover): a lease gap skips none.
 async fn periodic_sweeps(routes: Arc<ArcSwap<Routes>>, switches: Arc<Switches>, stop: CancellationToken) {
     let mut last: BTreeMap<String, tokio::time::Instant> = BTreeMap::new();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -360,12 +363,10 @@ async fn periodic_sweeps(routes: Arc<ArcSwap<Routes>>, switches: Arc<Switches>, 
         for route in routes.load().routes() {
             let Some(every) = route.manifest.sweep_interval else { continue };
             let due = last.entry(route.name.to_string()).or_insert(now);
-            if now.duration_since(*due) >= every {
+            // One replica sweeps for all (each sweep walks every node). Due
+            // while nobody leads, a sweep stays due: it runs on takeover.
+            if now.duration_since(*due) >= every && switches.leads_sweeps() && !switches.standing_by() {
                 *due = now;
-                // One replica sweeps for all (each sweep walks every node).
-                if !switches.leads_sweeps() {
-                    continue;
-                }
                 let _ = route.queue.push(Item::Sweep(SweepReason::Periodic));
             }
         }

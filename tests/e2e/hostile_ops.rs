@@ -4,6 +4,7 @@
 //! trimmed with a backlog, and Redis errors as the operator reads them.
 
 use std::net::TcpStream;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use crate::support::{Daemon, RedisServer, Setup, cli, eventually, http, pending};
@@ -149,5 +150,37 @@ fn trimming_with_a_backlog_keeps_undelivered_hooks() {
     deploy_with(&redis, &setup, &["--service", "web", "--id", "after"]);
     assert_eq!(redis.cmd::<u64>(&["XLEN", "cachepol:deploys"]), 5, "handled hooks are trimmed");
     eventually(&daemon, "the last hook is handled", || recorded(&redis, "deploys") == BACKLOG + 1);
+    assert_eq!(daemon.stop(), Some(0));
+}
+
+/// `cachepol sweep --wait` during a lease gap (another holder's lease,
+/// left to expire: a holder frozen or dead): the request stays pending;
+/// the daemon taking the lease over runs it, records it, and `--wait`
+/// says which daemon that was.
+#[test]
+fn a_sweep_asked_during_a_lease_gap_is_run_by_the_next_holder() {
+    let redis = RedisServer::start();
+    let lease = "cachepol:lease:events:db0";
+    redis.cmd::<()>(&["SET", lease, "ghost/00000000:1", "PX", "4000"]);
+    let setup = Setup::new(&["ttl-table"]).config("[replicas]\nlease_ttl_ms = 1000");
+    let daemon = Daemon::start(&redis, &setup);
+    daemon.wait_for("another daemon holds the keyspace-event lease: standing by", Duration::from_secs(30));
+    let waiting = Command::new(env!("CARGO_BIN_EXE_cachepol"))
+        .args(["sweep", "ttl-table", "--wait", "--timeout", "60", "--redis-url", &redis.url()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    daemon.wait_for("sweep requested by the operator: left to the replica leading sweeps", Duration::from_secs(10));
+    daemon.wait_for("took the keyspace-event lease", Duration::from_secs(30));
+    let out = waiting.wait_with_output().unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{said}{}", String::from_utf8_lossy(&out.stderr));
+    let by: String = redis.cmd(&["HGET", "cachepol:control:sweeps", "ttl-table.by"]);
+    assert!(!by.is_empty());
+    assert!(said.contains(&format!("sweep(manual) of ttl-table run by {by}")), "{said}");
+    let holder: String = redis.cmd(&["GET", lease]);
+    assert!(holder.starts_with(&format!("{by}:")), "the runner is the new holder: {holder} vs {by}");
+    assert!(daemon.log_text().contains("sweep requested by the operator: run, and recorded"));
     assert_eq!(daemon.stop(), Some(0));
 }

@@ -151,8 +151,10 @@ const CONNECTION_COMMANDS: &[&str] = &[
     "publish",
     "config|get",
     "smembers",
-    // Sweep requests (`cachepol sweep`), and `/status`'s view of Redis.
+    // Sweep requests (`cachepol sweep`; the runner records itself), and
+    // `/status`'s view of Redis.
     "hgetall",
+    "hset",
     "info",
     // The keyspace's size, for the progress of sliced sweeps and hooks.
     "dbsize",
@@ -166,7 +168,7 @@ pub struct AclRequest<'a> {
     pub deploy: &'a DeployConfig,
     /// The kill switch's set, which the daemon reads.
     pub control_key: &'a str,
-    /// The sweep requests' hash, which the daemon reads.
+    /// The sweep requests' hash, which the daemon reads and answers.
     pub sweep_key: &'a str,
     /// Where sliced sweeps and hooks stopped, which the daemon keeps.
     pub walks_key: &'a str,
@@ -232,7 +234,7 @@ pub fn setuser_args(req: &AclRequest<'_>) -> Vec<String> {
         key_rule(&format!("{}:*", cachepol_guest_sdk::glob::escape(&req.deploy.stream)), KeyOps::READ | KeyOps::WRITE),
         key_rule(&cachepol_guest_sdk::glob::escape(&req.deploy.dead_letter), KeyOps::WRITE),
         key_rule(&cachepol_guest_sdk::glob::escape(req.control_key), KeyOps::READ),
-        key_rule(&cachepol_guest_sdk::glob::escape(req.sweep_key), KeyOps::READ),
+        key_rule(&cachepol_guest_sdk::glob::escape(req.sweep_key), KeyOps::READ | KeyOps::WRITE),
         key_rule(&format!("{}:*", cachepol_guest_sdk::glob::escape(req.walks_key)), KeyOps::READ | KeyOps::WRITE),
         // The probes of the notification flags (`A` hides `n`).
         key_rule(&format!("{PROBE_PREFIX}*"), KeyOps::WRITE),
