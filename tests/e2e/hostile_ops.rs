@@ -184,3 +184,47 @@ fn a_sweep_asked_during_a_lease_gap_is_run_by_the_next_holder() {
     assert!(daemon.log_text().contains("sweep requested by the operator: run, and recorded"));
     assert_eq!(daemon.stop(), Some(0));
 }
+
+fn signal(daemon: &Daemon, which: &str) {
+    assert!(Command::new("kill").args([which, &daemon.pid().to_string()]).status().unwrap().success());
+}
+
+/// A lease holder frozen in the middle of a bulk delete (`SIGSTOP`) past
+/// its lease's TTL, woken (`SIGCONT`) after another replica took over,
+/// writes nothing more: the keys its delete had not reached yet stay, and
+/// the hook is left pending for the new holder.
+#[test]
+fn a_holder_frozen_mid_delete_writes_nothing_after_the_takeover() {
+    const KEYS: u64 = 600_000;
+    let redis = RedisServer::start_with(&["--enable-debug-command", "yes"]);
+    redis.cmd::<()>(&["DEBUG", "POPULATE", &KEYS.to_string(), "wipe", "8"]);
+    let replicas = "[replicas]\nlease_ttl_ms = 1000\n";
+    let wiper = Setup::new(&["recorder"]).config(&format!(
+        "{replicas}[policies.recorder]\nconfig = {{ ops = [\"persist\"], patterns = [\"wipe:*\"], wipe = \"wipe:*\" }}"
+    ));
+    let a = Daemon::start(&redis, &wiper);
+    a.wait_for("took the keyspace-event lease", Duration::from_secs(30));
+    // The other replica has no policy deleting anything: whatever deletes
+    // a key after the takeover is `a`.
+    let b = Daemon::start(&redis, &Setup::new(&["ttl-table"]).config(replicas));
+    b.wait_for("standing by", Duration::from_secs(30));
+    let size = || redis.cmd::<u64>(&["DBSIZE"]);
+    deploy_with(&redis, &wiper, &["--service", "web"]);
+    a.wait_for("deploy hook service=web", Duration::from_secs(60));
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while size() > KEYS - 5_000 {
+        assert!(std::time::Instant::now() < deadline, "the delete never started:\n{}", a.log_text());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    signal(&a, "-STOP");
+    b.wait_for("took the keyspace-event lease", Duration::from_secs(30));
+    let left = redis.keys("wipe:*").len();
+    assert!(left > 0, "the delete finished before the freeze: nothing to show");
+    signal(&a, "-CONT");
+    a.wait_for("left pending (not acknowledged) for the new holder", Duration::from_secs(120));
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(redis.keys("wipe:*").len(), left, "a wrote after the takeover");
+    assert!(redis.cmd::<Option<String>>(&["GET", "recorder:recorder:wiped"]).is_none(), "the hook did not finish in a");
+    assert_eq!(b.stop(), Some(0));
+    assert_eq!(a.stop(), Some(0));
+}

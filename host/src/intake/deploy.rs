@@ -543,16 +543,19 @@ impl DeployConsumer {
                 Some(failed) => failed,
                 None => return Ok(Handled::Interrupted),
             };
+            // Lost the lease meanwhile (the policies' writes stopped with
+            // it): the hook is the new holder's, left pending for it to
+            // claim; neither acknowledged, retried nor dead-lettered here.
+            if self.switches.standing_by() {
+                warn!(hook = %event.id, "this daemon lost its lease while handling the deploy hook: left pending (not acknowledged) for the new holder");
+                return Ok(Handled::Done);
+            }
             let (now_denied, retry): (Vec<_>, Vec<_>) =
                 failed.into_iter().partition(|(_, f)| f.kind == FailureKind::Denied);
             denied.extend(now_denied);
             remaining = retry.iter().map(|(n, _)| n.clone()).collect();
             if retry.is_empty() {
                 if denied.is_empty() {
-                    if self.switches.standing_by() {
-                        warn!(hook = %event.id, "this daemon lost its lease while handling the deploy hook: left pending (not acknowledged) for the new holder");
-                        return Ok(Handled::Done);
-                    }
                     // Marked before the ack: a refused or lost ack brings
                     // the hook back, and it must not run twice.
                     let _: () = redis::cmd("SET")
