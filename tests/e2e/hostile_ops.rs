@@ -228,3 +228,38 @@ fn a_holder_frozen_mid_delete_writes_nothing_after_the_takeover() {
     assert_eq!(b.stop(), Some(0));
     assert_eq!(a.stop(), Some(0));
 }
+
+/// A write announcement whose "done" never comes (its writer died between
+/// the two), on a cluster whose replicas split it: withdrawn by its timer
+/// after 10 s, with no other message on the channel. Until then an
+/// application write of its key is taken for the dead writer's; after,
+/// it is the application's again.
+#[test]
+fn an_announcement_never_done_is_withdrawn_by_its_timer() {
+    let cluster = crate::support::cluster::Cluster::start(3, 0);
+    let setup = Setup::new(&["recorder"]).config(
+        "[replicas]\nenabled = true\nlease_ttl_ms = 3000\n\n[policies.recorder]\nconfig = { name = \"recorder\", ttl_ms = 600000 }",
+    );
+    let daemon = cluster.daemon(&setup);
+    daemon.wait_for("holding 3 of 3 shards", Duration::from_secs(20));
+    // `ghost` announces two `set`s of the key by its `recorder`, on the
+    // node serving it, and dies.
+    let key = "rec:stale";
+    let field = |f: &str| format!("{}:{f}", f.len());
+    let payload: String = ["w", "ghost/00000001", "1", "1", "recorder", "set", key, key].map(field).concat();
+    let channel = "{cachepol}:lease:events:db0:echo";
+    assert_eq!(cluster.node_of(key).cmd::<i64>(&["PUBLISH", channel, &payload]), 1, "the daemon listens");
+    // Within the window: taken for the ghost's write (the recorder's own,
+    // which it is not woken by), while another key's write is handled.
+    cluster.set(key, "v");
+    cluster.set("rec:control", "v");
+    eventually(&daemon, "the other write handled", || cluster.cmd::<i64>("rec:control", &["PTTL", "rec:control"]) > 0);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(cluster.cmd::<i64>(key, &["PTTL", key]), -1, "taken for the announced write");
+    // Nothing more on the channel; past the 10 s, the second expectation
+    // is gone, and the next write is the application's.
+    std::thread::sleep(Duration::from_secs(12));
+    cluster.set(key, "w");
+    eventually(&daemon, "the application's write handled", || cluster.cmd::<i64>(key, &["PTTL", key]) > 0);
+    assert_eq!(daemon.stop(), Some(0));
+}
