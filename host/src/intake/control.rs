@@ -27,7 +27,8 @@
 //! Every daemon reads the hash with the disabled set; only the leader acts.
 //! A count that vanished (Redis restarted empty) leaves nothing pending.
 //! (A hash written before `NAME.done` existed runs each policy's last
-//! request once more.)
+//! request once more.) With replicas off every daemon runs every request
+//! made after it started, and the last to finish is the one recorded.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -35,6 +36,7 @@ use std::time::Duration;
 
 use crate::store::target::Conn;
 use arc_swap::ArcSwap;
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -44,7 +46,6 @@ use crate::dispatch::switches::Switches;
 use crate::metrics::metrics;
 use crate::store::redis::is_connection_error;
 use crate::wit::{SWEEP_REASONS, SweepReason, sweep_reason_name};
-use tokio::sync::oneshot;
 
 /// How often the disabled set is read.
 pub const POLL_EVERY: Duration = Duration::from_secs(1);
