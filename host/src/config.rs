@@ -5,6 +5,7 @@
 //! policies_dir = "policies"
 //! configure_notifications = false
 //! admin_addr = "127.0.0.1:9477"   # the admin server; "none" turns it off
+//! admin_token = "..."              # /status and /metrics need it (beyond loopback)
 //!
 //! [deploy]
 //! stream = "cachepol:deploys"
@@ -105,6 +106,10 @@ pub struct Config {
     /// The bearer token `POST /deploys` requires; without one (here or in
     /// `CACHEPOL_DEPLOY_TOKEN`) the webhook is off.
     pub deploy_token: Option<String>,
+    /// The bearer token `/status` and `/metrics` require, when set (here or
+    /// in `CACHEPOL_ADMIN_TOKEN`): for an admin server bound beyond
+    /// loopback. `/livez` and `/readyz` never need one.
+    pub admin_token: Option<String>,
     /// The key index that serves bulk operations.
     pub index: IndexConfig,
     /// Several daemons on one Redis ([`crate::intake::lease`]), on by
@@ -181,6 +186,7 @@ impl Default for Config {
             walks_key: "cachepol:walks".into(),
             admin_addr: DEFAULT_ADMIN_ADDR.into(),
             deploy_token: None,
+            admin_token: None,
             index: IndexConfig::default(),
             replicas: ReplicaConfig::default(),
         }
@@ -344,6 +350,9 @@ impl Config {
         if config.deploy_token.as_deref().is_some_and(|t| t.trim().len() < 16) {
             return Err("deploy_token must be at least 16 characters (a guessable token guards nothing)".into());
         }
+        if config.admin_token.as_deref().is_some_and(|t| t.trim().len() < 16) {
+            return Err("admin_token must be at least 16 characters (a guessable token guards nothing)".into());
+        }
         Ok(config)
     }
 
@@ -432,6 +441,7 @@ impl Config {
             walks_key,
             admin_addr,
             deploy_token,
+            admin_token,
             index,
             replicas,
         } = new;
@@ -474,6 +484,7 @@ impl Config {
             ("walks_key", self.walks_key != *walks_key),
             ("admin_addr", self.admin_addr != *admin_addr),
             ("deploy_token", self.deploy_token != *deploy_token),
+            ("admin_token", self.admin_token != *admin_token),
             ("index", self.index != *index),
             ("replicas", self.replicas != *replicas),
         ];

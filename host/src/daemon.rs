@@ -81,13 +81,16 @@ pub enum DaemonError {
 pub async fn run(config: Config, reload: Option<ConfigSource>, shutdown: CancellationToken) -> Result<(), DaemonError> {
     let ready = &metrics().ready;
     let admin_stop = CancellationToken::new();
-    let admin = Admin::new(config.deploy.clone(), config.deploy_token.clone());
+    let admin = Admin::new(config.deploy.clone(), config.deploy_token.clone(), config.admin_token.clone());
     let admin_task = match config.admin().map_err(DaemonError::Config)? {
         Some(addr) => {
             let listener = admin::bind(addr).await.map_err(|error| DaemonError::Admin { addr, error })?;
             let bound = listener.local_addr().unwrap_or(addr);
             let webhook = if config.deploy_token.is_some() { "on" } else { "off (no deploy_token)" };
             info!(addr = %bound, webhook, "admin server listening on http://{bound}");
+            if !bound.ip().is_loopback() && config.admin_token.is_none() {
+                warn!(addr = %bound, "the admin server is reachable beyond loopback without admin_token: anyone who reaches it reads /status (grants, errors) and /metrics; set admin_token or CACHEPOL_ADMIN_TOKEN");
+            }
             Some(tokio::spawn(admin::serve(listener, admin.clone(), admin_stop.clone())))
         }
         None => None,
@@ -141,10 +144,11 @@ async fn run_wired(
     if let Err(e) = control::read_at_start(&switches, &mut redis.connection(), &config.control_key).await {
         warn!(error = %e, key = %config.control_key, "cannot read the disabled policies; none is held back until they can be read");
     }
-    let sweep_requests = control::read_sweeps_at_start(&mut redis.connection(), &config.sweep_key)
-        .await
-        .inspect_err(|e| warn!(error = %e, key = %config.sweep_key, "cannot read the sweep requests yet"))
-        .unwrap_or_default();
+    let sweep_requests =
+        control::read_sweeps_at_start(&mut redis.connection(), &config.sweep_key, !config.replicas.enabled)
+            .await
+            .inspect_err(|e| warn!(error = %e, key = %config.sweep_key, "cannot read the sweep requests yet"))
+            .unwrap_or_default();
     let registry = Registry::new(runtime, config.clone(), redis.clone(), ledger.clone(), switches.clone());
     let routes = registry.routes();
     let nodes = Arc::new(Nodes::default());
@@ -357,7 +361,9 @@ fn deploy_settings(config: &Config) -> crate::config::DeployConfig {
 }
 
 /// Queue `sweep(periodic)` for each policy at its manifest's interval
-/// (while holding the keyspace-event lease, when replicas share the work).
+/// (while leading sweeps, when replicas share the work). A sweep that falls
+/// due while this daemon does not lead stays due, and is queued as soon as
+/// it does (a takeover): a lease gap skips none.
 async fn periodic_sweeps(routes: Arc<ArcSwap<Routes>>, switches: Arc<Switches>, stop: CancellationToken) {
     let mut last: BTreeMap<String, tokio::time::Instant> = BTreeMap::new();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -370,12 +376,10 @@ async fn periodic_sweeps(routes: Arc<ArcSwap<Routes>>, switches: Arc<Switches>, 
         for route in routes.load().routes() {
             let Some(every) = route.manifest.sweep_interval else { continue };
             let due = last.entry(route.name.to_string()).or_insert(now);
-            if now.duration_since(*due) >= every {
+            // One replica sweeps for all (each sweep walks every node). Due
+            // while nobody leads, a sweep stays due: it runs on takeover.
+            if now.duration_since(*due) >= every && switches.leads_sweeps() && !switches.standing_by() {
                 *due = now;
-                // One replica sweeps for all (each sweep walks every node).
-                if !switches.leads_sweeps() {
-                    continue;
-                }
                 let _ = route.queue.push(Item::Sweep(SweepReason::Periodic));
             }
         }

@@ -18,10 +18,32 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", chain(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// An error and its causes, `: `-separated as `{:#}` shows them, but each
+/// said once: a Redis error as Redis said it (`WRONGTYPE Operation ...`,
+/// [`cachepol::store::redis::describe`]) without its source repeating it,
+/// and a cause whose words the line already ends with left out.
+fn chain(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let redis = cause.downcast_ref::<redis::RedisError>();
+        let text = redis.map_or_else(|| cause.to_string(), cachepol::store::redis::describe);
+        if !line.ends_with(&text) {
+            if !line.is_empty() {
+                line.push_str(": ");
+            }
+            line.push_str(&text);
+        }
+        if redis.is_some() {
+            break;
+        }
+    }
+    line
 }
 
 /// Log to stderr through a writer thread: a policy call that logs (every

@@ -170,7 +170,11 @@ impl Metrics {
             "Policy file changes applied, by outcome (loaded, replaced, rejected, unloaded)",
             m.reloads.clone(),
         );
-        r.register("deploy_hooks", "Deploy hooks by outcome (acked, retried, dead_lettered)", m.deploy_hooks.clone());
+        r.register(
+            "deploy_hooks",
+            "Deploy hooks by outcome (acked, retried, dead_lettered, duplicate)",
+            m.deploy_hooks.clone(),
+        );
         r.register(
             "bulk_operations",
             "Bulk operations by how their keys were found (index, scan)",

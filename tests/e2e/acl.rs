@@ -57,7 +57,7 @@ fn the_daemon_runs_as_the_acl_user_and_redis_refuses_the_rest() {
     // Sweep requests and /status's view of Redis work as the ACL user too.
     let (asked, text) = support::cli(&redis, &["sweep", "ttl-table"]);
     assert!(asked, "{text}");
-    daemon.wait_for("sweep requested by the operator", Duration::from_secs(10));
+    daemon.wait_for("sweep requested by the operator: run, and recorded", Duration::from_secs(10));
     let (code, status) = http(&daemon.admin(), "GET", "/status", &[], b"");
     assert_eq!(code, 200, "{status}");
     let status: serde_json::Value = serde_json::from_str(&status).unwrap();

@@ -311,7 +311,7 @@ fn two_daemons_on_a_cluster_split_the_shards_handle_each_event_once_and_one_take
     };
     eventually(&a, "the operator's sweep ran", || sweeps() >= 1.0);
     // Both read the request (each polls every second); one queued it.
-    let left = "sweep requested by the operator: left to the replica holding the first shard";
+    let left = "sweep requested by the operator: left to the replica leading sweeps";
     eventually(&a, "the other replica left it", || a.log_text().contains(left) || b.log_text().contains(left));
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(sweeps(), 1.0, "one daemon ran it");

@@ -14,6 +14,7 @@ mod faults;
 mod flags;
 mod grants;
 mod hostile_host;
+mod hostile_ops;
 mod index;
 mod lanes;
 mod ops;

@@ -6,18 +6,36 @@
 //!
 //! | endpoint         | answer                                                                    |
 //! |------------------|---------------------------------------------------------------------------|
-//! | `GET /metrics`   | Prometheus/OpenMetrics text: every `cachepol_*` metric ([`crate::metrics`]) |
+//! | `GET /metrics`   | Prometheus/OpenMetrics text: every `cachepol_*` metric ([`crate::metrics`]); bearer `admin_token` when set |
 //! | `GET /livez`     | `200 ok` while the process runs                                           |
 //! | `GET /readyz`    | `200 ready`, or `503` with what is missing: starting, Redis unreachable (no keyspace subscription, no deploy reader), shutting down |
-//! | `GET /status`    | JSON: version, uptime, Redis (hit rate, memory, notification flags), the key index, every policy ([`status`]); `cachepol status` renders it |
-//! | `POST /deploys`  | the deploy webhook for CI/CD ([`webhook`]): bearer token, JSON hook, appended to the deploy stream, `202` with its stream id |
+//! | `GET /status`    | JSON: version, uptime, Redis (hit rate, memory, notification flags), the key index, every policy ([`status`]); `cachepol status` renders it; bearer `admin_token` when set |
+//! | `POST /deploys`  | the deploy webhook for CI/CD ([`webhook`]): bearer `deploy_token`, JSON hook, appended to the deploy stream, `202` with its stream id |
 //!
 //! Anything else is `404`. The server holds no state of its own: it reads
 //! the routes, metrics and readiness the stages publish, and writes only
-//! to the deploy stream. A client cannot hold it (or shutdown) hostage:
-//! request headers must arrive within [`HEADER_TIMEOUT`], a connection
-//! lives at most [`CONNECTION_TIMEOUT`] and serves one request, and past
-//! [`MAX_CONNECTIONS`] new ones are closed at once.
+//! to the deploy stream.
+//!
+//! `/status` shows grants, subscriptions and errors, `/metrics` the
+//! policies' names and traffic: bound beyond loopback (`--admin
+//! 0.0.0.0:9477` in a pod), set `admin_token` (or `CACHEPOL_ADMIN_TOKEN`)
+//! and they answer `401` without `Authorization: Bearer <admin_token>`.
+//! `/livez` and `/readyz` never need a token (orchestrators' probes send
+//! none), and the daemon warns at start when it is bound beyond loopback
+//! without one.
+//!
+//! A client cannot hold the server (or shutdown) hostage, and above all
+//! cannot make the probes fail, which would have the orchestrator restart
+//! a healthy daemon (and each restart runs a start sweep): request headers
+//! must arrive within [`HEADER_TIMEOUT`], a connection lives at most
+//! [`CONNECTION_TIMEOUT`] and serves one request, at most
+//! [`MAX_CONNECTIONS`] are open, and one peer address holds at most
+//! [`PER_PEER`] of them (the rest, [`RESERVED`], stay for others). A new
+//! connection that finds no room closes the oldest connection, of its peer
+//! or of all, that has not sent its request yet ([`Slots`]): idle
+//! connections make room for a probe, whoever opened them, and a request
+//! being answered is never cut. Only when every slot is busy answering is
+//! the newcomer closed.
 //!
 //! May call: every stage (it reads them all). Called by: the daemon's
 //! wiring.
@@ -25,7 +43,9 @@
 pub mod status;
 pub mod webhook;
 
-use std::net::SocketAddr;
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -39,7 +59,6 @@ use axum::routing::{get, post};
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
-use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -67,17 +86,20 @@ pub struct Admin {
     deploy: DeployConfig,
     /// `POST /deploys` is off without one.
     token: Option<String>,
+    /// `/status` and `/metrics` need it when set.
+    admin_token: Option<String>,
     /// Redis's last answer to `/status`, and when it came.
     redis_status: std::sync::Mutex<Option<(Instant, status::RedisStatus)>>,
 }
 
 impl Admin {
-    pub fn new(deploy: DeployConfig, token: Option<String>) -> Arc<Admin> {
+    pub fn new(deploy: DeployConfig, token: Option<String>, admin_token: Option<String>) -> Arc<Admin> {
         Arc::new(Admin {
             started: Instant::now(),
             wired: OnceLock::new(),
             deploy,
             token: token.map(|t| t.trim().to_owned()),
+            admin_token: admin_token.map(|t| t.trim().to_owned()),
             redis_status: std::sync::Mutex::new(None),
         })
     }
@@ -90,6 +112,17 @@ impl Admin {
     fn wired(&self) -> Option<&Wired> {
         self.wired.get()
     }
+
+    /// `401` unless the request carries the admin token (when one is set).
+    fn refuse_without_token(&self, headers: &axum::http::HeaderMap) -> Option<Response> {
+        let token = self.admin_token.as_deref()?;
+        if webhook::authorized(headers, token) {
+            return None;
+        }
+        let mut response = error(StatusCode::UNAUTHORIZED, "missing or wrong `Authorization: Bearer <admin_token>`");
+        response.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+        Some(response)
+    }
 }
 
 /// Bind the admin address: done before anything else, so that a taken
@@ -98,12 +131,17 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> 
     tokio::net::TcpListener::bind(addr).await
 }
 
-/// How long a client has to send its request headers.
-pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a client has to send its request headers: a probe or a
+/// scraper sends them at once.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(2);
 /// The longest a connection lives, its one request included.
 pub const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
-/// Connections served at once; more are closed as they come.
+/// Connections open at once.
 pub const MAX_CONNECTIONS: usize = 64;
+/// Connections one peer address may not take: kept for the others.
+pub const RESERVED: usize = 16;
+/// Connections one peer address may hold.
+pub const PER_PEER: usize = MAX_CONNECTIONS - RESERVED;
 /// How long shutdown waits for the requests in hand.
 const DRAIN: Duration = Duration::from_secs(1);
 
@@ -117,14 +155,19 @@ pub async fn serve(listener: tokio::net::TcpListener, admin: Arc<Admin>, shutdow
         .route("/status", get(status::status))
         .route("/deploys", post(webhook::deploy))
         .with_state(admin);
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut slots = Slots::default();
     let mut connections = JoinSet::new();
     loop {
-        let stream = tokio::select! {
+        let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
-            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+            Some(done) = connections.join_next(), if !connections.is_empty() => {
+                if let Ok(id) = done {
+                    slots.close(id);
+                }
+                continue;
+            }
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+                Ok(accepted) => accepted,
                 Err(e) => {
                     // Out of file descriptors, say: the daemon's Redis
                     // connections need them more; try again shortly.
@@ -134,14 +177,27 @@ pub async fn serve(listener: tokio::net::TcpListener, admin: Arc<Admin>, shutdow
                 }
             },
         };
-        let Ok(slot) = slots.clone().try_acquire_owned() else { continue };
-        let service = TowerToHyperService::new(app.clone());
+        let Some((id, slot)) = slots.open(peer.ip()) else {
+            tracing::debug!(peer = %peer, "admin server: every connection is busy answering; closed a new one");
+            continue;
+        };
+        let inner = TowerToHyperService::new(app.clone());
+        let asked = slot.asked.clone();
+        // The request's headers are in: the connection is busy, no longer
+        // one to close for a newcomer.
+        let service = hyper::service::service_fn(move |request| {
+            asked.store(true, Ordering::Relaxed);
+            hyper::service::Service::call(&inner, request)
+        });
         connections.spawn(async move {
-            let _slot = slot;
             let mut builder = http1::Builder::new();
             builder.timer(TokioTimer::new()).header_read_timeout(HEADER_TIMEOUT).keep_alive(false);
             let connection = builder.serve_connection(TokioIo::new(stream), service);
-            let _ = tokio::time::timeout(CONNECTION_TIMEOUT, connection).await;
+            tokio::select! {
+                _ = slot.closed.cancelled() => {}
+                _ = tokio::time::timeout(CONNECTION_TIMEOUT, connection) => {}
+            }
+            id
         });
     }
     if tokio::time::timeout(DRAIN, async { while connections.join_next().await.is_some() {} }).await.is_err() {
@@ -149,7 +205,62 @@ pub async fn serve(listener: tokio::net::TcpListener, admin: Arc<Admin>, shutdow
     }
 }
 
-async fn metrics_text(State(admin): State<Arc<Admin>>) -> Response {
+/// One open connection, as [`Slots`] sees it.
+#[derive(Clone)]
+struct Slot {
+    peer: IpAddr,
+    /// Its request's headers arrived.
+    asked: Arc<AtomicBool>,
+    /// Cancelled to close it and make room.
+    closed: CancellationToken,
+}
+
+/// The open connections, oldest first, and who may have a new one: room
+/// is made by closing the oldest connection that has not sent its request
+/// (of the newcomer's peer, past [`PER_PEER`]; of anyone, past
+/// [`MAX_CONNECTIONS`]).
+#[derive(Default)]
+struct Slots {
+    open: BTreeMap<u64, Slot>,
+    next: u64,
+}
+
+impl Slots {
+    /// Room for a connection from `peer`, or `None` (every candidate is
+    /// busy answering).
+    fn open(&mut self, peer: IpAddr) -> Option<(u64, Slot)> {
+        if self.open.values().filter(|s| s.peer == peer).count() >= PER_PEER {
+            self.make_room(Some(peer))?;
+        }
+        if self.open.len() >= MAX_CONNECTIONS {
+            self.make_room(None)?;
+        }
+        let slot = Slot { peer, asked: Arc::default(), closed: CancellationToken::new() };
+        let id = self.next;
+        self.next += 1;
+        self.open.insert(id, slot.clone());
+        Some((id, slot))
+    }
+
+    /// Close the oldest idle connection (of `peer`, if given).
+    fn make_room(&mut self, peer: Option<IpAddr>) -> Option<()> {
+        let (&id, _) = self.open.iter().find(|(_, s)| {
+            peer.is_none_or(|p| s.peer == p) && !s.asked.load(Ordering::Relaxed) && !s.closed.is_cancelled()
+        })?;
+        let slot = self.open.remove(&id).expect("found");
+        slot.closed.cancel();
+        Some(())
+    }
+
+    fn close(&mut self, id: u64) {
+        self.open.remove(&id);
+    }
+}
+
+async fn metrics_text(State(admin): State<Arc<Admin>>, headers: axum::http::HeaderMap) -> Response {
+    if let Some(refused) = admin.refuse_without_token(&headers) {
+        return refused;
+    }
     let m = metrics();
     if let Some(bytes) = resident_bytes() {
         m.resident_memory.set(bytes as i64);

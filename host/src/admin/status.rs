@@ -147,7 +147,10 @@ pub struct Counters {
     pub calls: BTreeMap<String, u64>,
 }
 
-pub(super) async fn status(State(admin): State<Arc<Admin>>) -> Response {
+pub(super) async fn status(State(admin): State<Arc<Admin>>, headers: axum::http::HeaderMap) -> Response {
+    if let Some(refused) = admin.refuse_without_token(&headers) {
+        return refused;
+    }
     let Some(wired) = admin.wired() else {
         return error(StatusCode::SERVICE_UNAVAILABLE, "starting: not connected to Redis yet");
     };

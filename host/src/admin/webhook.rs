@@ -21,9 +21,12 @@
 //! take it, `404` when no token is configured (the webhook is off).
 //!
 //! A `202` means the hook is in the stream: as durable as Redis keeps its
-//! data (persistence, replicas). Hooks are not de-duplicated by `id`; a
+//! data (persistence, replicas). A hook with an `id` runs once by that id
+//! ([`crate::intake::deploy::HOOK_ID_TTL`]): a duplicate is not appended
+//! again, and is answered `202` with the first hook's stream id, so a
 //! sender retrying after a `503` that says the hook may have been written
-//! can deliver it twice, which policies tolerate (they are idempotent).
+//! loses nothing and doubles nothing. Without an `id`, such a retry may
+//! deliver the hook twice.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,7 +41,7 @@ use sha2::{Digest, Sha256};
 
 use super::{Admin, error};
 use crate::intake::deploy::{publish, tags_from_json};
-use crate::store::redis::is_connection_error;
+use crate::store::redis::{describe, is_connection_error};
 
 /// The largest body taken: a hook is a service name and a few paths.
 pub const MAX_BODY: usize = 64 * 1024;
@@ -152,20 +155,35 @@ pub(super) async fn deploy(State(admin): State<Arc<Admin>>, headers: HeaderMap, 
             tracing::info!(service = %hook.service, stream_id = %id, "deploy hook received by the webhook");
             (StatusCode::ACCEPTED, Json(serde_json::json!({ "id": id, "stream": settings.stream }))).into_response()
         }
-        // A connection that broke after the XADD was sent may have written
-        // it: say so, since a retry would then deliver the hook twice.
+        // A connection that broke after the script was sent may have
+        // written it: say so, and whether a retry is safe.
         Ok(Err(e)) if is_connection_error(&e) => error(
             StatusCode::SERVICE_UNAVAILABLE,
-            format!("Redis connection failed ({e}); the hook may have been written: retrying may deliver it twice"),
+            format!(
+                "Redis connection failed ({}); the hook may have been written: {}",
+                describe(&e),
+                retry_advice(&hook)
+            ),
         ),
-        Ok(Err(e)) => error(StatusCode::SERVICE_UNAVAILABLE, format!("Redis refused the hook: {e}; nothing written")),
+        Ok(Err(e)) => {
+            error(StatusCode::SERVICE_UNAVAILABLE, format!("Redis refused the hook: {}; nothing written", describe(&e)))
+        }
         Err(_) => error(
             StatusCode::SERVICE_UNAVAILABLE,
             format!(
-                "Redis did not answer within {} s; the hook may have been written: retrying may deliver it twice",
-                REDIS_WAIT.as_secs()
+                "Redis did not answer within {} s; the hook may have been written: {}",
+                REDIS_WAIT.as_secs(),
+                retry_advice(&hook)
             ),
         ),
+    }
+}
+
+/// What a sender may do after a `503` that may have written the hook.
+fn retry_advice(hook: &Hook) -> &'static str {
+    match hook.id {
+        Some(_) => "retrying with the same `id` is safe (it runs once)",
+        None => "retrying may deliver it twice (send an `id` to make retries safe)",
     }
 }
 

@@ -121,7 +121,21 @@ const POLICY_COMMANDS: &[&str] = &[
     "script|load",
 ];
 /// Commands for the deploy-hook stream and its dead letters.
-const STREAM_COMMANDS: &[&str] = &["xgroup|create", "xreadgroup", "xautoclaim", "xclaim", "xpending", "xack", "xadd"];
+/// (`xlen`, `xinfo|groups`, `xrange`, `xtrim`: trimming that keeps hooks
+/// not yet handled, in the publish script; `get`/`set`: hook ids.)
+const STREAM_COMMANDS: &[&str] = &[
+    "xgroup|create",
+    "xreadgroup",
+    "xautoclaim",
+    "xclaim",
+    "xpending",
+    "xack",
+    "xadd",
+    "xlen",
+    "xinfo|groups",
+    "xrange",
+    "xtrim",
+];
 /// Connection set-up, health checks, the subscription, and reading
 /// `notify-keyspace-events`. (redis-rs also sends `CLIENT SETINFO`, which
 /// Redis 7.0 does not know and 7.2 may refuse: it ignores the answer.)
@@ -137,8 +151,10 @@ const CONNECTION_COMMANDS: &[&str] = &[
     "publish",
     "config|get",
     "smembers",
-    // Sweep requests (`cachepol sweep`), and `/status`'s view of Redis.
+    // Sweep requests (`cachepol sweep`; the runner records itself), and
+    // `/status`'s view of Redis.
     "hgetall",
+    "hset",
     "info",
     // The keyspace's size, for the progress of sliced sweeps and hooks.
     "dbsize",
@@ -152,7 +168,7 @@ pub struct AclRequest<'a> {
     pub deploy: &'a DeployConfig,
     /// The kill switch's set, which the daemon reads.
     pub control_key: &'a str,
-    /// The sweep requests' hash, which the daemon reads.
+    /// The sweep requests' hash, which the daemon reads and answers.
     pub sweep_key: &'a str,
     /// Where sliced sweeps and hooks stopped, which the daemon keeps.
     pub walks_key: &'a str,
@@ -214,9 +230,11 @@ pub fn setuser_args(req: &AclRequest<'_>) -> Vec<String> {
     let mut seen = BTreeSet::new();
     let keys = [
         key_rule(&cachepol_guest_sdk::glob::escape(&req.deploy.stream), KeyOps::READ | KeyOps::WRITE),
+        // Hook ids published and handled (`<stream>:id:*`, `<stream>:done:*`).
+        key_rule(&format!("{}:*", cachepol_guest_sdk::glob::escape(&req.deploy.stream)), KeyOps::READ | KeyOps::WRITE),
         key_rule(&cachepol_guest_sdk::glob::escape(&req.deploy.dead_letter), KeyOps::WRITE),
         key_rule(&cachepol_guest_sdk::glob::escape(req.control_key), KeyOps::READ),
-        key_rule(&cachepol_guest_sdk::glob::escape(req.sweep_key), KeyOps::READ),
+        key_rule(&cachepol_guest_sdk::glob::escape(req.sweep_key), KeyOps::READ | KeyOps::WRITE),
         key_rule(&format!("{}:*", cachepol_guest_sdk::glob::escape(req.walks_key)), KeyOps::READ | KeyOps::WRITE),
         // The probes of the notification flags (`A` hides `n`).
         key_rule(&format!("{PROBE_PREFIX}*"), KeyOps::WRITE),

@@ -47,6 +47,9 @@ pub struct RunArgs {
 /// secrets are better kept out of config files).
 pub const TOKEN_ENV: &str = "CACHEPOL_DEPLOY_TOKEN";
 
+/// The admin server's token (`/status`, `/metrics`) from the environment.
+pub const ADMIN_TOKEN_ENV: &str = "CACHEPOL_ADMIN_TOKEN";
+
 impl RunArgs {
     /// The config as `run` uses it: the file, then flags and environment.
     fn config(&self) -> Result<Config> {
@@ -65,6 +68,10 @@ impl RunArgs {
         if let Some(token) = std::env::var(TOKEN_ENV).ok().filter(|t| !t.trim().is_empty()) {
             anyhow::ensure!(token.trim().len() >= 16, "{TOKEN_ENV} must be at least 16 characters");
             config.deploy_token = Some(token.trim().to_owned());
+        }
+        if let Some(token) = std::env::var(ADMIN_TOKEN_ENV).ok().filter(|t| !t.trim().is_empty()) {
+            anyhow::ensure!(token.trim().len() >= 16, "{ADMIN_TOKEN_ENV} must be at least 16 characters");
+            config.admin_token = Some(token.trim().to_owned());
         }
         Ok(config)
     }

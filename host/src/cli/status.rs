@@ -24,10 +24,13 @@ pub struct StatusArgs {
     /// Print the JSON as the daemon gave it.
     #[arg(long)]
     json: bool,
+    /// The daemon's admin_token, if it has one.
+    #[arg(long, env = super::run::ADMIN_TOKEN_ENV, hide_env_values = true)]
+    admin_token: Option<String>,
 }
 
 pub async fn run(args: StatusArgs) -> Result<ExitCode> {
-    let body = get(&args.admin, "/status").await?;
+    let body = get(&args.admin, "/status", args.admin_token.as_deref()).await?;
     if args.json {
         println!("{body}");
         return Ok(ExitCode::SUCCESS);
@@ -39,14 +42,15 @@ pub async fn run(args: StatusArgs) -> Result<ExitCode> {
 
 /// One HTTP/1.1 GET on loopback or a private network: the admin server's
 /// answers are small and never chunked, so a plain socket is enough.
-async fn get(addr: &str, path: &str) -> Result<String> {
+async fn get(addr: &str, path: &str, token: Option<&str>) -> Result<String> {
     let mut stream = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr))
         .await
         .map_err(|_| anyhow::anyhow!("no answer from {addr} within 5 s"))?
         .with_context(|| {
             format!("cannot reach the admin server at {addr} (is the daemon running, with admin_addr {addr}?)")
         })?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    let auth = token.map(|t| format!("Authorization: Bearer {}\r\n", t.trim())).unwrap_or_default();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{auth}\r\n");
     stream.write_all(request.as_bytes()).await?;
     let mut raw = Vec::new();
     tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut raw))

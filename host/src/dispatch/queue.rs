@@ -79,6 +79,11 @@ impl HookFailure {
 /// Where a worker reports whether a deploy hook was handled.
 pub type HookDone = oneshot::Sender<Result<(), HookFailure>>;
 
+/// Where a worker reports whether a sweep that started after the request
+/// ran to its end (`true`) or failed (`false`); dropped unsent when none
+/// ran (this daemon stood by, shut down).
+pub type SweepDone = oneshot::Sender<bool>;
+
 /// One unit of work for a policy.
 #[derive(Debug)]
 pub enum Item {
@@ -149,6 +154,8 @@ struct Inner {
     /// Sweeps asked for since the worker last looked
     /// ([`PolicyQueue::take_sweeps_asked`]).
     sweeps_asked: u64,
+    /// Who waits for the next sweep to finish ([`PolicyQueue::push_awaited`]).
+    sweep_waiters: Vec<SweepDone>,
     closed: bool,
     stats: QueueStats,
     overload: Overload,
@@ -189,6 +196,7 @@ impl PolicyQueue {
                 bytes_waiting: 0,
                 gap_queued: false,
                 sweeps_asked: 0,
+                sweep_waiters: Vec::new(),
                 closed: false,
                 stats: QueueStats::default(),
                 overload: Overload::default(),
@@ -301,6 +309,28 @@ impl PolicyQueue {
             self.lock().sweeps_asked += 1;
         }
         self.push_item(item)
+    }
+
+    /// Queue a sweep as [`PolicyQueue::push`] does, and be told when a
+    /// sweep that starts from now on has run to its end (an operator's
+    /// request is recorded as done only then). `None` if the queue is
+    /// closed.
+    pub fn push_awaited(&self, reason: SweepReason) -> Option<oneshot::Receiver<bool>> {
+        let (tx, rx) = oneshot::channel();
+        self.lock().sweep_waiters.push(tx);
+        self.push(Item::Sweep(reason)).ok()?;
+        Some(rx)
+    }
+
+    /// Who waits for the sweep starting now ([`PolicyQueue::push_awaited`]).
+    pub fn take_sweep_waiters(&self) -> Vec<SweepDone> {
+        std::mem::take(&mut self.lock().sweep_waiters)
+    }
+
+    /// Give back the waiters of a sweep that goes on in another slice: the
+    /// slice that ends it tells them.
+    pub fn keep_sweep_waiters(&self, waiters: Vec<SweepDone>) {
+        self.lock().sweep_waiters.extend(waiters);
     }
 
     /// Queue the next slice of a sweep run in slices

@@ -33,6 +33,7 @@ use crate::sandbox::runtime::{ContentHash, LoadError, Runtime};
 use crate::store::backend::{Backend, Layered};
 use crate::store::dryrun::DryRunLayer;
 use crate::store::echo::{EchoLayer, EchoLedger};
+use crate::store::holding::HoldingLayer;
 use crate::store::redis::RedisBackend;
 use crate::store::walks::WalkStore;
 use crate::wit::SweepReason;
@@ -103,6 +104,9 @@ pub struct Registry {
     runtime: Runtime,
     config: Config,
     redis: Arc<RedisBackend>,
+    /// `redis` for policies' writes: only while this daemon holds its
+    /// lease, checked before each write and each bulk page.
+    holding: Arc<dyn Backend>,
     ledger: Arc<EchoLedger>,
     routes: Arc<ArcSwap<Routes>>,
     /// The operator's kill switch, which every worker consults.
@@ -131,10 +135,13 @@ impl Registry {
         switches: Arc<Switches>,
     ) -> Registry {
         let walks = Arc::new(WalkStore::in_redis(redis.connection(), config.walks_key.clone()));
+        let lease = switches.clone();
+        let holds = HoldingLayer::new(Arc::new(move || !lease.standing_by()));
         Registry {
             runtime,
             config,
             walks,
+            holding: Arc::new(Layered { inner: redis.clone(), layer: holds }),
             redis,
             ledger,
             routes: Arc::new(ArcSwap::from_pointee(Routes::default())),
@@ -239,7 +246,7 @@ impl Registry {
         let write_path = || -> (Arc<dyn Backend>, Arc<AtomicU8>) {
             let (layer, hops) = EchoLayer::new(self.ledger.clone(), name.clone());
             match section.mode {
-                Mode::Enforce => (Arc::new(Layered { inner: self.redis.clone(), layer }), hops),
+                Mode::Enforce => (Arc::new(Layered { inner: self.holding.clone(), layer }), hops),
                 Mode::DryRun => (Arc::new(Layered { inner: self.redis.clone(), layer: DryRunLayer::new(&name) }), hops),
             }
         };

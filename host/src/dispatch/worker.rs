@@ -38,7 +38,7 @@ use tracing::Instrument;
 use crate::config::Mode;
 use crate::dispatch::audit;
 use crate::dispatch::breaker::{Admit, Breaker, FailurePolicy, Health};
-use crate::dispatch::queue::{FailureKind, HookDone, HookFailure, Item, KeyNotification, PolicyQueue};
+use crate::dispatch::queue::{FailureKind, HookDone, HookFailure, Item, KeyNotification, PolicyQueue, SweepDone};
 use crate::dispatch::switches::Switches;
 use crate::metrics::{PolicyMetrics, SweepRecord, WalkProgress, metrics};
 use crate::sandbox::runtime::{CallFailure, CallReport, LoadedPolicy};
@@ -109,7 +109,8 @@ pub enum Control {
 enum Work {
     /// Keyspace events, by when each arrived.
     Keys(Vec<Instant>),
-    Sweep(SweepReason),
+    /// The sweep, and who waits for it to end.
+    Sweep(SweepReason, Vec<SweepDone>),
     /// The hook is kept: a hook whose walks do not fit one call is called
     /// again with it until they are done.
     Deploy(DeployEvent, HookDone),
@@ -454,7 +455,8 @@ impl Worker {
                     }
                 }
                 let slice = Slice { book: SWEEP_BOOK.into(), asked: self.queue.take_sweeps_asked() > 0, hook: false };
-                (format!("sweep-{seq}"), wit::Event::Sweep(SweepEvent { reason }), Work::Sweep(reason), slice)
+                let waiters = self.queue.take_sweep_waiters();
+                (format!("sweep-{seq}"), wit::Event::Sweep(SweepEvent { reason }), Work::Sweep(reason, waiters), slice)
             }
             Item::Deploy(hook, done) => {
                 let slice = Slice { book: format!("hook:{}", hook.id), asked: false, hook: true };
@@ -607,13 +609,17 @@ impl Worker {
                 }
                 let _ = done.send(result);
             }
-            Work::Sweep(reason) => {
+            Work::Sweep(reason, waiters) => {
                 self.barrier_running = false;
                 let name = wit::sweep_reason_name(reason);
                 // The next slice goes behind the events queued meanwhile.
                 if self.walked(format!("sweep({name})"), report.call.walks.as_ref(), result.is_ok()) {
+                    self.queue.keep_sweep_waiters(waiters);
                     let _ = self.queue.push_slice(reason);
                     return;
+                }
+                for waiter in waiters {
+                    let _ = waiter.send(result.is_ok());
                 }
                 let effects = &report.call.effects;
                 let (examined, slices) = match &report.call.walks {

@@ -13,15 +13,22 @@
 //! swept, to reconcile what it missed.
 //!
 //! Sweep requests (`cachepol sweep NAME`) travel the same way: a Redis Hash
-//! (default `cachepol:control:sweeps`) counts the requests per policy, with
-//! the reason asked for beside it (field `NAME.reason`). Every daemon reads
-//! it with the disabled set; a count that changed since its last reading
-//! queues one sweep of that policy. A count can also go down or vanish
-//! (Redis restarted empty, a failover to a replica that had not seen it):
-//! any change is a request, since one sweep too many costs little and one
-//! too few leaves the cache wrong. The reading taken at start, before
-//! anything is delivered, is only a baseline: a daemon starting does not
-//! replay old requests (it sweeps at start anyway).
+//! (default `cachepol:control:sweeps`) counts the requests per policy
+//! (field `NAME`), with the reason asked for beside it (`NAME.reason`), and
+//! says which the policy's sweeps have answered: `NAME.done` is the count
+//! last run, `NAME.by` the daemon that ran it (its lease id) and `NAME.at`
+//! when (Unix ms). A request is pending while `NAME.done` differs from
+//! `NAME`, and stays pending until a daemon that has the policy and leads
+//! sweeps (the lease holder; on a cluster the replica holding the first
+//! shard) has run a sweep started after it to its end: a request made
+//! while nobody leads (a lease gap, the first shard's primary down, the
+//! leader without that policy) is run by whoever leads next, and
+//! `cachepol sweep --wait` waits for `NAME.done` and says who ran it.
+//! Every daemon reads the hash with the disabled set; only the leader acts.
+//! A count that vanished (Redis restarted empty) leaves nothing pending.
+//! (A hash written before `NAME.done` existed runs each policy's last
+//! request once more.) With replicas off every daemon runs every request
+//! made after it started, and the last to finish is the one recorded.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -29,6 +36,7 @@ use std::time::Duration;
 
 use crate::store::target::Conn;
 use arc_swap::ArcSwap;
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -64,8 +72,9 @@ pub fn sweep_reason(name: &str) -> Option<SweepReason> {
     SWEEP_REASONS.into_iter().find(|r| sweep_reason_name(*r) == name)
 }
 
-/// Ask every daemon running policy `name` to sweep it (what `cachepol
-/// sweep` does); returns how many requests that policy has had.
+/// Ask the daemon leading sweeps to sweep policy `name` (what `cachepol
+/// sweep` does); returns how many requests that policy has had: the
+/// request is answered once [`SweepAnswer::done`] reaches it.
 pub async fn request_sweep(conn: &mut Conn, key: &str, name: &str, reason: SweepReason) -> redis::RedisResult<i64> {
     let (count,): (i64,) = redis::pipe()
         .atomic()
@@ -83,38 +92,120 @@ pub async fn request_sweep(conn: &mut Conn, key: &str, name: &str, reason: Sweep
     Ok(count)
 }
 
-/// The sweep requests since the last reading: counts per policy, and what
-/// to queue for those whose count changed.
-#[derive(Default)]
-pub struct SweepRequests {
-    seen: Option<HashMap<String, i64>>,
+/// Which of a policy's sweep requests were run, and by whom.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct SweepAnswer {
+    /// The request count last run.
+    pub done: i64,
+    /// The daemon that ran it (its lease id), and when (Unix ms).
+    pub by: Option<String>,
+    pub at_ms: Option<u64>,
 }
 
-/// Take the baseline of the sweep requests at `key`, before anything is
-/// delivered: requests made from now on are acted on.
-pub async fn read_sweeps_at_start(conn: &mut Conn, key: &str) -> redis::RedisResult<SweepRequests> {
-    let mut requests = SweepRequests::default();
-    requests.update(redis::cmd("HGETALL").arg(key).query_async(conn).await?);
-    Ok(requests)
+/// What the hash says of policy `name`'s requests.
+pub async fn sweep_answer(conn: &mut Conn, key: &str, name: &str) -> redis::RedisResult<SweepAnswer> {
+    let (done, by, at): (Option<i64>, Option<String>, Option<u64>) = redis::cmd("HMGET")
+        .arg(key)
+        .arg(format!("{name}.done"))
+        .arg(format!("{name}.by"))
+        .arg(format!("{name}.at"))
+        .query_async(conn)
+        .await?;
+    Ok(SweepAnswer { done: done.unwrap_or(0), by, at_ms: at })
+}
+
+/// A policy's requests not yet run: the count to record once its sweep
+/// has run, and the reason asked for.
+#[derive(Debug, PartialEq, Eq)]
+struct Pending {
+    name: String,
+    count: i64,
+    reason: SweepReason,
+}
+
+/// The policies with requests pending in a reading of the hash: those whose
+/// count differs from the one last run (`ran_here`: by this daemon, with
+/// replicas off; else by any, `NAME.done`).
+fn pending(now: &HashMap<String, String>, ran_here: Option<&HashMap<String, i64>>) -> Vec<Pending> {
+    let number = |field: String| now.get(&field).and_then(|v| v.parse::<i64>().ok());
+    let mut pending: Vec<Pending> = now
+        .keys()
+        .filter(|field| ![".reason", ".done", ".by", ".at"].iter().any(|suffix| field.ends_with(suffix)))
+        .filter_map(|name| {
+            let count = number(name.clone())?;
+            let done = match ran_here {
+                Some(ran) => ran.get(name).copied().unwrap_or(0),
+                None => number(format!("{name}.done")).unwrap_or(0),
+            };
+            (done != count).then(|| Pending {
+                name: name.clone(),
+                count,
+                reason: now.get(&format!("{name}.reason")).and_then(|r| sweep_reason(r)).unwrap_or(SweepReason::Manual),
+            })
+        })
+        .collect();
+    pending.sort_by(|a, b| a.name.cmp(&b.name));
+    pending
+}
+
+/// The operator's sweeps as this daemon handles them.
+#[derive(Default)]
+pub struct SweepRequests {
+    /// Queued here and waited for: per policy, the count it answers and
+    /// the worker's word that its sweep ended.
+    running: HashMap<String, (i64, oneshot::Receiver<bool>)>,
+    /// With replicas off every daemon runs every request: the count each
+    /// policy's requests were at when this daemon last acted (at start, a
+    /// baseline: old requests are not replayed, it sweeps at start anyway).
+    ran_here: Option<HashMap<String, i64>>,
+    /// Requests left to the leader, said in the log once each.
+    left: HashMap<String, i64>,
+}
+
+/// Check that the sweep requests at `key` can be read, before anything is
+/// delivered (a refusal is said at start); `per_daemon` (replicas off):
+/// every daemon runs every request made from now on.
+pub async fn read_sweeps_at_start(conn: &mut Conn, key: &str, per_daemon: bool) -> redis::RedisResult<SweepRequests> {
+    let now: HashMap<String, String> = redis::cmd("HGETALL").arg(key).query_async(conn).await?;
+    let baseline =
+        per_daemon.then(|| pending(&now, Some(&HashMap::new())).into_iter().map(|p| (p.name, p.count)).collect());
+    Ok(SweepRequests { ran_here: baseline, ..SweepRequests::default() })
 }
 
 impl SweepRequests {
-    fn update(&mut self, now: HashMap<String, String>) -> Vec<(String, SweepReason)> {
-        let counts: HashMap<String, i64> = now
-            .iter()
-            .filter(|(field, _)| !field.ends_with(".reason"))
-            .filter_map(|(field, count)| Some((field.clone(), count.parse().ok()?)))
-            .collect();
-        let Some(seen) = self.seen.replace(counts.clone()) else { return Vec::new() };
-        counts
-            .into_iter()
-            .filter(|(name, count)| seen.get(name) != Some(count))
-            .map(|(name, _)| {
-                let reason = now.get(&format!("{name}.reason")).and_then(|r| sweep_reason(r));
-                (name, reason.unwrap_or(SweepReason::Manual))
-            })
-            .collect()
+    /// The sweeps that ended since the last look (policy, count, whether
+    /// it ran to its end); those still running stay.
+    fn ended(&mut self) -> Vec<(String, i64, bool)> {
+        let mut ended = Vec::new();
+        self.running.retain(|name, (count, rx)| match rx.try_recv() {
+            Err(oneshot::error::TryRecvError::Empty) => true,
+            Ok(ok) => {
+                ended.push((name.clone(), *count, ok));
+                false
+            }
+            Err(oneshot::error::TryRecvError::Closed) => {
+                ended.push((name.clone(), *count, false));
+                false
+            }
+        });
+        ended
     }
+}
+
+/// Record that this daemon (`me`) ran policy `name`'s requests up to
+/// `count`.
+async fn record_sweep(conn: &mut Conn, key: &str, name: &str, count: i64, me: &str) -> redis::RedisResult<()> {
+    let at = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+    redis::cmd("HSET")
+        .arg(key)
+        .arg(format!("{name}.done"))
+        .arg(count)
+        .arg(format!("{name}.by"))
+        .arg(me)
+        .arg(format!("{name}.at"))
+        .arg(at)
+        .query_async(conn)
+        .await
 }
 
 /// What the control poll reads and where it acts.
@@ -137,6 +228,19 @@ pub async fn watch(w: Watch, stop: CancellationToken) {
     let mut failing = false;
     let mut sweeps_failing = false;
     loop {
+        // Recorded before the reading, which then shows them answered.
+        for (name, count, ran) in requests.ended() {
+            if !ran {
+                info!(policy = %name, "the operator's sweep did not run to its end; asked again while it is pending");
+                continue;
+            }
+            match record_sweep(&mut conn, &sweep_key, &name, count, &switches.lease.id).await {
+                Ok(()) => info!(policy = %name, request = count, "sweep requested by the operator: run, and recorded"),
+                Err(e) => {
+                    warn!(error = %e, policy = %name, key = %sweep_key, "the operator's sweep ran but cannot be recorded; it will run again")
+                }
+            }
+        }
         let asked = redis::cmd("HGETALL").arg(&sweep_key).query_async::<HashMap<String, String>>(&mut conn).await;
         match asked {
             Ok(_) => sweeps_failing = false,
@@ -149,21 +253,35 @@ pub async fn watch(w: Watch, stop: CancellationToken) {
             }
             Err(_) => {}
         }
-        if let Ok(now) = asked {
-            // Read by every daemon (the counts stay current), acted on by
-            // one: the lease holder, or on a cluster the replica holding the
-            // first shard (a sweep walks every node).
-            for (name, reason) in requests.update(now).into_iter().filter(|_| !switches.standing_by()) {
-                let reason_name = sweep_reason_name(reason);
-                match routes.load().get(&name) {
-                    Some(_) if !switches.leads_sweeps() => {
-                        info!(policy = %name, reason = reason_name, "sweep requested by the operator: left to the replica holding the first shard");
+        // Acted on by one daemon: the lease holder, or on a cluster the
+        // replica holding the first shard (a sweep walks every node). The
+        // others leave requests pending for it, whoever it is next.
+        let leads = !switches.standing_by() && switches.leads_sweeps();
+        if !leads {
+            requests.running.clear();
+        }
+        if let Ok(now) = &asked {
+            for Pending { name, count, reason } in pending(now, requests.ran_here.as_ref()) {
+                if !leads {
+                    if requests.left.insert(name.clone(), count) != Some(count) {
+                        info!(policy = %name, request = count, "sweep requested by the operator: left to the replica leading sweeps (the lease holder, or the first shard's)");
                     }
-                    Some(route) => {
-                        info!(policy = %name, reason = reason_name, "sweep requested by the operator: queued");
-                        let _ = route.queue.push(Item::Sweep(reason));
+                    continue;
+                }
+                if requests.running.get(&name).is_some_and(|(queued, _)| *queued == count) {
+                    continue;
+                }
+                let routes = routes.load();
+                let Some(route) = routes.get(&name) else {
+                    // Left pending, for a replica that has it.
+                    continue;
+                };
+                if let Some(rx) = route.queue.push_awaited(reason) {
+                    info!(policy = %name, reason = sweep_reason_name(reason), request = count, "sweep requested by the operator: queued");
+                    if let Some(ran) = requests.ran_here.as_mut() {
+                        ran.insert(name.clone(), count);
                     }
-                    None => info!(policy = %name, "sweep requested by the operator for a policy not loaded here"),
+                    requests.running.insert(name, (count, rx));
                 }
             }
         }
@@ -201,16 +319,26 @@ mod tests {
     }
 
     #[test]
-    fn sweep_requests_count_from_the_first_reading() {
-        let mut requests = SweepRequests::default();
-        assert!(requests.update(reading(&[("a", "3"), ("a.reason", "manual")])).is_empty(), "a baseline");
-        assert!(requests.update(reading(&[("a", "3"), ("a.reason", "manual")])).is_empty(), "nothing new");
-        let mut asked = requests.update(reading(&[("a", "4"), ("a.reason", "gap"), ("b", "1"), ("c", "x")]));
-        asked.sort_by(|x, y| x.0.cmp(&y.0));
-        assert_eq!(asked, vec![("a".to_owned(), SweepReason::Gap), ("b".to_owned(), SweepReason::Manual)]);
-        // Redis restarted empty, then one request: the count is lower than
-        // before, and still a request.
-        assert!(requests.update(reading(&[])).is_empty(), "counts gone: nothing asked");
-        assert_eq!(requests.update(reading(&[("a", "1")])), vec![("a".to_owned(), SweepReason::Manual)]);
+    fn a_request_is_pending_until_its_count_is_recorded_done() {
+        let names = |r: &HashMap<String, String>| {
+            pending(r, None).into_iter().map(|p| (p.name, p.count, p.reason)).collect::<Vec<_>>()
+        };
+        assert_eq!(names(&reading(&[("a", "3"), ("a.reason", "gap")])), [("a".into(), 3, SweepReason::Gap)]);
+        assert!(names(&reading(&[("a", "3"), ("a.done", "3"), ("a.by", "d/1")])).is_empty(), "answered");
+        assert_eq!(
+            names(&reading(&[("a", "4"), ("a.done", "3"), ("b", "1"), ("c", "x"), ("d.e", "2")])),
+            [
+                ("a".into(), 4, SweepReason::Manual),
+                ("b".into(), 1, SweepReason::Manual),
+                ("d.e".into(), 2, SweepReason::Manual)
+            ]
+        );
+        // Redis restarted empty: nothing pending; then one request.
+        assert!(names(&reading(&[])).is_empty());
+        assert_eq!(names(&reading(&[("a", "1")])), [("a".into(), 1, SweepReason::Manual)]);
+        // Replicas off: what this daemon ran, whoever recorded it.
+        let ran: HashMap<String, i64> = [("a".to_owned(), 2)].into();
+        let mine = pending(&reading(&[("a", "3"), ("a.done", "3")]), Some(&ran));
+        assert_eq!(mine.into_iter().map(|p| p.count).collect::<Vec<_>>(), [3]);
     }
 }

@@ -68,8 +68,9 @@ impl DeadLetter {
 
 /// Replay one dead letter: `KEYS[1]` the dead letters, `KEYS[2]` the deploy
 /// stream, `ARGV[1]` the letter's id, `ARGV[2]` the deploy stream's
-/// `max_len` (0: no trimming). Returns the new entry's id, nil when there
-/// is no such letter, an `EMPTY` error when it holds no hook.
+/// `max_len` (0: no trimming; never past a hook not yet handled,
+/// [`crate::intake::deploy::TRIM`]). Returns the new entry's id, nil when
+/// there is no such letter, an `EMPTY` error when it holds no hook.
 pub const REPLAY: &str = r"
 local found = redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1])
 if #found == 0 then return false end
@@ -92,15 +93,14 @@ if not has_id and entry then
 end
 out[#out + 1] = 'replay_of'
 out[#out + 1] = ARGV[1]
-local id
-if tonumber(ARGV[2]) > 0 then
-  id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', unpack(out))
-else
-  id = redis.call('XADD', KEYS[2], '*', unpack(out))
-end
+local id = redis.call('XADD', KEYS[2], '*', unpack(out))
+trim(KEYS[2], ARGV[2])
 redis.call('XDEL', KEYS[1], ARGV[1])
 return id
 ";
+
+static REPLAY_SCRIPT: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(&format!("{}{REPLAY}", crate::intake::deploy::TRIM)));
 
 /// Why an operator's request on a dead letter failed.
 #[derive(Debug, thiserror::Error)]
@@ -109,7 +109,7 @@ pub enum DeadLetterError {
     NotFound { id: String, stream: String },
     #[error("dead letter {id} has no original hook fields to replay")]
     Empty { id: String },
-    #[error(transparent)]
+    #[error("{}", crate::store::redis::describe(.0))]
     Redis(#[from] redis::RedisError),
 }
 
@@ -143,7 +143,7 @@ pub async fn all_ids(conn: &mut Conn, settings: &DeployConfig) -> RedisResult<Ve
 /// Send dead letter `id` back to the deploy stream; returns the new
 /// hook's stream id.
 pub async fn replay(conn: &mut Conn, settings: &DeployConfig, id: &str) -> Result<String, DeadLetterError> {
-    let replayed: RedisResult<Option<String>> = redis::Script::new(REPLAY)
+    let replayed: RedisResult<Option<String>> = REPLAY_SCRIPT
         .key(&settings.dead_letter)
         .key(&settings.stream)
         .arg(id)

@@ -28,10 +28,22 @@
 //! stops on bad input, and a stream or group that vanished (Redis restarted
 //! empty, `FLUSHALL`, eviction) is created again.
 //!
-//! Both streams are trimmed (`MAXLEN ~`, `deploy.max_len` and
-//! `deploy.dead_letter_max_len`). Policies should be idempotent: after a
-//! crash, a hook that some policies had already handled is delivered again
-//! to all of them.
+//! A hook with an `id` runs once by that id, whatever the retries: the
+//! publisher ([`publish`]: the webhook, `cachepol deploy`) appends it only
+//! if `<stream>:id:<id>` is free, and sets that key to its stream id for
+//! [`HOOK_ID_TTL`] (a duplicate gets the first stream id back); the reader
+//! marks a hook handled (`<stream>:done:<id>`, same TTL) before
+//! acknowledging it and acknowledges without running one already marked
+//! (an `XACK` Redis refused, the same id appended by hand). A dead-lettered
+//! hook is not marked: `cachepol dead-letter replay` runs it again.
+//!
+//! The deploy stream is trimmed to about `deploy.max_len` entries, but
+//! never past an entry a consumer group has not been delivered or has not
+//! acknowledged ([`TRIM`]): a backlog (no daemon reading, hooks failing)
+//! keeps every hook, however long. The dead letters are trimmed with
+//! `MAXLEN ~` (`deploy.dead_letter_max_len`). Policies should be
+//! idempotent: after a crash, a hook that some policies had already
+//! handled is delivered again to all of them.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -39,7 +51,7 @@ use std::time::Duration;
 
 use crate::store::target::Conn;
 use arc_swap::ArcSwap;
-use redis::streams::{StreamId, StreamMaxlen, StreamPendingCountReply};
+use redis::streams::{StreamId, StreamPendingCountReply};
 use redis::{AsyncCommands, RedisResult, Value};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, error, info, warn};
@@ -152,8 +164,88 @@ pub fn entry_fields(
     fields
 }
 
+/// How long a hook's id is remembered (published, and handled): a sender
+/// retrying the same id within it gets the first hook's stream id back,
+/// and a redelivered hook is acknowledged without running again.
+pub const HOOK_ID_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// Where the first stream id of hook `id` is kept.
+pub fn id_key(stream: &str, id: &str) -> String {
+    format!("{stream}:id:{id}")
+}
+
+/// Where hook `id` is marked handled.
+pub fn done_key(stream: &str, id: &str) -> String {
+    format!("{stream}:done:{id}")
+}
+
+/// Lua: `trim(stream, max_len)` trims the stream to about `max_len`
+/// entries, oldest first, but keeps every entry from the oldest one a
+/// consumer group still needs: its oldest pending entry, or the one after
+/// its last delivered. Without any group nothing has been delivered, so
+/// nothing is trimmed (a daemon's group is created at `0`). Entries older
+/// than that were delivered and acknowledged by every group. `XRANGE` up to
+/// that entry costs what it trims.
+pub const TRIM: &str = r"
+local function id_less(a, b)
+  local am, as = string.match(a, '^(%d+)-(%d+)$')
+  local bm, bs = string.match(b, '^(%d+)-(%d+)$')
+  am, as, bm, bs = tonumber(am), tonumber(as), tonumber(bm), tonumber(bs)
+  return am < bm or (am == bm and as < bs)
+end
+local function trim(stream, max_len)
+  max_len = tonumber(max_len)
+  if max_len <= 0 then return end
+  local excess = redis.call('XLEN', stream) - max_len
+  if excess <= 0 then return end
+  local groups = redis.call('XINFO', 'GROUPS', stream)
+  if #groups == 0 then return end
+  -- The oldest entry a group still needs (nil: none).
+  local floor = nil
+  for _, group in ipairs(groups) do
+    local info = {}
+    for i = 1, #group, 2 do info[group[i]] = group[i + 1] end
+    local need
+    if info['pending'] > 0 then
+      need = redis.call('XPENDING', stream, info['name'])[2]
+    else
+      local after = redis.call('XRANGE', stream, '(' .. info['last-delivered-id'], '+', 'COUNT', 1)[1]
+      need = after and after[1]
+    end
+    if need and (floor == nil or id_less(need, floor)) then floor = need end
+  end
+  local older = redis.call('XRANGE', stream, '-', floor and ('(' .. floor) or '+', 'COUNT', excess)
+  if #older > 0 then
+    -- Drop exactly those: keep from just after the last of them.
+    local ms, seq = string.match(older[#older][1], '^(%d+)-(%d+)$')
+    redis.call('XTRIM', stream, 'MINID', ms .. '-' .. string.format('%d', tonumber(seq) + 1))
+  end
+end
+";
+
+/// Append a hook unless its id was published already: KEYS stream and the
+/// id's key (when the hook has an id); ARGV max_len, the id's TTL in ms,
+/// then the entry's fields and values. Returns the stream id, the first
+/// one for a duplicate.
+const PUBLISH: &str = r"
+if KEYS[2] then
+  local first = redis.call('GET', KEYS[2])
+  if first then return first end
+end
+local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 3))
+if KEYS[2] then redis.call('SET', KEYS[2], id, 'PX', ARGV[2]) end
+trim(KEYS[1], ARGV[1])
+return id
+";
+
+static PUBLISH_SCRIPT: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(&format!("{TRIM}{PUBLISH}")));
+
 /// Write one deploy hook (what `cachepol deploy` does), trimming the stream
-/// to about `max_len` entries (0: no trimming); returns its id.
+/// to about `max_len` entries (0: no trimming) without dropping one not yet
+/// handled ([`TRIM`]); returns its stream id. A hook whose `id` was
+/// published within [`HOOK_ID_TTL`] is not appended again: the first one's
+/// stream id is returned.
 pub async fn publish(
     conn: &mut Conn,
     stream: &str,
@@ -163,12 +255,15 @@ pub async fn publish(
     tags: &[(String, String)],
     id: Option<&str>,
 ) -> RedisResult<String> {
-    let fields = entry_fields(service, files, tags, id);
-    if max_len == 0 {
-        conn.xadd(stream, "*", &fields).await
-    } else {
-        conn.xadd_maxlen(stream, StreamMaxlen::Approx(max_len), "*", &fields).await
+    let mut script = PUBLISH_SCRIPT.key(stream);
+    if let Some(id) = id {
+        script.key(id_key(stream, id));
     }
+    script.arg(max_len).arg(HOOK_ID_TTL.as_millis() as u64);
+    for (field, value) in entry_fields(service, files, tags, id) {
+        script.arg(field).arg(value);
+    }
+    script.invoke_async(conn).await
 }
 
 /// The consumer-group reader.
@@ -422,6 +517,13 @@ impl DeployConsumer {
                 return self.dead_letter(&entry, &reason, Failed::none(attempts_before), shutdown).await;
             }
         };
+        let done_key = done_key(&self.settings.stream, &event.id);
+        let handled: Option<String> = redis::cmd("GET").arg(&done_key).query_async(&mut self.conn).await?;
+        if let Some(first) = handled {
+            info!(hook = %event.id, first_entry = %first, "deploy hook already handled under this id: acknowledged without running it again");
+            Metrics::count(&metrics().deploy_hooks, "duplicate");
+            return self.ack(&entry, shutdown).await;
+        }
         let max = self.settings.max_attempts.max(1);
         if attempts_before >= max {
             let reason = format!("gave up after {attempts_before} deliveries (the last ones were interrupted)");
@@ -441,12 +543,28 @@ impl DeployConsumer {
                 Some(failed) => failed,
                 None => return Ok(Handled::Interrupted),
             };
+            // Lost the lease meanwhile (the policies' writes stopped with
+            // it): the hook is the new holder's, left pending for it to
+            // claim; neither acknowledged, retried nor dead-lettered here.
+            if self.switches.standing_by() {
+                warn!(hook = %event.id, "this daemon lost its lease while handling the deploy hook: left pending (not acknowledged) for the new holder");
+                return Ok(Handled::Done);
+            }
             let (now_denied, retry): (Vec<_>, Vec<_>) =
                 failed.into_iter().partition(|(_, f)| f.kind == FailureKind::Denied);
             denied.extend(now_denied);
             remaining = retry.iter().map(|(n, _)| n.clone()).collect();
             if retry.is_empty() {
                 if denied.is_empty() {
+                    // Marked before the ack: a refused or lost ack brings
+                    // the hook back, and it must not run twice.
+                    let _: () = redis::cmd("SET")
+                        .arg(&done_key)
+                        .arg(&entry.id)
+                        .arg("PX")
+                        .arg(HOOK_ID_TTL.as_millis() as u64)
+                        .query_async(&mut self.conn)
+                        .await?;
                     let acked = self.ack(&entry, shutdown).await;
                     if matches!(acked, Ok(Handled::Done)) {
                         Metrics::count(&metrics().deploy_hooks, "acked");

@@ -357,7 +357,9 @@ impl Subscriber {
             switches: self.switches.clone(),
             shard: self.shard(),
             announcements: self.announcements.as_ref().map(|(channel, me)| {
-                (channel.clone(), Remote::new(self.ledger.clone(), me.clone(), self.slots.clone()))
+                let remote = Arc::new(Remote::new(self.ledger.clone(), me.clone(), self.slots.clone()));
+                Remote::reap(&remote);
+                (channel.clone(), remote)
             }),
             hop_limit: self.hop_limit,
             link: link.clone(),
@@ -648,7 +650,7 @@ struct Router {
     switches: Arc<Switches>,
     shard: Option<u16>,
     /// The other replicas' announced writes, read on this connection.
-    announcements: Option<(String, Remote)>,
+    announcements: Option<(String, Arc<Remote>)>,
     hop_limit: u8,
     /// Told when redis-rs reports the connection closed; knows when the last
     /// push arrived.

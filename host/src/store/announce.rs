@@ -22,7 +22,10 @@
 //! every announcement; only the one from the node serving the keys is in
 //! order with their notifications, and the others are ignored.
 //! Announcements whose "done" never came (the writer or the node died in
-//! between) are withdrawn after [`STALE`].
+//! between) are withdrawn after [`STALE`], by a timer ([`Remote::reap`]):
+//! left until the next message on the channel, they would make later
+//! application writes of those keys look like that policy's for as long
+//! as the channel stays quiet.
 //!
 //! A write on a shard this daemon routes itself is not announced: its own
 //! ledger recognises it, and no other replica routes that shard. Most
@@ -42,8 +45,10 @@
 use std::collections::{HashMap, VecDeque};
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use crate::store::echo::{EchoLedger, Origin};
 
@@ -68,6 +73,9 @@ const PENDING: usize = 4096;
 /// both runs on one node at once, so only a writer or node that died
 /// between them leaves one open.
 pub const STALE: Duration = Duration::from_secs(10);
+
+/// How often announcements past [`STALE`] are looked for.
+const REAP_EVERY: Duration = Duration::from_secs(1);
 
 /// Whether this daemon routes the events of the node serving a slot (set
 /// by whoever knows the topology and the leases).
@@ -199,17 +207,40 @@ impl Remote {
         self.slots.iter().any(|(a, b)| (*a..=*b).contains(&slot))
     }
 
-    /// A message on the announcement channel.
-    pub fn read(&self, payload: &[u8]) {
-        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-        let Open { writes: open, order } = &mut *pending;
-        let now = Instant::now();
+    /// Withdraw `remote`'s announcements past [`STALE`] every
+    /// [`REAP_EVERY`], for as long as it lives (its subscription).
+    pub fn reap(remote: &Arc<Remote>) {
+        let remote: Weak<Remote> = Arc::downgrade(remote);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(REAP_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(remote) = remote.upgrade() else { return };
+                let mut pending = remote.pending.lock().unwrap_or_else(|e| e.into_inner());
+                remote.expire(&mut pending, Instant::now());
+            }
+        });
+    }
+
+    /// Withdraw the announcements past [`STALE`], and the oldest past
+    /// [`PENDING`].
+    fn expire(&self, pending: &mut Open, now: Instant) {
+        let Open { writes: open, order } = pending;
         while order.front().is_some_and(|(_, at)| order.len() > PENDING || now.duration_since(*at) > STALE) {
             let (oldest, _) = order.pop_front().expect("checked");
             if let Some(expected) = open.remove(&oldest) {
                 self.withdraw(expected);
             }
         }
+    }
+
+    /// A message on the announcement channel.
+    pub fn read(&self, payload: &[u8]) {
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        self.expire(&mut pending, now);
+        let Open { writes: open, order } = &mut *pending;
         match parse(payload) {
             Some(Announcement::Writes { daemon, .. }) | Some(Announcement::Done { daemon, .. })
                 if daemon == self.me.as_bytes() => {}
@@ -297,6 +328,22 @@ mod tests {
         assert!(around(b"mine").await.is_none(), "its own ledger recognises it");
         assert_ne!(crate::store::target::slot(b"theirs"), routed);
         assert!(around(b"theirs").await.is_some(), "another replica routes that node");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_announcement_never_done_is_withdrawn_by_its_timer() {
+        let theirs = Announcer::new("ch".into(), "a/1".into());
+        let (announce, _) = WRITING.scope(writing(), async { theirs.around(&[b"k"]) }).await.unwrap();
+        let ledger = Arc::new(EchoLedger::new());
+        let remote = Arc::new(Remote::new(ledger.clone(), "b/2".into(), vec![(0, 16383)]));
+        Remote::reap(&remote);
+        remote.read(&payload(&announce));
+        tokio::time::sleep(STALE / 2).await;
+        assert!(!ledger.is_empty(), "still waiting for its notifications");
+        // No other message on the channel: the timer alone withdraws it.
+        tokio::time::sleep(STALE).await;
+        assert!(ledger.is_empty(), "withdrawn after STALE");
+        assert_eq!(ledger.claim("set", b"k"), None, "a later write is the application's");
     }
 
     #[tokio::test]

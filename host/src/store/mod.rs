@@ -6,7 +6,8 @@
 //! semantics ([`memory`], the fake host's keyspace). Write layers wrap a
 //! backend: [`echo`] records each write so its own notification does not
 //! wake the policy again (and [`announce`] tells other replicas of the
-//! writes, when they split a cluster), [`dryrun`] only logs what a write would do.
+//! writes, when they split a cluster), [`dryrun`] only logs what a write would do,
+//! [`holding`] lets a policy write only while this daemon holds its lease.
 //! [`target`] says whether that is one server or a Redis Cluster, and holds
 //! the connection type everything else uses; [`eviction`] says whether
 //! Redis may evict the daemon's own keys.
@@ -27,6 +28,7 @@ pub(crate) mod dryrun;
 pub(crate) mod echo;
 pub mod eviction;
 pub mod flags;
+pub mod holding;
 pub mod index;
 pub mod keyset;
 pub mod legacy;

@@ -857,10 +857,17 @@ where
 /// Map a redis-rs error: connection trouble is "unavailable", anything else
 /// a command failure.
 pub fn failed(e: RedisError) -> BackendError {
-    if is_connection_error(&e) {
-        BackendError::Unavailable(e.to_string())
-    } else {
-        BackendError::Command(e.to_string())
+    if is_connection_error(&e) { BackendError::Unavailable(describe(&e)) } else { BackendError::Command(describe(&e)) }
+}
+
+/// A redis-rs error as Redis said it: `WRONGTYPE Operation against a key
+/// holding the wrong kind of value`. redis-rs's own Display quotes the code
+/// (`"WRONGTYPE": ...`), and an error chain (`{:#}`) shows it twice, once
+/// for the error and once for its source.
+pub fn describe(e: &RedisError) -> String {
+    match (e.code(), e.detail()) {
+        (Some(code), Some(detail)) => format!("{code} {detail}"),
+        _ => e.to_string(),
     }
 }
 
@@ -1121,6 +1128,22 @@ pub fn expire_flag(condition: ExpireCondition) -> Option<&'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_redis_error_is_said_once_as_redis_said_it() {
+        let Value::ServerError(e) =
+            redis::parse_redis_value(b"-WRONGTYPE Operation against a key holding the wrong kind of value\r\n")
+                .unwrap()
+        else {
+            panic!("an error reply")
+        };
+        let e = RedisError::from(e);
+        assert_eq!(describe(&e), "WRONGTYPE Operation against a key holding the wrong kind of value");
+        assert_eq!(
+            failed(e),
+            BackendError::Command("WRONGTYPE Operation against a key holding the wrong kind of value".into())
+        );
+    }
 
     #[test]
     fn the_audit_sample_names_only_keys_redis_says_were_changed() {
