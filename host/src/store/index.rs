@@ -112,6 +112,17 @@ const EXAMINE: usize = 16_384;
 /// How long a bulk operation waits for its fence before scanning instead.
 pub const FENCE_WAIT: Duration = Duration::from_secs(2);
 
+/// How long after a bulk walk's last `SCAN` page a build still holds back
+/// ([`KeyIndex::walking`]): longer than the pause between two slices of a
+/// sweep, so that a sliced walk is waited for whole.
+const WALK_HOLD: Duration = Duration::from_secs(2);
+
+/// How long one build holds back for walks in all: past it the build goes
+/// on beside them, so that walks that never pause (hooks scanning the
+/// keyspace back to back, which is what a complete index would spare) do
+/// not keep the index from ever being built.
+const WALK_HOLD_MAX: Duration = Duration::from_secs(120);
+
 /// Where a pattern's index stands.
 enum Status {
     /// Needs a build (the subscription may not carry everything yet).
@@ -236,6 +247,9 @@ pub struct KeyIndex {
     /// Said that the index cannot be used (flags missing) since the last
     /// time it could.
     unusable_said: AtomicBool,
+    /// Until when a bulk walk is taken to be scanning the keyspace
+    /// ([`KeyIndex::walking`]).
+    walk_until: Mutex<Option<Instant>>,
 }
 
 impl KeyIndex {
@@ -247,11 +261,28 @@ impl KeyIndex {
             max_keys,
             fence_channel,
             unusable_said: AtomicBool::new(false),
+            walk_until: Mutex::new(None),
         }
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A bulk walk just read a `SCAN` page of the whole keyspace: builds
+    /// hold back for [`WALK_HOLD`] more. Two full scans side by side (a
+    /// start sweep's and the build's) make Redis serve both at half speed,
+    /// and the walk (a sweep that sets TTLs, a hook that deletes) is the
+    /// one whose end someone waits for; the build's scan comes after it.
+    pub fn walking(&self) {
+        let until = Instant::now() + WALK_HOLD;
+        *self.walk_until.lock().unwrap_or_else(|p| p.into_inner()) = Some(until);
+    }
+
+    /// How much longer builds hold back for a walk, if one is on.
+    fn walk_hold(&self) -> Option<Duration> {
+        let until = (*self.walk_until.lock().unwrap_or_else(|p| p.into_inner()))?;
+        until.checked_duration_since(Instant::now()).filter(|d| !d.is_zero())
     }
 
     /// Whether any pattern is indexed (then the subscription must carry
@@ -480,7 +511,10 @@ impl KeyIndex {
         Some((st.epoch, scan_pattern_for(&globs.iter().collect::<Vec<_>>())))
     }
 
-    /// A page of the build's scan.
+    /// A page of the build's scan; `false`: the scan may end (a gap voided
+    /// it, or no pattern is building any more, every one dropped past the
+    /// cap or sent back to wait: going on would walk the rest of the
+    /// keyspace for nothing).
     fn add_scanned(&self, epoch: u64, keys: &[Vec<u8>]) -> bool {
         let mut st = self.lock();
         if st.epoch != epoch {
@@ -496,7 +530,7 @@ impl KeyIndex {
                 }
             }
         }
-        true
+        st.patterns.iter().any(|p| matches!(p.status, Status::Building { .. }))
     }
 
     /// The build's scan is over (`ok`) or failed: complete what it built,
@@ -555,10 +589,16 @@ impl KeyIndex {
                     _ = tokio::time::sleep(delay) => {}
                 }
             }
-            while let Some((epoch, pattern)) = self.start_build() {
+            loop {
+                let mut walks = WalkWait::default();
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = self.wait_for_walks(&mut walks) => {}
+                }
+                let Some((epoch, pattern)) = self.start_build() else { break };
                 let scanned = tokio::select! {
                     _ = stop.cancelled() => return,
-                    r = self.scan_into(&mut conn, epoch, &pattern) => r,
+                    r = self.scan_into(&mut conn, epoch, &pattern, &mut walks) => r,
                 };
                 match scanned {
                     Ok(()) => {
@@ -580,14 +620,40 @@ impl KeyIndex {
         }
     }
 
+    /// Hold back while a bulk walk scans ([`KeyIndex::walking`]), within
+    /// what is left of the build's [`WALK_HOLD_MAX`].
+    async fn wait_for_walks(&self, walks: &mut WalkWait) {
+        while let Some(hold) = self.walk_hold() {
+            let Some(left) = WALK_HOLD_MAX.checked_sub(walks.waited).filter(|d| !d.is_zero()) else {
+                if !walks.gave_up {
+                    walks.gave_up = true;
+                    warn!(
+                        waited_s = walks.waited.as_secs(),
+                        "key index build goes on beside a walk that does not pause"
+                    );
+                }
+                return;
+            };
+            if !walks.said {
+                walks.said = true;
+                info!("key index build waits for a walk");
+            }
+            let hold = hold.min(left);
+            tokio::time::sleep(hold).await;
+            walks.waited += hold;
+        }
+    }
+
     async fn scan_into(
         &self,
         conn: &mut crate::store::target::Conn,
         epoch: u64,
         pattern: &str,
+        walks: &mut WalkWait,
     ) -> redis::RedisResult<()> {
         let mut cursor = 0u64;
         loop {
+            self.wait_for_walks(walks).await;
             let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
                 .arg(cursor)
                 .arg("MATCH")
@@ -605,6 +671,15 @@ impl KeyIndex {
             cursor = next;
         }
     }
+}
+
+/// What one build has waited for walks ([`KeyIndex::wait_for_walks`]).
+#[derive(Default)]
+struct WalkWait {
+    waited: Duration,
+    /// Said that it waits; said that it stopped waiting.
+    said: bool,
+    gave_up: bool,
 }
 
 /// Add `key` to `p`, dropping `p`'s index past the cap.
@@ -743,6 +818,29 @@ mod tests {
         index.gap();
         index.covered("KEA");
         assert_eq!(index.stats()[0].status, "dropped", "a dropped pattern stays dropped");
+    }
+
+    #[test]
+    fn the_build_ends_once_no_pattern_is_building() {
+        let index = KeyIndex::new(2, "f".into());
+        index.set_patterns(&["k:*".into()]);
+        index.covered("KEA");
+        let (epoch, _) = index.start_build().unwrap();
+        assert!(index.add_scanned(epoch, &[b"k:1".to_vec(), b"j:1".to_vec()]));
+        assert!(!index.add_scanned(epoch, &[b"k:2".to_vec(), b"k:3".to_vec()]), "dropped: nothing left to build");
+    }
+
+    #[tokio::test]
+    async fn builds_hold_back_while_a_walk_scans_but_not_for_ever() {
+        let index = index(&["k:*"]);
+        assert_eq!(index.walk_hold(), None, "no walk yet");
+        index.walking();
+        assert!(index.walk_hold().is_some_and(|d| d <= WALK_HOLD));
+        let mut walks = WalkWait { waited: WALK_HOLD_MAX, ..WalkWait::default() };
+        tokio::time::timeout(Duration::from_millis(500), index.wait_for_walks(&mut walks))
+            .await
+            .expect("a build that waited its fill goes on");
+        assert!(walks.gave_up);
     }
 
     #[test]

@@ -622,6 +622,15 @@ impl RedisBackend {
             } else {
                 (Some(next), None)
             };
+            // A walk of more than a page: the index builder's scan of the
+            // same server waits for it (a cluster has no index). One that
+            // ends on its first page (a small keyspace, swept every second)
+            // never holds it back.
+            if cursor.is_some()
+                && let Some(index) = &self.index
+            {
+                index.walking();
+            }
         }
     }
 
