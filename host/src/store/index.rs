@@ -123,6 +123,12 @@ const WALK_HOLD: Duration = Duration::from_secs(2);
 /// not keep the index from ever being built.
 const WALK_HOLD_MAX: Duration = Duration::from_secs(120);
 
+/// Keys a build visits before it projects each pattern's final size from
+/// what it found so far: at least this many, and at least
+/// [`PROJECT_AFTER_PART`] of the keyspace.
+const PROJECT_AFTER: u64 = 100_000;
+const PROJECT_AFTER_PART: u64 = 50;
+
 /// Where a pattern's index stands.
 enum Status {
     /// Needs a build (the subscription may not carry everything yet).
@@ -533,6 +539,34 @@ impl KeyIndex {
         st.patterns.iter().any(|p| matches!(p.status, Status::Building { .. }))
     }
 
+    /// `visited` keys of `dbsize` scanned so far: drop every building
+    /// pattern whose keys, at the rate found so far, would end well past
+    /// the cap. `SCAN` visits the keyspace in an order unrelated to the
+    /// names, so the part visited is a fair sample; without this, a
+    /// pattern over the cap is held until it has `max_keys` names (5M by
+    /// default: hundreds of MiB) before it is given up. `false`: no pattern
+    /// is building any more.
+    fn project(&self, epoch: u64, visited: u64, dbsize: u64) -> bool {
+        let mut st = self.lock();
+        if st.epoch != epoch {
+            return false;
+        }
+        if visited >= (dbsize / PROJECT_AFTER_PART).max(PROJECT_AFTER) {
+            let bound = self.max_keys as u64 * 6 / 5;
+            for p in st.patterns.iter_mut().filter(|p| matches!(p.status, Status::Building { .. })) {
+                let expected = (p.keys.len() as u128 * dbsize as u128 / visited as u128) as u64;
+                if expected > bound {
+                    p.drop_index(&format!(
+                        "about {expected} keys expected, {} found in the first {visited} of {dbsize}: more than max_keys = {}; raise it in [index] to keep it",
+                        p.keys.len(),
+                        self.max_keys
+                    ));
+                }
+            }
+        }
+        st.patterns.iter().any(|p| matches!(p.status, Status::Building { .. }))
+    }
+
     /// The build's scan is over (`ok`) or failed: complete what it built,
     /// or let it wait for the next.
     fn end_build(&self, epoch: u64, ok: bool) {
@@ -651,7 +685,10 @@ impl KeyIndex {
         pattern: &str,
         walks: &mut WalkWait,
     ) -> redis::RedisResult<()> {
-        let mut cursor = 0u64;
+        // The keyspace's size, once: what a pattern's share of the keys
+        // visited so far projects to ([`KeyIndex::project`]).
+        let dbsize: u64 = redis::cmd("DBSIZE").query_async(conn).await?;
+        let (mut cursor, mut visited) = (0u64, 0u64);
         loop {
             self.wait_for_walks(walks).await;
             let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
@@ -662,7 +699,9 @@ impl KeyIndex {
                 .arg(crate::store::redis::SCAN_BATCH)
                 .query_async(conn)
                 .await?;
-            if !self.add_scanned(epoch, &keys) {
+            // `COUNT` is about how many keys a page visits.
+            visited += crate::store::redis::SCAN_BATCH as u64;
+            if !self.add_scanned(epoch, &keys) || !self.project(epoch, visited, dbsize) {
                 return Ok(());
             }
             if next == 0 {
@@ -828,6 +867,31 @@ mod tests {
         let (epoch, _) = index.start_build().unwrap();
         assert!(index.add_scanned(epoch, &[b"k:1".to_vec(), b"j:1".to_vec()]));
         assert!(!index.add_scanned(epoch, &[b"k:2".to_vec(), b"k:3".to_vec()]), "dropped: nothing left to build");
+    }
+
+    #[test]
+    fn a_pattern_bound_past_the_cap_is_dropped_early() {
+        let index = KeyIndex::new(1000, "f".into());
+        index.set_patterns(&["k:*".into(), "j:*".into()]);
+        index.covered("KEA");
+        let (epoch, _) = index.start_build().unwrap();
+        let page: Vec<Vec<u8>> = (0..100).map(|i| format!("k:{i}").into_bytes()).collect();
+        assert!(index.add_scanned(epoch, &page));
+        assert!(index.project(epoch, 100_000, 10_000_000), "too few visited to say: a fiftieth at least");
+        assert_eq!(index.stats()[0].status, "building");
+        // 100 `k:*` in the first 200k of 10M: about 5k expected.
+        assert!(index.project(epoch, 200_000, 10_000_000), "`j:*` builds on");
+        let stats = index.stats();
+        assert_eq!((stats[0].status, stats[0].keys), ("dropped", 0));
+        assert_eq!(stats[1].status, "building");
+        // Within a fifth of the cap: kept (the projection is a sample's).
+        let index = KeyIndex::new(1000, "f".into());
+        index.set_patterns(&["k:*".into()]);
+        index.covered("KEA");
+        let (epoch, _) = index.start_build().unwrap();
+        assert!(index.add_scanned(epoch, &page));
+        assert!(index.project(epoch, 100_000, 1_100_000));
+        assert_eq!(index.stats()[0].status, "building");
     }
 
     #[tokio::test]
