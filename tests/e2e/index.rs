@@ -331,3 +331,29 @@ fn a_redis_restart_makes_the_index_rebuild_from_the_restarted_server() {
     eventually(&daemon, "its count", || get(&redis, "recorder:idx:wiped_keys") == before + 40);
     assert_eq!(count(&daemon, SERVED), 2, "both wipes walked the index\n{}", daemon.log_text());
 }
+
+/// A start sweep over a keyspace of many `SCAN` pages (written with no
+/// notification, none with a TTL): the index's build does not scan beside
+/// it, and is complete once the sweep is over, with every key.
+#[test]
+fn the_index_build_waits_for_the_start_sweeps_scan_and_completes_after() {
+    const KEYS: u64 = 300_000;
+    let redis = RedisServer::start_with(&["--enable-debug-command", "yes"]);
+    redis.cmd::<()>(&["DEBUG", "POPULATE", &KEYS.to_string(), "job", "8"]);
+    let setup = Setup::new(&["ttl-table"]);
+    // The build starts late enough for the sweep to be scanning.
+    let fault = ("CACHEPOL_FAULT_INDEX_BUILD_DELAY_MS", "1000");
+    let daemon = Daemon::spawn_with_env(&redis, &setup, &["--configure-notifications"], &[fault]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while redis.keyspace().1 < KEYS {
+        assert!(std::time::Instant::now() < deadline, "the sweep did not finish:\n{}", daemon.log_text());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let complete = "key index complete: bulk operations on this pattern use it pattern=job:*";
+    daemon.wait_for(complete, Duration::from_secs(60));
+    let log = daemon.log_text();
+    assert!(log.contains("key index build waits for a walk"), "{log}");
+    let line = log.lines().find(|l| l.contains(complete)).unwrap_or_default();
+    assert!(line.contains(&format!("keys={KEYS} ")), "every key indexed: {line}");
+    assert_eq!(daemon.stop(), Some(0));
+}

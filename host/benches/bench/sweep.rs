@@ -14,8 +14,15 @@ use crate::Sizes;
 use crate::report::{Row, rate};
 use crate::support::{Daemon, RedisServer, Setup, http, metric};
 
+/// Overrides the sweep's key count (a tenth of them without a TTL), for
+/// quicker iterations on it than the full 10M.
+const KEYS_ENV: &str = "CACHEPOL_BENCH_SWEEP_KEYS";
+
 /// The sweep's size: all keys, and those without a TTL among them.
 fn size(sizes: &Sizes) -> (u64, u64) {
+    if let Some(total) = std::env::var(KEYS_ENV).ok().and_then(|n| n.parse::<u64>().ok()) {
+        return (total, total / 10);
+    }
     if sizes.quick { (200_000, 20_000) } else { (10_000_000, 1_000_000) }
 }
 
@@ -35,8 +42,15 @@ fn fill(redis: &RedisServer, total: u64, persistent: u64) {
     assert_eq!(redis.keyspace(), (total, total - persistent), "the keyspace the sweep starts from");
 }
 
-/// Seconds of one bare `SCAN ... COUNT 1000` pass over the keyspace.
+/// Seconds of a bare `SCAN ... COUNT 1000` pass over the keyspace: the
+/// faster of two, so that a pass slowed by the machine's other load does
+/// not flatter the sweep's ratio.
 fn scan_floor(redis: &RedisServer) -> f64 {
+    scan_pass(redis).min(scan_pass(redis))
+}
+
+/// Seconds of one bare `SCAN ... COUNT 1000` pass.
+fn scan_pass(redis: &RedisServer) -> f64 {
     let mut conn = redis.conn();
     let started = Instant::now();
     let (mut cursor, mut seen) = (0u64, 0usize);
@@ -107,7 +121,10 @@ pub fn run(sizes: &Sizes) -> Vec<Row> {
         Row {
             scenario: scenario.clone(),
             cachepol: format!("{ours:.2} s ({})", rate(total as f64 / ours)),
-            baseline: format!("one bare `SCAN COUNT 1000` pass: {floor:.2} s ({})", rate(total as f64 / floor)),
+            baseline: format!(
+                "a bare `SCAN COUNT 1000` pass (faster of two): {floor:.2} s ({})",
+                rate(total as f64 / floor)
+            ),
             ratio: format!("{:.2}x", floor / ours),
             target: ">= 0.7x".into(),
             met: Some(floor / ours >= 0.7),

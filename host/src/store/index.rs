@@ -112,6 +112,23 @@ const EXAMINE: usize = 16_384;
 /// How long a bulk operation waits for its fence before scanning instead.
 pub const FENCE_WAIT: Duration = Duration::from_secs(2);
 
+/// How long after a bulk walk's last `SCAN` page a build still holds back
+/// ([`KeyIndex::walking`]): longer than the pause between two slices of a
+/// sweep, so that a sliced walk is waited for whole.
+const WALK_HOLD: Duration = Duration::from_secs(2);
+
+/// How long one build holds back for walks in all: past it the build goes
+/// on beside them, so that walks that never pause (hooks scanning the
+/// keyspace back to back, which is what a complete index would spare) do
+/// not keep the index from ever being built.
+const WALK_HOLD_MAX: Duration = Duration::from_secs(120);
+
+/// Keys a build visits before it projects each pattern's final size from
+/// what it found so far: at least this many, and at least
+/// [`PROJECT_AFTER_PART`] of the keyspace.
+const PROJECT_AFTER: u64 = 100_000;
+const PROJECT_AFTER_PART: u64 = 50;
+
 /// Where a pattern's index stands.
 enum Status {
     /// Needs a build (the subscription may not carry everything yet).
@@ -236,6 +253,9 @@ pub struct KeyIndex {
     /// Said that the index cannot be used (flags missing) since the last
     /// time it could.
     unusable_said: AtomicBool,
+    /// Until when a bulk walk is taken to be scanning the keyspace
+    /// ([`KeyIndex::walking`]).
+    walk_until: Mutex<Option<Instant>>,
 }
 
 impl KeyIndex {
@@ -247,11 +267,28 @@ impl KeyIndex {
             max_keys,
             fence_channel,
             unusable_said: AtomicBool::new(false),
+            walk_until: Mutex::new(None),
         }
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A bulk walk just read a `SCAN` page of the whole keyspace: builds
+    /// hold back for [`WALK_HOLD`] more. Two full scans side by side (a
+    /// start sweep's and the build's) make Redis serve both at half speed,
+    /// and the walk (a sweep that sets TTLs, a hook that deletes) is the
+    /// one whose end someone waits for; the build's scan comes after it.
+    pub fn walking(&self) {
+        let until = Instant::now() + WALK_HOLD;
+        *self.walk_until.lock().unwrap_or_else(|p| p.into_inner()) = Some(until);
+    }
+
+    /// How much longer builds hold back for a walk, if one is on.
+    fn walk_hold(&self) -> Option<Duration> {
+        let until = (*self.walk_until.lock().unwrap_or_else(|p| p.into_inner()))?;
+        until.checked_duration_since(Instant::now()).filter(|d| !d.is_zero())
     }
 
     /// Whether any pattern is indexed (then the subscription must carry
@@ -480,7 +517,10 @@ impl KeyIndex {
         Some((st.epoch, scan_pattern_for(&globs.iter().collect::<Vec<_>>())))
     }
 
-    /// A page of the build's scan.
+    /// A page of the build's scan; `false`: the scan may end (a gap voided
+    /// it, or no pattern is building any more, every one dropped past the
+    /// cap or sent back to wait: going on would walk the rest of the
+    /// keyspace for nothing).
     fn add_scanned(&self, epoch: u64, keys: &[Vec<u8>]) -> bool {
         let mut st = self.lock();
         if st.epoch != epoch {
@@ -496,7 +536,35 @@ impl KeyIndex {
                 }
             }
         }
-        true
+        st.patterns.iter().any(|p| matches!(p.status, Status::Building { .. }))
+    }
+
+    /// `visited` keys of `dbsize` scanned so far: drop every building
+    /// pattern whose keys, at the rate found so far, would end well past
+    /// the cap. `SCAN` visits the keyspace in an order unrelated to the
+    /// names, so the part visited is a fair sample; without this, a
+    /// pattern over the cap is held until it has `max_keys` names (5M by
+    /// default: hundreds of MiB) before it is given up. `false`: no pattern
+    /// is building any more.
+    fn project(&self, epoch: u64, visited: u64, dbsize: u64) -> bool {
+        let mut st = self.lock();
+        if st.epoch != epoch {
+            return false;
+        }
+        if visited >= (dbsize / PROJECT_AFTER_PART).max(PROJECT_AFTER) {
+            let bound = self.max_keys as u64 * 6 / 5;
+            for p in st.patterns.iter_mut().filter(|p| matches!(p.status, Status::Building { .. })) {
+                let expected = (p.keys.len() as u128 * dbsize as u128 / visited as u128) as u64;
+                if expected > bound {
+                    p.drop_index(&format!(
+                        "about {expected} keys expected, {} found in the first {visited} of {dbsize}: more than max_keys = {}; raise it in [index] to keep it",
+                        p.keys.len(),
+                        self.max_keys
+                    ));
+                }
+            }
+        }
+        st.patterns.iter().any(|p| matches!(p.status, Status::Building { .. }))
     }
 
     /// The build's scan is over (`ok`) or failed: complete what it built,
@@ -555,10 +623,16 @@ impl KeyIndex {
                     _ = tokio::time::sleep(delay) => {}
                 }
             }
-            while let Some((epoch, pattern)) = self.start_build() {
+            loop {
+                let mut walks = WalkWait::default();
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = self.wait_for_walks(&mut walks) => {}
+                }
+                let Some((epoch, pattern)) = self.start_build() else { break };
                 let scanned = tokio::select! {
                     _ = stop.cancelled() => return,
-                    r = self.scan_into(&mut conn, epoch, &pattern) => r,
+                    r = self.scan_into(&mut conn, epoch, &pattern, &mut walks) => r,
                 };
                 match scanned {
                     Ok(()) => {
@@ -580,14 +654,43 @@ impl KeyIndex {
         }
     }
 
+    /// Hold back while a bulk walk scans ([`KeyIndex::walking`]), within
+    /// what is left of the build's [`WALK_HOLD_MAX`].
+    async fn wait_for_walks(&self, walks: &mut WalkWait) {
+        while let Some(hold) = self.walk_hold() {
+            let Some(left) = WALK_HOLD_MAX.checked_sub(walks.waited).filter(|d| !d.is_zero()) else {
+                if !walks.gave_up {
+                    walks.gave_up = true;
+                    warn!(
+                        waited_s = walks.waited.as_secs(),
+                        "key index build goes on beside a walk that does not pause"
+                    );
+                }
+                return;
+            };
+            if !walks.said {
+                walks.said = true;
+                info!("key index build waits for a walk");
+            }
+            let hold = hold.min(left);
+            tokio::time::sleep(hold).await;
+            walks.waited += hold;
+        }
+    }
+
     async fn scan_into(
         &self,
         conn: &mut crate::store::target::Conn,
         epoch: u64,
         pattern: &str,
+        walks: &mut WalkWait,
     ) -> redis::RedisResult<()> {
-        let mut cursor = 0u64;
+        // The keyspace's size, once: what a pattern's share of the keys
+        // visited so far projects to ([`KeyIndex::project`]).
+        let dbsize: u64 = redis::cmd("DBSIZE").query_async(conn).await?;
+        let (mut cursor, mut visited) = (0u64, 0u64);
         loop {
+            self.wait_for_walks(walks).await;
             let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
                 .arg(cursor)
                 .arg("MATCH")
@@ -596,7 +699,9 @@ impl KeyIndex {
                 .arg(crate::store::redis::SCAN_BATCH)
                 .query_async(conn)
                 .await?;
-            if !self.add_scanned(epoch, &keys) {
+            // `COUNT` is about how many keys a page visits.
+            visited += crate::store::redis::SCAN_BATCH as u64;
+            if !self.add_scanned(epoch, &keys) || !self.project(epoch, visited, dbsize) {
                 return Ok(());
             }
             if next == 0 {
@@ -605,6 +710,15 @@ impl KeyIndex {
             cursor = next;
         }
     }
+}
+
+/// What one build has waited for walks ([`KeyIndex::wait_for_walks`]).
+#[derive(Default)]
+struct WalkWait {
+    waited: Duration,
+    /// Said that it waits; said that it stopped waiting.
+    said: bool,
+    gave_up: bool,
 }
 
 /// Add `key` to `p`, dropping `p`'s index past the cap.
@@ -743,6 +857,54 @@ mod tests {
         index.gap();
         index.covered("KEA");
         assert_eq!(index.stats()[0].status, "dropped", "a dropped pattern stays dropped");
+    }
+
+    #[test]
+    fn the_build_ends_once_no_pattern_is_building() {
+        let index = KeyIndex::new(2, "f".into());
+        index.set_patterns(&["k:*".into()]);
+        index.covered("KEA");
+        let (epoch, _) = index.start_build().unwrap();
+        assert!(index.add_scanned(epoch, &[b"k:1".to_vec(), b"j:1".to_vec()]));
+        assert!(!index.add_scanned(epoch, &[b"k:2".to_vec(), b"k:3".to_vec()]), "dropped: nothing left to build");
+    }
+
+    #[test]
+    fn a_pattern_bound_past_the_cap_is_dropped_early() {
+        let index = KeyIndex::new(1000, "f".into());
+        index.set_patterns(&["k:*".into(), "j:*".into()]);
+        index.covered("KEA");
+        let (epoch, _) = index.start_build().unwrap();
+        let page: Vec<Vec<u8>> = (0..100).map(|i| format!("k:{i}").into_bytes()).collect();
+        assert!(index.add_scanned(epoch, &page));
+        assert!(index.project(epoch, 100_000, 10_000_000), "too few visited to say: a fiftieth at least");
+        assert_eq!(index.stats()[0].status, "building");
+        // 100 `k:*` in the first 200k of 10M: about 5k expected.
+        assert!(index.project(epoch, 200_000, 10_000_000), "`j:*` builds on");
+        let stats = index.stats();
+        assert_eq!((stats[0].status, stats[0].keys), ("dropped", 0));
+        assert_eq!(stats[1].status, "building");
+        // Within a fifth of the cap: kept (the projection is a sample's).
+        let index = KeyIndex::new(1000, "f".into());
+        index.set_patterns(&["k:*".into()]);
+        index.covered("KEA");
+        let (epoch, _) = index.start_build().unwrap();
+        assert!(index.add_scanned(epoch, &page));
+        assert!(index.project(epoch, 100_000, 1_100_000));
+        assert_eq!(index.stats()[0].status, "building");
+    }
+
+    #[tokio::test]
+    async fn builds_hold_back_while_a_walk_scans_but_not_for_ever() {
+        let index = index(&["k:*"]);
+        assert_eq!(index.walk_hold(), None, "no walk yet");
+        index.walking();
+        assert!(index.walk_hold().is_some_and(|d| d <= WALK_HOLD));
+        let mut walks = WalkWait { waited: WALK_HOLD_MAX, ..WalkWait::default() };
+        tokio::time::timeout(Duration::from_millis(500), index.wait_for_walks(&mut walks))
+            .await
+            .expect("a build that waited its fill goes on");
+        assert!(walks.gave_up);
     }
 
     #[test]

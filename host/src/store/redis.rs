@@ -41,6 +41,11 @@ use crate::wit::{ExpireCondition, ExpireRow, KeyTtl, SetCondition, SetOptions, V
 /// from the key index).
 pub const SCAN_BATCH: usize = 1000;
 
+/// Page writes of a `SCAN` walk in flight at once, beside its next `SCAN`
+/// ([`RedisBackend::scan`]): one keeps Redis busy while the daemon takes
+/// the next page; a second covers the reply's way back.
+const WRITES_IN_FLIGHT: usize = 2;
+
 /// Pipelines of a bulk operation over the key index in flight at once:
 /// with one, Redis idles while the daemon prepares the next page.
 const IN_FLIGHT: usize = 4;
@@ -527,9 +532,11 @@ impl RedisBackend {
 
     /// [`RedisBackend::bulk`] by `SCAN MATCH` on one node (`shard` names it
     /// in positions: `""` for a single server), from where `resume` left
-    /// it: each page's request for the next rides in the same pipeline as
-    /// the commands for the current one, so a page costs one round trip.
-    /// Returns where the node's walk stands.
+    /// it. The request for the next page goes out before the current
+    /// page's writes, which are sent on their own ([`WRITES_IN_FLIGHT`] at
+    /// most): Redis works through a page's writes while the daemon takes
+    /// the next page, instead of each side waiting for the other at every
+    /// page. Returns where the node's walk stands.
     ///
     /// If the connection breaks mid-way, the scan starts over from cursor 0
     /// once it is back: Redis may have restarted, and a `SCAN` cursor means
@@ -560,55 +567,50 @@ impl RedisBackend {
         let Some(from) = resume.resume_on(shard, &run_id) else {
             return Ok(NodeAt { run_id, cursor: 0, done: true });
         };
+        // Keys taken from the last page, their writes not sent yet.
         let mut pending: Vec<Vec<u8>> = Vec::new();
+        let mut writes = Writes::default();
         let mut cursor: Option<u64> = Some(from);
         // Where the walk goes on next time, once it stops short.
         let mut stopped_at: Option<u64> = None;
         let mut restarts = 0;
         loop {
-            let mut pipe = redis::pipe();
+            let asked = cursor.map(|c| self.scan_page(&conn, c, pattern));
+            let mut asked = std::pin::pin!(futures_util::future::OptionFuture::from(asked));
+            // Polled once, the request is on the connection ahead of the
+            // writes sent next: its answer comes back while Redis works
+            // through them, and the next page is taken meanwhile.
+            let early = futures_util::FutureExt::now_or_never(asked.as_mut());
             if !pending.is_empty() {
-                let around = self.around(&pending);
-                if let Some((before, _)) = &around {
-                    pipe.add_command(before.clone()).ignore();
-                }
-                if self.target.is_cluster() {
-                    // A multi-key command takes keys of one slot: the page
-                    // goes out slot by slot, sorted, so that the replies
-                    // pair with the keys in this order.
-                    pending.sort_by_key(|k| target::slot(k));
-                    for group in pending.chunk_by(|a, b| target::slot(a) == target::slot(b)) {
-                        act(&mut pipe, group);
-                    }
-                } else {
-                    act(&mut pipe, &pending);
-                }
-                if let Some((_, after)) = around {
-                    pipe.add_command(after).ignore();
-                }
+                writes.settle(WRITES_IN_FLIGHT - 1, taking, tally, result).await;
+                let mut keys = std::mem::take(&mut pending);
+                let pipe = self.page_writes(&mut keys, act);
+                taking.plan.step(BulkStep::Before(&keys));
+                writes.send(keys, pipe, &conn, self.target.topology_hint().cloned());
             }
-            if let Some(c) = cursor {
-                pipe.cmd("SCAN").arg(c).arg("MATCH").arg(pattern).arg("COUNT").arg(SCAN_BATCH);
+            let (page, scan_broke) = match early {
+                Some(answer) => answer,
+                None => asked.await,
             }
-            if pending.is_empty() && cursor.is_none() {
-                return Ok(NodeAt { run_id, cursor: stopped_at.unwrap_or(0), done: stopped_at.is_none() });
+            .map_or((Ok(None), false), |(page, broke)| (page.map(Some), broke));
+            let page = page.map(|p| p.map(|(next, keys)| (next, matching(walks, keys))));
+            // Every write is answered before the walk ends, starts over or
+            // fails, and before a page whose keys may reach a limit is
+            // taken: pages in flight may yet answer "unchanged" and give
+            // room back, as they had by then when each page was one round
+            // trip, so limits cut where they did then.
+            let drain = match &page {
+                Ok(Some((_, keys))) => scan_broke || writes.troubled() || taking.may_fill(keys.len()),
+                _ => true,
+            };
+            if drain {
+                writes.settle(0, taking, tally, result).await;
             }
-            let mut broke = false;
-            taking.plan.step(BulkStep::Before(&pending));
-            let replies = retrying_noting(&mut broke, || async {
-                pipe.query_async(&mut conn.clone()).await.inspect_err(|e| self.target.saw(e))
-            })
-            .await;
-            // Answered, or failed: either way a write may have reached Redis.
-            taking.plan.step(BulkStep::After(&pending));
-            let mut replies: Vec<Value> = replies?;
-            let scan = if cursor.is_some() { replies.pop() } else { None };
-            let changed = replies.iter().map(tally).sum::<u64>();
-            taking.answered(pending.len() as u64, changed);
-            result.affected += changed;
-            sample_changed(result, &pending, &replies, tally);
-            pending.clear();
-            if broke {
+            if let Some(e) = writes.failed.take() {
+                return Err(e);
+            }
+            let page = page?;
+            if scan_broke || std::mem::take(&mut writes.broke) {
                 restarts += 1;
                 if restarts > MAX_SCAN_RESTARTS {
                     return Err(BackendError::Unavailable(format!(
@@ -623,13 +625,13 @@ impl RedisBackend {
                 (cursor, stopped_at) = (Some(0), None);
                 continue;
             }
-            let (Some(scan), Some(requested)) = (scan, cursor) else { continue };
-            let (next, keys): (u64, Vec<Vec<u8>>) =
-                redis::from_redis_value(scan).map_err(|e| BackendError::Command(e.to_string()))?;
+            let (Some((next, keys)), Some(requested)) = (page, cursor) else {
+                return Ok(NodeAt { run_id, cursor: stopped_at.unwrap_or(0), done: stopped_at.is_none() });
+            };
             result.examined += SCAN_BATCH as u64;
             taking.examined(SCAN_BATCH as u64);
             let mut cut = false;
-            for key in keys.into_iter().filter(|k| walks.iter().any(|w| w.matches_bytes(k))) {
+            for key in keys {
                 match taking.take_one(&key, result) {
                     Took::Taken => pending.push(key),
                     Took::Refused => {}
@@ -652,7 +654,54 @@ impl RedisBackend {
             } else {
                 (Some(next), None)
             };
+            // A walk of more than a page: the index builder's scan of the
+            // same server waits for it (a cluster has no index). One that
+            // ends on its first page (a small keyspace, swept every second)
+            // never holds it back.
+            if cursor.is_some()
+                && let Some(index) = &self.index
+            {
+                index.walking();
+            }
         }
+    }
+
+    /// One `SCAN` page of a walk on `conn`, and whether the connection was
+    /// found broken on the way (the cursor may then be another server's).
+    async fn scan_page(&self, conn: &Conn, cursor: u64, pattern: &str) -> (Result<ScanPage, BackendError>, bool) {
+        let mut broke = false;
+        let mut cmd = redis::cmd("SCAN");
+        cmd.arg(cursor).arg("MATCH").arg(pattern).arg("COUNT").arg(SCAN_BATCH);
+        let page = retrying_noting(&mut broke, || async {
+            cmd.query_async(&mut conn.clone()).await.inspect_err(|e| self.target.saw(e))
+        })
+        .await;
+        (page, broke)
+    }
+
+    /// The pipeline of `act`'s commands for `keys`, a page of one node's
+    /// walk, announced to the other replicas when they split a cluster. On
+    /// a cluster a multi-key command takes keys of one slot: the page goes
+    /// out slot by slot, `keys` sorted so that the replies pair with them
+    /// in this order.
+    fn page_writes(&self, keys: &mut [Vec<u8>], act: &impl Fn(&mut redis::Pipeline, &[Vec<u8>])) -> redis::Pipeline {
+        let mut pipe = redis::pipe();
+        let around = self.around(keys);
+        if let Some((before, _)) = &around {
+            pipe.add_command(before.clone()).ignore();
+        }
+        if self.target.is_cluster() {
+            keys.sort_by_key(|k| target::slot(k));
+            for group in keys.chunk_by(|a, b| target::slot(a) == target::slot(b)) {
+                act(&mut pipe, group);
+            }
+        } else {
+            act(&mut pipe, keys);
+        }
+        if let Some((_, after)) = around {
+            pipe.add_command(after).ignore();
+        }
+        pipe
     }
 
     /// Leases on the key index for every walk, once a fence says the index
@@ -765,10 +814,98 @@ impl<'p, 'a> Taking<'p, 'a> {
         self.examined.fetch_add(n, Ordering::Relaxed);
     }
 
+    /// Whether taking `n` more keys may reach the limit on keys changed
+    /// (counting those in flight as changed).
+    fn may_fill(&self, n: usize) -> bool {
+        self.committed.load(Ordering::Relaxed).saturating_add(n as u64) >= self.plan.limit
+    }
+
     /// A limit is reached: the walk stops at the end of this page.
     fn spent(&self) -> bool {
         self.committed.load(Ordering::Relaxed) >= self.plan.limit
             || self.examined.load(Ordering::Relaxed) >= self.plan.examine
+    }
+}
+
+/// A `SCAN` reply: the next cursor, and the page's keys.
+type ScanPage = (u64, Vec<Vec<u8>>);
+
+/// The keys of a `SCAN` page that one of `walks` matches (the page's
+/// `MATCH` is only their common prefix).
+fn matching(walks: &[Glob], keys: Vec<Vec<u8>>) -> Vec<Vec<u8>> {
+    keys.into_iter().filter(|k| walks.iter().any(|w| w.matches_bytes(k))).collect()
+}
+
+/// The page writes of a `SCAN` walk in flight ([`RedisBackend::scan`]),
+/// oldest first, and what those settled said.
+#[derive(Default)]
+struct Writes {
+    in_flight: std::collections::VecDeque<(Vec<Vec<u8>>, tokio::task::JoinHandle<Sent>)>,
+    /// A write found the connection broken (and was retried): the walk's
+    /// cursor may be another server's.
+    broke: bool,
+    /// The first write that failed.
+    failed: Option<BackendError>,
+}
+
+/// A page's writes as sent: the replies, and whether the connection broke
+/// on the way.
+type Sent = (Result<Vec<Value>, BackendError>, bool);
+
+impl Writes {
+    /// Send `pipe`, the writes for `keys`, on a task of its own: redis-rs
+    /// sends a request only while its future is polled, and the walk is
+    /// meanwhile waiting for its next page.
+    fn send(&mut self, keys: Vec<Vec<u8>>, pipe: redis::Pipeline, conn: &Conn, hint: Option<target::TopologyHint>) {
+        let conn = conn.clone();
+        let task = tokio::spawn(async move {
+            let mut broke = false;
+            let replies = retrying_noting(&mut broke, || async {
+                pipe.query_async::<Vec<Value>>(&mut conn.clone())
+                    .await
+                    .inspect_err(|e| hint.iter().for_each(|h| h.saw(e)))
+            })
+            .await;
+            (replies, broke)
+        });
+        self.in_flight.push_back((keys, task));
+    }
+
+    /// A write already settled broke or failed.
+    fn troubled(&self) -> bool {
+        self.broke || self.failed.is_some()
+    }
+
+    /// Wait for the oldest writes until at most `keep` are in flight, and
+    /// count what each changed, as [`RedisBackend::scan`] did when a page's
+    /// writes rode with the next `SCAN`.
+    async fn settle(
+        &mut self,
+        keep: usize,
+        taking: &Taking<'_, '_>,
+        tally: &impl Fn(&Value) -> u64,
+        result: &mut BulkResult,
+    ) {
+        while self.in_flight.len() > keep {
+            let (keys, task) = self.in_flight.pop_front().expect("more than `keep` in flight");
+            let (replies, broke) = task.await.unwrap_or_else(|e| {
+                (Err(BackendError::Unavailable(format!("a bulk operation's writes were lost: {e}"))), false)
+            });
+            // Answered, or failed: either way a write may have reached Redis.
+            taking.plan.step(BulkStep::After(&keys));
+            self.broke |= broke;
+            match replies {
+                Ok(replies) => {
+                    let changed = replies.iter().map(tally).sum::<u64>();
+                    taking.answered(keys.len() as u64, changed);
+                    result.affected += changed;
+                    sample_changed(result, &keys, &replies, tally);
+                }
+                Err(e) => {
+                    self.failed.get_or_insert(e);
+                }
+            }
+        }
     }
 }
 
