@@ -30,9 +30,9 @@ fn a_policy_asking_for_the_daemons_keys_is_refused_at_load() {
     let redis = RedisServer::start();
     let setup = hostile("squat", "\"cachepol:*\"");
     let daemon = Daemon::start(&redis, &setup);
-    daemon.wait_for("may not reach the daemon's own keys", std::time::Duration::from_secs(20));
+    daemon.wait_for("may not reach reserved keys", std::time::Duration::from_secs(20));
     let log = daemon.log_text();
-    assert!(log.contains("asks only for the daemon's own keys"), "{log}");
+    assert!(log.contains("asks only for reserved keys"), "{log}");
     // The other policy runs, and the operator still holds the switch.
     redis.cmd::<()>(&["SET", "graph_data:dance", "v"]);
     deploy(&redis, &["--service", "catalog", "--tag", "genre=dance"]);
@@ -51,6 +51,9 @@ fn a_policy_granted_every_tenant_cannot_touch_the_daemons_keys() {
     daemon.wait_for("also covers the daemon's own keys", std::time::Duration::from_secs(20));
     eventually(&daemon, "the lease is held", || redis.exists("cachepol:lease:events:db0"));
     let lease: String = redis.cmd(&["GET", "cachepol:lease:events:db0"]);
+    let neighbour = "cachepol-state:genre-invalidation:since";
+    eventually(&daemon, "genre-invalidation keeps its state", || redis.exists(neighbour));
+    let state: String = redis.cmd(&["GET", neighbour]);
 
     deploy(&redis, &["--service", "catalog"]);
     eventually(&daemon, "the hook ran", || daemon.log_text().contains("wiped 2; through: )"));
@@ -58,6 +61,7 @@ fn a_policy_granted_every_tenant_cannot_touch_the_daemons_keys() {
     assert!(redis.keys("svc:*").is_empty());
     let still: String = redis.cmd(&["GET", "cachepol:lease:events:db0"]);
     assert_eq!(still, lease, "the lease is the daemon's");
+    assert_eq!(redis.cmd::<String>(&["GET", neighbour]), state, "another policy's state is out of reach");
     let kind: String = redis.cmd(&["TYPE", "cachepol:deploys"]);
     assert_eq!(kind, "stream");
     assert!(

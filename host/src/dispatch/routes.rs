@@ -94,6 +94,11 @@ impl Routes {
         let received = std::time::Instant::now();
         for index in self.matcher.matching(op, key) {
             let route = &self.routes[index];
+            // The daemon's keys (a hook's id marker, a walk's book) and other
+            // policies' state are no policy's events, whatever it listens to.
+            if route.manifest.grants.held_back(key) {
+                continue;
+            }
             if origin.is_some_and(|o| o.policy == route.name) {
                 routed.echoes += 1;
                 continue;

@@ -32,7 +32,7 @@
 //! publisher ([`publish`]: the webhook, `cachepol deploy`) appends it only
 //! if `<stream>:id:<id>` is free, and sets that key to its stream id for
 //! [`HOOK_ID_TTL`] (a duplicate gets the first stream id back); the reader
-//! marks a hook handled (`<stream>:done:<id>`, same TTL) before
+//! marks a hook handled (`<stream>:done:<group>:<id>`, same TTL) before
 //! acknowledging it and acknowledges without running one already marked
 //! (an `XACK` Redis refused, the same id appended by hand). A dead-lettered
 //! hook is not marked: `cachepol dead-letter replay` runs it again.
@@ -174,9 +174,10 @@ pub fn id_key(stream: &str, id: &str) -> String {
     format!("{stream}:id:{id}")
 }
 
-/// Where hook `id` is marked handled.
-pub fn done_key(stream: &str, id: &str) -> String {
-    format!("{stream}:done:{id}")
+/// Where hook `id` is marked handled by consumer group `group`: each
+/// group (a fleet of daemons reading the stream) handles every hook once.
+pub fn done_key(stream: &str, group: &str, id: &str) -> String {
+    format!("{stream}:done:{group}:{id}")
 }
 
 /// Lua: `trim(stream, max_len)` trims the stream to about `max_len`
@@ -517,7 +518,7 @@ impl DeployConsumer {
                 return self.dead_letter(&entry, &reason, Failed::none(attempts_before), shutdown).await;
             }
         };
-        let done_key = done_key(&self.settings.stream, &event.id);
+        let done_key = done_key(&self.settings.stream, &self.settings.group, &event.id);
         let handled: Option<String> = redis::cmd("GET").arg(&done_key).query_async(&mut self.conn).await?;
         if let Some(first) = handled {
             info!(hook = %event.id, first_entry = %first, "deploy hook already handled under this id: acknowledged without running it again");

@@ -68,6 +68,9 @@ impl std::fmt::Display for GrantRule {
 pub struct Grants {
     rules: Vec<GrantRule>,
     reserved: Arc<Reserved>,
+    /// The policy's own state namespace, which `reserved` does not hold
+    /// back from it.
+    own: Vec<u8>,
 }
 
 impl Default for Grants {
@@ -78,7 +81,7 @@ impl Default for Grants {
 
 impl Grants {
     pub fn new(rules: Vec<GrantRule>) -> Grants {
-        Grants { rules, reserved: Reserved::builtin() }
+        Grants { rules, reserved: Reserved::builtin(), own: Vec::new() }
     }
 
     /// These grants as a loaded policy named `policy` holds them: refused
@@ -92,8 +95,8 @@ impl Grants {
         policy: &str,
         reserved: Arc<Reserved>,
     ) -> Result<(Grants, Vec<(String, String)>), String> {
-        let overlapping = reserved.check(&self)?;
         let prefix = reserved::state_prefix(policy);
+        let overlapping = reserved.check(&self, &prefix)?;
         let every = KeyOps::READ | KeyOps::WRITE | KeyOps::DELETE | KeyOps::EXPIRE | KeyOps::LOCK;
         // The policy may ask for it itself, escaped its own way.
         let same = |r: &GrantRule| r.pattern.is_prefix_pattern() && r.pattern.literal_prefix() == prefix.as_bytes();
@@ -102,6 +105,7 @@ impl Grants {
             None => self.rules.push(GrantRule { pattern: Glob::new(&format!("{prefix}*")), ops: every }),
         }
         self.reserved = reserved;
+        self.own = prefix.into_bytes();
         Ok((self, overlapping))
     }
 
@@ -133,13 +137,19 @@ impl Grants {
 
     /// Whether `op` on `key` is allowed.
     pub fn allows_key(&self, op: KeyOps, key: &[u8]) -> bool {
-        !self.reserved.holds(key) && self.rules.iter().any(|r| r.ops.contains(op) && r.pattern.matches_bytes(key))
+        !self.held_back(key) && self.rules.iter().any(|r| r.ops.contains(op) && r.pattern.matches_bytes(key))
+    }
+
+    /// A reserved key, unless it is in the policy's own state namespace:
+    /// never shown to the policy, in a reply or as a keyspace event.
+    pub fn held_back(&self, key: &[u8]) -> bool {
+        self.reserved.holds(key) && (self.own.is_empty() || !key.starts_with(&self.own))
     }
 
     /// `Ok` if `op` on `key` is allowed, else the reason for the denial.
     pub fn check_key(&self, op: KeyOps, key: &str) -> Result<(), String> {
-        if self.reserved.holds(key.as_bytes()) {
-            Err("the key is one of the daemon's own (reserved)".to_owned())
+        if self.held_back(key.as_bytes()) {
+            Err("the key is reserved (the daemon's own, or another policy's state)".to_owned())
         } else if self.allows_key(op, key.as_bytes()) {
             Ok(())
         } else {

@@ -28,11 +28,14 @@ use cachepol_guest_sdk::glob::{self, Coverage, Glob};
 
 use crate::sandbox::grants::{GrantRule, Grants};
 
-/// The prefixes every daemon's own keys start with, whatever the config.
-pub const DAEMON_PREFIXES: [&str; 2] = ["cachepol:", "{cachepol}:"];
-
 /// Where each policy's own state lives: `cachepol-state:<policy>:`.
 pub const STATE_PREFIX: &str = "cachepol-state:";
+
+/// The prefixes reserved whatever the config: the daemon's own keys, and
+/// the policies' state (each policy reaches only its own namespace there:
+/// another's deferred clear, written by a policy granted `*:*:*:*`, would
+/// make that policy delete for it).
+pub const RESERVED_PREFIXES: [&str; 3] = ["cachepol:", "{cachepol}:", STATE_PREFIX];
 
 /// The state namespace of the policy named `policy` (a manifest name:
 /// a-z, 0-9 and `-`, so nothing in it needs escaping in a glob).
@@ -40,11 +43,14 @@ pub fn state_prefix(policy: &str) -> String {
     format!("{STATE_PREFIX}{policy}:")
 }
 
-/// The keys no policy may reach.
+/// The keys no policy may reach (but its own state namespace).
 #[derive(Debug, PartialEq, Eq)]
 pub struct Reserved {
     /// Key prefixes: a key starting with one is reserved.
     prefixes: Vec<Vec<u8>>,
+    /// Keys reserved exactly (a moved key `deploys` reserves `deploys` and
+    /// `deploys:...`, not `deploys_v2`).
+    exact: Vec<Vec<u8>>,
     /// The daemon's actual keys, as examples in refusals (a grant that
     /// reaches `cachepol:lease:events:db0` says so, not `cachepol:::`).
     examples: Vec<String>,
@@ -55,18 +61,19 @@ impl Reserved {
     /// and key prefixes as configured: control, sweeps, walks, lease, deploy
     /// stream, dead letters) that lies outside them.
     pub fn new<'a>(keys: impl IntoIterator<Item = &'a str>) -> Reserved {
-        let mut prefixes: Vec<Vec<u8>> = DAEMON_PREFIXES.iter().map(|p| p.as_bytes().to_vec()).collect();
-        let mut examples = Vec::new();
+        let mut prefixes: Vec<Vec<u8>> = RESERVED_PREFIXES.iter().map(|p| p.as_bytes().to_vec()).collect();
+        let (mut exact, mut examples) = (Vec::new(), Vec::new());
         for key in keys {
             if key.is_empty() {
                 continue;
             }
             examples.push(key.to_owned());
             if !prefixes.iter().any(|p| key.as_bytes().starts_with(p)) {
-                prefixes.push(key.as_bytes().to_vec());
+                exact.push(key.as_bytes().to_vec());
+                prefixes.push(format!("{key}:").into_bytes());
             }
         }
-        Reserved { prefixes, examples }
+        Reserved { prefixes, exact, examples }
     }
 
     /// The built-in prefixes only, shared: what a policy checked outside a
@@ -76,9 +83,9 @@ impl Reserved {
         BUILTIN.get_or_init(|| Arc::new(Reserved::new([]))).clone()
     }
 
-    /// Whether `key` is one of the daemon's.
+    /// Whether `key` is one of the daemon's, or under the policies' state.
     pub fn holds(&self, key: &[u8]) -> bool {
-        self.prefixes.iter().any(|p| key.starts_with(p))
+        self.prefixes.iter().any(|p| key.starts_with(p)) || self.exact.iter().any(|k| k == key)
     }
 
     /// Judge a policy's grants against the daemon's keys. A grant every
@@ -88,20 +95,25 @@ impl Reserved {
     /// (`*:*:*:*`, a schema rule's `*`) loads, and is returned with a key
     /// it would have reached, to say once: those keys are held back from
     /// every check whatever the grant.
-    pub fn check(&self, grants: &Grants) -> Result<Vec<(String, String)>, String> {
-        let reserved: Vec<Glob> = self
-            .prefixes
-            .iter()
-            .map(|p| Glob::new(&format!("{}*", glob::escape(&String::from_utf8_lossy(p)))))
+    /// Grants inside `own` (the policy's state namespace) are the
+    /// policy's to have.
+    pub fn check(&self, grants: &Grants, own: &str) -> Result<Vec<(String, String)>, String> {
+        let text = |b: &[u8]| glob::escape(&String::from_utf8_lossy(b));
+        let reserved: Vec<Glob> = (self.prefixes.iter().map(|p| Glob::new(&format!("{}*", text(p)))))
+            .chain(self.exact.iter().map(|k| Glob::new(&text(k))))
             .collect();
         let reserved: Vec<&Glob> = reserved.iter().collect();
+        let own = Glob::new(&format!("{}*", glob::escape(own)));
         let mut overlapping = Vec::new();
         for rule in grants.rules() {
+            if glob::covers(&[&own], &rule.pattern) == Coverage::Covered {
+                continue;
+            }
             let Some(key) = self.reached_by(rule) else { continue };
             let key = String::from_utf8_lossy(&key).escape_debug().to_string();
             if glob::covers(&reserved, &rule.pattern) == Coverage::Covered {
                 return Err(format!(
-                    "grant `{rule}` asks only for the daemon's own keys (`{key}`, say): keys under {} are reserved; keep the policy's state under `{STATE_PREFIX}<policy>:`, which every policy is granted",
+                    "grant `{rule}` asks only for reserved keys (`{key}`, say): the daemon's own, under {}, and other policies' state; keep the policy's state under `{STATE_PREFIX}<policy>:`, which every policy is granted",
                     self.describe()
                 ));
             }
@@ -119,7 +131,8 @@ impl Reserved {
                 return Some(key.as_bytes().to_vec());
             }
         }
-        self.prefixes.iter().find_map(|p| rule.pattern.example_starting_with(p))
+        let exact = self.exact.iter().find(|k| rule.pattern.matches_bytes(k)).cloned();
+        exact.or_else(|| self.prefixes.iter().find_map(|p| rule.pattern.example_starting_with(p)))
     }
 
     fn describe(&self) -> String {
@@ -149,19 +162,25 @@ mod tests {
     }
 
     #[test]
-    fn grants_for_nothing_but_the_daemons_keys_are_refused_with_a_real_key() {
+    fn grants_for_nothing_but_reserved_keys_are_refused_with_a_real_key() {
         let reserved = Reserved::new(["cachepol:lease:events", "deploys"]);
-        let why = reserved.check(&grants(&["cachepol:*"])).unwrap_err();
+        let own = state_prefix("p");
+        let why = reserved.check(&grants(&["cachepol:*"]), &own).unwrap_err();
         assert!(why.contains("`cachepol:lease:events`"), "{why}");
-        let why = reserved.check(&grants(&["quiz:*", "{cachepol}:lease:*"])).unwrap_err();
+        let why = reserved.check(&grants(&["quiz:*", "{cachepol}:lease:*"]), &own).unwrap_err();
         assert!(why.contains("`{cachepol}:lease:`"), "{why}");
-        assert!(reserved.check(&grants(&["deploys:*"])).is_err(), "a stream moved by the operator is reserved");
+        assert!(reserved.check(&grants(&["deploys:*"]), &own).is_err(), "a stream moved by the operator is reserved");
+        assert!(reserved.check(&grants(&["deploys"]), &own).is_err());
+        let why = reserved.check(&grants(&["cachepol-state:file-cache-clear:*"]), &own).unwrap_err();
+        assert!(why.contains("other policies' state"), "{why}");
+        assert_eq!(reserved.check(&grants(&["cachepol-state:p:*", "cachepol-state:p:x"]), &own), Ok(vec![]));
+        assert_eq!(reserved.check(&grants(&["deploys_v2:*"]), &own), Ok(vec![]), "only the key and key:...");
     }
 
     #[test]
     fn wider_grants_load_and_name_a_key_they_will_not_get() {
         let reserved = Reserved::new(["cachepol:lease:events"]);
-        let wide = reserved.check(&grants(&["quiz:*", "*:*:*:*", "*", "*:events"])).unwrap();
+        let wide = reserved.check(&grants(&["quiz:*", "*:*:*:*", "*", "*:events"]), &state_prefix("p")).unwrap();
         let named: Vec<&str> = wide.iter().map(|(_, key)| key.as_str()).collect();
         assert_eq!(named, ["cachepol:lease:events:db0", "cachepol:lease:events", "cachepol:lease:events"]);
     }
@@ -170,7 +189,7 @@ mod tests {
     fn grants_beside_the_daemons_keys_load() {
         let reserved = Reserved::new(["cachepol:lease:events"]);
         for ok in ["quiz:*", "cachepol-state:genre-invalidation:*", "cache:*", "cachepo", "c[^a]*", "q*:event"] {
-            assert_eq!(reserved.check(&grants(&[ok])), Ok(vec![]), "{ok}");
+            assert_eq!(reserved.check(&grants(&[ok]), &state_prefix("genre-invalidation")), Ok(vec![]), "{ok}");
         }
     }
 
@@ -179,7 +198,7 @@ mod tests {
         let reserved = Reserved::builtin();
         assert!(reserved.holds(b"cachepol:control:disabled"));
         assert!(reserved.holds(b"{cachepol}:lease:events:db0"));
-        assert!(!reserved.holds(b"cachepol-state:x:y"));
+        assert!(reserved.holds(b"cachepol-state:x:y"), "another policy's state");
         assert!(!reserved.holds(b"cachepol"));
     }
 }

@@ -32,8 +32,8 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use crate::sandbox::budget::Budgets;
 use crate::sandbox::grants::Grants;
-use crate::sandbox::guest_io::clip_owned;
 use crate::sandbox::guest_io::{GuestOutput, LogAllowance, panic_message};
+use crate::sandbox::guest_io::{clip, clip_owned};
 use crate::sandbox::hostapi::{CallState, HostApi};
 use crate::sandbox::manifest::{Manifest, ManifestError};
 use crate::sandbox::reserved::Reserved;
@@ -80,7 +80,7 @@ pub enum LoadError {
     Manifest(#[from] ManifestError),
     #[error("the operator's grants for `{policy}` are wider than what it asks for: {detail}")]
     Widening { policy: String, detail: String },
-    #[error("`{policy}` may not reach the daemon's own keys: {detail}")]
+    #[error("`{policy}` may not reach reserved keys: {detail}")]
     Reserved { policy: String, detail: String },
 }
 
@@ -706,7 +706,7 @@ impl Instance {
         self.call(move |bindings, store| Box::pin(async move { bindings.call_configure(store, &config).await }))
             .await
             .0
-            .map_err(|f| f.to_string())?
+            .map_err(|f| clip(&f.to_string()).into_owned())?
     }
 
     /// The manifest is known: tag output and grant the policy its keys.

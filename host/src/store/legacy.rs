@@ -100,6 +100,10 @@ async fn move_key(conn: &mut Conn, from: &[u8], to: &[u8]) -> Result<bool, Backe
     let dump: Value = redis::cmd("DUMP").arg(from).query_async(conn).await.map_err(failed)?;
     let Value::BulkString(dump) = dump else { return Ok(false) };
     let ttl: i64 = redis::cmd("PTTL").arg(from).query_async(conn).await.map_err(failed)?;
+    if ttl == -2 {
+        // Expired between the two: nothing to move.
+        return Ok(false);
+    }
     let restored = redis::cmd("RESTORE").arg(to).arg(ttl.max(0)).arg(dump).query_async::<()>(conn).await;
     let moved = restored.is_ok();
     match restored {
