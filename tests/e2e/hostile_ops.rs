@@ -237,8 +237,10 @@ fn a_holder_frozen_mid_delete_writes_nothing_after_the_takeover() {
 #[test]
 fn an_announcement_never_done_is_withdrawn_by_its_timer() {
     let cluster = crate::support::cluster::Cluster::start(3, 0);
+    // A lease a loaded machine does not lose mid-test: a shard taken over
+    // again is swept, which would give the key its TTL too.
     let setup = Setup::new(&["recorder"]).config(
-        "[replicas]\nenabled = true\nlease_ttl_ms = 3000\n\n[policies.recorder]\nconfig = { name = \"recorder\", ttl_ms = 600000 }",
+        "[replicas]\nenabled = true\nlease_ttl_ms = 10000\n\n[policies.recorder]\nconfig = { name = \"recorder\", ttl_ms = 600000 }",
     );
     let daemon = cluster.daemon(&setup);
     daemon.wait_for("holding 3 of 3 shards", Duration::from_secs(20));
