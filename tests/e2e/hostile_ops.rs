@@ -244,6 +244,19 @@ fn an_announcement_never_done_is_withdrawn_by_its_timer() {
     );
     let daemon = cluster.daemon(&setup);
     daemon.wait_for("holding 3 of 3 shards", Duration::from_secs(20));
+    // The sweeps of the shards taken are over (on a loaded machine they can
+    // come late, and a sweep gives every `rec:*` key its TTL).
+    let sweeps = || daemon.log_text().matches("policy=\"recorder\" event=\"sweep-").count();
+    eventually(&daemon, "the recorder swept", || sweeps() > 0);
+    let mut seen = sweeps();
+    loop {
+        std::thread::sleep(Duration::from_millis(1500));
+        let now = sweeps();
+        if now == seen {
+            break;
+        }
+        seen = now;
+    }
     // `ghost` announces two `set`s of the key by its `recorder`, on the
     // node serving it, and dies.
     let key = "rec:stale";

@@ -518,8 +518,15 @@ impl DeployConsumer {
                 return self.dead_letter(&entry, &reason, Failed::none(attempts_before), shutdown).await;
             }
         };
-        let done_key = done_key(&self.settings.stream, &self.settings.group, &event.id);
-        let handled: Option<String> = redis::cmd("GET").arg(&done_key).query_async(&mut self.conn).await?;
+        // Only a hook its sender named (an `id` field) is marked: one without
+        // asked for no de-duplication, and a marker per hook would fill the
+        // keyspace with one key per deploy for a week.
+        let done_key =
+            entry.map.contains_key("id").then(|| done_key(&self.settings.stream, &self.settings.group, &event.id));
+        let handled: Option<String> = match &done_key {
+            Some(key) => redis::cmd("GET").arg(key).query_async(&mut self.conn).await?,
+            None => None,
+        };
         if let Some(first) = handled {
             info!(hook = %event.id, first_entry = %first, "deploy hook already handled under this id: acknowledged without running it again");
             Metrics::count(&metrics().deploy_hooks, "duplicate");
@@ -559,13 +566,15 @@ impl DeployConsumer {
                 if denied.is_empty() {
                     // Marked before the ack: a refused or lost ack brings
                     // the hook back, and it must not run twice.
-                    let _: () = redis::cmd("SET")
-                        .arg(&done_key)
-                        .arg(&entry.id)
-                        .arg("PX")
-                        .arg(HOOK_ID_TTL.as_millis() as u64)
-                        .query_async(&mut self.conn)
-                        .await?;
+                    if let Some(done_key) = &done_key {
+                        let _: () = redis::cmd("SET")
+                            .arg(done_key)
+                            .arg(&entry.id)
+                            .arg("PX")
+                            .arg(HOOK_ID_TTL.as_millis() as u64)
+                            .query_async(&mut self.conn)
+                            .await?;
+                    }
                     let acked = self.ack(&entry, shutdown).await;
                     if matches!(acked, Ok(Handled::Done)) {
                         Metrics::count(&metrics().deploy_hooks, "acked");
