@@ -89,11 +89,19 @@ pub fn clip(text: &str) -> std::borrow::Cow<'_, str> {
     if text.len() <= MAX_SHOWN {
         return text.into();
     }
-    let mut end = MAX_SHOWN;
+    format!("{}… ({} bytes in all)", cut(text, MAX_SHOWN), text.len()).into()
+}
+
+/// `text`'s first `max` bytes at most, ending on a character boundary.
+pub fn cut(text: &str, max: usize) -> &str {
+    if text.len() <= max {
+        return text;
+    }
+    let mut end = max;
     while !text.is_char_boundary(end) {
         end -= 1;
     }
-    format!("{}… ({} bytes in all)", &text[..end], text.len()).into()
+    &text[..end]
 }
 
 /// [`clip`], in place.

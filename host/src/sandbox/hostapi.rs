@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use crate::sandbox::budget::Budgets;
 use crate::sandbox::grants::{Grants, MAX_KEY_LEN};
-use crate::sandbox::guest_io::{LineVerdict, LogAllowance, clip, clip_owned, log_truncated};
+use crate::sandbox::guest_io::{LineVerdict, LogAllowance, clip, clip_owned, cut, log_truncated};
 use crate::sandbox::work::WorkMeter;
 use crate::store::backend::{Backend, BackendError, BulkPlan, BulkResult, QueuedExpire};
 use crate::store::walks::WalkBook;
@@ -810,7 +810,7 @@ impl wit::log::Host for HostApi {
             }
             LineVerdict::Drop => return Ok(()),
         }
-        let message = truncate(&message, 4096);
+        let message = cut(&message, 4096);
         match level {
             Level::Trace => tracing::trace!(target: "cachepol::guest", policy, "{message}"),
             Level::Debug => tracing::debug!(target: "cachepol::guest", policy, "{message}"),
@@ -896,15 +896,4 @@ mod v0_1 {
             wit::clock::Host::now_ms(self).await
         }
     }
-}
-
-fn truncate(text: &str, max: usize) -> &str {
-    if text.len() <= max {
-        return text;
-    }
-    let mut end = max;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    &text[..end]
 }
